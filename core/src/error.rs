@@ -1,0 +1,160 @@
+//! The error codes tokengate answers with, their HTTP statuses, and the one JSON body
+//! shape (`code`, `message`, `tenantId`, `correlationId`) used by the filter and the
+//! companion alike.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A stable, machine-readable error code (the seed service's `ErrorCode`s plus ours).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    /// The request was malformed: bad tenant id, unknown provider, bad JSON body.
+    InvalidRequest,
+    /// The Tenant Service has no usable credentials for this tenant and provider.
+    CredentialsNotFound,
+    /// The Tenant Service could not be reached or kept failing.
+    TenantServiceUnavailable,
+    /// The tenant's Genesys region is not one tokengate knows.
+    UnknownRegion,
+    /// The identity provider rejected the tenant's client credentials.
+    OauthInvalidGrant,
+    /// The identity provider kept failing, timing out or rate limiting.
+    OauthExchangeFailed,
+    /// Another instance holds the fetch lock and did not finish within the wait budget.
+    LockAcquisitionFailed,
+    /// Redis is unavailable and the degraded-mode limiter refused the fetch.
+    CacheUnavailable,
+    /// The companion could not be reached or answered something unexpected.
+    CompanionUnavailable,
+    /// The caller is not allowed to use the companion's internal API.
+    Unauthorized,
+    /// No such route.
+    NotFound,
+    /// An unexpected failure inside tokengate.
+    InternalError,
+}
+
+impl ErrorCode {
+    /// The HTTP status this code is answered with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidRequest | ErrorCode::UnknownRegion => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::CredentialsNotFound | ErrorCode::NotFound => 404,
+            ErrorCode::OauthInvalidGrant | ErrorCode::OauthExchangeFailed => 502,
+            ErrorCode::TenantServiceUnavailable
+            | ErrorCode::LockAcquisitionFailed
+            | ErrorCode::CacheUnavailable
+            | ErrorCode::CompanionUnavailable => 503,
+            ErrorCode::InternalError => 500,
+        }
+    }
+
+    /// The code as it appears in JSON (`CREDENTIALS_NOT_FOUND`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "INVALID_REQUEST",
+            ErrorCode::CredentialsNotFound => "CREDENTIALS_NOT_FOUND",
+            ErrorCode::TenantServiceUnavailable => "TENANT_SERVICE_UNAVAILABLE",
+            ErrorCode::UnknownRegion => "UNKNOWN_REGION",
+            ErrorCode::OauthInvalidGrant => "OAUTH_INVALID_GRANT",
+            ErrorCode::OauthExchangeFailed => "OAUTH_EXCHANGE_FAILED",
+            ErrorCode::LockAcquisitionFailed => "LOCK_ACQUISITION_FAILED",
+            ErrorCode::CacheUnavailable => "CACHE_UNAVAILABLE",
+            ErrorCode::CompanionUnavailable => "COMPANION_UNAVAILABLE",
+            ErrorCode::Unauthorized => "UNAUTHORIZED",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::InternalError => "INTERNAL_ERROR",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failure to produce a token: a code and a message safe to show a client.
+///
+/// Messages never contain secrets or tokens; they may name the tenant and provider.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct TokenError {
+    /// What went wrong, stable for machines.
+    pub code: ErrorCode,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl TokenError {
+    /// Builds an error from a code and a message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+
+    /// The HTTP status of this error's code.
+    pub fn http_status(&self) -> u16 {
+        self.code.http_status()
+    }
+
+    /// The JSON body a client receives for this error.
+    pub fn to_body(&self, tenant_id: Option<&str>, correlation_id: Option<&str>) -> ErrorBody {
+        ErrorBody {
+            code: self.code,
+            message: self.message.clone(),
+            tenant_id: tenant_id.map(str::to_owned),
+            correlation_id: correlation_id.map(str::to_owned),
+        }
+    }
+}
+
+/// The JSON error body: `{"code","message","tenantId","correlationId"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    /// The stable error code.
+    pub code: ErrorCode,
+    /// A message for people.
+    pub message: String,
+    /// The tenant the request was for, when known and valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
+    /// The request's correlation id (`x-request-id`), when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+}
+
+impl ErrorBody {
+    /// Serializes the body to JSON bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing a struct of strings cannot fail; fall back to a fixed body anyway.
+        serde_json::to_vec(self).unwrap_or_else(|_| {
+            br#"{"code":"INTERNAL_ERROR","message":"error body could not be encoded"}"#.to_vec()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_uses_camel_case_and_screaming_codes() {
+        let body = TokenError::new(ErrorCode::CredentialsNotFound, "none")
+            .to_body(Some("acme"), Some("req-1"));
+        let json: serde_json::Value = serde_json::from_slice(&body.to_json()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"code":"CREDENTIALS_NOT_FOUND","message":"none","tenantId":"acme","correlationId":"req-1"})
+        );
+    }
+
+    #[test]
+    fn as_str_matches_the_serialized_code() {
+        for code in [ErrorCode::InvalidRequest, ErrorCode::OauthInvalidGrant, ErrorCode::CacheUnavailable] {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+    }
+}

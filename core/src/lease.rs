@@ -1,0 +1,126 @@
+//! The companion's internal API, shared by the filter (client) and the companion (server).
+//!
+//! All bodies are JSON in camelCase. The flow for one token key:
+//!
+//! 1. `POST /v1/lease` ([`LeaseRequest`]) answers a [`LeaseResponse`]:
+//!    `hit` (the cluster cache has a token), or `fetch` (the caller now holds the
+//!    cluster-wide lock and must fetch). A leaser that finds the lock held is not
+//!    answered until the holder commits (then `hit`), or the lock is freed (then
+//!    `fetch`), or the wait budget runs out (`503 LOCK_ACQUISITION_FAILED`).
+//! 2. The lock holder ends its lease with exactly one of
+//!    `POST /v1/commit` ([`CommitRequest`]: store the token, release the lock, wake waiters) or
+//!    `POST /v1/abort` ([`AbortRequest`]: release the lock so a waiter takes over).
+//!
+//! Errors come back with the status of their [`crate::ErrorCode`] and an [`crate::ErrorBody`].
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+use crate::provider::{Provider, TenantId};
+use crate::secret::SecretString;
+
+/// Path of the lease call.
+pub const LEASE_PATH: &str = "/v1/lease";
+/// Path of the commit call.
+pub const COMMIT_PATH: &str = "/v1/commit";
+/// Path of the abort call.
+pub const ABORT_PATH: &str = "/v1/abort";
+
+/// Asks for a token, or for the right to fetch it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseRequest {
+    /// The token's provider.
+    pub provider: Provider,
+    /// The tenant the token is for.
+    pub tenant_id: TenantId,
+}
+
+/// The companion's answer to a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "camelCase")]
+pub enum LeaseResponse {
+    /// A valid token is cached cluster-wide: use it.
+    #[serde(rename_all = "camelCase")]
+    Hit {
+        /// The bearer token.
+        access_token: SecretString,
+        /// When the token expires, in milliseconds since the Unix epoch.
+        expires_at_ms: u64,
+    },
+    /// The caller holds the lock: fetch the token, then commit or abort.
+    #[serde(rename_all = "camelCase")]
+    Fetch {
+        /// Names this lease in the commit or abort that ends it.
+        lease_id: LeaseId,
+        /// The lock expires this many milliseconds after it was granted.
+        lease_ttl_ms: u64,
+    },
+}
+
+/// Stores a fetched token and releases the lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommitRequest {
+    /// The token's provider.
+    pub provider: Provider,
+    /// The tenant the token is for.
+    pub tenant_id: TenantId,
+    /// The lease being ended.
+    pub lease_id: LeaseId,
+    /// The bearer token.
+    pub access_token: SecretString,
+    /// When the token expires, in milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+/// Releases the lock without storing anything (the fetch failed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AbortRequest {
+    /// The token's provider.
+    pub provider: Provider,
+    /// The tenant the token is for.
+    pub tenant_id: TenantId,
+    /// The lease being ended.
+    pub lease_id: LeaseId,
+}
+
+/// The unique value a lock holder proves itself with.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LeaseId(pub String);
+
+impl fmt::Debug for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeaseId({})", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_responses_are_tagged_by_outcome() {
+        let hit: LeaseResponse = serde_json::from_str(
+            r#"{"outcome":"hit","accessToken":"t","expiresAtMs":5}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            hit,
+            LeaseResponse::Hit { access_token: SecretString::from("t"), expires_at_ms: 5 }
+        );
+        let fetch = LeaseResponse::Fetch { lease_id: LeaseId("l1".into()), lease_ttl_ms: 9 };
+        assert_eq!(
+            serde_json::to_value(&fetch).unwrap(),
+            serde_json::json!({"outcome":"fetch","leaseId":"l1","leaseTtlMs":9})
+        );
+    }
+
+    #[test]
+    fn a_lease_for_an_invalid_tenant_does_not_parse() {
+        let bad = serde_json::from_str::<LeaseRequest>(r#"{"provider":"genesys","tenantId":"a:b"}"#);
+        assert!(bad.is_err());
+    }
+}

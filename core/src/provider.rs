@@ -1,0 +1,159 @@
+//! The token providers tokengate knows, and the tenant ids it accepts.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+use crate::error::{ErrorCode, TokenError};
+
+/// A provider whose tokens tokengate obtains on a tenant's behalf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Genesys Cloud: client-credentials OAuth exchange against the region's login host.
+    Genesys,
+    /// WhatsApp Business: a static system-user token held by the Tenant Service.
+    Whatsapp,
+}
+
+impl Provider {
+    /// The name used in URLs, cache keys and JSON (`genesys`, `whatsapp`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Genesys => "genesys",
+            Provider::Whatsapp => "whatsapp",
+        }
+    }
+
+    /// Parses a provider name, rejecting anything but the known ones with `INVALID_REQUEST`.
+    pub fn parse(name: &str) -> Result<Self, TokenError> {
+        match name {
+            "genesys" => Ok(Provider::Genesys),
+            "whatsapp" => Ok(Provider::Whatsapp),
+            _ => Err(TokenError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "unsupported provider type '{}': must be 'genesys' or 'whatsapp'",
+                    printable(name)
+                ),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Longest tenant id accepted; longer ones are rejected before any key or callout is built.
+pub const MAX_TENANT_ID_LEN: usize = 128;
+
+/// A validated tenant id: 1 to [`MAX_TENANT_ID_LEN`] characters of `[A-Za-z0-9._-]`.
+///
+/// The charset keeps ids safe to place in a URL path, a cache key and a log line
+/// without escaping: no `/`, `:`, `*`, `{}`, whitespace or control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct TenantId(String);
+
+impl TenantId {
+    /// Validates `raw` as a tenant id.
+    pub fn parse(raw: &str) -> Result<Self, TokenError> {
+        let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if raw.is_empty() {
+            return Err(TokenError::new(ErrorCode::InvalidRequest, "tenant id is empty"));
+        }
+        if raw.len() > MAX_TENANT_ID_LEN {
+            return Err(TokenError::new(
+                ErrorCode::InvalidRequest,
+                format!("tenant id is longer than {MAX_TENANT_ID_LEN} characters"),
+            ));
+        }
+        if !raw.chars().all(valid_char) {
+            return Err(TokenError::new(
+                ErrorCode::InvalidRequest,
+                "tenant id may only contain letters, digits, '.', '_' and '-'",
+            ));
+        }
+        Ok(TenantId(raw.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for TenantId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(deserializer)?;
+        TenantId::parse(&raw).map_err(|e| serde::de::Error::custom(e.message))
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Identifies one token: the provider and the tenant it is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenKey {
+    /// Which provider issued the token.
+    pub provider: Provider,
+    /// Which tenant the token acts for.
+    pub tenant_id: TenantId,
+}
+
+impl TokenKey {
+    /// Builds a key from its parts.
+    pub fn new(provider: Provider, tenant_id: TenantId) -> Self {
+        Self { provider, tenant_id }
+    }
+}
+
+impl fmt::Display for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.provider, self.tenant_id)
+    }
+}
+
+/// Shortens untrusted text for an error message: at most 64 characters, controls replaced.
+pub(crate) fn printable(raw: &str) -> String {
+    raw.chars()
+        .take(64)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_ids_of_the_safe_charset_are_accepted() {
+        for id in ["acme", "tenant-42", "a.b_c", &"x".repeat(MAX_TENANT_ID_LEN)] {
+            assert_eq!(TenantId::parse(id).map(|t| t.0), Ok(id.to_owned()));
+        }
+    }
+
+    #[test]
+    fn tenant_ids_with_separators_controls_or_excess_length_are_rejected() {
+        let long = "x".repeat(MAX_TENANT_ID_LEN + 1);
+        for id in ["", "a:b", "a*", "{a}", "a/b", "a b", "a\r\nb", "é", &long] {
+            let err = TenantId::parse(id).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidRequest, "{id:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_provider_is_an_invalid_request_naming_the_valid_ones() {
+        let err = Provider::parse("slack").unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidRequest);
+        assert!(err.message.contains("'genesys' or 'whatsapp'"));
+        assert_eq!(Provider::parse("whatsapp"), Ok(Provider::Whatsapp));
+    }
+}
