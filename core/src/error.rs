@@ -39,10 +39,12 @@ impl ErrorCode {
     /// The HTTP status this code is answered with.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidRequest | ErrorCode::UnknownRegion => 400,
+            ErrorCode::InvalidRequest => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::CredentialsNotFound | ErrorCode::NotFound => 404,
-            ErrorCode::OauthInvalidGrant | ErrorCode::OauthExchangeFailed => 502,
+            ErrorCode::UnknownRegion
+            | ErrorCode::OauthInvalidGrant
+            | ErrorCode::OauthExchangeFailed => 502,
             ErrorCode::TenantServiceUnavailable
             | ErrorCode::LockAcquisitionFailed
             | ErrorCode::CacheUnavailable
@@ -91,7 +93,10 @@ pub struct TokenError {
 impl TokenError {
     /// Builds an error from a code and a message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 
     /// The HTTP status of this error's code.
@@ -153,7 +158,11 @@ mod tests {
 
     #[test]
     fn as_str_matches_the_serialized_code() {
-        for code in [ErrorCode::InvalidRequest, ErrorCode::OauthInvalidGrant, ErrorCode::CacheUnavailable] {
+        for code in [
+            ErrorCode::InvalidRequest,
+            ErrorCode::OauthInvalidGrant,
+            ErrorCode::CacheUnavailable,
+        ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }
     }

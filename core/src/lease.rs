@@ -103,15 +103,19 @@ mod tests {
 
     #[test]
     fn lease_responses_are_tagged_by_outcome() {
-        let hit: LeaseResponse = serde_json::from_str(
-            r#"{"outcome":"hit","accessToken":"t","expiresAtMs":5}"#,
-        )
-        .unwrap();
+        let hit: LeaseResponse =
+            serde_json::from_str(r#"{"outcome":"hit","accessToken":"t","expiresAtMs":5}"#).unwrap();
         assert_eq!(
             hit,
-            LeaseResponse::Hit { access_token: SecretString::from("t"), expires_at_ms: 5 }
+            LeaseResponse::Hit {
+                access_token: SecretString::from("t"),
+                expires_at_ms: 5
+            }
         );
-        let fetch = LeaseResponse::Fetch { lease_id: LeaseId("l1".into()), lease_ttl_ms: 9 };
+        let fetch = LeaseResponse::Fetch {
+            lease_id: LeaseId("l1".into()),
+            lease_ttl_ms: 9,
+        };
         assert_eq!(
             serde_json::to_value(&fetch).unwrap(),
             serde_json::json!({"outcome":"fetch","leaseId":"l1","leaseTtlMs":9})
@@ -120,7 +124,8 @@ mod tests {
 
     #[test]
     fn a_lease_for_an_invalid_tenant_does_not_parse() {
-        let bad = serde_json::from_str::<LeaseRequest>(r#"{"provider":"genesys","tenantId":"a:b"}"#);
+        let bad =
+            serde_json::from_str::<LeaseRequest>(r#"{"provider":"genesys","tenantId":"a:b"}"#);
         assert!(bad.is_err());
     }
 }

@@ -1,18 +1,34 @@
 //! tokengate-core: the sans-IO token logic shared by the Envoy filter and the companion.
 //!
 //! Nothing in this crate does I/O, reads a clock or spawns anything. Callers feed it
-//! the current time and the responses they received, and it tells them what to do next.
+//! the current time and the responses they received, and it tells them what to do next
+//! (see [`flow`] for the contract).
 //!
 //! - [`provider`]: providers, validated tenant ids, token keys.
+//! - [`regions`]: the Genesys region table and operator overrides.
+//! - [`credentials`]: the Tenant Service's credential documents, normalised.
+//! - [`oauth`]: the client-credentials request and how to read its answers.
+//! - [`flow`]: one token fetch as a state machine, with the retry and backoff policy.
+//! - [`cache`]: the cached form of a token, expiry inside.
+//! - [`lease`]: the companion's internal lease / commit / abort API.
 //! - [`error`]: error codes, their HTTP statuses and the JSON error body.
 //! - [`secret`]: zeroizing, redacted secret types.
-//! - [`lease`]: the companion's internal lease / commit / abort API.
 
+pub mod cache;
+pub mod credentials;
 pub mod error;
+pub mod flow;
 pub mod lease;
+pub mod oauth;
 pub mod provider;
+pub mod regions;
 pub mod secret;
 
+pub use cache::CachedToken;
 pub use error::{ErrorBody, ErrorCode, TokenError};
+pub use flow::{
+    CalloutResult, Destination, FetchConfig, FetchFlow, FetchedToken, OutboundRequest, Step,
+};
 pub use provider::{Provider, TenantId, TokenKey};
+pub use regions::RegionTable;
 pub use secret::{SecretBytes, SecretString};

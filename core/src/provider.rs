@@ -62,7 +62,10 @@ impl TenantId {
     pub fn parse(raw: &str) -> Result<Self, TokenError> {
         let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
         if raw.is_empty() {
-            return Err(TokenError::new(ErrorCode::InvalidRequest, "tenant id is empty"));
+            return Err(TokenError::new(
+                ErrorCode::InvalidRequest,
+                "tenant id is empty",
+            ));
         }
         if raw.len() > MAX_TENANT_ID_LEN {
             return Err(TokenError::new(
@@ -111,7 +114,10 @@ pub struct TokenKey {
 impl TokenKey {
     /// Builds a key from its parts.
     pub fn new(provider: Provider, tenant_id: TenantId) -> Self {
-        Self { provider, tenant_id }
+        Self {
+            provider,
+            tenant_id,
+        }
     }
 }
 

@@ -78,7 +78,10 @@ mod tests {
     fn debug_and_display_never_show_the_secret() {
         let s = SecretString::from("hunter2");
         assert_eq!(format!("{s:?} {s}"), "[redacted] [redacted]");
-        assert_eq!(format!("{:?}", SecretBytes::new(b"hunter2".to_vec())), "[redacted 7 bytes]");
+        assert_eq!(
+            format!("{:?}", SecretBytes::new(b"hunter2".to_vec())),
+            "[redacted 7 bytes]"
+        );
     }
 
     #[test]

@@ -1,0 +1,291 @@
+//! The Tenant Service's credential documents, normalised.
+//!
+//! `GET /tenants/{id}/credentials/{type}` answers a JSON document whose shape varies
+//! between tenants: Genesys credentials come as `{clientId, clientSecret, region}` or
+//! wrapped as `{data: {...}}`; WhatsApp tokens as `systemUserToken`, `accessToken` or
+//! `token`, with an optional `expiresAt`. Secrets are parsed straight into
+//! [`SecretString`]s so no unwiped copy is kept.
+
+use serde::Deserialize;
+
+use crate::error::{ErrorCode, TokenError};
+use crate::provider::TokenKey;
+use crate::secret::SecretString;
+
+/// A tenant's Genesys client credentials.
+#[derive(Debug)]
+pub struct GenesysCredentials {
+    /// The OAuth client id (not secret, but still never logged).
+    pub client_id: SecretString,
+    /// The OAuth client secret: wiped when this value is dropped.
+    pub client_secret: SecretString,
+    /// The Genesys region the client lives in, e.g. `eu-west-1`.
+    pub region: String,
+}
+
+/// Both accepted Genesys shapes: the fields at the top, or inside `data`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GenesysDocument {
+    client_id: Option<SecretString>,
+    client_secret: Option<SecretString>,
+    region: Option<String>,
+    data: Option<Box<GenesysDocument>>,
+}
+
+impl GenesysCredentials {
+    /// Normalises a Tenant Service answer. `default_region` applies when the document has none.
+    pub fn parse(
+        key: &TokenKey,
+        body: &[u8],
+        default_region: Option<&str>,
+    ) -> Result<Self, TokenError> {
+        let not_found = |what: &str| {
+            TokenError::new(
+                ErrorCode::CredentialsNotFound,
+                format!("no Genesys {what} found for tenant {}", key.tenant_id),
+            )
+        };
+        let document: GenesysDocument = serde_json::from_slice(body)
+            .map_err(|_| not_found("credentials (unreadable document)"))?;
+        let document = match document {
+            GenesysDocument {
+                client_id: Some(_), ..
+            } => document,
+            GenesysDocument {
+                data: Some(inner), ..
+            } => *inner,
+            _ => return Err(not_found("client id")),
+        };
+        let client_id = document
+            .client_id
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| not_found("client id"))?;
+        let client_secret = document
+            .client_secret
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| not_found("client secret"))?;
+        let region = document
+            .region
+            .or_else(|| default_region.map(str::to_owned))
+            .ok_or_else(|| not_found("region"))?;
+        Ok(Self {
+            client_id,
+            client_secret,
+            region,
+        })
+    }
+}
+
+/// A tenant's WhatsApp system-user token and when it stops being valid.
+#[derive(Debug)]
+pub struct WhatsappCredentials {
+    /// The static bearer token.
+    pub token: SecretString,
+    /// Expiry in milliseconds since the Unix epoch; `None` when the token does not expire.
+    pub expires_at_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WhatsappDocument {
+    system_user_token: Option<SecretString>,
+    access_token: Option<SecretString>,
+    token: Option<SecretString>,
+    expires_at: Option<Expiry>,
+}
+
+/// `expiresAt` as an ISO-8601 / RFC 3339 string or a number of milliseconds since the epoch.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Expiry {
+    Millis(i64),
+    Text(String),
+}
+
+impl WhatsappCredentials {
+    /// Normalises a Tenant Service answer: the token is the first present of
+    /// `systemUserToken`, `accessToken`, `token`.
+    pub fn parse(key: &TokenKey, body: &[u8]) -> Result<Self, TokenError> {
+        let not_found = |what: &str| {
+            TokenError::new(
+                ErrorCode::CredentialsNotFound,
+                format!("no WhatsApp {what} found for tenant {}", key.tenant_id),
+            )
+        };
+        let document: WhatsappDocument = serde_json::from_slice(body)
+            .map_err(|_| not_found("credentials (unreadable document)"))?;
+        let token = [
+            document.system_user_token,
+            document.access_token,
+            document.token,
+        ]
+        .into_iter()
+        .flatten()
+        .find(|t| !t.is_empty())
+        .ok_or_else(|| not_found("system user token"))?;
+        let expires_at_ms = match document.expires_at {
+            None => None,
+            // Meta reports a non-expiring token as expiry 0.
+            Some(Expiry::Millis(ms)) if ms <= 0 => None,
+            Some(Expiry::Millis(ms)) => Some(ms.unsigned_abs()),
+            Some(Expiry::Text(text)) => Some(parse_rfc3339_ms(&text).ok_or_else(|| {
+                TokenError::new(
+                    ErrorCode::CredentialsNotFound,
+                    format!(
+                        "WhatsApp token of tenant {} has an unreadable expiresAt",
+                        key.tenant_id
+                    ),
+                )
+            })?),
+        };
+        Ok(Self {
+            token,
+            expires_at_ms,
+        })
+    }
+}
+
+/// Parses an RFC 3339 timestamp into milliseconds since the epoch (`None` when
+/// unreadable or before 1970).
+pub fn parse_rfc3339_ms(text: &str) -> Option<u64> {
+    let at =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 with milliseconds, in UTC
+/// (`2026-11-22T17:00:00.000Z`), the shape of JavaScript's `Date.toISOString()`.
+pub fn format_rfc3339_ms(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    let Ok(at) = time::OffsetDateTime::from_unix_timestamp_nanos(nanos) else {
+        return String::from("9999-12-31T23:59:59.999Z");
+    };
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.millisecond()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::{Provider, TenantId};
+
+    fn key(provider: Provider) -> TokenKey {
+        TokenKey::new(provider, TenantId::parse("acme").unwrap())
+    }
+
+    #[test]
+    fn genesys_credentials_are_read_at_the_top_level() {
+        let body = br#"{"clientId":"id-1","clientSecret":"s3cret","region":"eu-west-1"}"#;
+        let creds = GenesysCredentials::parse(&key(Provider::Genesys), body, None).unwrap();
+        assert_eq!(
+            (creds.client_id.expose(), creds.client_secret.expose()),
+            ("id-1", "s3cret")
+        );
+        assert_eq!(creds.region, "eu-west-1");
+    }
+
+    #[test]
+    fn genesys_credentials_are_read_inside_data() {
+        let body = br#"{"data":{"clientId":"id-2","clientSecret":"s","region":"ap-south-1"}}"#;
+        let creds = GenesysCredentials::parse(&key(Provider::Genesys), body, None).unwrap();
+        assert_eq!(
+            (creds.client_id.expose(), creds.region.as_str()),
+            ("id-2", "ap-south-1")
+        );
+    }
+
+    #[test]
+    fn missing_client_id_secret_or_region_is_credentials_not_found() {
+        for body in [
+            &br#"{"clientSecret":"s","region":"eu-west-1"}"#[..],
+            br#"{"data":{"clientSecret":"s"}}"#,
+            br#"{"clientId":"id","region":"eu-west-1"}"#,
+            br#"{"clientId":"id","clientSecret":"s"}"#,
+            br#"not json"#,
+            br#"null"#,
+        ] {
+            let err = GenesysCredentials::parse(&key(Provider::Genesys), body, None).unwrap_err();
+            assert_eq!(
+                err.code,
+                ErrorCode::CredentialsNotFound,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_default_region_fills_a_missing_one() {
+        let body = br#"{"clientId":"id","clientSecret":"s"}"#;
+        let creds =
+            GenesysCredentials::parse(&key(Provider::Genesys), body, Some("us-west-2")).unwrap();
+        assert_eq!(creds.region, "us-west-2");
+    }
+
+    #[test]
+    fn whatsapp_token_is_taken_from_any_of_the_three_fields() {
+        for (body, token) in [
+            (&br#"{"systemUserToken":"a","accessToken":"b"}"#[..], "a"),
+            (br#"{"accessToken":"b","token":"c"}"#, "b"),
+            (br#"{"token":"c"}"#, "c"),
+        ] {
+            let creds = WhatsappCredentials::parse(&key(Provider::Whatsapp), body).unwrap();
+            assert_eq!(creds.token.expose(), token);
+            assert_eq!(creds.expires_at_ms, None);
+        }
+        let err = WhatsappCredentials::parse(&key(Provider::Whatsapp), b"{}").unwrap_err();
+        assert_eq!(err.code, ErrorCode::CredentialsNotFound);
+    }
+
+    #[test]
+    fn whatsapp_expiry_is_read_as_rfc3339_or_millis() {
+        let body = br#"{"token":"t","expiresAt":"2030-01-01T00:00:00Z"}"#;
+        let creds = WhatsappCredentials::parse(&key(Provider::Whatsapp), body).unwrap();
+        assert_eq!(creds.expires_at_ms, Some(1_893_456_000_000));
+        let body = br#"{"token":"t","expiresAt":1893456000000}"#;
+        assert_eq!(
+            WhatsappCredentials::parse(&key(Provider::Whatsapp), body)
+                .unwrap()
+                .expires_at_ms,
+            Some(1_893_456_000_000)
+        );
+        let body = br#"{"token":"t","expiresAt":"soon"}"#;
+        assert!(WhatsappCredentials::parse(&key(Provider::Whatsapp), body).is_err());
+    }
+
+    #[test]
+    fn rfc3339_round_trips_with_milliseconds() {
+        assert_eq!(
+            format_rfc3339_ms(1_893_456_000_123),
+            "2030-01-01T00:00:00.123Z"
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2030-01-01T00:00:00.123Z"),
+            Some(1_893_456_000_123)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2030-01-01T02:00:00+02:00"),
+            Some(1_893_456_000_000)
+        );
+    }
+
+    #[test]
+    fn debug_of_credentials_shows_no_secret() {
+        let body = br#"{"clientId":"id-1","clientSecret":"s3cret","region":"eu-west-1"}"#;
+        let creds = GenesysCredentials::parse(&key(Provider::Genesys), body, None).unwrap();
+        let shown = format!("{creds:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("id-1"),
+            "{shown}"
+        );
+    }
+}

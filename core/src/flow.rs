@@ -1,0 +1,578 @@
+//! The fetch of one token as a sans-IO state machine.
+//!
+//! A [`FetchFlow`] knows the whole procedure: ask the Tenant Service for the tenant's
+//! credentials, then (Genesys) exchange them at the region's login host, or (WhatsApp)
+//! read the static token; retry and back off as the original service specified. It
+//! never does I/O and never reads a clock. A driver (the Envoy filter, the companion,
+//! a test) runs it:
+//!
+//! ```text
+//! let mut flow = FetchFlow::new(key, &config);
+//! loop {
+//!     match flow.poll(now) {
+//!         Step::Send(request)        => { dispatch it; later flow.handle_response(now, result) }
+//!         Step::WaitUntil { at_ms, .. } => { arm a timer; poll again at at_ms }
+//!         Step::AwaitResponse        => { a response is still outstanding: wait for it }
+//!         Step::Done(result)         => break result,
+//!     }
+//! }
+//! ```
+//!
+//! Retry policy (seed 001, corrected by FACTS §4):
+//! - Tenant Service: up to `tenant_service_retries` retries on 5xx, 429 or no response,
+//!   backoff 500 ms x 2^n capped at 4 s; 404 -> `CREDENTIALS_NOT_FOUND`, 400 ->
+//!   `INVALID_REQUEST`, never retried; retries exhausted -> `TENANT_SERVICE_UNAVAILABLE` (503).
+//! - OAuth: up to `oauth_retries` retries on no response, 5xx or an unusable 200, same
+//!   backoff; rate limiting (429, or Genesys' `400 invalid_request` "rate limit exceeded")
+//!   backs off 1 s x 2^n capped at 8 s, or `Retry-After`; credentials rejected ->
+//!   `OAUTH_INVALID_GRANT` after exactly one call; retries exhausted -> `OAUTH_EXCHANGE_FAILED`.
+
+use crate::credentials::{GenesysCredentials, WhatsappCredentials};
+use crate::error::{ErrorCode, TokenError};
+use crate::oauth::{self, ExchangeOutcome};
+use crate::provider::{Provider, TokenKey};
+use crate::regions::{OAUTH_TOKEN_PATH, RegionTable};
+use crate::secret::{SecretBytes, SecretString};
+
+/// How a fetch is done: timeouts, retries, regions, WhatsApp lifetimes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchConfig {
+    /// Sent to the Tenant Service as `X-Service-Name`.
+    pub service_name: String,
+    /// Per-attempt timeout of a Tenant Service call.
+    pub tenant_service_timeout_ms: u64,
+    /// Retries after the first Tenant Service attempt.
+    pub tenant_service_retries: u32,
+    /// Per-attempt timeout of an OAuth call.
+    pub oauth_timeout_ms: u64,
+    /// Retries after the first OAuth attempt.
+    pub oauth_retries: u32,
+    /// Genesys regions and the operator's login-host overrides.
+    pub regions: RegionTable,
+    /// Region used when the credentials name none.
+    pub default_region: Option<String>,
+    /// A WhatsApp token is treated as expired this long before its `expiresAt`.
+    pub whatsapp_safety_buffer_secs: u64,
+    /// Lifetime given to a WhatsApp token that has no `expiresAt`.
+    pub whatsapp_default_ttl_secs: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            service_name: "tokengate".to_owned(),
+            tenant_service_timeout_ms: 5_000,
+            tenant_service_retries: 2,
+            oauth_timeout_ms: 10_000,
+            oauth_retries: 2,
+            regions: RegionTable::default(),
+            default_region: None,
+            whatsapp_safety_buffer_secs: 300,
+            whatsapp_default_ttl_secs: 3_600,
+        }
+    }
+}
+
+impl FetchConfig {
+    /// The longest a fetch can take when every attempt times out and every backoff is
+    /// waited in full (rate-limit backoffs at their cap). A lock guarding a fetch must
+    /// outlive this.
+    pub fn worst_case_duration_ms(&self) -> u64 {
+        let tenant_service = u64::from(self.tenant_service_retries + 1)
+            * self.tenant_service_timeout_ms
+            + (0..self.tenant_service_retries)
+                .map(retry_backoff_ms)
+                .sum::<u64>();
+        let oauth = u64::from(self.oauth_retries + 1) * self.oauth_timeout_ms
+            + u64::from(self.oauth_retries) * MAX_RATE_LIMIT_WAIT_MS;
+        tenant_service + oauth
+    }
+}
+
+/// Backoff before retry number `attempt + 1` after a failure: 500 ms x 2^attempt, at most 4 s.
+pub fn retry_backoff_ms(attempt: u32) -> u64 {
+    500u64.saturating_mul(1u64 << attempt.min(16)).min(4_000)
+}
+
+/// Backoff after a rate limit: 1 s x 2^attempt, at most 8 s.
+pub fn rate_limit_backoff_ms(attempt: u32) -> u64 {
+    1_000u64.saturating_mul(1u64 << attempt.min(16)).min(8_000)
+}
+
+/// The longest wait a `Retry-After` may impose.
+pub const MAX_RATE_LIMIT_WAIT_MS: u64 = 30_000;
+
+/// Where an [`OutboundRequest`] goes; the driver maps it to an Envoy cluster or a URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// The Tenant Service.
+    TenantService,
+    /// A Genesys login host.
+    GenesysLogin {
+        /// The tenant's region, e.g. `eu-west-1` (selects the cluster).
+        region: String,
+        /// The login host, e.g. `login.mypurecloud.ie` (the `:authority` to send).
+        host: String,
+    },
+}
+
+/// An HTTP request the driver must send. Header values and body are wiped on drop:
+/// drop the request as soon as it is dispatched.
+#[derive(Debug)]
+pub struct OutboundRequest {
+    /// Where it goes.
+    pub destination: Destination,
+    /// `GET` or `POST`.
+    pub method: &'static str,
+    /// Path and query.
+    pub path: String,
+    /// Headers besides `:method`, `:path` and `:authority`.
+    pub headers: Vec<(&'static str, SecretString)>,
+    /// The body; empty for `GET`.
+    pub body: SecretBytes,
+    /// Give up waiting for the answer after this long.
+    pub timeout_ms: u64,
+}
+
+/// What came back for an [`OutboundRequest`].
+#[derive(Debug)]
+pub enum CalloutResult {
+    /// An HTTP answer.
+    Response {
+        /// The status code.
+        status: u16,
+        /// The body (may carry a secret or token: wiped on drop).
+        body: SecretBytes,
+        /// The `Retry-After` header in seconds, when present and numeric.
+        retry_after_secs: Option<u64>,
+    },
+    /// No answer: connection failure, reset or timeout.
+    NoResponse,
+}
+
+/// A token ready to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedToken {
+    /// The bearer token.
+    pub access_token: SecretString,
+    /// Seconds the token is valid for from the moment it was fetched (may be <= 0 for a
+    /// WhatsApp token about to expire).
+    pub expires_in_secs: i64,
+    /// When to stop using it, in milliseconds since the epoch.
+    pub expires_at_ms: u64,
+    /// Whether it may be cached (a token with no remaining lifetime is served once only).
+    pub cacheable: bool,
+}
+
+/// What the driver should do next.
+#[derive(Debug)]
+#[must_use]
+pub enum Step {
+    /// Send this request and feed its result to [`FetchFlow::handle_response`].
+    Send(OutboundRequest),
+    /// Do nothing until `at_ms`, then poll again.
+    WaitUntil {
+        /// When to poll again, in milliseconds since the epoch.
+        at_ms: u64,
+        /// Why (for a log line; names no secret).
+        reason: String,
+    },
+    /// A request is outstanding: wait for its result.
+    AwaitResponse,
+    /// The fetch is over.
+    Done(Result<FetchedToken, TokenError>),
+}
+
+enum Phase {
+    /// Ask the Tenant Service (attempt number `attempt`) once `now >= not_before`.
+    FetchCredentials {
+        attempt: u32,
+        not_before: u64,
+    },
+    AwaitCredentials {
+        attempt: u32,
+    },
+    /// Exchange the credentials at the login host once `now >= not_before`.
+    Exchange {
+        credentials: GenesysCredentials,
+        host: String,
+        attempt: u32,
+        not_before: u64,
+    },
+    AwaitExchange {
+        credentials: GenesysCredentials,
+        host: String,
+        attempt: u32,
+    },
+    Finished(Result<FetchedToken, TokenError>),
+}
+
+/// The fetch of one token; see the module documentation for how to drive it.
+pub struct FetchFlow {
+    key: TokenKey,
+    config: FetchConfig,
+    phase: Phase,
+    /// Why the last attempt failed, for the waiting step's reason and the final error.
+    last_failure: String,
+}
+
+impl std::fmt::Debug for FetchFlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let phase = match &self.phase {
+            Phase::FetchCredentials { attempt, .. } | Phase::AwaitCredentials { attempt } => {
+                format!("credentials attempt {attempt}")
+            }
+            Phase::Exchange { attempt, .. } | Phase::AwaitExchange { attempt, .. } => {
+                format!("exchange attempt {attempt}")
+            }
+            Phase::Finished(_) => "finished".to_owned(),
+        };
+        f.debug_struct("FetchFlow")
+            .field("key", &self.key)
+            .field("phase", &phase)
+            .finish()
+    }
+}
+
+impl FetchFlow {
+    /// A fetch for `key`, starting with the Tenant Service.
+    pub fn new(key: TokenKey, config: &FetchConfig) -> Self {
+        Self {
+            key,
+            config: config.clone(),
+            phase: Phase::FetchCredentials {
+                attempt: 0,
+                not_before: 0,
+            },
+            last_failure: String::new(),
+        }
+    }
+
+    /// The token this flow fetches.
+    pub fn key(&self) -> &TokenKey {
+        &self.key
+    }
+
+    /// What to do next at time `now_ms`.
+    pub fn poll(&mut self, now_ms: u64) -> Step {
+        match std::mem::replace(
+            &mut self.phase,
+            Phase::FetchCredentials {
+                attempt: 0,
+                not_before: 0,
+            },
+        ) {
+            Phase::FetchCredentials {
+                attempt,
+                not_before,
+            } if now_ms < not_before => {
+                self.phase = Phase::FetchCredentials {
+                    attempt,
+                    not_before,
+                };
+                Step::WaitUntil {
+                    at_ms: not_before,
+                    reason: self.last_failure.clone(),
+                }
+            }
+            Phase::FetchCredentials { attempt, .. } => {
+                self.phase = Phase::AwaitCredentials { attempt };
+                Step::Send(self.credentials_request())
+            }
+            Phase::Exchange {
+                credentials,
+                host,
+                attempt,
+                not_before,
+            } if now_ms < not_before => {
+                self.phase = Phase::Exchange {
+                    credentials,
+                    host,
+                    attempt,
+                    not_before,
+                };
+                Step::WaitUntil {
+                    at_ms: not_before,
+                    reason: self.last_failure.clone(),
+                }
+            }
+            Phase::Exchange {
+                credentials,
+                host,
+                attempt,
+                ..
+            } => {
+                let request = self.exchange_request(&credentials, &host);
+                self.phase = Phase::AwaitExchange {
+                    credentials,
+                    host,
+                    attempt,
+                };
+                Step::Send(request)
+            }
+            waiting @ (Phase::AwaitCredentials { .. } | Phase::AwaitExchange { .. }) => {
+                self.phase = waiting;
+                Step::AwaitResponse
+            }
+            Phase::Finished(result) => {
+                self.phase = Phase::Finished(result.clone());
+                Step::Done(result)
+            }
+        }
+    }
+
+    /// Feeds the result of the request last returned by [`FetchFlow::poll`].
+    /// A result that arrives when none is outstanding is ignored.
+    pub fn handle_response(&mut self, now_ms: u64, result: CalloutResult) {
+        self.phase = match std::mem::replace(
+            &mut self.phase,
+            Phase::FetchCredentials {
+                attempt: 0,
+                not_before: 0,
+            },
+        ) {
+            Phase::AwaitCredentials { attempt } => self.on_credentials(now_ms, attempt, result),
+            Phase::AwaitExchange {
+                credentials,
+                host,
+                attempt,
+            } => self.on_exchange(now_ms, credentials, host, attempt, result),
+            other => other,
+        };
+    }
+
+    fn credentials_request(&self) -> OutboundRequest {
+        OutboundRequest {
+            destination: Destination::TenantService,
+            method: "GET",
+            path: format!(
+                "/tenants/{}/credentials/{}",
+                self.key.tenant_id, self.key.provider
+            ),
+            headers: vec![
+                (
+                    "x-service-name",
+                    SecretString::from(self.config.service_name.as_str()),
+                ),
+                ("accept", SecretString::from("application/json")),
+            ],
+            body: SecretBytes::default(),
+            timeout_ms: self.config.tenant_service_timeout_ms,
+        }
+    }
+
+    fn exchange_request(&self, credentials: &GenesysCredentials, host: &str) -> OutboundRequest {
+        OutboundRequest {
+            destination: Destination::GenesysLogin {
+                region: credentials.region.clone(),
+                host: host.to_owned(),
+            },
+            method: "POST",
+            path: OAUTH_TOKEN_PATH.to_owned(),
+            headers: vec![
+                ("authorization", oauth::basic_authorization(credentials)),
+                (
+                    "content-type",
+                    SecretString::from("application/x-www-form-urlencoded"),
+                ),
+                ("accept", SecretString::from("application/json")),
+            ],
+            body: SecretBytes::new(oauth::CLIENT_CREDENTIALS_BODY.to_vec()),
+            timeout_ms: self.config.oauth_timeout_ms,
+        }
+    }
+
+    fn fail(&self, code: ErrorCode, message: String) -> Phase {
+        Phase::Finished(Err(TokenError::new(code, message)))
+    }
+
+    fn on_credentials(&mut self, now_ms: u64, attempt: u32, result: CalloutResult) -> Phase {
+        let tenant = &self.key.tenant_id;
+        let provider = self.key.provider;
+        let body = match result {
+            CalloutResult::Response {
+                status: 200..=299,
+                body,
+                ..
+            } => body,
+            CalloutResult::Response { status: 404, .. } => {
+                return self.fail(
+                    ErrorCode::CredentialsNotFound,
+                    format!("no {provider} credentials found for tenant {tenant}"),
+                );
+            }
+            CalloutResult::Response { status: 400, .. } => {
+                return self.fail(
+                    ErrorCode::InvalidRequest,
+                    format!("invalid credential request for tenant {tenant}"),
+                );
+            }
+            CalloutResult::Response { status, .. } if status == 429 || status >= 500 => {
+                return self.retry_credentials(
+                    now_ms,
+                    attempt,
+                    format!("Tenant Service answered {status}"),
+                );
+            }
+            CalloutResult::Response { status, .. } => {
+                return self.fail(
+                    ErrorCode::TenantServiceUnavailable,
+                    format!("Tenant Service answered {status} for tenant {tenant}"),
+                );
+            }
+            CalloutResult::NoResponse => {
+                return self.retry_credentials(
+                    now_ms,
+                    attempt,
+                    "Tenant Service did not answer".to_owned(),
+                );
+            }
+        };
+        match provider {
+            Provider::Genesys => {
+                let credentials = match GenesysCredentials::parse(
+                    &self.key,
+                    body.expose(),
+                    self.config.default_region.as_deref(),
+                ) {
+                    Ok(credentials) => credentials,
+                    Err(error) => return Phase::Finished(Err(error)),
+                };
+                match self.config.regions.login_host(&credentials.region) {
+                    Ok(host) => Phase::Exchange {
+                        credentials,
+                        host,
+                        attempt: 0,
+                        not_before: now_ms,
+                    },
+                    Err(error) => Phase::Finished(Err(error)),
+                }
+            }
+            Provider::Whatsapp => match WhatsappCredentials::parse(&self.key, body.expose()) {
+                Ok(credentials) => Phase::Finished(Ok(self.whatsapp_token(now_ms, credentials))),
+                Err(error) => Phase::Finished(Err(error)),
+            },
+        }
+    }
+
+    fn retry_credentials(&mut self, now_ms: u64, attempt: u32, reason: String) -> Phase {
+        if attempt < self.config.tenant_service_retries {
+            self.last_failure = reason;
+            let not_before = now_ms.saturating_add(retry_backoff_ms(attempt));
+            Phase::FetchCredentials {
+                attempt: attempt + 1,
+                not_before,
+            }
+        } else {
+            self.fail(
+                ErrorCode::TenantServiceUnavailable,
+                format!(
+                    "failed to fetch {} credentials for tenant {} after {} attempts: {reason}",
+                    self.key.provider,
+                    self.key.tenant_id,
+                    attempt + 1
+                ),
+            )
+        }
+    }
+
+    fn whatsapp_token(&self, now_ms: u64, credentials: WhatsappCredentials) -> FetchedToken {
+        let expires_in_secs = match credentials.expires_at_ms {
+            Some(at_ms) => {
+                let remaining_ms = i128::from(at_ms) - i128::from(now_ms);
+                let remaining_secs =
+                    i64::try_from(remaining_ms.div_euclid(1000)).unwrap_or(i64::MAX);
+                remaining_secs.saturating_sub_unsigned(self.config.whatsapp_safety_buffer_secs)
+            }
+            None => i64::try_from(self.config.whatsapp_default_ttl_secs).unwrap_or(i64::MAX),
+        };
+        let cacheable = expires_in_secs > 0;
+        let expires_at_ms = if cacheable {
+            now_ms.saturating_add(expires_in_secs.unsigned_abs().saturating_mul(1000))
+        } else {
+            credentials.expires_at_ms.unwrap_or(now_ms)
+        };
+        FetchedToken {
+            access_token: credentials.token,
+            expires_in_secs,
+            expires_at_ms,
+            cacheable,
+        }
+    }
+
+    fn on_exchange(
+        &mut self,
+        now_ms: u64,
+        credentials: GenesysCredentials,
+        host: String,
+        attempt: u32,
+        result: CalloutResult,
+    ) -> Phase {
+        let outcome = match result {
+            CalloutResult::Response {
+                status,
+                body,
+                retry_after_secs,
+            } => oauth::classify_response(status, &body, retry_after_secs),
+            CalloutResult::NoResponse => ExchangeOutcome::Transient {
+                reason: "login did not answer".to_owned(),
+            },
+        };
+        let tenant = &self.key.tenant_id;
+        let delay_ms = match outcome {
+            ExchangeOutcome::Token {
+                access_token,
+                expires_in_secs,
+            } => {
+                return Phase::Finished(Ok(FetchedToken {
+                    access_token,
+                    expires_in_secs: i64::try_from(expires_in_secs).unwrap_or(i64::MAX),
+                    expires_at_ms: now_ms.saturating_add(expires_in_secs.saturating_mul(1000)),
+                    cacheable: true,
+                }));
+            }
+            ExchangeOutcome::CredentialsRejected { description } => {
+                return self.fail(
+                    ErrorCode::OauthInvalidGrant,
+                    format!(
+                        "Genesys rejected the OAuth credentials of tenant {tenant}: {description}"
+                    ),
+                );
+            }
+            ExchangeOutcome::Fatal { reason } => {
+                return self.fail(
+                    ErrorCode::OauthExchangeFailed,
+                    format!("OAuth exchange for tenant {tenant} failed: {reason}"),
+                );
+            }
+            ExchangeOutcome::RateLimited { retry_after_ms } => {
+                self.last_failure = "login rate limited".to_owned();
+                retry_after_ms.map_or_else(
+                    || rate_limit_backoff_ms(attempt),
+                    |ms| ms.min(MAX_RATE_LIMIT_WAIT_MS),
+                )
+            }
+            ExchangeOutcome::Transient { reason } => {
+                self.last_failure = reason;
+                retry_backoff_ms(attempt)
+            }
+        };
+        if attempt < self.config.oauth_retries {
+            Phase::Exchange {
+                credentials,
+                host,
+                attempt: attempt + 1,
+                not_before: now_ms.saturating_add(delay_ms),
+            }
+        } else {
+            self.fail(
+                ErrorCode::OauthExchangeFailed,
+                format!(
+                    "failed to exchange OAuth credentials for tenant {tenant} after {} attempts: {}",
+                    attempt + 1,
+                    self.last_failure
+                ),
+            )
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The seed's acceptance bullets for credential fetching and the OAuth exchange, run
+//! against the sans-IO flow with a fake clock and scripted answers.
+
+use std::collections::VecDeque;
+
+use tokengate_core::{
+    CalloutResult, Destination, ErrorCode, FetchConfig, FetchFlow, FetchedToken, Provider,
+    SecretBytes, Step, TenantId, TokenError, TokenKey,
+};
+
+const START_MS: u64 = 1_800_000_000_000;
+const GENESYS_CREDENTIALS: &str =
+    r#"{"clientId":"acme-client","clientSecret":"acme-secret","region":"ap-south-1"}"#;
+const TOKEN: &str = r#"{"access_token":"tok-1","token_type":"bearer","expires_in":86399}"#;
+
+/// Drives a flow to its end: answers each request with the next scripted result for its
+/// destination, jumps the clock over every wait, and records what happened.
+struct Driver {
+    now_ms: u64,
+    tenant_service: VecDeque<CalloutResult>,
+    login: VecDeque<CalloutResult>,
+    tenant_service_calls: u32,
+    login_calls: u32,
+    /// (destination kind, when sent), in order.
+    sent_at: Vec<(&'static str, u64)>,
+    requests: Vec<(Destination, String, Vec<(String, String)>)>,
+}
+
+fn ok(body: &str) -> CalloutResult {
+    status(200, body)
+}
+
+fn status(status: u16, body: &str) -> CalloutResult {
+    CalloutResult::Response {
+        status,
+        body: SecretBytes::new(body.as_bytes().to_vec()),
+        retry_after_secs: None,
+    }
+}
+
+impl Driver {
+    fn new(tenant_service: Vec<CalloutResult>, login: Vec<CalloutResult>) -> Self {
+        Self {
+            now_ms: START_MS,
+            tenant_service: tenant_service.into(),
+            login: login.into(),
+            tenant_service_calls: 0,
+            login_calls: 0,
+            sent_at: Vec::new(),
+            requests: Vec::new(),
+        }
+    }
+
+    fn run(
+        &mut self,
+        provider: Provider,
+        config: &FetchConfig,
+    ) -> Result<FetchedToken, TokenError> {
+        let key = TokenKey::new(provider, TenantId::parse("acme").unwrap());
+        let mut flow = FetchFlow::new(key, config);
+        for _ in 0..100 {
+            match flow.poll(self.now_ms) {
+                Step::Send(request) => {
+                    let headers = request
+                        .headers
+                        .iter()
+                        .map(|(name, value)| ((*name).to_owned(), value.expose().to_owned()))
+                        .collect();
+                    self.requests.push((
+                        request.destination.clone(),
+                        request.path.clone(),
+                        headers,
+                    ));
+                    let result = match request.destination {
+                        Destination::TenantService => {
+                            self.tenant_service_calls += 1;
+                            self.sent_at.push(("tenant", self.now_ms));
+                            self.tenant_service.pop_front()
+                        }
+                        Destination::GenesysLogin { .. } => {
+                            self.login_calls += 1;
+                            self.sent_at.push(("login", self.now_ms));
+                            self.login.pop_front()
+                        }
+                    };
+                    flow.handle_response(
+                        self.now_ms,
+                        result.expect("the script ran out of answers"),
+                    );
+                }
+                Step::WaitUntil { at_ms, .. } => {
+                    assert!(at_ms > self.now_ms, "a wait must lie in the future");
+                    self.now_ms = at_ms;
+                }
+                Step::AwaitResponse => panic!("no response is outstanding in this driver"),
+                Step::Done(result) => return result,
+            }
+        }
+        panic!("the flow did not finish in 100 steps");
+    }
+
+    fn waits(&self) -> Vec<u64> {
+        self.sent_at
+            .windows(2)
+            .map(|pair| pair[1].1 - pair[0].1)
+            .collect()
+    }
+}
+
+fn genesys(
+    tenant_service: Vec<CalloutResult>,
+    login: Vec<CalloutResult>,
+) -> (Driver, Result<FetchedToken, TokenError>) {
+    let mut driver = Driver::new(tenant_service, login);
+    let result = driver.run(Provider::Genesys, &FetchConfig::default());
+    (driver, result)
+}
+
+#[test]
+fn cache_miss_fetches_credentials_then_exchanges_them() {
+    let (driver, result) = genesys(vec![ok(GENESYS_CREDENTIALS)], vec![ok(TOKEN)]);
+    let token = result.unwrap();
+    assert_eq!(token.access_token.expose(), "tok-1");
+    assert_eq!(token.expires_in_secs, 86399);
+    assert_eq!(token.expires_at_ms, START_MS + 86_399_000);
+    assert!(token.cacheable);
+    assert_eq!((driver.tenant_service_calls, driver.login_calls), (1, 1));
+
+    let (destination, path, headers) = &driver.requests[0];
+    assert_eq!(*destination, Destination::TenantService);
+    assert_eq!(path, "/tenants/acme/credentials/genesys");
+    assert!(headers.contains(&("x-service-name".into(), "tokengate".into())));
+    let (destination, path, headers) = &driver.requests[1];
+    assert_eq!(
+        *destination,
+        Destination::GenesysLogin {
+            region: "ap-south-1".into(),
+            host: "login.aps1.pure.cloud".into()
+        }
+    );
+    assert_eq!(path, "/oauth/token");
+    assert!(headers.contains(&(
+        "authorization".into(),
+        "Basic YWNtZS1jbGllbnQ6YWNtZS1zZWNyZXQ=".into()
+    )));
+    assert!(headers.contains(&(
+        "content-type".into(),
+        "application/x-www-form-urlencoded".into()
+    )));
+}
+
+#[test]
+fn tenant_service_503_503_200_succeeds_after_three_calls_with_backoff() {
+    let (driver, result) = genesys(
+        vec![status(503, ""), status(503, ""), ok(GENESYS_CREDENTIALS)],
+        vec![ok(TOKEN)],
+    );
+    assert!(result.is_ok());
+    assert_eq!(driver.tenant_service_calls, 3);
+    assert_eq!(driver.waits(), vec![500, 1000, 0]);
+}
+
+#[test]
+fn tenant_service_503_three_times_fails_with_503_after_three_calls() {
+    let (driver, result) = genesys(
+        vec![status(503, ""), CalloutResult::NoResponse, status(502, "")],
+        vec![],
+    );
+    let error = result.unwrap_err();
+    assert_eq!(
+        (error.code, error.http_status()),
+        (ErrorCode::TenantServiceUnavailable, 503)
+    );
+    assert_eq!((driver.tenant_service_calls, driver.login_calls), (3, 0));
+}
+
+#[test]
+fn tenant_service_404_is_not_retried() {
+    let (driver, result) = genesys(vec![status(404, "")], vec![]);
+    let error = result.unwrap_err();
+    assert_eq!(
+        (error.code, error.http_status()),
+        (ErrorCode::CredentialsNotFound, 404)
+    );
+    assert_eq!(driver.tenant_service_calls, 1);
+}
+
+#[test]
+fn tenant_service_400_is_an_invalid_request_not_retried() {
+    let (driver, result) = genesys(vec![status(400, "")], vec![]);
+    assert_eq!(result.unwrap_err().code, ErrorCode::InvalidRequest);
+    assert_eq!(driver.tenant_service_calls, 1);
+}
+
+#[test]
+fn credentials_without_client_id_are_not_found_and_never_exchanged() {
+    let (driver, result) = genesys(vec![ok(r#"{"data":{"region":"eu-west-1"}}"#)], vec![]);
+    assert_eq!(result.unwrap_err().code, ErrorCode::CredentialsNotFound);
+    assert_eq!(driver.login_calls, 0);
+}
+
+#[test]
+fn unknown_region_fails_before_any_oauth_call() {
+    let body = r#"{"clientId":"c","clientSecret":"s","region":"mars-1"}"#;
+    let (driver, result) = genesys(vec![ok(body)], vec![]);
+    let error = result.unwrap_err();
+    assert_eq!(error.code, ErrorCode::UnknownRegion);
+    assert!(error.message.contains("ap-south-1"));
+    assert_eq!(driver.login_calls, 0);
+}
+
+#[test]
+fn oauth_401_is_invalid_grant_after_exactly_one_call() {
+    let (driver, result) = genesys(vec![ok(GENESYS_CREDENTIALS)], vec![status(401, "")]);
+    assert_eq!(result.unwrap_err().code, ErrorCode::OauthInvalidGrant);
+    assert_eq!(driver.login_calls, 1);
+}
+
+#[test]
+fn oauth_invalid_client_400_is_invalid_grant_after_exactly_one_call() {
+    let body = r#"{"error":"invalid_client","description":"client not found","error_description":"client not found"}"#;
+    let (driver, result) = genesys(vec![ok(GENESYS_CREDENTIALS)], vec![status(400, body)]);
+    assert_eq!(result.unwrap_err().code, ErrorCode::OauthInvalidGrant);
+    assert_eq!(driver.login_calls, 1);
+}
+
+#[test]
+fn oauth_timeout_then_success_returns_the_token() {
+    let (driver, result) = genesys(
+        vec![ok(GENESYS_CREDENTIALS)],
+        vec![CalloutResult::NoResponse, ok(TOKEN)],
+    );
+    assert_eq!(result.unwrap().access_token.expose(), "tok-1");
+    assert_eq!(driver.login_calls, 2);
+}
+
+#[test]
+fn oauth_three_timeouts_fail_with_exchange_failed() {
+    let timeouts = vec![
+        CalloutResult::NoResponse,
+        CalloutResult::NoResponse,
+        CalloutResult::NoResponse,
+    ];
+    let (driver, result) = genesys(vec![ok(GENESYS_CREDENTIALS)], timeouts);
+    assert_eq!(result.unwrap_err().code, ErrorCode::OauthExchangeFailed);
+    assert_eq!(driver.login_calls, 3);
+    assert_eq!(driver.waits(), vec![0, 500, 1000]);
+}
+
+#[test]
+fn oauth_rate_limit_backs_off_one_then_two_seconds() {
+    let limited = r#"{"error":"invalid_request","description":"rate limit exceeded","error_description":"rate limit exceeded"}"#;
+    let (driver, result) = genesys(
+        vec![ok(GENESYS_CREDENTIALS)],
+        vec![status(400, limited), status(429, ""), ok(TOKEN)],
+    );
+    assert!(result.is_ok());
+    assert_eq!(driver.waits(), vec![0, 1000, 2000]);
+}
+
+#[test]
+fn oauth_retry_after_is_honoured() {
+    let limited = CalloutResult::Response {
+        status: 429,
+        body: SecretBytes::default(),
+        retry_after_secs: Some(7),
+    };
+    let (driver, result) = genesys(vec![ok(GENESYS_CREDENTIALS)], vec![limited, ok(TOKEN)]);
+    assert!(result.is_ok());
+    assert_eq!(driver.waits(), vec![0, 7000]);
+}
+
+#[test]
+fn garbage_200_is_retried_never_returned_as_a_token() {
+    let (driver, result) = genesys(
+        vec![ok(GENESYS_CREDENTIALS)],
+        vec![ok(""), ok("<html>"), ok(r#"{"access_token":"t"}"#)],
+    );
+    assert_eq!(result.unwrap_err().code, ErrorCode::OauthExchangeFailed);
+    assert_eq!(driver.login_calls, 3);
+}
+
+#[test]
+fn whatsapp_token_without_expiry_gets_the_default_ttl() {
+    let mut driver = Driver::new(vec![ok(r#"{"systemUserToken":"wa-1"}"#)], vec![]);
+    let token = driver
+        .run(Provider::Whatsapp, &FetchConfig::default())
+        .unwrap();
+    assert_eq!(token.access_token.expose(), "wa-1");
+    assert_eq!(token.expires_in_secs, 3600);
+    assert!(token.cacheable);
+    assert_eq!(driver.login_calls, 0);
+}
+
+#[test]
+fn whatsapp_ttl_is_time_to_expiry_minus_the_safety_buffer() {
+    let expires_at = tokengate_core::credentials::format_rfc3339_ms(START_MS + 1_000_000);
+    let body = format!(r#"{{"accessToken":"wa-2","expiresAt":"{expires_at}"}}"#);
+    let mut driver = Driver::new(vec![ok(&body)], vec![]);
+    let config = FetchConfig {
+        whatsapp_safety_buffer_secs: 100,
+        ..FetchConfig::default()
+    };
+    let token = driver.run(Provider::Whatsapp, &config).unwrap();
+    assert_eq!(token.expires_in_secs, 900);
+    assert_eq!(token.expires_at_ms, START_MS + 900_000);
+    assert!(token.cacheable);
+}
+
+#[test]
+fn whatsapp_token_inside_the_buffer_is_served_but_not_cacheable() {
+    let expires_at = tokengate_core::credentials::format_rfc3339_ms(START_MS + 60_000);
+    let body = format!(r#"{{"token":"wa-3","expiresAt":"{expires_at}"}}"#);
+    let mut driver = Driver::new(vec![ok(&body)], vec![]);
+    let token = driver
+        .run(Provider::Whatsapp, &FetchConfig::default())
+        .unwrap();
+    assert_eq!(token.access_token.expose(), "wa-3");
+    assert_eq!(token.expires_in_secs, 60 - 300);
+    assert!(!token.cacheable);
+}
+
+#[test]
+fn the_worst_case_duration_covers_every_timeout_and_backoff() {
+    let config = FetchConfig::default();
+    // 3 x 5 s + 0.5 s + 1 s for the Tenant Service, 3 x 10 s + 2 x 30 s for the login.
+    assert_eq!(config.worst_case_duration_ms(), 16_500 + 90_000);
+}
