@@ -1,1 +1,119 @@
-//! placeholder
+//! tokengate-companion: the native service the tokengate Envoy filter calls so that one
+//! token fetch happens per (provider, tenant) across the whole cluster.
+//!
+//! The filter asks for a *lease* on a token key. The companion answers from the Redis
+//! cache (`hit`), or hands the caller the key's cluster-wide lock (`fetch`: the caller
+//! fetches the token, then *commits* it or *aborts*), or holds the request until the
+//! lock's holder finishes. The wire types live in [`tokengate_core::lease`].
+//!
+//! Layout, from the outside in:
+//!
+//! - `main.rs`: thin binary: parses [`Config`], sets up logging, binds, runs until
+//!   Ctrl-C or SIGTERM.
+//! - [`run`] (here): wires the pieces below together and serves until `shutdown`.
+//! - [`config`]: the command-line / environment configuration and its checks.
+//! - [`http`]: routes and handlers; JSON rejections become core's error body.
+//! - [`error`]: [`ApiError`] (one request, mapped once to a response) and
+//!   [`CompanionError`] (the process).
+//! - [`lease`]: the lease / commit / abort logic.
+//! - [`waits`]: per-process shared waits on a held lock, woken by Redis pub/sub.
+//! - [`store`]: everything Redis: key names, the cached value, lock, Lua scripts.
+//! - [`clock`]: the wall clock, behind a trait.
+
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod lease;
+pub mod store;
+pub mod waits;
+
+pub use clock::{Clock, SystemClock};
+pub use config::Config;
+pub use error::{ApiError, CompanionError};
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How often the pub/sub connection is pinged, to notice one that died silently.
+const SUBSCRIBER_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Serves the companion's API on `listener` until `shutdown` completes.
+///
+/// Redis need not be up: the companion starts anyway, answers `503 CACHE_UNAVAILABLE`
+/// while it is down, and reconnects by itself. When `shutdown` completes, leases still
+/// waiting are answered `503 COMPANION_UNAVAILABLE` at once and in-flight requests
+/// finish before this returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CompanionError> {
+    run_with_clock(listener, config, Arc::new(SystemClock), shutdown).await
+}
+
+/// [`run`] with the wall clock supplied, so tests can move time.
+pub async fn run_with_clock(
+    listener: TcpListener,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CompanionError> {
+    config.validate().map_err(CompanionError::Config)?;
+    let client = redis::Client::open(config.redis_url.as_str())
+        .map_err(|e| CompanionError::Redis(e.into()))?;
+    let store = store::Store::new(client.clone(), config.redis_timeout(), config.lock_ttl_ms)
+        .map_err(CompanionError::Redis)?;
+    let waits = waits::Waits::new(store.clone(), Arc::clone(&clock), config.recheck_interval());
+    let _subscriber = AbortOnDrop(tokio::spawn(waits::run_subscriber(
+        client,
+        Arc::clone(&waits),
+        config.redis_timeout(),
+        SUBSCRIBER_KEEPALIVE,
+    )));
+
+    let redis = config.redacted_redis_url();
+    match store.ping().await {
+        Ok(()) => tracing::info!(%redis, "redis is reachable"),
+        Err(error) => {
+            tracing::warn!(%redis, %error, "redis is not reachable yet; leases answer 503 until it is")
+        }
+    }
+
+    let (stopping_tx, stopping_rx) = watch::channel(false);
+    let service = lease::Service::new(store, waits, clock, config.lease_wait(), stopping_rx);
+    let app = http::router(Arc::new(service));
+
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        lock_ttl_ms = config.lock_ttl_ms,
+        lease_wait_ms = config.lease_wait_ms,
+        recheck_interval_ms = config.recheck_interval_ms,
+        redis_timeout_ms = config.redis_timeout_ms,
+        "tokengate companion listening"
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: answering waiting leases, finishing in-flight requests");
+            // Ignored error: no receiver left means no lease is waiting.
+            let _ = stopping_tx.send(true);
+        })
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Aborts a background task when the server that owns it stops.
+#[derive(Debug)]
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,1 +1,15 @@
-//! placeholder
+//! tokengate's proxy-wasm filter: injects each tenant's provider token into requests.
+//!
+//! - [`config`]: the filter's JSON configuration, validated at load.
+//! - [`worker`]: per-worker logic (cache, in-flight fetches, paused requests), host-agnostic.
+//! - [`host`]: the host functions the logic needs, as a trait.
+//! - `filter` (wasm32 only): the proxy-wasm root and HTTP contexts, thin glue over [`worker`].
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod config;
+pub mod host;
+pub mod worker;
+
+#[cfg(target_arch = "wasm32")]
+mod filter;

@@ -1,0 +1,164 @@
+//! The errors of the companion's two boundaries: [`ApiError`] for one HTTP request
+//! (mapped once, in [`IntoResponse`], to a status and core's JSON [`ErrorBody`]), and
+//! [`CompanionError`] for the process as a whole.
+//!
+//! [`ErrorBody`]: tokengate_core::ErrorBody
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use tokengate_core::{ErrorCode, TokenError, TokenKey};
+
+use crate::store::StoreError;
+
+/// Why a request to the companion's API failed.
+///
+/// `Display` is for logs and may carry internal detail (Redis errors); clients get
+/// [`ApiError::to_token_error`], whose messages are safe to show.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body or the request line is malformed (bad JSON, bad tenant id, unknown provider).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// No route matches the path.
+    #[error("no route for this path")]
+    NotFound,
+    /// Another lease held the lock for the whole wait budget.
+    #[error("the lock for {key} was still held after waiting {waited_ms} ms")]
+    LockWaitExhausted {
+        /// The token key waited on.
+        key: TokenKey,
+        /// How long the lease waited.
+        waited_ms: u64,
+    },
+    /// Redis failed or did not answer in time.
+    #[error("the token cache is unavailable for {key}: {source}")]
+    CacheUnavailable {
+        /// The token key the request was about.
+        key: TokenKey,
+        /// What went wrong with Redis.
+        #[source]
+        source: StoreError,
+    },
+    /// The companion is shutting down and answers waiting leases now instead of later.
+    #[error("the companion is shutting down")]
+    ShuttingDown {
+        /// The token key waited on.
+        key: TokenKey,
+    },
+}
+
+impl ApiError {
+    /// The error code this failure is answered with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ApiError::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            ApiError::NotFound => ErrorCode::NotFound,
+            ApiError::LockWaitExhausted { .. } => ErrorCode::LockAcquisitionFailed,
+            ApiError::CacheUnavailable { .. } => ErrorCode::CacheUnavailable,
+            ApiError::ShuttingDown { .. } => ErrorCode::CompanionUnavailable,
+        }
+    }
+
+    /// The token key the request was about, when it got far enough to have one.
+    pub fn key(&self) -> Option<&TokenKey> {
+        match self {
+            ApiError::LockWaitExhausted { key, .. }
+            | ApiError::CacheUnavailable { key, .. }
+            | ApiError::ShuttingDown { key } => Some(key),
+            ApiError::InvalidRequest(_) | ApiError::NotFound => None,
+        }
+    }
+
+    /// The code and a message safe to show the client (no Redis internals).
+    pub fn to_token_error(&self) -> TokenError {
+        let message = match self {
+            ApiError::InvalidRequest(message) => message.clone(),
+            ApiError::NotFound => "no such route".to_owned(),
+            ApiError::LockWaitExhausted { key, waited_ms } => format!(
+                "another instance is still fetching the {} token for tenant '{}'; gave up after {waited_ms} ms",
+                key.provider, key.tenant_id
+            ),
+            ApiError::CacheUnavailable { .. } => {
+                "the token cache (Redis) is unavailable".to_owned()
+            }
+            ApiError::ShuttingDown { .. } => "the companion is shutting down".to_owned(),
+        };
+        TokenError::new(self.code(), message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let error = self.to_token_error();
+        let body = error.to_body(self.key().map(|key| key.tenant_id.as_str()), None);
+        let status =
+            StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+/// Why the companion could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum CompanionError {
+    /// A configuration value is invalid; the message names the flag.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The Redis client could not be set up from the configured URL.
+    #[error("cannot set up the Redis client: {0}")]
+    Redis(#[source] StoreError),
+    /// The HTTP listener failed.
+    #[error("the HTTP server failed: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokengate_core::{ErrorBody, Provider, TenantId};
+
+    fn key() -> TokenKey {
+        TokenKey::new(Provider::Whatsapp, TenantId::parse("acme").unwrap())
+    }
+
+    async fn body_of(error: ApiError) -> (StatusCode, ErrorBody) {
+        let response = error.into_response();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn cache_errors_answer_503_without_redis_detail() {
+        let source = StoreError::Timeout(std::time::Duration::from_millis(7));
+        let (status, body) = body_of(ApiError::CacheUnavailable { key: key(), source }).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body.code, ErrorCode::CacheUnavailable);
+        assert_eq!(body.tenant_id.as_deref(), Some("acme"));
+        assert!(!body.message.contains("7ms"), "{}", body.message);
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_wait_names_provider_tenant_and_wait() {
+        let (status, body) = body_of(ApiError::LockWaitExhausted {
+            key: key(),
+            waited_ms: 250,
+        })
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body.code, ErrorCode::LockAcquisitionFailed);
+        assert!(body.message.contains("whatsapp token for tenant 'acme'"));
+        assert!(body.message.contains("250 ms"));
+    }
+
+    #[tokio::test]
+    async fn invalid_requests_answer_400_without_a_tenant() {
+        let (status, body) = body_of(ApiError::InvalidRequest("bad".into())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            (body.code, body.message.as_str(), body.tenant_id),
+            (ErrorCode::InvalidRequest, "bad", None)
+        );
+    }
+}

@@ -1,0 +1,443 @@
+//! The Redis side: key names, the cached-token value, the fetch lock and its Lua scripts.
+//!
+//! For one token key (provider `p`, tenant `t`) Redis holds:
+//!
+//! - `tokengate:{p:t}:token`: the cached token, JSON `{"accessToken","expiresAtMs"}`,
+//!   set with `PXAT expiresAtMs` so Redis drops it when it expires;
+//! - `tokengate:{p:t}:lock`: the fetch lock, `SET NX PX <lock ttl>` to a random lease id;
+//! - channel `tokengate:{p:t}:ready`: published when the lock holder commits or aborts,
+//!   so waiting companions re-check at once instead of at their next poll.
+//!
+//! The `{p:t}` hash tag puts a key's token and lock in the same cluster slot, which a
+//! script touching both requires. Every operation is bounded by the configured Redis
+//! timeout, so a hung Redis turns into [`StoreError::Timeout`], not a hung request.
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, RedisError, Script};
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::sync::LazyLock;
+use std::time::Duration;
+use tokengate_core::lease::LeaseId;
+use tokengate_core::{SecretBytes, SecretString, TokenKey};
+
+/// A cached token is only handed out if it stays valid at least this long, so a caller
+/// does not receive a token that expires while its request is in flight.
+pub const USABLE_MARGIN_MS: u64 = 1_000;
+
+/// The pattern matching every key's `ready` channel (see [`ready_channel`]).
+pub const READY_PATTERN: &str = "tokengate:*:ready";
+
+/// The hash tag naming a token key inside Redis names: `<provider>:<tenant>`.
+///
+/// Tenant ids cannot contain `:`, `{` or `}` ([`tokengate_core::TenantId`]), so the tag
+/// is unambiguous and cannot break out of its braces.
+pub fn key_tag(key: &TokenKey) -> String {
+    format!("{}:{}", key.provider, key.tenant_id)
+}
+
+/// The Redis key of a cached token.
+pub fn token_key(tag: &str) -> String {
+    format!("tokengate:{{{tag}}}:token")
+}
+
+/// The Redis key of a fetch lock.
+pub fn lock_key(tag: &str) -> String {
+    format!("tokengate:{{{tag}}}:lock")
+}
+
+/// The pub/sub channel announcing that a key's lock holder committed or aborted.
+pub fn ready_channel(tag: &str) -> String {
+    format!("tokengate:{{{tag}}}:ready")
+}
+
+/// The hash tag of a `ready` channel name, or `None` if the name is not one of ours.
+pub fn tag_of_ready_channel(channel: &str) -> Option<&str> {
+    channel.strip_prefix("tokengate:{")?.strip_suffix("}:ready")
+}
+
+/// A token as cached in Redis.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CachedToken {
+    /// The bearer token (redacted in `Debug`).
+    pub access_token: SecretString,
+    /// When the token expires, in milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+impl CachedToken {
+    /// Whether the token may still be handed out at `now_ms` (it outlives the margin).
+    pub fn is_usable(&self, now_ms: u64) -> bool {
+        self.expires_at_ms > now_ms.saturating_add(USABLE_MARGIN_MS)
+    }
+}
+
+/// What the first step of a lease found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquire {
+    /// A usable token is cached.
+    Hit(CachedToken),
+    /// No usable token, and the lease now holds the lock.
+    Locked,
+    /// No usable token, and another lease holds the lock.
+    Held,
+}
+
+impl Acquire {
+    fn from_locked(locked: bool) -> Self {
+        if locked {
+            Acquire::Locked
+        } else {
+            Acquire::Held
+        }
+    }
+}
+
+/// What a waiter sees when it looks at a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peek {
+    /// The cached token, if any (usable or not: the caller decides with its clock).
+    pub token: Option<CachedToken>,
+    /// Whether some lease holds the key's fetch lock.
+    pub lock_held: bool,
+}
+
+/// What a commit found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// The committing lease still held the lock (and released it). `false` means the
+    /// lock expired or another lease took it; that lock was left alone.
+    pub lock_was_held: bool,
+    /// The token was stored. `false` only when the lease had lost its lock and Redis
+    /// already held a token that lives longer, which a stale commit must not replace.
+    pub stored: bool,
+}
+
+/// A failed Redis operation.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Redis answered with an error, or the connection failed.
+    #[error("redis error: {0}")]
+    Redis(#[from] RedisError),
+    /// Redis did not answer in time (it may be down, overloaded or unreachable).
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// A value could not be encoded for Redis.
+    #[error("could not encode the cached value: {0}")]
+    Encode(String),
+}
+
+/// Answers the cached token if it expires after ARGV[3], else takes the lock if free.
+///
+/// The token key expires at the token's `expiresAtMs` (it was stored with `PXAT`), so
+/// `PEXPIRETIME` is the token's expiry without decoding the JSON.
+/// KEYS: token, lock. ARGV: lease id, lock TTL ms, usable-after ms.
+/// Returns `{'hit', value}`, `{'locked', nil}` or `{'held', nil}`.
+static ACQUIRE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local value = redis.call('get', KEYS[1])
+if value and redis.call('pexpiretime', KEYS[1]) > tonumber(ARGV[3]) then
+  return {'hit', value}
+end
+if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {'locked', false}
+end
+return {'held', false}
+",
+    )
+});
+
+/// Stores a token, releases the lock if the committing lease still holds it, and
+/// wakes the waiters. A lease that lost its lock still stores its (valid) token, unless
+/// a longer-lived token is already cached.
+///
+/// KEYS: token, lock. ARGV: lease id, token JSON, expiresAtMs, ready channel.
+/// Returns `{lock_was_held, stored}` as 0/1.
+static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local held = 0
+if redis.call('get', KEYS[2]) == ARGV[1] then
+  held = 1
+end
+local stored = 0
+if held == 1 or redis.call('pexpiretime', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('set', KEYS[1], ARGV[2], 'PXAT', ARGV[3])
+  stored = 1
+end
+if held == 1 then
+  redis.call('del', KEYS[2])
+end
+redis.call('publish', ARGV[4], 'committed')
+return {held, stored}
+",
+    )
+});
+
+/// Compare-and-delete of the lock; wakes the waiters when it released it.
+///
+/// KEYS: lock. ARGV: lease id, ready channel. Returns 1 if released, 0 if not held.
+static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('del', KEYS[1])
+  redis.call('publish', ARGV[2], 'released')
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// The companion's handle on Redis: cheap to clone, reconnects by itself.
+#[derive(Clone)]
+pub struct Store {
+    /// Multiplexed connection shared by all requests; reconnects after failures.
+    conn: ConnectionManager,
+    /// Upper bound on one operation, so requests fail fast when Redis is down.
+    timeout: Duration,
+    /// The `PX` of every lock taken; also told to the lease holder.
+    lock_ttl_ms: u64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("timeout", &self.timeout)
+            .field("lock_ttl_ms", &self.lock_ttl_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Creates the store for `client` without connecting yet: the first operation
+    /// connects, so the companion starts (and answers 503) while Redis is down.
+    pub fn new(client: Client, timeout: Duration, lock_ttl_ms: u64) -> Result<Self, StoreError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(timeout);
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Self {
+            conn,
+            timeout,
+            lock_ttl_ms,
+        })
+    }
+
+    /// The TTL every lock is taken with, in milliseconds.
+    pub fn lock_ttl_ms(&self) -> u64 {
+        self.lock_ttl_ms
+    }
+
+    /// Checks that Redis answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        self.bounded(async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
+            .await
+            .map(drop)
+    }
+
+    /// The first step of every lease, in one atomic script: the cached token if it is
+    /// usable after `usable_after_ms`, else the lock for `lease_id` if it is free.
+    ///
+    /// Atomic, because a separate "no token" check and `SET NX` would let a commit slip
+    /// in between (the commit stores the token and frees the lock), and the lease would
+    /// start a second fetch of a token that was just cached.
+    pub async fn acquire(
+        &self,
+        tag: &str,
+        lease_id: &LeaseId,
+        usable_after_ms: u64,
+    ) -> Result<Acquire, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut invocation = ACQUIRE_SCRIPT.prepare_invoke();
+        invocation
+            .key(token_key(tag))
+            .key(lock_key(tag))
+            .arg(&lease_id.0)
+            .arg(self.lock_ttl_ms)
+            .arg(usable_after_ms);
+        let (outcome, raw) = self
+            .bounded(async move {
+                invocation
+                    .invoke_async::<(String, Option<Vec<u8>>)>(&mut conn)
+                    .await
+            })
+            .await?;
+        match outcome.as_str() {
+            "hit" => match raw.and_then(|raw| decode_token(tag, SecretBytes::new(raw))) {
+                Some(token) => Ok(Acquire::Hit(token)),
+                // Unreadable value: fetch a fresh token to overwrite it.
+                None => self.try_lock(tag, lease_id).await.map(Acquire::from_locked),
+            },
+            "locked" => Ok(Acquire::Locked),
+            _ => Ok(Acquire::Held),
+        }
+    }
+
+    /// Reads the cached token and whether the lock is held, in one round trip.
+    pub async fn peek(&self, tag: &str) -> Result<Peek, StoreError> {
+        let mut conn = self.conn.clone();
+        let (token_key, lock_key) = (token_key(tag), lock_key(tag));
+        let (raw, lock_held) = self
+            .bounded(async move {
+                redis::pipe()
+                    .cmd("GET")
+                    .arg(&token_key)
+                    .cmd("EXISTS")
+                    .arg(&lock_key)
+                    .query_async::<(Option<Vec<u8>>, bool)>(&mut conn)
+                    .await
+            })
+            .await?;
+        let token = raw.and_then(|raw| decode_token(tag, SecretBytes::new(raw)));
+        Ok(Peek { token, lock_held })
+    }
+
+    /// Tries to take the fetch lock for `lease_id`: `true` if it is now ours.
+    pub async fn try_lock(&self, tag: &str, lease_id: &LeaseId) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(lock_key(tag))
+            .arg(&lease_id.0)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.lock_ttl_ms);
+        let reply = self
+            .bounded(async move { cmd.query_async::<Option<String>>(&mut conn).await })
+            .await?;
+        Ok(reply.is_some())
+    }
+
+    /// Stores `token`, releases the lock if `lease_id` still holds it, and wakes waiters.
+    pub async fn commit(
+        &self,
+        tag: &str,
+        lease_id: &LeaseId,
+        token: &CachedToken,
+    ) -> Result<CommitOutcome, StoreError> {
+        let value = serde_json::to_vec(token)
+            .map(SecretBytes::new)
+            .map_err(|e| StoreError::Encode(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let mut invocation = COMMIT_SCRIPT.prepare_invoke();
+        invocation
+            .key(token_key(tag))
+            .key(lock_key(tag))
+            .arg(&lease_id.0)
+            .arg(value.expose())
+            .arg(token.expires_at_ms)
+            .arg(ready_channel(tag));
+        let (held, stored) = self
+            .bounded(async move { invocation.invoke_async::<(i64, i64)>(&mut conn).await })
+            .await?;
+        Ok(CommitOutcome {
+            lock_was_held: held == 1,
+            stored: stored == 1,
+        })
+    }
+
+    /// Releases the lock if `lease_id` holds it (then wakes waiters): `true` if released.
+    pub async fn release(&self, tag: &str, lease_id: &LeaseId) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut invocation = RELEASE_SCRIPT.prepare_invoke();
+        invocation
+            .key(lock_key(tag))
+            .arg(&lease_id.0)
+            .arg(ready_channel(tag));
+        let released = self
+            .bounded(async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .await?;
+        Ok(released == 1)
+    }
+
+    /// Runs one Redis operation under the store's timeout.
+    async fn bounded<T>(
+        &self,
+        operation: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, operation).await {
+            Ok(result) => result.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+}
+
+/// Parses a cached value; logs (without the value) and drops one that does not parse.
+fn decode_token(tag: &str, raw: SecretBytes) -> Option<CachedToken> {
+    match serde_json::from_slice::<CachedToken>(raw.expose()) {
+        Ok(token) => Some(token),
+        Err(e) => {
+            // serde_json's message names the position and the expected type, not the value.
+            tracing::warn!(key = tag, error = %e, "cached token is not valid JSON; treating it as a miss");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokengate_core::{Provider, TenantId};
+
+    fn key() -> TokenKey {
+        TokenKey::new(Provider::Genesys, TenantId::parse("acme").unwrap())
+    }
+
+    #[test]
+    fn keys_share_one_hash_tag_per_token_key() {
+        let tag = key_tag(&key());
+        assert_eq!(token_key(&tag), "tokengate:{genesys:acme}:token");
+        assert_eq!(lock_key(&tag), "tokengate:{genesys:acme}:lock");
+        assert_eq!(ready_channel(&tag), "tokengate:{genesys:acme}:ready");
+    }
+
+    #[test]
+    fn ready_channels_map_back_to_their_tag() {
+        let tag = key_tag(&key());
+        assert_eq!(
+            tag_of_ready_channel(&ready_channel(&tag)),
+            Some("genesys:acme")
+        );
+        assert_eq!(tag_of_ready_channel("tokengate:{genesys:acme}:token"), None);
+        assert_eq!(tag_of_ready_channel("other:{x}:ready"), None);
+    }
+
+    #[test]
+    fn a_token_is_usable_only_beyond_the_margin() {
+        let token = CachedToken {
+            access_token: "t".into(),
+            expires_at_ms: 10_000,
+        };
+        assert!(token.is_usable(10_000 - USABLE_MARGIN_MS - 1));
+        assert!(!token.is_usable(10_000 - USABLE_MARGIN_MS));
+        assert!(!token.is_usable(20_000));
+        assert!(!token.is_usable(u64::MAX));
+    }
+
+    #[test]
+    fn the_cached_value_is_camel_case_json_and_debug_is_redacted() {
+        let token = CachedToken {
+            access_token: "sekrit".into(),
+            expires_at_ms: 5,
+        };
+        assert_eq!(
+            serde_json::to_value(&token).unwrap(),
+            serde_json::json!({"accessToken":"sekrit","expiresAtMs":5})
+        );
+        assert!(!format!("{token:?}").contains("sekrit"));
+    }
+
+    #[test]
+    fn an_unparseable_cached_value_reads_as_a_miss() {
+        assert_eq!(
+            decode_token("genesys:acme", SecretBytes::new(b"not json".to_vec())),
+            None
+        );
+    }
+}

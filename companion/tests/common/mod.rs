@@ -1,0 +1,326 @@
+//! Test harness: a private `redis-server` per test, the real companion served by
+//! [`tokengate_companion::run`] on a free port, and a small typed client.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokengate_companion::{Clock, Config};
+use tokengate_core::lease::{
+    ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, LEASE_PATH, LeaseId, LeaseRequest,
+    LeaseResponse,
+};
+use tokengate_core::{ErrorBody, Provider, SecretString, TenantId};
+
+/// A `redis-server` on a free loopback port, killed when dropped.
+pub struct RedisServer {
+    /// The server process.
+    child: Child,
+    /// Where it listens.
+    pub port: u16,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers PING.
+    pub fn start() -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(server) = Self::start_on(port) {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
+    }
+
+    /// Starts a server on `port` (e.g. again, after [`RedisServer::kill`]); `None` if it
+    /// exited, e.g. because the port was taken meanwhile.
+    pub fn start_on(port: u16) -> Option<Self> {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (apt-get install -y redis-server)");
+        let mut server = RedisServer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if server
+                .child
+                .try_wait()
+                .expect("redis-server status")
+                .is_some()
+            {
+                return None;
+            }
+            if answers_ping(port) {
+                return Some(server);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        server.kill();
+        None
+    }
+
+    /// The URL the companion connects with.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A connection for inspecting and arranging Redis state directly.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Runs one command and decodes its reply.
+    pub async fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut command = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            command.arg(*arg);
+        }
+        command
+            .query_async(&mut self.connection().await)
+            .await
+            .unwrap()
+    }
+
+    /// How many times Redis ran `command` (from `INFO commandstats`).
+    pub async fn calls(&self, command: &str) -> u64 {
+        let info: String = self.query(&["INFO", "commandstats"]).await;
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |calls| calls.parse().unwrap())
+    }
+
+    /// Polls until `condition` holds on this server, or panics after `limit`.
+    pub async fn wait_until<F, Fut>(&self, what: &str, limit: Duration, mut condition: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + limit;
+        while !condition().await {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+fn answers_ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
+/// A test configuration for `redis`: short budgets, fast re-checks.
+pub fn config(redis: &RedisServer) -> Config {
+    config_for(redis.url())
+}
+
+/// A test configuration for the Redis at `redis_url`.
+pub fn config_for(redis_url: String) -> Config {
+    Config {
+        redis_url,
+        lock_ttl_ms: 5_000,
+        lease_wait_ms: 3_000,
+        recheck_interval_ms: 50,
+        redis_timeout_ms: 500,
+        ..Config::default()
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The companion, served by the library's `run` on a free port; stopped when dropped.
+pub struct Companion {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// Shared connection pool for the test's requests.
+    pub http: reqwest::Client,
+    /// Completes the shutdown future given to `run`.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Companion {
+    /// Starts the companion with `config` and the system clock.
+    pub async fn start(config: Config) -> Self {
+        Self::start_with(config, None).await
+    }
+
+    /// Starts the companion with `config` and, if given, a test clock.
+    pub async fn start_with(config: Config, clock: Option<Arc<dyn Clock>>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        tokio::spawn(async move {
+            let result = match clock {
+                Some(clock) => {
+                    tokengate_companion::run_with_clock(listener, config, clock, shutdown).await
+                }
+                None => tokengate_companion::run(listener, config, shutdown).await,
+            };
+            if let Err(error) = result {
+                panic!("companion failed: {error}");
+            }
+        });
+        Companion {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+        }
+    }
+
+    /// POSTs `body` (any JSON) to `path`.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Leases `tenant`'s Genesys token; returns the raw response.
+    pub async fn lease_raw(&self, tenant: &str) -> reqwest::Response {
+        let request = LeaseRequest {
+            provider: Provider::Genesys,
+            tenant_id: TenantId::parse(tenant).unwrap(),
+        };
+        self.post(LEASE_PATH, &serde_json::to_value(request).unwrap())
+            .await
+    }
+
+    /// Leases `tenant`'s Genesys token, expecting 200.
+    pub async fn lease(&self, tenant: &str) -> LeaseResponse {
+        let response = self.lease_raw(tenant).await;
+        assert_eq!(response.status(), 200, "lease of {tenant}");
+        response.json().await.unwrap()
+    }
+
+    /// Leases, expecting `fetch`; returns the lease id.
+    pub async fn lease_fetch(&self, tenant: &str) -> LeaseId {
+        match self.lease(tenant).await {
+            LeaseResponse::Fetch { lease_id, .. } => lease_id,
+            other => panic!("expected fetch for {tenant}, got {other:?}"),
+        }
+    }
+
+    /// Commits `token` for `tenant` under `lease_id`; returns the status.
+    pub async fn commit(
+        &self,
+        tenant: &str,
+        lease_id: &LeaseId,
+        token: &str,
+        expires_at_ms: u64,
+    ) -> u16 {
+        let request = CommitRequest {
+            provider: Provider::Genesys,
+            tenant_id: TenantId::parse(tenant).unwrap(),
+            lease_id: lease_id.clone(),
+            access_token: SecretString::from(token),
+            expires_at_ms,
+        };
+        let response = self
+            .post(COMMIT_PATH, &serde_json::to_value(request).unwrap())
+            .await;
+        response.status().as_u16()
+    }
+
+    /// Aborts `lease_id`; returns the status.
+    pub async fn abort(&self, tenant: &str, lease_id: &LeaseId) -> u16 {
+        let request = AbortRequest {
+            provider: Provider::Genesys,
+            tenant_id: TenantId::parse(tenant).unwrap(),
+            lease_id: lease_id.clone(),
+        };
+        let response = self
+            .post(ABORT_PATH, &serde_json::to_value(request).unwrap())
+            .await;
+        response.status().as_u16()
+    }
+}
+
+impl Drop for Companion {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Reads an error response: its status and JSON body (panics if the body is not ours).
+pub async fn error_of(response: reqwest::Response) -> (u16, ErrorBody) {
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    (status, response.json().await.unwrap())
+}
+
+/// Asserts a `hit` carrying `token` and `expires_at_ms`.
+pub fn assert_hit(response: &LeaseResponse, token: &str, expires_at_ms: u64) {
+    match response {
+        LeaseResponse::Hit {
+            access_token,
+            expires_at_ms: at,
+        } => {
+            assert_eq!(access_token.expose(), token);
+            assert_eq!(*at, expires_at_ms);
+        }
+        other => panic!("expected hit, got {other:?}"),
+    }
+}
+
+/// Waits until the companion's pub/sub subscriber is subscribed on `redis`.
+pub async fn wait_until_subscribed(redis: &RedisServer) {
+    redis
+        .wait_until(
+            "the companion subscribed",
+            Duration::from_secs(5),
+            || async { redis.query::<i64>(&["PUBSUB", "NUMPAT"]).await >= 1 },
+        )
+        .await;
+}

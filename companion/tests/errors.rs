@@ -1,0 +1,191 @@
+//! Bad requests, unknown routes and a Redis that goes away: every failure is a JSON
+//! error body with the status of its code.
+
+mod common;
+
+use common::{Companion, RedisServer, config, config_for, error_of, free_port, now_ms};
+use std::time::{Duration, Instant};
+use tokengate_companion::Config;
+use tokengate_core::ErrorCode;
+use tokengate_core::lease::{ABORT_PATH, COMMIT_PATH, LEASE_PATH, LeaseResponse};
+
+#[tokio::test]
+async fn malformed_lease_bodies_answer_invalid_request_json() {
+    let redis = RedisServer::start();
+    let companion = Companion::start(config(&redis)).await;
+    let url = format!("{}{LEASE_PATH}", companion.base);
+
+    let cases: [(&str, Option<&str>, &str); 5] = [
+        ("not json", Some("application/json"), "JSON"),
+        (
+            r#"{"provider":"slack","tenantId":"acme"}"#,
+            Some("application/json"),
+            "slack",
+        ),
+        (
+            r#"{"provider":"genesys","tenantId":"a:b"}"#,
+            Some("application/json"),
+            "tenant id",
+        ),
+        (
+            r#"{"provider":"genesys"}"#,
+            Some("application/json"),
+            "tenantId",
+        ),
+        (
+            r#"{"provider":"genesys","tenantId":"acme"}"#,
+            None,
+            "Content-Type",
+        ),
+    ];
+    for (body, content_type, mentions) in cases {
+        let mut request = companion.http.post(&url).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let (status, error) = error_of(request.send().await.unwrap()).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(error.code, ErrorCode::InvalidRequest, "{body}");
+        assert!(
+            error.message.contains(mentions),
+            "{body}: {}",
+            error.message
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_empty_token_is_not_committed() {
+    let redis = RedisServer::start();
+    let companion = Companion::start(config(&redis)).await;
+    let lease_id = companion.lease_fetch("acme").await;
+
+    assert_eq!(
+        companion
+            .commit("acme", &lease_id, "", now_ms() + 60_000)
+            .await,
+        400
+    );
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json_and_health_is_ok() {
+    let redis = RedisServer::start();
+    let companion = Companion::start(config(&redis)).await;
+
+    let response = companion
+        .http
+        .get(format!("{}/nope", companion.base))
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_of(response).await;
+    assert_eq!((status, error.code), (404, ErrorCode::NotFound));
+
+    let response = companion
+        .http
+        .get(format!("{}{LEASE_PATH}", companion.base))
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_of(response).await;
+    assert_eq!((status, error.code), (400, ErrorCode::InvalidRequest));
+    assert!(error.message.contains("GET"), "{}", error.message);
+
+    let response = companion
+        .http
+        .get(format!("{}/healthz", companion.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body, serde_json::json!({"status":"ok"}));
+}
+
+#[tokio::test]
+async fn redis_going_down_answers_cache_unavailable_json_and_recovers() {
+    let mut redis = RedisServer::start();
+    let companion = Companion::start(config(&redis)).await;
+    let lease_id = companion.lease_fetch("acme").await;
+
+    redis.kill();
+    let started = Instant::now();
+    let (status, error) = error_of(companion.lease_raw("acme").await).await;
+    assert_eq!((status, error.code), (503, ErrorCode::CacheUnavailable));
+    assert_eq!(error.tenant_id.as_deref(), Some("acme"));
+    assert!(
+        !error.message.to_lowercase().contains("io error"),
+        "{}",
+        error.message
+    );
+    // Bounded by the 500 ms Redis timeout (plus slack), not by reconnect retries.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let commit = serde_json::json!({
+        "provider": "genesys", "tenantId": "acme", "leaseId": lease_id,
+        "accessToken": "tok", "expiresAtMs": now_ms() + 60_000,
+    });
+    let (status, error) = error_of(companion.post(COMMIT_PATH, &commit).await).await;
+    assert_eq!((status, error.code), (503, ErrorCode::CacheUnavailable));
+    let abort = serde_json::json!({"provider": "genesys", "tenantId": "acme", "leaseId": lease_id});
+    let (status, error) = error_of(companion.post(ABORT_PATH, &abort).await).await;
+    assert_eq!((status, error.code), (503, ErrorCode::CacheUnavailable));
+
+    // Redis comes back on the same port (empty): the companion reconnects by itself.
+    let _redis = RedisServer::start_on(redis.port).expect("redis restarts on its port");
+    assert!(matches!(
+        lease_until_answered(&companion).await,
+        LeaseResponse::Fetch { .. }
+    ));
+}
+
+#[tokio::test]
+async fn the_companion_starts_without_redis_and_serves_once_it_is_up() {
+    let port = free_port();
+    let companion = Companion::start(config_for(format!("redis://127.0.0.1:{port}"))).await;
+
+    let (status, error) = error_of(companion.lease_raw("acme").await).await;
+    assert_eq!((status, error.code), (503, ErrorCode::CacheUnavailable));
+
+    let _redis = RedisServer::start_on(port).expect("redis starts on the free port");
+    let LeaseResponse::Fetch { lease_id, .. } = lease_until_answered(&companion).await else {
+        panic!("expected fetch");
+    };
+    assert_eq!(companion.abort("acme", &lease_id).await, 204);
+}
+
+#[tokio::test]
+async fn an_invalid_configuration_stops_run_with_a_message() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = Config {
+        lock_ttl_ms: 1_000,
+        lease_wait_ms: 2_000,
+        ..Config::default()
+    };
+    let error = tokengate_companion::run(listener, config, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("--lease-wait-ms"), "{error}");
+}
+
+/// Leases until the answer is not 503 (Redis reconnecting), for up to 10 s.
+async fn lease_until_answered(companion: &Companion) -> LeaseResponse {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = companion.lease_raw("acme").await;
+        if response.status() == 200 {
+            return response.json().await.unwrap();
+        }
+        assert_eq!(response.status(), 503);
+        assert!(
+            Instant::now() < deadline,
+            "redis never came back for the companion"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,335 @@
+//! The lease / commit / abort flow against a real Redis: hits, fetches, waits and the
+//! lock's life cycle.
+
+mod common;
+
+use common::{Companion, RedisServer, assert_hit, config, error_of, now_ms, wait_until_subscribed};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokengate_companion::{Clock, Config};
+use tokengate_core::ErrorCode;
+use tokengate_core::lease::LeaseResponse;
+
+const LOCK: &str = "tokengate:{genesys:acme}:lock";
+const TOKEN: &str = "tokengate:{genesys:acme}:token";
+
+/// Waits until some lease of the companion is in its wait loop (the loop, and only it,
+/// reads the lock with EXISTS).
+async fn wait_until_a_lease_waits(redis: &RedisServer, exists_before: u64) {
+    redis
+        .wait_until("a lease waits", Duration::from_secs(5), || async {
+            redis.calls("exists").await > exists_before
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_cold_key_is_fetched_then_committed_then_hit() {
+    let redis = RedisServer::start();
+    let config = config(&redis);
+    let companion = Companion::start(config.clone()).await;
+
+    let (lease_id, lease_ttl_ms) = match companion.lease("acme").await {
+        LeaseResponse::Fetch {
+            lease_id,
+            lease_ttl_ms,
+        } => (lease_id, lease_ttl_ms),
+        other => panic!("expected fetch, got {other:?}"),
+    };
+    assert_eq!(lease_ttl_ms, config.lock_ttl_ms);
+    assert_eq!(redis.query::<String>(&["GET", LOCK]).await, lease_id.0);
+
+    let expires_at_ms = now_ms() + 60_000;
+    assert_eq!(
+        companion
+            .commit("acme", &lease_id, "tok-1", expires_at_ms)
+            .await,
+        204
+    );
+
+    assert_hit(&companion.lease("acme").await, "tok-1", expires_at_ms);
+    // Stored as JSON, expiring exactly with the token; the lock is gone.
+    let stored: serde_json::Value =
+        serde_json::from_str(&redis.query::<String>(&["GET", TOKEN]).await).unwrap();
+    assert_eq!(
+        stored,
+        serde_json::json!({"accessToken":"tok-1","expiresAtMs":expires_at_ms})
+    );
+    assert_eq!(
+        redis.query::<u64>(&["PEXPIRETIME", TOKEN]).await,
+        expires_at_ms
+    );
+    assert_eq!(redis.query::<i64>(&["EXISTS", LOCK]).await, 0);
+    // Other tenants are other keys.
+    assert!(matches!(
+        companion.lease("globex").await,
+        LeaseResponse::Fetch { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_waiting_lease_is_woken_by_the_commit_not_by_polling() {
+    let redis = RedisServer::start();
+    // Re-checks every 10 s: a quick answer can only come from the pub/sub wake-up.
+    let config = Config {
+        lock_ttl_ms: 30_000,
+        lease_wait_ms: 20_000,
+        recheck_interval_ms: 10_000,
+        ..config(&redis)
+    };
+    let companion = Arc::new(Companion::start(config).await);
+    wait_until_subscribed(&redis).await;
+
+    let lease_id = companion.lease_fetch("acme").await;
+    let exists_before = redis.calls("exists").await;
+    let waiter = tokio::spawn({
+        let companion = Arc::clone(&companion);
+        async move { companion.lease("acme").await }
+    });
+    wait_until_a_lease_waits(&redis, exists_before).await;
+
+    let expires_at_ms = now_ms() + 60_000;
+    let committed = Instant::now();
+    assert_eq!(
+        companion
+            .commit("acme", &lease_id, "tok-2", expires_at_ms)
+            .await,
+        204
+    );
+    let answer = waiter.await.unwrap();
+    let woken_after = committed.elapsed();
+
+    assert_hit(&answer, "tok-2", expires_at_ms);
+    assert!(
+        woken_after < Duration::from_secs(2),
+        "woken after {woken_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_abort_hands_the_lock_to_a_waiter() {
+    let redis = RedisServer::start();
+    let config = Config {
+        lock_ttl_ms: 30_000,
+        lease_wait_ms: 20_000,
+        recheck_interval_ms: 10_000,
+        ..config(&redis)
+    };
+    let companion = Arc::new(Companion::start(config).await);
+    wait_until_subscribed(&redis).await;
+
+    let first = companion.lease_fetch("acme").await;
+    let exists_before = redis.calls("exists").await;
+    let waiter = tokio::spawn({
+        let companion = Arc::clone(&companion);
+        async move { companion.lease_fetch("acme").await }
+    });
+    wait_until_a_lease_waits(&redis, exists_before).await;
+
+    let aborted = Instant::now();
+    assert_eq!(companion.abort("acme", &first).await, 204);
+    let second = waiter.await.unwrap();
+    assert!(
+        aborted.elapsed() < Duration::from_secs(2),
+        "woken after {:?}",
+        aborted.elapsed()
+    );
+
+    assert_ne!(second, first);
+    assert_eq!(redis.query::<String>(&["GET", LOCK]).await, second.0);
+    // Aborting again (the lease no longer holds the lock) is harmless.
+    assert_eq!(companion.abort("acme", &first).await, 204);
+    assert_eq!(redis.query::<String>(&["GET", LOCK]).await, second.0);
+}
+
+#[tokio::test]
+async fn a_holder_that_never_finishes_loses_the_lock_at_its_ttl() {
+    let redis = RedisServer::start();
+    let config = Config {
+        lock_ttl_ms: 300,
+        lease_wait_ms: 250,
+        recheck_interval_ms: 20,
+        ..config(&redis)
+    };
+    let companion = Companion::start(config).await;
+
+    let granted = Instant::now();
+    let first = companion.lease_fetch("acme").await;
+    // Let part of the TTL pass, so the waiter's 250 ms budget reaches past the expiry.
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let second = companion.lease_fetch("acme").await;
+
+    assert_ne!(second, first);
+    assert!(
+        granted.elapsed() >= Duration::from_millis(290),
+        "taken over after {:?}",
+        granted.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_wait_longer_than_the_budget_answers_lock_acquisition_failed() {
+    let redis = RedisServer::start();
+    let config = Config {
+        lock_ttl_ms: 5_000,
+        lease_wait_ms: 200,
+        recheck_interval_ms: 20,
+        ..config(&redis)
+    };
+    let companion = Companion::start(config).await;
+    let _holder = companion.lease_fetch("acme").await;
+
+    let started = Instant::now();
+    let (status, body) = error_of(companion.lease_raw("acme").await).await;
+
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert_eq!(status, 503);
+    assert_eq!(body.code, ErrorCode::LockAcquisitionFailed);
+    assert_eq!(body.tenant_id.as_deref(), Some("acme"));
+}
+
+#[tokio::test]
+async fn fifty_concurrent_leases_make_one_fetch_and_share_one_wait() {
+    let redis = RedisServer::start();
+    let config = Config {
+        lock_ttl_ms: 30_000,
+        lease_wait_ms: 20_000,
+        recheck_interval_ms: 10_000,
+        ..config(&redis)
+    };
+    let companion = Arc::new(Companion::start(config).await);
+    wait_until_subscribed(&redis).await;
+    let exists_before = redis.calls("exists").await;
+
+    let mut leases = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let companion = Arc::clone(&companion);
+        leases.spawn(async move { companion.lease("acme").await });
+    }
+    // Only the lock holder is answered before the commit.
+    let first = leases.join_next().await.unwrap().unwrap();
+    let LeaseResponse::Fetch { lease_id, .. } = first else {
+        panic!("the first answer should be the fetch, got {first:?}");
+    };
+    let expires_at_ms = now_ms() + 60_000;
+    assert_eq!(
+        companion
+            .commit("acme", &lease_id, "tok-50", expires_at_ms)
+            .await,
+        204
+    );
+
+    let mut hits = 0;
+    while let Some(answer) = leases.join_next().await {
+        assert_hit(&answer.unwrap(), "tok-50", expires_at_ms);
+        hits += 1;
+    }
+    assert_eq!(hits, 49);
+    // The waiters shared one wait loop: a handful of looks at the lock, not 49 or more.
+    let looks = redis.calls("exists").await - exists_before;
+    assert!(looks <= 5, "{looks} looks at the lock");
+}
+
+#[tokio::test]
+async fn a_stale_lease_neither_deletes_nor_releases_the_new_holders_lock() {
+    let redis = RedisServer::start();
+    let companion = Companion::start(config(&redis)).await;
+
+    let stale = companion.lease_fetch("acme").await;
+    // Let the first lock expire now instead of after its TTL.
+    let _: i64 = redis.query(&["PEXPIRE", LOCK, "1"]).await;
+    redis
+        .wait_until("the first lock expired", Duration::from_secs(5), || async {
+            redis.query::<i64>(&["EXISTS", LOCK]).await == 0
+        })
+        .await;
+    let current = companion.lease_fetch("acme").await;
+
+    assert_eq!(companion.abort("acme", &stale).await, 204);
+    assert_eq!(redis.query::<String>(&["GET", LOCK]).await, current.0);
+
+    // The stale lease's token is still valid, so it is stored; the lock stays.
+    let expires_at_ms = now_ms() + 60_000;
+    assert_eq!(
+        companion
+            .commit("acme", &stale, "tok-stale", expires_at_ms)
+            .await,
+        204
+    );
+    assert_eq!(redis.query::<String>(&["GET", LOCK]).await, current.0);
+    assert_hit(&companion.lease("acme").await, "tok-stale", expires_at_ms);
+
+    // A stale commit never replaces a longer-lived token; the holder's own commit does.
+    assert_eq!(
+        companion
+            .commit("acme", &stale, "tok-older", expires_at_ms - 1_000)
+            .await,
+        204
+    );
+    assert_hit(&companion.lease("acme").await, "tok-stale", expires_at_ms);
+    assert_eq!(
+        companion
+            .commit("acme", &current, "tok-new", expires_at_ms - 2_000)
+            .await,
+        204
+    );
+    assert_hit(
+        &companion.lease("acme").await,
+        "tok-new",
+        expires_at_ms - 2_000,
+    );
+    assert_eq!(redis.query::<i64>(&["EXISTS", LOCK]).await, 0);
+}
+
+#[tokio::test]
+async fn an_already_expired_token_is_not_stored_and_frees_the_lock() {
+    let redis = RedisServer::start();
+    let companion = Companion::start(config(&redis)).await;
+
+    let first = companion.lease_fetch("acme").await;
+    assert_eq!(
+        companion
+            .commit("acme", &first, "tok-old", now_ms() - 1)
+            .await,
+        204
+    );
+
+    assert_eq!(redis.query::<i64>(&["EXISTS", TOKEN]).await, 0);
+    let second = companion.lease_fetch("acme").await;
+    assert_ne!(second, first);
+}
+
+/// A wall clock the test moves by hand.
+#[derive(Debug)]
+struct ManualClock(AtomicU64);
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn a_token_about_to_expire_on_the_companions_clock_is_refetched() {
+    let redis = RedisServer::start();
+    let clock = Arc::new(ManualClock(AtomicU64::new(now_ms())));
+    let companion = Companion::start_with(config(&redis), Some(clock.clone())).await;
+
+    let lease_id = companion.lease_fetch("acme").await;
+    let expires_at_ms = clock.now_ms() + 60_000;
+    assert_eq!(
+        companion
+            .commit("acme", &lease_id, "tok-1", expires_at_ms)
+            .await,
+        204
+    );
+    assert_hit(&companion.lease("acme").await, "tok-1", expires_at_ms);
+
+    // 59.5 s later (for the companion) the token has less than the 1 s margin left.
+    clock.0.fetch_add(59_500, Ordering::SeqCst);
+    assert!(matches!(
+        companion.lease("acme").await,
+        LeaseResponse::Fetch { .. }
+    ));
+}

@@ -1,0 +1,297 @@
+//! The filter's configuration: one JSON document in the Envoy filter's
+//! `configuration`, parsed once per worker in `on_configure`.
+//!
+//! Every field has a default except where none makes sense; unknown fields are
+//! rejected so a typo cannot silently fall back to a default. A rejected document
+//! produces one error naming the field path and the problem, e.g.
+//! `invalid tokengate configuration at 'companion.timeoutMs': invalid type: string "x", expected u64`.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+use tokengate_core::{FetchConfig, Provider, RegionTable};
+
+/// The whole filter configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FilterConfig {
+    /// The provider whose token this filter instance injects.
+    #[serde(default = "default_provider")]
+    pub provider: Provider,
+    /// The request header that names the tenant (set by a trusted earlier filter).
+    #[serde(default = "default_tenant_header")]
+    pub tenant_header: String,
+    /// The header the token is written to, as `Bearer <token>`.
+    #[serde(default = "default_authorization_header")]
+    pub authorization_header: String,
+    /// A cached token is not injected when it expires within this margin.
+    #[serde(default = "default_expiry_margin_ms")]
+    pub expiry_margin_ms: u64,
+    /// Where the companion is.
+    #[serde(default)]
+    pub companion: CompanionConfig,
+    /// Where the Tenant Service is and how to call it.
+    #[serde(default)]
+    pub tenant_service: TenantServiceConfig,
+    /// How to reach the Genesys login hosts.
+    #[serde(default)]
+    pub genesys: GenesysConfig,
+    /// WhatsApp token lifetimes.
+    #[serde(default)]
+    pub whatsapp: WhatsappConfig,
+}
+
+/// The companion's Envoy cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct CompanionConfig {
+    /// Envoy cluster name of the companion.
+    pub cluster: String,
+    /// `:authority` sent to the companion.
+    pub authority: String,
+    /// Timeout of a lease call; must exceed the companion's lease wait budget.
+    pub timeout_ms: u64,
+}
+
+/// The Tenant Service's Envoy cluster and call policy.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct TenantServiceConfig {
+    /// Envoy cluster name of the Tenant Service.
+    pub cluster: String,
+    /// `:authority` sent to the Tenant Service.
+    pub authority: String,
+    /// Per-attempt timeout.
+    pub timeout_ms: u64,
+    /// Retries after the first attempt (on 5xx or no answer).
+    pub retries: u32,
+    /// Sent as `X-Service-Name`.
+    pub service_name: String,
+}
+
+/// The Genesys login clusters and call policy.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct GenesysConfig {
+    /// Envoy cluster name of a region's login host; `{region}` is replaced by the region.
+    pub login_cluster_pattern: String,
+    /// Per-attempt timeout of the OAuth exchange.
+    pub timeout_ms: u64,
+    /// Retries after the first attempt (on 5xx, rate limit, unusable answer or no answer).
+    pub retries: u32,
+    /// Region -> login host, overriding or adding to the built-in region table.
+    pub login_hosts: BTreeMap<String, String>,
+    /// Region used when a tenant's credentials name none.
+    pub default_region: Option<String>,
+}
+
+/// WhatsApp token lifetimes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct WhatsappConfig {
+    /// A token is treated as expired this many seconds before its `expiresAt`.
+    pub safety_buffer_secs: u64,
+    /// Lifetime of a token without `expiresAt`.
+    pub default_ttl_secs: u64,
+}
+
+fn default_provider() -> Provider {
+    Provider::Genesys
+}
+fn default_tenant_header() -> String {
+    "x-tenant-id".to_owned()
+}
+fn default_authorization_header() -> String {
+    "authorization".to_owned()
+}
+fn default_expiry_margin_ms() -> u64 {
+    5_000
+}
+
+impl Default for CompanionConfig {
+    fn default() -> Self {
+        Self { cluster: "tokengate_companion".to_owned(), authority: "tokengate-companion".to_owned(), timeout_ms: 35_000 }
+    }
+}
+
+impl Default for TenantServiceConfig {
+    fn default() -> Self {
+        let fetch = FetchConfig::default();
+        Self {
+            cluster: "tenant_service".to_owned(),
+            authority: "tenant-service".to_owned(),
+            timeout_ms: fetch.tenant_service_timeout_ms,
+            retries: fetch.tenant_service_retries,
+            service_name: fetch.service_name,
+        }
+    }
+}
+
+impl Default for GenesysConfig {
+    fn default() -> Self {
+        let fetch = FetchConfig::default();
+        Self {
+            login_cluster_pattern: "genesys_{region}".to_owned(),
+            timeout_ms: fetch.oauth_timeout_ms,
+            retries: fetch.oauth_retries,
+            login_hosts: BTreeMap::new(),
+            default_region: None,
+        }
+    }
+}
+
+impl Default for WhatsappConfig {
+    fn default() -> Self {
+        let fetch = FetchConfig::default();
+        Self { safety_buffer_secs: fetch.whatsapp_safety_buffer_secs, default_ttl_secs: fetch.whatsapp_default_ttl_secs }
+    }
+}
+
+/// A configuration the filter refuses to start with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid tokengate configuration at '{path}': {problem}")]
+pub struct ConfigError {
+    /// Dotted path of the offending field (`.` for the document itself).
+    pub path: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl FilterConfig {
+    /// Parses and validates the filter configuration. An empty document means all defaults.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let bytes = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { bytes };
+        let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+        let config: FilterConfig = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+            ConfigError { path: error.path().to_string(), problem: error.into_inner().to_string() }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |path: &str, problem: &str| Err(ConfigError { path: path.to_owned(), problem: problem.to_owned() });
+        let valid_header = |name: &str| {
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        };
+        if !valid_header(&self.tenant_header) {
+            return fail("tenantHeader", "must be a lower-case header name");
+        }
+        if !valid_header(&self.authorization_header) {
+            return fail("authorizationHeader", "must be a lower-case header name");
+        }
+        for (path, value) in [
+            ("companion.cluster", &self.companion.cluster),
+            ("companion.authority", &self.companion.authority),
+            ("tenantService.cluster", &self.tenant_service.cluster),
+            ("tenantService.authority", &self.tenant_service.authority),
+            ("tenantService.serviceName", &self.tenant_service.service_name),
+        ] {
+            if value.is_empty() {
+                return fail(path, "must not be empty");
+            }
+        }
+        if self.genesys.login_cluster_pattern.is_empty() {
+            return fail("genesys.loginClusterPattern", "must not be empty");
+        }
+        for (path, value) in [
+            ("companion.timeoutMs", self.companion.timeout_ms),
+            ("tenantService.timeoutMs", self.tenant_service.timeout_ms),
+            ("genesys.timeoutMs", self.genesys.timeout_ms),
+        ] {
+            if value == 0 {
+                return fail(path, "must be greater than 0");
+            }
+        }
+        if let Some(region) = &self.genesys.default_region {
+            if let Err(error) = self.regions().login_host(region) {
+                return fail("genesys.defaultRegion", &error.message);
+            }
+        }
+        Ok(())
+    }
+
+    /// The region table with this configuration's overrides.
+    pub fn regions(&self) -> RegionTable {
+        RegionTable::with_overrides(self.genesys.login_hosts.clone())
+    }
+
+    /// The Envoy cluster that serves `region`'s login host.
+    pub fn login_cluster(&self, region: &str) -> String {
+        self.genesys.login_cluster_pattern.replace("{region}", region)
+    }
+
+    /// The core fetch settings this configuration implies.
+    pub fn fetch_config(&self) -> FetchConfig {
+        FetchConfig {
+            service_name: self.tenant_service.service_name.clone(),
+            tenant_service_timeout_ms: self.tenant_service.timeout_ms,
+            tenant_service_retries: self.tenant_service.retries,
+            oauth_timeout_ms: self.genesys.timeout_ms,
+            oauth_retries: self.genesys.retries,
+            regions: self.regions(),
+            default_region: self.genesys.default_region.clone(),
+            whatsapp_safety_buffer_secs: self.whatsapp.safety_buffer_secs,
+            whatsapp_default_ttl_secs: self.whatsapp.default_ttl_secs,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_document_means_all_defaults() {
+        let config = FilterConfig::parse(b"").unwrap();
+        assert_eq!(config, FilterConfig::parse(b"{}").unwrap());
+        assert_eq!(config.provider, Provider::Genesys);
+        assert_eq!(config.tenant_header, "x-tenant-id");
+        assert_eq!(config.login_cluster("eu-west-1"), "genesys_eu-west-1");
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_field_path() {
+        let error = FilterConfig::parse(br#"{"companion":{"timeoutMs":"soon"}}"#).unwrap_err();
+        assert_eq!(error.path, "companion.timeoutMs");
+        assert!(error.problem.contains("invalid type"), "{error}");
+    }
+
+    #[test]
+    fn an_unknown_field_is_rejected_by_name() {
+        let error = FilterConfig::parse(br#"{"tenantHeadr":"x"}"#).unwrap_err();
+        assert!(error.problem.contains("unknown field `tenantHeadr`"), "{error}");
+    }
+
+    #[test]
+    fn an_unknown_provider_is_rejected() {
+        let error = FilterConfig::parse(br#"{"provider":"slack"}"#).unwrap_err();
+        assert_eq!(error.path, "provider");
+    }
+
+    #[test]
+    fn invalid_values_are_rejected_with_their_field() {
+        for (document, path) in [
+            (r#"{"tenantHeader":"X Tenant"}"#, "tenantHeader"),
+            (r#"{"companion":{"timeoutMs":0}}"#, "companion.timeoutMs"),
+            (r#"{"tenantService":{"cluster":""}}"#, "tenantService.cluster"),
+            (r#"{"genesys":{"defaultRegion":"mars-1"}}"#, "genesys.defaultRegion"),
+            ("[1]", "."),
+            ("{", "."),
+        ] {
+            let error = FilterConfig::parse(document.as_bytes()).unwrap_err();
+            assert_eq!(error.path, path, "{document}: {error}");
+        }
+    }
+
+    #[test]
+    fn overrides_reach_the_fetch_config() {
+        let config = FilterConfig::parse(
+            br#"{"genesys":{"loginHosts":{"eu-west-1":"login.eu.test"},"retries":4},"tenantService":{"serviceName":"gw"}}"#,
+        )
+        .unwrap();
+        let fetch = config.fetch_config();
+        assert_eq!(fetch.regions.login_host("eu-west-1").unwrap(), "login.eu.test");
+        assert_eq!((fetch.oauth_retries, fetch.service_name.as_str()), (4, "gw"));
+    }
+}

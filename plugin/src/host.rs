@@ -1,0 +1,56 @@
+//! What the filter logic needs from its host, as a trait: the real implementation
+//! calls proxy-wasm host functions (see `filter`), the tests use a recording fake.
+
+/// Severity of a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Per-request detail (cache hits).
+    Debug,
+    /// One line per fetched token or per notable event.
+    Info,
+    /// Something failed but the filter copes.
+    Warn,
+    /// Something failed and a request got an error.
+    Error,
+}
+
+/// An HTTP call to an Envoy cluster.
+#[derive(Debug)]
+pub struct Callout<'a> {
+    /// Envoy cluster name.
+    pub cluster: &'a str,
+    /// `GET` or `POST`.
+    pub method: &'a str,
+    /// Path and query.
+    pub path: &'a str,
+    /// `:authority` (the virtual host the upstream expects).
+    pub authority: &'a str,
+    /// Headers besides the pseudo-headers. May carry secrets: never log them.
+    pub headers: Vec<(&'a str, &'a str)>,
+    /// Body, if any. May carry secrets: never log it.
+    pub body: Option<&'a [u8]>,
+    /// Give up after this long.
+    pub timeout_ms: u64,
+}
+
+/// The host functions the filter logic uses. Every method that can fail reports it
+/// instead of panicking: a panic would abort the whole Wasm VM.
+pub trait Host {
+    /// Wall-clock time in milliseconds since the epoch.
+    fn now_ms(&self) -> u64;
+    /// Sends an HTTP call; its answer comes back to the worker under the returned id.
+    fn dispatch(&mut self, callout: Callout<'_>) -> Result<u32, String>;
+    /// Reads a value shared by all workers of this Envoy.
+    fn shared_get(&self, key: &str) -> Option<Vec<u8>>;
+    /// Writes a value shared by all workers of this Envoy.
+    fn shared_set(&mut self, key: &str, value: &[u8]);
+    /// Sets `header: value` on paused request `context_id` and resumes it.
+    /// Returns false when that request is gone.
+    fn resume_with_header(&mut self, context_id: u32, header: &str, value: &str) -> bool;
+    /// Answers paused request `context_id` with a JSON body. Returns false when it is gone.
+    fn reply_json(&mut self, context_id: u32, status: u16, body: &[u8]) -> bool;
+    /// Sets how often the worker's `on_tick` runs; 0 stops it.
+    fn set_tick_period_ms(&mut self, period_ms: u64);
+    /// Writes a log line. Callers never pass secrets.
+    fn log(&mut self, level: Level, message: &str);
+}

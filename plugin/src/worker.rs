@@ -1,0 +1,409 @@
+//! The per-worker brain of the filter: the token cache lookup, the in-flight fetches
+//! of this worker, and the requests paused on each of them.
+//!
+//! Envoy runs one copy per worker thread (one root context each). Requests of the
+//! same worker that miss the cache for the same token wait on one fetch (tier 1 of
+//! collapsing); the companion's lease collapses fetches across workers and Envoys.
+//! All callouts are sent from the root context (on a tick or in a callout answer),
+//! so no answer is lost when the request that caused a fetch goes away.
+//!
+//! A fetch for one key goes: `Queued` (until the next tick) -> `Leasing` (companion
+//! `POST /v1/lease`) -> either a `hit` (done) or `Fetching` (the core [`FetchFlow`]
+//! runs its callouts and backoffs) -> commit or abort to the companion, then every
+//! waiting request is resumed with the token or answered with the error.
+
+use std::collections::HashMap;
+
+use tokengate_core::cache::{CachedToken, shared_data_key};
+use tokengate_core::lease::{ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, LEASE_PATH, LeaseId, LeaseRequest, LeaseResponse};
+use tokengate_core::{
+    CalloutResult, Destination, ErrorBody, ErrorCode, FetchConfig, FetchFlow, FetchedToken, OutboundRequest,
+    SecretString, Step, TokenError, TokenKey,
+};
+
+use crate::config::FilterConfig;
+use crate::host::{Callout, Host, Level};
+
+/// What the request context does after asking for a token.
+#[derive(Debug)]
+pub enum Decision {
+    /// Inject this token (cache hit) and continue.
+    Inject(SecretString),
+    /// Pause: the worker resumes or answers the request when its fetch ends.
+    Pause,
+}
+
+/// A request paused until its token is ready.
+#[derive(Debug)]
+struct Waiter {
+    /// The request's context, to resume or answer it.
+    context_id: u32,
+    /// Its `x-request-id`, for the log line and the error body.
+    correlation_id: Option<String>,
+    /// When it arrived, for the logged duration.
+    arrived_ms: u64,
+}
+
+/// Where one key's fetch stands.
+#[derive(Debug)]
+enum Stage {
+    /// Waiting for the next tick to send the lease (callouts leave from the root context).
+    Queued,
+    /// The lease call is outstanding.
+    Leasing,
+    /// This worker holds the cluster-wide lease and runs the fetch.
+    Fetching {
+        /// The core state machine doing the fetch.
+        flow: FetchFlow,
+        /// The lease to commit or abort when the flow ends.
+        lease_id: LeaseId,
+        /// When the flow waits on a backoff, the moment to poll it again.
+        wake_at_ms: Option<u64>,
+    },
+}
+
+#[derive(Debug)]
+struct Fetch {
+    stage: Stage,
+    waiters: Vec<Waiter>,
+}
+
+/// Why a callout was sent, to route its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Lease,
+    Fetch,
+    Commit,
+    Abort,
+}
+
+/// One worker's filter state; see the module documentation.
+#[derive(Debug)]
+pub struct Worker {
+    config: FilterConfig,
+    fetch_config: FetchConfig,
+    /// In-flight fetches of this worker, one per key.
+    fetches: HashMap<TokenKey, Fetch>,
+    /// Outstanding callouts: id -> the key and why it was sent.
+    callouts: HashMap<u32, (TokenKey, Purpose)>,
+    /// The tick period last asked of the host, to avoid resetting the timer needlessly.
+    tick_period_ms: u64,
+}
+
+/// Tick period while work waits for the root context.
+const KICK_TICK_MS: u64 = 1;
+/// Longest tick period while a backoff is pending.
+const MAX_TICK_MS: u64 = 1_000;
+
+impl Worker {
+    /// A worker with a validated configuration.
+    pub fn new(config: FilterConfig) -> Self {
+        let fetch_config = config.fetch_config();
+        Self { config, fetch_config, fetches: HashMap::new(), callouts: HashMap::new(), tick_period_ms: 0 }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &FilterConfig {
+        &self.config
+    }
+
+    /// A request for `key` arrived: serve it from the cache or pause it on a fetch.
+    pub fn on_request(
+        &mut self,
+        host: &mut impl Host,
+        context_id: u32,
+        key: TokenKey,
+        correlation_id: Option<String>,
+    ) -> Decision {
+        let now_ms = host.now_ms();
+        if let Some(token) = self.cached(host, &key, now_ms) {
+            host.log(
+                Level::Debug,
+                &format!("token request {key} source=cache correlation_id={}", correlation_id.as_deref().unwrap_or("-")),
+            );
+            return Decision::Inject(token.access_token);
+        }
+        let waiter = Waiter { context_id, correlation_id, arrived_ms: now_ms };
+        self.fetches
+            .entry(key)
+            .or_insert_with(|| Fetch { stage: Stage::Queued, waiters: Vec::new() })
+            .waiters
+            .push(waiter);
+        self.schedule_tick(host);
+        Decision::Pause
+    }
+
+    /// The request `context_id` ended (answered, reset or finished): forget it.
+    pub fn on_request_gone(&mut self, context_id: u32) {
+        for fetch in self.fetches.values_mut() {
+            fetch.waiters.retain(|waiter| waiter.context_id != context_id);
+        }
+    }
+
+    /// The worker's timer fired: send queued leases and resume due backoffs.
+    pub fn on_tick(&mut self, host: &mut impl Host) {
+        let now_ms = host.now_ms();
+        let queued: Vec<TokenKey> = self
+            .fetches
+            .iter()
+            .filter(|(_, fetch)| matches!(fetch.stage, Stage::Queued))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in queued {
+            self.send_lease(host, key);
+        }
+        let due: Vec<TokenKey> = self
+            .fetches
+            .iter()
+            .filter(|(_, fetch)| matches!(fetch.stage, Stage::Fetching { wake_at_ms: Some(at), .. } if at <= now_ms))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in due {
+            self.drive(host, &key);
+        }
+        self.schedule_tick(host);
+    }
+
+    /// The answer to callout `callout_id` arrived.
+    pub fn on_callout_response(&mut self, host: &mut impl Host, callout_id: u32, result: CalloutResult) {
+        let Some((key, purpose)) = self.callouts.remove(&callout_id) else {
+            return;
+        };
+        match purpose {
+            Purpose::Lease => self.on_lease_response(host, key, result),
+            Purpose::Fetch => {
+                if let Some(Fetch { stage: Stage::Fetching { flow, .. }, .. }) = self.fetches.get_mut(&key) {
+                    flow.handle_response(host.now_ms(), result);
+                    self.drive(host, &key);
+                }
+            }
+            Purpose::Commit | Purpose::Abort => {
+                let ok = matches!(result, CalloutResult::Response { status: 200..=299, .. });
+                if !ok {
+                    let what = if purpose == Purpose::Commit { "commit" } else { "abort" };
+                    host.log(Level::Warn, &format!("companion {what} for {key} failed: {}", describe(&result)));
+                }
+            }
+        }
+        self.schedule_tick(host);
+    }
+
+    fn cached(&self, host: &impl Host, key: &TokenKey, now_ms: u64) -> Option<CachedToken> {
+        let bytes = host.shared_get(&shared_data_key(key))?;
+        CachedToken::decode(&bytes).filter(|token| token.is_fresh(now_ms, self.config.expiry_margin_ms))
+    }
+
+    fn send_lease(&mut self, host: &mut impl Host, key: TokenKey) {
+        let body = serde_json::to_vec(&LeaseRequest { provider: key.provider, tenant_id: key.tenant_id.clone() });
+        let sent = body.map_err(|e| e.to_string()).and_then(|body| {
+            host.dispatch(self.companion_callout(LEASE_PATH, &body, self.config.companion.timeout_ms))
+        });
+        match sent {
+            Ok(callout_id) => {
+                self.callouts.insert(callout_id, (key.clone(), Purpose::Lease));
+                if let Some(fetch) = self.fetches.get_mut(&key) {
+                    fetch.stage = Stage::Leasing;
+                }
+            }
+            Err(reason) => {
+                host.log(Level::Error, &format!("lease for {key} could not be sent: {reason}"));
+                let error = TokenError::new(ErrorCode::CompanionUnavailable, "the token companion cannot be reached");
+                self.finish(host, &key, Err(error));
+            }
+        }
+    }
+
+    fn companion_callout<'a>(&'a self, path: &'a str, body: &'a [u8], timeout_ms: u64) -> Callout<'a> {
+        Callout {
+            cluster: &self.config.companion.cluster,
+            method: "POST",
+            path,
+            authority: &self.config.companion.authority,
+            headers: vec![("content-type", "application/json")],
+            body: Some(body),
+            timeout_ms,
+        }
+    }
+
+    fn on_lease_response(&mut self, host: &mut impl Host, key: TokenKey, result: CalloutResult) {
+        let answer = match &result {
+            CalloutResult::Response { status: 200, body, .. } => serde_json::from_slice::<LeaseResponse>(body.expose())
+                .map_err(|_| companion_unavailable("the token companion answered an unreadable lease")),
+            CalloutResult::Response { body, .. } => Err(serde_json::from_slice::<ErrorBody>(body.expose())
+                .map(|error| TokenError::new(error.code, error.message))
+                .unwrap_or_else(|_| companion_unavailable(&format!("the token companion failed: {}", describe(&result))))),
+            CalloutResult::NoResponse => Err(companion_unavailable("the token companion did not answer")),
+        };
+        match answer {
+            Ok(LeaseResponse::Hit { access_token, expires_at_ms }) => {
+                let token = FetchedToken {
+                    access_token,
+                    expires_in_secs: i64::try_from(expires_at_ms.saturating_sub(host.now_ms()) / 1000).unwrap_or(0),
+                    expires_at_ms,
+                    cacheable: true,
+                };
+                self.finish(host, &key, Ok(token));
+            }
+            Ok(LeaseResponse::Fetch { lease_id, .. }) => {
+                if let Some(fetch) = self.fetches.get_mut(&key) {
+                    let flow = FetchFlow::new(key.clone(), &self.fetch_config);
+                    fetch.stage = Stage::Fetching { flow, lease_id, wake_at_ms: None };
+                    self.drive(host, &key);
+                }
+            }
+            Err(error) => self.finish(host, &key, Err(error)),
+        }
+    }
+
+    /// Runs `key`'s flow until it waits for an answer, a timer or has finished.
+    fn drive(&mut self, host: &mut impl Host, key: &TokenKey) {
+        let now_ms = host.now_ms();
+        let Some(Fetch { stage: Stage::Fetching { flow, wake_at_ms, .. }, .. }) = self.fetches.get_mut(key) else {
+            return;
+        };
+        *wake_at_ms = None;
+        match flow.poll(now_ms) {
+            Step::Send(request) => {
+                let sent = self.send_fetch_request(host, &request);
+                drop(request);
+                match sent {
+                    Ok(callout_id) => {
+                        self.callouts.insert(callout_id, (key.clone(), Purpose::Fetch));
+                    }
+                    Err(reason) => {
+                        host.log(Level::Error, &format!("callout for {key} could not be sent: {reason}"));
+                        if let Some(Fetch { stage: Stage::Fetching { flow, .. }, .. }) = self.fetches.get_mut(key) {
+                            flow.handle_response(now_ms, CalloutResult::NoResponse);
+                        }
+                        self.drive(host, key);
+                    }
+                }
+            }
+            Step::WaitUntil { at_ms, reason } => {
+                host.log(Level::Warn, &format!("fetch for {key} backs off {} ms: {reason}", at_ms.saturating_sub(now_ms)));
+                *wake_at_ms = Some(at_ms);
+            }
+            Step::AwaitResponse => {}
+            Step::Done(result) => self.finish(host, key, result),
+        }
+    }
+
+    fn send_fetch_request(&self, host: &mut impl Host, request: &OutboundRequest) -> Result<u32, String> {
+        let (cluster, authority) = match &request.destination {
+            Destination::TenantService => {
+                (self.config.tenant_service.cluster.clone(), self.config.tenant_service.authority.as_str())
+            }
+            Destination::GenesysLogin { region, host } => (self.config.login_cluster(region), host.as_str()),
+        };
+        let headers = request.headers.iter().map(|(name, value)| (*name, value.expose())).collect();
+        let body = request.body.expose();
+        host.dispatch(Callout {
+            cluster: &cluster,
+            method: request.method,
+            path: &request.path,
+            authority,
+            headers,
+            body: (!body.is_empty()).then_some(body),
+            timeout_ms: request.timeout_ms,
+        })
+    }
+
+    /// Ends `key`'s fetch: caches and commits a token or aborts the lease, then
+    /// resumes or answers every waiting request.
+    fn finish(&mut self, host: &mut impl Host, key: &TokenKey, result: Result<FetchedToken, TokenError>) {
+        let Some(fetch) = self.fetches.remove(key) else {
+            return;
+        };
+        let now_ms = host.now_ms();
+        if let Stage::Fetching { lease_id, .. } = fetch.stage {
+            self.end_lease(host, key, lease_id, result.as_ref().ok().filter(|token| token.cacheable));
+        }
+        match result {
+            Ok(token) => {
+                if token.cacheable {
+                    let cached = CachedToken { access_token: token.access_token.clone(), expires_at_ms: token.expires_at_ms };
+                    host.shared_set(&shared_data_key(key), &cached.encode());
+                }
+                let bearer = SecretString::new(format!("Bearer {}", token.access_token.expose()));
+                for waiter in fetch.waiters {
+                    if host.resume_with_header(waiter.context_id, &self.config.authorization_header, bearer.expose()) {
+                        host.log(
+                            Level::Info,
+                            &format!(
+                                "token request {key} source=fresh duration_ms={} correlation_id={}",
+                                now_ms.saturating_sub(waiter.arrived_ms),
+                                waiter.correlation_id.as_deref().unwrap_or("-")
+                            ),
+                        );
+                    }
+                }
+            }
+            Err(error) => {
+                host.log(Level::Error, &format!("token request {key} failed: {error}"));
+                for waiter in fetch.waiters {
+                    let body = error.to_body(Some(key.tenant_id.as_str()), waiter.correlation_id.as_deref());
+                    host.reply_json(waiter.context_id, error.http_status(), &body.to_json());
+                }
+            }
+        }
+    }
+
+    /// Commits a cacheable token to the companion, or aborts the lease.
+    fn end_lease(&mut self, host: &mut impl Host, key: &TokenKey, lease_id: LeaseId, token: Option<&FetchedToken>) {
+        let provider = key.provider;
+        let tenant_id = key.tenant_id.clone();
+        let (path, purpose, body) = match token {
+            Some(token) => (
+                COMMIT_PATH,
+                Purpose::Commit,
+                serde_json::to_vec(&CommitRequest {
+                    provider,
+                    tenant_id,
+                    lease_id,
+                    access_token: token.access_token.clone(),
+                    expires_at_ms: token.expires_at_ms,
+                }),
+            ),
+            None => (ABORT_PATH, Purpose::Abort, serde_json::to_vec(&AbortRequest { provider, tenant_id, lease_id })),
+        };
+        let body = tokengate_core::SecretBytes::new(body.unwrap_or_default());
+        match host.dispatch(self.companion_callout(path, body.expose(), self.config.tenant_service.timeout_ms)) {
+            Ok(callout_id) => {
+                self.callouts.insert(callout_id, (key.clone(), purpose));
+            }
+            Err(reason) => host.log(Level::Warn, &format!("companion {path} for {key} could not be sent: {reason}")),
+        }
+    }
+
+    /// Keeps the tick period at what the pending work needs: 1 ms while a lease waits
+    /// to be sent, until the earliest backoff ends otherwise, off when idle.
+    fn schedule_tick(&mut self, host: &mut impl Host) {
+        let now_ms = host.now_ms();
+        let wanted = self
+            .fetches
+            .values()
+            .filter_map(|fetch| match fetch.stage {
+                Stage::Queued => Some(KICK_TICK_MS),
+                Stage::Fetching { wake_at_ms: Some(at), .. } => Some(at.saturating_sub(now_ms).clamp(KICK_TICK_MS, MAX_TICK_MS)),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(0);
+        if wanted != self.tick_period_ms {
+            self.tick_period_ms = wanted;
+            host.set_tick_period_ms(wanted);
+        }
+    }
+}
+
+fn companion_unavailable(message: &str) -> TokenError {
+    TokenError::new(ErrorCode::CompanionUnavailable, message)
+}
+
+/// A short description of a callout result for logs (never its body).
+fn describe(result: &CalloutResult) -> String {
+    match result {
+        CalloutResult::Response { status, .. } => format!("status {status}"),
+        CalloutResult::NoResponse => "no answer".to_owned(),
+    }
+}

@@ -1,0 +1,440 @@
+//! Runs the real pieces on loopback for end-to-end tests and the demo: `redis-server`,
+//! the companion binary, Envoy with the built `tokengate.wasm`, and the stand-ins.
+//!
+//! Every process is started on free loopback ports, logs to a file in a per-stack
+//! temporary folder, and is killed when its guard is dropped, also when a test fails
+//! (the log tails are printed then, to explain the failure).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::standins::{Fixture, StandIns};
+
+/// The workspace root (the folder of the root `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// A path from an environment variable, or a default under the workspace root.
+fn artifact(variable: &str, default: &str) -> PathBuf {
+    std::env::var_os(variable).map_or_else(|| workspace_root().join(default), PathBuf::from)
+}
+
+/// The Envoy binary: `$TOKENGATE_ENVOY`, or the one `scripts/setup` installs.
+pub fn envoy_binary() -> PathBuf {
+    artifact("TOKENGATE_ENVOY", ".venv/bin/envoy")
+}
+
+/// The filter module: `$TOKENGATE_WASM`, or the one `scripts/build-wasm` writes.
+pub fn wasm_module() -> PathBuf {
+    artifact("TOKENGATE_WASM", "target/tokengate.wasm")
+}
+
+/// The companion binary: `$TOKENGATE_COMPANION`, or the debug build.
+pub fn companion_binary() -> PathBuf {
+    artifact("TOKENGATE_COMPANION", "target/debug/tokengate-companion")
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+}
+
+/// A child process killed (and reaped) when dropped.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `command` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> Process {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+        let stderr = file
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot clone log handle: {e}"));
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({:?}): {e}", command.get_program()));
+        Process {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Kills the process now (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Fails when the process has exited, showing its log.
+    pub fn assert_running(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{} exited with {status}:\n{}", self.name, self.log_tail(40));
+            }
+        }
+    }
+
+    /// The last `lines` lines of the process's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The whole log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- last lines of {} ({}) ----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail(30)
+            );
+        }
+        self.kill();
+    }
+}
+
+/// Waits until `ready` holds, checking every 20 ms, or fails after `limit`
+/// (processes take a moment to bind their ports).
+pub async fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ready() {
+        assert!(
+            started.elapsed() < limit,
+            "{what} not ready after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends one raw request line and reads the answer (a dependency-free check that a
+/// server speaks): `PING` to Redis, `GET /ready` to Envoy's admin.
+fn answers(addr: SocketAddr, request: &[u8], expected: &[u8]) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(request).is_err() {
+        return false;
+    }
+    let mut buffer = vec![0u8; 512];
+    let read = stream.read(&mut buffer).unwrap_or(0);
+    buffer[..read]
+        .windows(expected.len())
+        .any(|window| window == expected)
+}
+
+/// A private `redis-server` on a free loopback port, no persistence.
+#[derive(Debug)]
+pub struct Redis {
+    /// Where it listens.
+    pub port: u16,
+    process: Process,
+}
+
+impl Redis {
+    /// Starts Redis and waits until it answers `PING`.
+    pub async fn start(dir: &Path) -> Redis {
+        let port = free_port();
+        let mut command = Command::new("redis-server");
+        command.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
+        let process = Process::spawn("redis", command, dir.join(format!("redis-{port}.log")));
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_until("redis", Duration::from_secs(10), || {
+            answers(addr, b"PING\r\n", b"+PONG")
+        })
+        .await;
+        Redis { port, process }
+    }
+
+    /// The `redis://` URL of this instance.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (to test outages).
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+}
+
+/// A companion process.
+#[derive(Debug)]
+pub struct Companion {
+    /// Where it listens.
+    pub port: u16,
+    /// The process, to read its log or kill it.
+    pub process: Process,
+}
+
+impl Companion {
+    /// Starts the companion binary against `redis_url` with extra flags, and waits
+    /// until `/healthz` answers.
+    pub async fn start(dir: &Path, redis_url: &str, extra_args: &[&str]) -> Companion {
+        let binary = companion_binary();
+        assert!(
+            binary.exists(),
+            "no companion binary at {}: run scripts/test (or cargo build -p tokengate-companion)",
+            binary.display()
+        );
+        let port = free_port();
+        let mut command = Command::new(binary);
+        command
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--redis-url",
+                redis_url,
+            ])
+            .args(extra_args);
+        command.env(
+            "RUST_LOG",
+            std::env::var("TOKENGATE_COMPANION_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        let process = Process::spawn(
+            "companion",
+            command,
+            dir.join(format!("companion-{port}.log")),
+        );
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_until("companion", Duration::from_secs(10), || {
+            answers(
+                addr,
+                b"GET /healthz HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n",
+                b"200 OK",
+            )
+        })
+        .await;
+        Companion { port, process }
+    }
+}
+
+/// What an Envoy instance routes to.
+#[derive(Debug, Clone)]
+pub struct EnvoyUpstreams {
+    /// The companion's port.
+    pub companion_port: u16,
+    /// The stand-in Tenant Service.
+    pub tenant_service: SocketAddr,
+    /// The stand-in Genesys login.
+    pub login: SocketAddr,
+    /// The stand-in echo app.
+    pub echo: SocketAddr,
+}
+
+/// An Envoy process running the filter, rendered from `envoy/local.yaml.tmpl`.
+#[derive(Debug)]
+pub struct Envoy {
+    /// The listener requests go to.
+    pub port: u16,
+    /// The admin interface (`/stats`, `/ready`).
+    pub admin_port: u16,
+    /// The process, to read its log or kill it.
+    pub process: Process,
+}
+
+impl Envoy {
+    /// The filter configuration the tests use unless they pass their own: every
+    /// Genesys region through the one `genesys_login` cluster.
+    pub fn default_filter_config() -> serde_json::Value {
+        serde_json::json!({ "genesys": { "loginClusterPattern": "genesys_login" } })
+    }
+
+    /// Starts Envoy (`--concurrency` workers) with `filter_config` and waits until it is live.
+    pub async fn start(
+        dir: &Path,
+        upstreams: &EnvoyUpstreams,
+        filter_config: &serde_json::Value,
+        concurrency: u32,
+    ) -> Envoy {
+        let binary = envoy_binary();
+        assert!(
+            binary.exists(),
+            "no Envoy at {}: run scripts/setup",
+            binary.display()
+        );
+        let wasm = wasm_module();
+        assert!(
+            wasm.exists(),
+            "no filter module at {}: run scripts/build-wasm",
+            wasm.display()
+        );
+        let (port, admin_port) = (free_port(), free_port());
+        let config_path = dir.join(format!("envoy-{port}.yaml"));
+        let rendered = render_envoy_config(
+            &EnvoyPorts {
+                listen: port,
+                admin: admin_port,
+            },
+            upstreams,
+            &wasm,
+            filter_config,
+        );
+        std::fs::write(&config_path, rendered)
+            .unwrap_or_else(|e| panic!("cannot write Envoy config: {e}"));
+        let mut command = Command::new(binary);
+        command.arg("-c").arg(&config_path).args([
+            "--concurrency",
+            &concurrency.to_string(),
+            "--base-id",
+            &admin_port.to_string(),
+            "--log-level",
+            &std::env::var("TOKENGATE_ENVOY_LOG").unwrap_or_else(|_| "info".into()),
+            "--disable-hot-restart",
+        ]);
+        let mut process = Process::spawn("envoy", command, dir.join(format!("envoy-{port}.log")));
+        let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+        let started = Instant::now();
+        while !answers(
+            admin,
+            b"GET /ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            b"LIVE",
+        ) {
+            process.assert_running();
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "Envoy not live after 30 s:\n{}",
+                process.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Envoy {
+            port,
+            admin_port,
+            process,
+        }
+    }
+
+    /// The base URL of the listener.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// The two ports of one Envoy.
+#[derive(Debug, Clone, Copy)]
+pub struct EnvoyPorts {
+    /// Listener.
+    pub listen: u16,
+    /// Admin.
+    pub admin: u16,
+}
+
+/// Renders `envoy/local.yaml.tmpl` for the given ports, module and filter configuration.
+pub fn render_envoy_config(
+    ports: &EnvoyPorts,
+    upstreams: &EnvoyUpstreams,
+    wasm: &Path,
+    filter_config: &serde_json::Value,
+) -> String {
+    let template_path = workspace_root().join("envoy/local.yaml.tmpl");
+    let template = std::fs::read_to_string(&template_path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", template_path.display()));
+    // The configuration goes in as a JSON string inside YAML: a JSON string literal is valid YAML.
+    let config_literal = serde_json::to_string(&filter_config.to_string()).unwrap_or_default();
+    [
+        ("{{ADMIN_PORT}}", ports.admin.to_string()),
+        ("{{LISTEN_PORT}}", ports.listen.to_string()),
+        ("{{WASM_PATH}}", wasm.display().to_string()),
+        ("{{PLUGIN_CONFIG}}", config_literal),
+        ("{{COMPANION_PORT}}", upstreams.companion_port.to_string()),
+        (
+            "{{TENANT_SERVICE_PORT}}",
+            upstreams.tenant_service.port().to_string(),
+        ),
+        ("{{LOGIN_PORT}}", upstreams.login.port().to_string()),
+        ("{{ECHO_PORT}}", upstreams.echo.port().to_string()),
+    ]
+    .iter()
+    .fold(template, |text, (placeholder, value)| {
+        text.replace(placeholder, value)
+    })
+}
+
+/// The whole pipeline on one machine: Redis, one companion, the stand-ins, one Envoy.
+#[derive(Debug)]
+pub struct Stack {
+    /// The stand-in Tenant Service, login and echo app (in this process).
+    pub standins: StandIns,
+    /// Envoy with the filter (declared before the companion and Redis so it stops first).
+    pub envoy: Envoy,
+    /// The companion.
+    pub companion: Companion,
+    /// Redis.
+    pub redis: Redis,
+    /// Logs and rendered configs; removed when the stack is dropped.
+    pub dir: tempfile::TempDir,
+}
+
+impl Stack {
+    /// Starts everything with the default fixture and filter configuration.
+    pub async fn start() -> Stack {
+        Self::start_with(Envoy::default_filter_config(), 2).await
+    }
+
+    /// Starts everything with a given filter configuration and Envoy worker count.
+    pub async fn start_with(filter_config: serde_json::Value, concurrency: u32) -> Stack {
+        let dir = tempfile::Builder::new()
+            .prefix("tokengate-e2e-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temporary folder: {e}"));
+        let standins = StandIns::start(Fixture::default_fixture())
+            .await
+            .unwrap_or_else(|e| panic!("cannot start the stand-ins: {e}"));
+        let redis = Redis::start(dir.path()).await;
+        let companion = Companion::start(dir.path(), &redis.url(), &[]).await;
+        let upstreams = EnvoyUpstreams {
+            companion_port: companion.port,
+            tenant_service: standins.tenant_service,
+            login: standins.login,
+            echo: standins.echo,
+        };
+        let envoy = Envoy::start(dir.path(), &upstreams, &filter_config, concurrency).await;
+        Stack {
+            standins,
+            envoy,
+            companion,
+            redis,
+            dir,
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The stand-ins' data: the tenants, and the credentials the Tenant Service answers for them.
+//!
+//! A fixture is a JSON file of the shape
+//! `{"tenants": {"<tenant id>": {"<credential type>": <answer>}}}` where `<answer>` is
+//! the exact JSON the Tenant Service returns for `GET /tenants/{id}/credentials/{type}`.
+//! Answers are kept as raw JSON text, so the stand-in serves them byte for byte.
+//!
+//! Genesys answers come in two shapes, both found in the field: flat
+//! `{"clientId", "clientSecret", "region"}` and wrapped `{"data": {...}}`. Every
+//! `genesys` answer that has all three fields in either shape is also a client of the
+//! login stand-in ([`GenesysClient`]); malformed ones stay in the fixture (so tests can
+//! exercise the gateway's parsing) but cannot log in.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::regions::genesys_login_host;
+
+/// The fixture compiled into the crate (`tests/fixtures/tenants.json`).
+pub const DEFAULT_FIXTURE_JSON: &str = include_str!("../../fixtures/tenants.json");
+
+/// Path of the default fixture file on disk, for passing to the `tokengate-standins` binary.
+pub fn default_fixture_path() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/tenants.json"
+    ))
+}
+
+/// Why a fixture could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum FixtureError {
+    /// The file could not be read.
+    #[error("cannot read fixture {path}: {source}")]
+    Read {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The text is not JSON of the shape `{"tenants": {id: {type: answer}}}`.
+    #[error("fixture is not JSON of the shape {{\"tenants\": {{id: {{type: answer}}}}}}: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// Two tenants share a Genesys client id, so the login could not tell them apart.
+    #[error("genesys client id '{client_id}' is used by tenants '{first}' and '{second}'")]
+    DuplicateClientId {
+        /// The shared client id.
+        client_id: String,
+        /// The first tenant using it.
+        first: String,
+        /// The second tenant using it.
+        second: String,
+    },
+}
+
+/// A Genesys OAuth client known to the login stand-in, taken from a tenant's `genesys` answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenesysClient {
+    /// The tenant whose credentials these are.
+    pub tenant: String,
+    /// OAuth client id (`clientId`).
+    pub client_id: String,
+    /// OAuth client secret (`clientSecret`).
+    pub client_secret: String,
+    /// Genesys region (`region`), e.g. `eu-west-1`; may be unknown on purpose.
+    pub region: String,
+}
+
+impl GenesysClient {
+    /// The login host this client must be sent to (`login.<domain>`), `None` for an unknown region.
+    pub fn login_host(&self) -> Option<String> {
+        genesys_login_host(&self.region)
+    }
+
+    /// The `Authorization` header value a correct token request carries:
+    /// `Basic base64(clientId:clientSecret)`.
+    pub fn basic_authorization(&self) -> String {
+        let pair = format!("{}:{}", self.client_id, self.client_secret);
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        )
+    }
+}
+
+/// The on-disk shape.
+#[derive(Deserialize)]
+struct FixtureFile {
+    tenants: BTreeMap<String, BTreeMap<String, Box<RawValue>>>,
+}
+
+/// Tenants and their Tenant Service answers, plus the Genesys clients derived from them.
+#[derive(Debug, Clone)]
+pub struct Fixture {
+    /// tenant id -> credential type -> raw JSON answer, served verbatim.
+    tenants: BTreeMap<String, BTreeMap<String, Box<RawValue>>>,
+    /// The well-formed `genesys` answers, which the login stand-in accepts.
+    clients: Vec<GenesysClient>,
+}
+
+impl Fixture {
+    /// Reads and parses a fixture file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Fixture, FixtureError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| FixtureError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Fixture::from_json(&text)
+    }
+
+    /// Parses fixture JSON text.
+    pub fn from_json(text: &str) -> Result<Fixture, FixtureError> {
+        let file: FixtureFile = serde_json::from_str(text)?;
+        let mut clients: Vec<GenesysClient> = Vec::new();
+        for (tenant, answers) in &file.tenants {
+            let Some(client) = answers
+                .get("genesys")
+                .and_then(|raw| genesys_client(tenant, raw))
+            else {
+                continue;
+            };
+            if let Some(other) = clients.iter().find(|c| c.client_id == client.client_id) {
+                return Err(FixtureError::DuplicateClientId {
+                    client_id: client.client_id,
+                    first: other.tenant.clone(),
+                    second: tenant.clone(),
+                });
+            }
+            clients.push(client);
+        }
+        Ok(Fixture {
+            tenants: file.tenants,
+            clients,
+        })
+    }
+
+    /// The fixture embedded in the crate ([`DEFAULT_FIXTURE_JSON`]).
+    ///
+    /// # Panics
+    /// Never in practice: the embedded text is fixed at compile time and a unit test
+    /// checks that it parses.
+    pub fn default_fixture() -> Fixture {
+        Fixture::from_json(DEFAULT_FIXTURE_JSON)
+            .expect("the embedded fixture parses (checked by fixture::tests)")
+    }
+
+    /// The Tenant Service's answer for a tenant and credential type, as raw JSON text.
+    pub fn credentials(&self, tenant: &str, credential_type: &str) -> Option<&str> {
+        self.tenants
+            .get(tenant)?
+            .get(credential_type)
+            .map(|raw| raw.get())
+    }
+
+    /// Whether the tenant exists at all.
+    pub fn has_tenant(&self, tenant: &str) -> bool {
+        self.tenants.contains_key(tenant)
+    }
+
+    /// All tenant ids, sorted.
+    pub fn tenant_ids(&self) -> impl Iterator<Item = &str> {
+        self.tenants.keys().map(String::as_str)
+    }
+
+    /// All Genesys clients the login accepts, sorted by tenant.
+    pub fn genesys_clients(&self) -> &[GenesysClient] {
+        &self.clients
+    }
+
+    /// The Genesys client of a tenant.
+    pub fn genesys_client(&self, tenant: &str) -> Option<&GenesysClient> {
+        self.clients.iter().find(|c| c.tenant == tenant)
+    }
+
+    /// The Genesys client with this client id.
+    pub fn genesys_client_by_id(&self, client_id: &str) -> Option<&GenesysClient> {
+        self.clients.iter().find(|c| c.client_id == client_id)
+    }
+
+    /// The tenant named by `tenant_or_client`: a tenant id, or a Genesys client id.
+    pub fn resolve_tenant<'a>(&'a self, tenant_or_client: &'a str) -> Option<&'a str> {
+        if self.has_tenant(tenant_or_client) {
+            return Some(tenant_or_client);
+        }
+        self.genesys_client_by_id(tenant_or_client)
+            .map(|c| c.tenant.as_str())
+    }
+}
+
+/// Reads a `genesys` answer in either the flat or the `{"data": {...}}` shape.
+fn genesys_client(tenant: &str, raw: &RawValue) -> Option<GenesysClient> {
+    let value: serde_json::Value = serde_json::from_str(raw.get()).ok()?;
+    let fields = match value.get("data") {
+        Some(data) if data.is_object() => data,
+        _ => &value,
+    };
+    let text = |name: &str| fields.get(name)?.as_str().map(str::to_owned);
+    Some(GenesysClient {
+        tenant: tenant.to_owned(),
+        client_id: text("clientId")?,
+        client_secret: text("clientSecret")?,
+        region: text("region")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_fixture_parses_and_has_the_documented_tenants() {
+        let fixture = Fixture::default_fixture();
+        let ids: Vec<_> = fixture.tenant_ids().collect();
+        for expected in [
+            "acme", "globex", "initech", "umbrella", "hooli", "wayne", "wonka", "lostco", "tyrell",
+        ] {
+            assert!(ids.contains(&expected), "{expected} missing from {ids:?}");
+        }
+    }
+
+    #[test]
+    fn flat_and_data_wrapped_genesys_answers_are_both_clients() {
+        let fixture = Fixture::default_fixture();
+        let acme = fixture.genesys_client("acme").expect("acme");
+        assert_eq!(acme.client_id, "acme-client");
+        assert_eq!(acme.client_secret, "acme-secret-7f3a9c");
+        assert_eq!(acme.login_host().as_deref(), Some("login.mypurecloud.ie"));
+        let globex = fixture.genesys_client("globex").expect("globex");
+        assert_eq!(globex.client_id, "globex-client");
+        assert_eq!(
+            globex.login_host().as_deref(),
+            Some("login.aps1.pure.cloud")
+        );
+    }
+
+    #[test]
+    fn malformed_or_absent_genesys_answers_are_not_clients() {
+        let fixture = Fixture::default_fixture();
+        assert!(fixture.credentials("tyrell", "genesys").is_some());
+        assert!(fixture.genesys_client("tyrell").is_none());
+        assert!(fixture.genesys_client("wonka").is_none());
+        assert_eq!(
+            fixture.genesys_client("lostco").map(|c| c.login_host()),
+            Some(None)
+        );
+    }
+
+    #[test]
+    fn answers_are_kept_verbatim() {
+        let fixture = Fixture::default_fixture();
+        assert_eq!(
+            fixture.credentials("acme", "whatsapp"),
+            Some(r#"{"systemUserToken": "wa-acme-token-51d2", "expiresAt": null}"#)
+        );
+        assert_eq!(fixture.credentials("acme", "nope"), None);
+        assert_eq!(fixture.credentials("nobody", "genesys"), None);
+    }
+
+    #[test]
+    fn resolve_tenant_accepts_tenant_or_client_id() {
+        let fixture = Fixture::default_fixture();
+        assert_eq!(fixture.resolve_tenant("acme"), Some("acme"));
+        assert_eq!(fixture.resolve_tenant("globex-client"), Some("globex"));
+        assert_eq!(fixture.resolve_tenant("nobody"), None);
+    }
+
+    #[test]
+    fn load_reads_a_file_and_reports_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.json");
+        std::fs::write(
+            &path,
+            r#"{"tenants": {"a": {"genesys": {"clientId": "c", "clientSecret": "s", "region": "us-east-1"}}}}"#,
+        )
+        .expect("write");
+        let fixture = Fixture::load(&path).expect("loads");
+        assert_eq!(fixture.genesys_clients().len(), 1);
+
+        let missing = Fixture::load(dir.path().join("missing.json"));
+        assert!(matches!(missing, Err(FixtureError::Read { .. })));
+        assert!(matches!(
+            Fixture::from_json(r#"{"tenant": {}}"#),
+            Err(FixtureError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn duplicate_client_ids_are_rejected() {
+        let text = r#"{"tenants": {
+            "a": {"genesys": {"clientId": "same", "clientSecret": "s1", "region": "us-east-1"}},
+            "b": {"genesys": {"data": {"clientId": "same", "clientSecret": "s2", "region": "eu-west-1"}}}
+        }}"#;
+        assert!(matches!(
+            Fixture::from_json(text),
+            Err(FixtureError::DuplicateClientId { .. })
+        ));
+    }
+
+    #[test]
+    fn basic_authorization_encodes_id_and_secret() {
+        let fixture = Fixture::default_fixture();
+        let initech = fixture.genesys_client("initech").expect("initech");
+        // base64("initech-client:initech-secret-9d1e")
+        assert_eq!(
+            initech.basic_authorization(),
+            "Basic aW5pdGVjaC1jbGllbnQ6aW5pdGVjaC1zZWNyZXQtOWQxZQ=="
+        );
+    }
+}
