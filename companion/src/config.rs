@@ -24,7 +24,7 @@ pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 1_000;
 /// It owns the Redis token cache and the per-(provider, tenant) fetch lock, and serves
 /// the filter's lease / commit / abort API.
 #[derive(Clone, PartialEq, Eq, Parser)]
-#[command(name = "tokengate-companion", version, about, long_about = None)]
+#[command(name = "tokengate-companion", version)]
 pub struct Config {
     /// Address the HTTP API listens on.
     #[arg(long, env = "TOKENGATE_LISTEN", default_value = DEFAULT_LISTEN)]

@@ -105,7 +105,7 @@ where
             Ok(Json(value)) => Ok(ApiJson(value)),
             Err(rejection) => {
                 let message = rejection_message(&rejection);
-                tracing::debug!(%message, "rejected request body");
+                tracing::debug!(reason = %message, "rejected request body");
                 Err(ApiError::InvalidRequest(message))
             }
         }

@@ -25,6 +25,10 @@ use crate::error::ApiError;
 use crate::store::{Acquire, CachedToken, Store, StoreError, USABLE_MARGIN_MS, key_tag};
 use crate::waits::{WaitOutcome, Waits};
 
+/// Largest `expiresAtMs` a commit may carry: 2^53, the largest integer the Lua scripts
+/// (double-precision numbers) hold exactly; year 287396, so no real token is refused.
+pub const MAX_EXPIRES_AT_MS: u64 = 1 << 53;
+
 /// Serves leases, commits and aborts.
 #[derive(Debug)]
 pub struct Service {
@@ -148,6 +152,11 @@ impl Service {
     pub async fn commit(&self, request: CommitRequest) -> Result<(), ApiError> {
         if request.access_token.is_empty() {
             return Err(ApiError::InvalidRequest("accessToken is empty".to_owned()));
+        }
+        if request.expires_at_ms > MAX_EXPIRES_AT_MS {
+            return Err(ApiError::InvalidRequest(format!(
+                "expiresAtMs must be at most {MAX_EXPIRES_AT_MS}"
+            )));
         }
         let key = TokenKey::new(request.provider, request.tenant_id);
         let (provider, tenant) = (key.provider.as_str(), key.tenant_id.as_str());

@@ -77,11 +77,20 @@ pub async fn run_with_clock(
     )));
 
     let redis = config.redacted_redis_url();
-    match store.ping().await {
-        Ok(()) => tracing::info!(%redis, "redis is reachable"),
-        Err(error) => {
-            tracing::warn!(%redis, %error, "redis is not reachable yet; leases answer 503 until it is")
-        }
+    match store.server_version().await {
+        Ok(version) => match store::is_supported_version(&version) {
+            Some(true) => tracing::info!(%redis, %version, "redis is reachable"),
+            _ => tracing::warn!(
+                %redis, %version,
+                "redis is reachable but older than {}.0 or of unknown version: leases will fail \
+                 (the scripts use PXAT and PEXPIRETIME)",
+                store::MIN_REDIS_MAJOR
+            ),
+        },
+        Err(error) => tracing::warn!(
+            %redis, %error,
+            "redis is not reachable yet; leases answer 503 until it is"
+        ),
     }
 
     let (stopping_tx, stopping_rx) = watch::channel(false);

@@ -25,6 +25,16 @@ use tokengate_core::{SecretBytes, SecretString, TokenKey};
 /// does not receive a token that expires while its request is in flight.
 pub const USABLE_MARGIN_MS: u64 = 1_000;
 
+/// The oldest Redis major version whose commands the scripts use (`PXAT` needs 6.2,
+/// `PEXPIRETIME` 7.0).
+pub const MIN_REDIS_MAJOR: u32 = 7;
+
+/// Whether a `redis_version` string is at least [`MIN_REDIS_MAJOR`]; `None` if unparseable.
+pub fn is_supported_version(version: &str) -> Option<bool> {
+    let major: u32 = version.split('.').next()?.parse().ok()?;
+    Some(major >= MIN_REDIS_MAJOR)
+}
+
 /// The pattern matching every key's `ready` channel (see [`ready_channel`]).
 pub const READY_PATTERN: &str = "tokengate:*:ready";
 
@@ -234,12 +244,19 @@ impl Store {
         self.lock_ttl_ms
     }
 
-    /// Checks that Redis answers.
-    pub async fn ping(&self) -> Result<(), StoreError> {
+    /// Asks Redis for its version (`INFO server`), which also checks that it answers.
+    pub async fn server_version(&self) -> Result<String, StoreError> {
         let mut conn = self.conn.clone();
-        self.bounded(async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
-            .await
-            .map(drop)
+        let info = self
+            .bounded(async move {
+                redis::cmd("INFO").arg("server").query_async::<String>(&mut conn).await
+            })
+            .await?;
+        let version = info
+            .lines()
+            .find_map(|line| line.strip_prefix("redis_version:"))
+            .unwrap_or("unknown");
+        Ok(version.trim().to_owned())
     }
 
     /// The first step of every lease, in one atomic script: the cached token if it is
@@ -431,6 +448,14 @@ mod tests {
             serde_json::json!({"accessToken":"sekrit","expiresAtMs":5})
         );
         assert!(!format!("{token:?}").contains("sekrit"));
+    }
+
+    #[test]
+    fn redis_7_or_later_is_required() {
+        assert_eq!(is_supported_version("7.0.15"), Some(true));
+        assert_eq!(is_supported_version("8.2.1"), Some(true));
+        assert_eq!(is_supported_version("6.2.14"), Some(false));
+        assert_eq!(is_supported_version("unknown"), None);
     }
 
     #[test]

@@ -213,6 +213,7 @@ async fn fifty_concurrent_leases_make_one_fetch_and_share_one_wait() {
         panic!("the first answer should be the fetch, got {first:?}");
     };
     let expires_at_ms = now_ms() + 60_000;
+    let committed = Instant::now();
     assert_eq!(
         companion
             .commit("acme", &lease_id, "tok-50", expires_at_ms)
@@ -226,6 +227,11 @@ async fn fifty_concurrent_leases_make_one_fetch_and_share_one_wait() {
         hits += 1;
     }
     assert_eq!(hits, 49);
+    let answered_after = committed.elapsed();
+    assert!(
+        answered_after < Duration::from_secs(2),
+        "answered after {answered_after:?}"
+    );
     // The waiters shared one wait loop: a handful of looks at the lock, not 49 or more.
     let looks = redis.calls("exists").await - exists_before;
     assert!(looks <= 5, "{looks} looks at the lock");
