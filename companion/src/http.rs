@@ -53,7 +53,7 @@ async fn lease(
     ApiJson(request): ApiJson<LeaseRequest>,
 ) -> Result<Json<LeaseResponse>, ApiError> {
     let key = TokenKey::new(request.provider, request.tenant_id);
-    service.lease(key).await.map(Json)
+    service.lease(key, request.force_refresh).await.map(Json)
 }
 
 async fn commit(

@@ -4,25 +4,28 @@
 //!
 //! 1. `hit` if Redis holds a token that is still usable (valid beyond
 //!    [`USABLE_MARGIN_MS`]);
-//! 2. `fetch` if the lease takes the key's lock (`SET NX PX`): the caller fetches, then
-//!    commits or aborts. Steps 1 and 2 are one atomic script, so a commit cannot slip
+//! 2. `fetch` if the lease takes the key's lock (set if absent, for the lock TTL): the
+//!    caller fetches, then commits or aborts. Steps 1 and 2 are one atomic script, so a commit cannot slip
 //!    between them and cause a second fetch;
 //! 3. otherwise it waits (see [`crate::waits`]) for the holder: a commit answers it
 //!    `hit`, a freed lock (abort or expiry) sends it back to step 1, and the end of the
 //!    wait budget answers `503 LOCK_ACQUISITION_FAILED`.
 //!
+//! A lease with `forceRefresh` skips step 1 for the token cached when it arrives (see
+//! [`Service::lease`]).
+//!
 //! Every lease logs one line with provider, tenant, outcome and time spent.
 
 use std::sync::Arc;
 use std::time::Duration;
-use tokengate_core::TokenKey;
 use tokengate_core::lease::{AbortRequest, CommitRequest, LeaseId, LeaseResponse};
+use tokengate_core::{CachedToken, TokenKey};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::clock::Clock;
 use crate::error::ApiError;
-use crate::store::{Acquire, CachedToken, Store, StoreError, USABLE_MARGIN_MS, key_tag};
+use crate::store::{Acquire, Store, StoreError, USABLE_MARGIN_MS, key_tag};
 use crate::waits::{WaitOutcome, Waits};
 
 /// Largest `expiresAtMs` a commit may carry: 2^53, the largest integer the Lua scripts
@@ -63,9 +66,18 @@ impl Service {
     }
 
     /// Answers a lease for `key` (see the module doc) and logs its outcome.
-    pub async fn lease(&self, key: TokenKey) -> Result<LeaseResponse, ApiError> {
+    ///
+    /// With `force_refresh` the cached token is skipped: the lease fetches, or waits for
+    /// a fetch in progress and accepts only a token that expires later than the skipped
+    /// one (a newly fetched one). The skipped token stays cached for other leases until
+    /// the new one replaces it.
+    pub async fn lease(
+        &self,
+        key: TokenKey,
+        force_refresh: bool,
+    ) -> Result<LeaseResponse, ApiError> {
         let started = Instant::now();
-        let result = self.lease_inner(&key, started).await;
+        let result = self.lease_inner(&key, force_refresh, started).await;
         let waited_ms = millis(started.elapsed());
         let (provider, tenant) = (key.provider.as_str(), key.tenant_id.as_str());
         match &result {
@@ -74,6 +86,7 @@ impl Service {
                 tracing::info!(
                     provider,
                     tenant,
+                    force_refresh,
                     outcome = "hit",
                     waited_ms,
                     expires_in_ms,
@@ -81,11 +94,11 @@ impl Service {
                 );
             }
             Ok(LeaseResponse::Fetch { lease_id, .. }) => {
-                tracing::info!(provider, tenant, outcome = "fetch", waited_ms, lease_id = %lease_id.0, "lease");
+                tracing::info!(provider, tenant, force_refresh, outcome = "fetch", waited_ms, lease_id = %lease_id.0, "lease");
             }
             Err(error) => {
                 let outcome = error.code().as_str();
-                tracing::warn!(provider, tenant, outcome, waited_ms, %error, "lease");
+                tracing::warn!(provider, tenant, force_refresh, outcome, waited_ms, %error, "lease");
             }
         }
         result
@@ -94,6 +107,7 @@ impl Service {
     async fn lease_inner(
         &self,
         key: &TokenKey,
+        force_refresh: bool,
         started: Instant,
     ) -> Result<LeaseResponse, ApiError> {
         let tag = key_tag(key);
@@ -103,9 +117,14 @@ impl Service {
             source,
         };
         let mut stopping = self.stopping.clone();
+        // A token answers this lease only if it expires after this (and is usable).
+        // `None`: not known yet, because the lease skips the cached token and learns its
+        // expiry from the first attempt.
+        let mut newer_than_ms = if force_refresh { None } else { Some(0) };
         loop {
             let lease_id = LeaseId(uuid::Uuid::new_v4().to_string());
             let usable_after_ms = self.clock.now_ms().saturating_add(USABLE_MARGIN_MS);
+            let usable_after_ms = newer_than_ms.map(|newer_than| newer_than.max(usable_after_ms));
             match self
                 .store
                 .acquire(&tag, &lease_id, usable_after_ms)
@@ -120,10 +139,15 @@ impl Service {
                         lease_ttl_ms,
                     });
                 }
-                Acquire::Held => {}
+                Acquire::Held {
+                    cached_expires_at_ms,
+                } => {
+                    newer_than_ms.get_or_insert(cached_expires_at_ms);
+                }
             }
+            let wait = self.waits.wait(&tag, newer_than_ms.unwrap_or(0));
             let waited = tokio::select! {
-                waited = tokio::time::timeout_at(deadline, self.waits.wait(&tag)) => waited,
+                waited = tokio::time::timeout_at(deadline, wait) => waited,
                 _ = stopping.wait_for(|stopping| *stopping) => {
                     return Err(ApiError::ShuttingDown { key: key.clone() });
                 }

@@ -82,7 +82,7 @@ pub async fn run_with_clock(
             Some(true) => tracing::info!(%redis, %version, "redis is reachable"),
             _ => tracing::warn!(
                 %redis, %version,
-                "redis is reachable but older than {}.0 or of unknown version: leases will fail \
+                "redis is reachable but older than {}.0 or of unknown version: leases may fail \
                  (the scripts use PXAT and PEXPIRETIME)",
                 store::MIN_REDIS_MAJOR
             ),

@@ -4,7 +4,8 @@
 //!
 //! - `tokengate:{p:t}:token`: the cached token, JSON `{"accessToken","expiresAtMs"}`,
 //!   set with `PXAT expiresAtMs` so Redis drops it when it expires;
-//! - `tokengate:{p:t}:lock`: the fetch lock, `SET NX PX <lock ttl>` to a random lease id;
+//! - `tokengate:{p:t}:lock`: the fetch lock: a random lease id, set only if absent
+//!   (`NX`, inside the acquire script) with `PX <lock ttl>`;
 //! - channel `tokengate:{p:t}:ready`: published when the lock holder commits or aborts,
 //!   so waiting companions re-check at once instead of at their next poll.
 //!
@@ -19,7 +20,7 @@ use std::future::Future;
 use std::sync::LazyLock;
 use std::time::Duration;
 use tokengate_core::lease::LeaseId;
-use tokengate_core::{SecretBytes, SecretString, TokenKey};
+use tokengate_core::{CachedToken, SecretBytes, SecretString, TokenKey};
 
 /// A cached token is only handed out if it stays valid at least this long, so a caller
 /// does not receive a token that expires while its request is in flight.
@@ -66,21 +67,21 @@ pub fn tag_of_ready_channel(channel: &str) -> Option<&str> {
     channel.strip_prefix("tokengate:{")?.strip_suffix("}:ready")
 }
 
-/// A token as cached in Redis.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CachedToken {
-    /// The bearer token (redacted in `Debug`).
-    pub access_token: SecretString,
-    /// When the token expires, in milliseconds since the Unix epoch.
-    pub expires_at_ms: u64,
+/// Whether `token` may still be handed out at `now_ms` (it outlives [`USABLE_MARGIN_MS`]).
+pub fn is_usable(token: &CachedToken, now_ms: u64) -> bool {
+    token.is_fresh(now_ms, USABLE_MARGIN_MS)
 }
 
-impl CachedToken {
-    /// Whether the token may still be handed out at `now_ms` (it outlives the margin).
-    pub fn is_usable(&self, now_ms: u64) -> bool {
-        self.expires_at_ms > now_ms.saturating_add(USABLE_MARGIN_MS)
-    }
+/// The JSON form of a token in Redis, `{"accessToken","expiresAtMs"}`.
+///
+/// Readable with `redis-cli` and by other tools, unlike core's binary shared-data form.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredToken {
+    /// The bearer token.
+    access_token: SecretString,
+    /// When the token expires, in milliseconds since the Unix epoch.
+    expires_at_ms: u64,
 }
 
 /// What the first step of a lease found.
@@ -91,17 +92,11 @@ pub enum Acquire {
     /// No usable token, and the lease now holds the lock.
     Locked,
     /// No usable token, and another lease holds the lock.
-    Held,
-}
-
-impl Acquire {
-    fn from_locked(locked: bool) -> Self {
-        if locked {
-            Acquire::Locked
-        } else {
-            Acquire::Held
-        }
-    }
+    Held {
+        /// When the token cached now expires (0: none). A lease that skips the cache
+        /// waits for a token that expires later, i.e. one fetched after this one.
+        cached_expires_at_ms: u64,
+    },
 }
 
 /// What a waiter sees when it looks at a key.
@@ -138,23 +133,31 @@ pub enum StoreError {
     Encode(String),
 }
 
-/// Answers the cached token if it expires after ARGV[3], else takes the lock if free.
+/// Answers the cached token if it expires after ARGV[3] (unless ARGV[4] is `1`: skip
+/// the cache), else takes the lock if free. A lock this lease already holds counts as
+/// taken, so a retried call answers the same.
 ///
 /// The token key expires at the token's `expiresAtMs` (it was stored with `PXAT`), so
 /// `PEXPIRETIME` is the token's expiry without decoding the JSON.
-/// KEYS: token, lock. ARGV: lease id, lock TTL ms, usable-after ms.
-/// Returns `{'hit', value}`, `{'locked', nil}` or `{'held', nil}`.
+/// KEYS: token, lock. ARGV: lease id, lock TTL ms, usable-after ms, skip-cache flag.
+/// Returns `{'hit', value, 0}`, `{'locked', nil, 0}` or `{'held', nil, expiry}` where
+/// expiry is the cached token's (negative if none).
 static ACQUIRE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local value = redis.call('get', KEYS[1])
-if value and redis.call('pexpiretime', KEYS[1]) > tonumber(ARGV[3]) then
-  return {'hit', value}
+local expiry = redis.call('pexpiretime', KEYS[1])
+if ARGV[4] ~= '1' and expiry > tonumber(ARGV[3]) then
+  return {'hit', redis.call('get', KEYS[1]), 0}
 end
-if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {'locked', false}
+local holder = redis.call('get', KEYS[2])
+if not holder then
+  redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return {'locked', false, 0}
 end
-return {'held', false}
+if holder == ARGV[1] then
+  return {'locked', false, 0}
+end
+return {'held', false, expiry}
 ",
     )
 });
@@ -246,10 +249,12 @@ impl Store {
 
     /// Asks Redis for its version (`INFO server`), which also checks that it answers.
     pub async fn server_version(&self) -> Result<String, StoreError> {
-        let mut conn = self.conn.clone();
-        let info = self
-            .bounded(async move {
-                redis::cmd("INFO").arg("server").query_async::<String>(&mut conn).await
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("server");
+        let info: String = self
+            .query(|mut conn| {
+                let cmd = &cmd;
+                async move { cmd.query_async(&mut conn).await }
             })
             .await?;
         let version = info
@@ -260,7 +265,8 @@ impl Store {
     }
 
     /// The first step of every lease, in one atomic script: the cached token if it is
-    /// usable after `usable_after_ms`, else the lock for `lease_id` if it is free.
+    /// usable after `usable_after_ms` (`None`: skip the cache), else the lock for
+    /// `lease_id` if it is free.
     ///
     /// Atomic, because a separate "no token" check and `SET NX` would let a commit slip
     /// in between (the commit stores the token and frees the lock), and the lease would
@@ -269,66 +275,56 @@ impl Store {
         &self,
         tag: &str,
         lease_id: &LeaseId,
-        usable_after_ms: u64,
+        mut usable_after_ms: Option<u64>,
     ) -> Result<Acquire, StoreError> {
-        let mut conn = self.conn.clone();
-        let mut invocation = ACQUIRE_SCRIPT.prepare_invoke();
-        invocation
-            .key(token_key(tag))
-            .key(lock_key(tag))
-            .arg(&lease_id.0)
-            .arg(self.lock_ttl_ms)
-            .arg(usable_after_ms);
-        let (outcome, raw) = self
-            .bounded(async move {
-                invocation
-                    .invoke_async::<(String, Option<Vec<u8>>)>(&mut conn)
-                    .await
-            })
-            .await?;
-        match outcome.as_str() {
-            "hit" => match raw.and_then(|raw| decode_token(tag, SecretBytes::new(raw))) {
-                Some(token) => Ok(Acquire::Hit(token)),
-                // Unreadable value: fetch a fresh token to overwrite it.
-                None => self.try_lock(tag, lease_id).await.map(Acquire::from_locked),
-            },
-            "locked" => Ok(Acquire::Locked),
-            _ => Ok(Acquire::Held),
+        loop {
+            let mut invocation = ACQUIRE_SCRIPT.prepare_invoke();
+            invocation
+                .key(token_key(tag))
+                .key(lock_key(tag))
+                .arg(&lease_id.0)
+                .arg(self.lock_ttl_ms)
+                .arg(usable_after_ms.unwrap_or(0))
+                .arg(if usable_after_ms.is_some() { "0" } else { "1" });
+            let (outcome, raw, expiry): (String, Option<Vec<u8>>, i64) = self
+                .query(|mut conn| {
+                    let invocation = &invocation;
+                    async move { invocation.invoke_async(&mut conn).await }
+                })
+                .await?;
+            match outcome.as_str() {
+                "hit" => match raw.and_then(|raw| decode_token(tag, SecretBytes::new(raw))) {
+                    Some(token) => return Ok(Acquire::Hit(token)),
+                    // Unreadable value: skip it, so this lease fetches a token that
+                    // overwrites it. (Skipping the cache never answers "hit" again.)
+                    None => usable_after_ms = None,
+                },
+                "locked" => return Ok(Acquire::Locked),
+                _ => {
+                    let cached_expires_at_ms = u64::try_from(expiry).unwrap_or(0);
+                    return Ok(Acquire::Held {
+                        cached_expires_at_ms,
+                    });
+                }
+            }
         }
     }
 
     /// Reads the cached token and whether the lock is held, in one round trip.
     pub async fn peek(&self, tag: &str) -> Result<Peek, StoreError> {
-        let mut conn = self.conn.clone();
-        let (token_key, lock_key) = (token_key(tag), lock_key(tag));
-        let (raw, lock_held) = self
-            .bounded(async move {
-                redis::pipe()
-                    .cmd("GET")
-                    .arg(&token_key)
-                    .cmd("EXISTS")
-                    .arg(&lock_key)
-                    .query_async::<(Option<Vec<u8>>, bool)>(&mut conn)
-                    .await
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET")
+            .arg(token_key(tag))
+            .cmd("EXISTS")
+            .arg(lock_key(tag));
+        let (raw, lock_held): (Option<Vec<u8>>, bool) = self
+            .query(|mut conn| {
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut conn).await }
             })
             .await?;
         let token = raw.and_then(|raw| decode_token(tag, SecretBytes::new(raw)));
         Ok(Peek { token, lock_held })
-    }
-
-    /// Tries to take the fetch lock for `lease_id`: `true` if it is now ours.
-    pub async fn try_lock(&self, tag: &str, lease_id: &LeaseId) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(lock_key(tag))
-            .arg(&lease_id.0)
-            .arg("NX")
-            .arg("PX")
-            .arg(self.lock_ttl_ms);
-        let reply = self
-            .bounded(async move { cmd.query_async::<Option<String>>(&mut conn).await })
-            .await?;
-        Ok(reply.is_some())
     }
 
     /// Stores `token`, releases the lock if `lease_id` still holds it, and wakes waiters.
@@ -338,10 +334,7 @@ impl Store {
         lease_id: &LeaseId,
         token: &CachedToken,
     ) -> Result<CommitOutcome, StoreError> {
-        let value = serde_json::to_vec(token)
-            .map(SecretBytes::new)
-            .map_err(|e| StoreError::Encode(e.to_string()))?;
-        let mut conn = self.conn.clone();
+        let value = encode_token(token)?;
         let mut invocation = COMMIT_SCRIPT.prepare_invoke();
         invocation
             .key(token_key(tag))
@@ -350,8 +343,11 @@ impl Store {
             .arg(value.expose())
             .arg(token.expires_at_ms)
             .arg(ready_channel(tag));
-        let (held, stored) = self
-            .bounded(async move { invocation.invoke_async::<(i64, i64)>(&mut conn).await })
+        let (held, stored): (i64, i64) = self
+            .query(|mut conn| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut conn).await }
+            })
             .await?;
         Ok(CommitOutcome {
             lock_was_held: held == 1,
@@ -361,34 +357,64 @@ impl Store {
 
     /// Releases the lock if `lease_id` holds it (then wakes waiters): `true` if released.
     pub async fn release(&self, tag: &str, lease_id: &LeaseId) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
         let mut invocation = RELEASE_SCRIPT.prepare_invoke();
         invocation
             .key(lock_key(tag))
             .arg(&lease_id.0)
             .arg(ready_channel(tag));
-        let released = self
-            .bounded(async move { invocation.invoke_async::<i64>(&mut conn).await })
+        let released: i64 = self
+            .query(|mut conn| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut conn).await }
+            })
             .await?;
         Ok(released == 1)
     }
 
-    /// Runs one Redis operation under the store's timeout.
-    async fn bounded<T>(
-        &self,
-        operation: impl Future<Output = Result<T, RedisError>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, operation).await {
+    /// Runs one Redis operation under the store's timeout. If the connection turns out
+    /// to be dead (Redis restarted, a proxy dropped it), the operation runs once more on
+    /// the connection the manager re-establishes, so a restart costs no failed request.
+    /// Every operation here is safe to repeat: reads, and scripts that recognise their
+    /// own earlier effect (the lock already held by this lease, the token already stored).
+    async fn query<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let attempts = async {
+            match operation(self.conn.clone()).await {
+                Err(error) if error.is_unrecoverable_error() => {
+                    tracing::debug!(%error, "redis connection lost; retrying once on a new connection");
+                    operation(self.conn.clone()).await
+                }
+                result => result,
+            }
+        };
+        match tokio::time::timeout(self.timeout, attempts).await {
             Ok(result) => result.map_err(StoreError::from),
             Err(_) => Err(StoreError::Timeout(self.timeout)),
         }
     }
 }
 
+/// The JSON stored for `token`, in a buffer wiped after use.
+fn encode_token(token: &CachedToken) -> Result<SecretBytes, StoreError> {
+    let stored = StoredToken {
+        access_token: token.access_token.clone(),
+        expires_at_ms: token.expires_at_ms,
+    };
+    serde_json::to_vec(&stored)
+        .map(SecretBytes::new)
+        .map_err(|e| StoreError::Encode(e.to_string()))
+}
+
 /// Parses a cached value; logs (without the value) and drops one that does not parse.
 fn decode_token(tag: &str, raw: SecretBytes) -> Option<CachedToken> {
-    match serde_json::from_slice::<CachedToken>(raw.expose()) {
-        Ok(token) => Some(token),
+    match serde_json::from_slice::<StoredToken>(raw.expose()) {
+        Ok(stored) => Some(CachedToken {
+            access_token: stored.access_token,
+            expires_at_ms: stored.expires_at_ms,
+        }),
         Err(e) => {
             // serde_json's message names the position and the expected type, not the value.
             tracing::warn!(key = tag, error = %e, "cached token is not valid JSON; treating it as a miss");
@@ -431,23 +457,24 @@ mod tests {
             access_token: "t".into(),
             expires_at_ms: 10_000,
         };
-        assert!(token.is_usable(10_000 - USABLE_MARGIN_MS - 1));
-        assert!(!token.is_usable(10_000 - USABLE_MARGIN_MS));
-        assert!(!token.is_usable(20_000));
-        assert!(!token.is_usable(u64::MAX));
+        assert!(is_usable(&token, 10_000 - USABLE_MARGIN_MS - 1));
+        assert!(!is_usable(&token, 10_000 - USABLE_MARGIN_MS));
+        assert!(!is_usable(&token, 20_000));
+        assert!(!is_usable(&token, u64::MAX));
     }
 
     #[test]
-    fn the_cached_value_is_camel_case_json_and_debug_is_redacted() {
+    fn the_cached_value_is_camel_case_json_and_round_trips() {
         let token = CachedToken {
             access_token: "sekrit".into(),
             expires_at_ms: 5,
         };
+        let encoded = encode_token(&token).unwrap();
         assert_eq!(
-            serde_json::to_value(&token).unwrap(),
+            serde_json::from_slice::<serde_json::Value>(encoded.expose()).unwrap(),
             serde_json::json!({"accessToken":"sekrit","expiresAtMs":5})
         );
-        assert!(!format!("{token:?}").contains("sekrit"));
+        assert_eq!(decode_token("genesys:acme", encoded), Some(token));
     }
 
     #[test]

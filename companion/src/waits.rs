@@ -14,9 +14,10 @@
 //! every waiter gets that outcome. Each waiter applies its own deadline around the
 //! shared wait; when the last one gives up, the shared wait is dropped.
 //!
-//! The loop looks at Redis *after* its wake-up handle is registered, so a message
-//! published between a waiter's own check and the start of the wait is not lost: it
-//! leaves a permit in the key's [`Notify`].
+//! No wake-up is lost between a look and the sleep after it: the wake-up handle (a
+//! [`Notify`]) is registered before the loop's first look, a commit that lands before a
+//! look is seen by it, and one that lands after it leaves a permit that ends the sleep
+//! at once.
 
 use futures::StreamExt;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -27,15 +28,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokengate_core::CachedToken;
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
-use crate::store::{self, CachedToken, Store, StoreError};
+use crate::store::{self, Store, StoreError};
 
 /// How a shared wait ended.
 #[derive(Debug, Clone)]
 pub enum WaitOutcome {
-    /// A usable token is cached: answer it.
+    /// A token that answers the wait is cached: hand it out.
     Ready(CachedToken),
     /// Nobody holds the lock any more (the holder aborted or its lock expired).
     LockFree,
@@ -54,10 +56,14 @@ struct Entry {
     wait: SharedWait,
 }
 
-/// The shared waits of this process, by key hash tag.
+/// What a wait waits for: a usable token of the key with this hash tag that expires
+/// after the given instant (0 for any usable token).
+type WaitKey = (String, u64);
+
+/// The shared waits of this process.
 pub struct Waits {
-    /// In-progress waits, at most one per key.
-    entries: Mutex<HashMap<String, Entry>>,
+    /// In-progress waits, at most one per key and condition.
+    entries: Mutex<HashMap<WaitKey, Entry>>,
     /// Source of entry ids.
     next_id: AtomicU64,
     /// Where the wait loops look.
@@ -89,18 +95,21 @@ impl Waits {
         })
     }
 
-    /// Waits until the key of `tag` has a usable token or a free lock, sharing the wait
-    /// with the other waiters of this process. Has no deadline of its own: wrap it.
-    pub fn wait(self: &Arc<Self>, tag: &str) -> Joined {
+    /// Waits until the key of `tag` has a usable token expiring after `newer_than_ms`
+    /// (0: any usable token; a lease that skips the cache passes the expiry of the token
+    /// it skipped, so only a newly fetched one answers it) or a free lock, sharing the
+    /// wait with the other waiters of this process. Has no deadline of its own: wrap it.
+    pub fn wait(self: &Arc<Self>, tag: &str, newer_than_ms: u64) -> Joined {
+        let key: WaitKey = (tag.to_owned(), newer_than_ms);
         let mut entries = self.lock_entries();
-        let entry = entries.entry(tag.to_owned()).or_insert_with(|| {
+        let entry = entries.entry(key.clone()).or_insert_with(|| {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let wake = Arc::new(Notify::new());
             let watch = KeyWatch {
                 store: self.store.clone(),
                 clock: Arc::clone(&self.clock),
                 recheck: self.recheck,
-                tag: tag.to_owned(),
+                key: key.clone(),
                 wake: Arc::clone(&wake),
             };
             let wait = watch.run(Arc::downgrade(self), id).boxed().shared();
@@ -109,15 +118,17 @@ impl Waits {
         Joined {
             wait: entry.wait.clone(),
             id: entry.id,
-            tag: tag.to_owned(),
+            key,
             waits: Arc::downgrade(self),
         }
     }
 
-    /// Wakes the wait on the key of `tag`, if there is one (its holder committed or aborted).
+    /// Wakes the waits on the key of `tag`, if any (its holder committed or aborted).
     pub fn wake(&self, tag: &str) {
-        if let Some(entry) = self.lock_entries().get(tag) {
-            entry.wake.notify_one();
+        for ((entry_tag, _), entry) in self.lock_entries().iter() {
+            if entry_tag == tag {
+                entry.wake.notify_one();
+            }
         }
     }
 
@@ -128,24 +139,24 @@ impl Waits {
         }
     }
 
-    /// How many keys are being waited on.
+    /// How many shared waits are in progress (one per key and condition).
     pub fn len(&self) -> usize {
         self.lock_entries().len()
     }
 
-    /// Whether no key is being waited on.
+    /// Whether no wait is in progress.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn remove(&self, tag: &str, id: u64) {
+    fn remove(&self, key: &WaitKey, id: u64) {
         let mut entries = self.lock_entries();
-        if entries.get(tag).is_some_and(|entry| entry.id == id) {
-            entries.remove(tag);
+        if entries.get(key).is_some_and(|entry| entry.id == id) {
+            entries.remove(key);
         }
     }
 
-    fn lock_entries(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock_entries(&self) -> MutexGuard<'_, HashMap<WaitKey, Entry>> {
         // The map stays consistent even if a holder panicked: every update is one insert
         // or remove.
         self.entries
@@ -162,8 +173,8 @@ struct KeyWatch {
     clock: Arc<dyn Clock>,
     /// How long to sleep between looks without a wake-up.
     recheck: Duration,
-    /// The key's hash tag.
-    tag: String,
+    /// The key's hash tag, and the expiry a token must exceed to answer.
+    key: WaitKey,
     /// Fired by the subscriber when the key's `ready` channel is published.
     wake: Arc<Notify>,
 }
@@ -172,11 +183,15 @@ impl KeyWatch {
     /// The loop behind one key's shared wait; leaves `waits` when it ends.
     async fn run(self, waits: Weak<Waits>, id: u64) -> WaitResult {
         let result = loop {
-            match self.store.peek(&self.tag).await {
+            let (tag, newer_than_ms) = (&self.key.0, self.key.1);
+            match self.store.peek(tag).await {
                 Err(e) => break Err(e),
                 Ok(peek) => {
                     let now_ms = self.clock.now_ms();
-                    if let Some(token) = peek.token.filter(|t| t.is_usable(now_ms)) {
+                    let answers = |t: &CachedToken| {
+                        store::is_usable(t, now_ms) && t.expires_at_ms > newer_than_ms
+                    };
+                    if let Some(token) = peek.token.filter(answers) {
                         break Ok(WaitOutcome::Ready(token));
                     }
                     if !peek.lock_held {
@@ -192,7 +207,7 @@ impl KeyWatch {
         // Leave the map before answering, so a lease arriving from now on starts a fresh
         // wait instead of reading this (soon stale) outcome.
         if let Some(waits) = waits.upgrade() {
-            waits.remove(&self.tag, id);
+            waits.remove(&self.key, id);
         }
         result
     }
@@ -204,8 +219,8 @@ pub struct Joined {
     wait: SharedWait,
     /// Which entry this share belongs to, to clean up only that one.
     id: u64,
-    /// The key's hash tag.
-    tag: String,
+    /// The entry's key in the map.
+    key: WaitKey,
     /// The set to clean up on drop.
     waits: Weak<Waits>,
 }
@@ -214,7 +229,7 @@ impl std::fmt::Debug for Joined {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Joined")
             .field("id", &self.id)
-            .field("tag", &self.tag)
+            .field("key", &self.key)
             .finish()
     }
 }
@@ -237,10 +252,10 @@ impl Drop for Joined {
         // last waiter and the loop would run for nobody. (`None`: the loop finished and
         // already removed itself.)
         let last = entries
-            .get(&self.tag)
+            .get(&self.key)
             .is_some_and(|entry| entry.id == self.id && self.wait.strong_count() == Some(2));
         if last {
-            entries.remove(&self.tag);
+            entries.remove(&self.key);
         }
     }
 }
@@ -334,5 +349,131 @@ async fn pump(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::store::Acquire;
+    use std::io::{Read, Write};
+    use std::process::{Child, Command, Stdio};
+    use tokengate_core::SecretString;
+    use tokengate_core::lease::LeaseId;
+
+    const TAG: &str = "genesys:acme";
+
+    /// A private redis-server, killed on drop.
+    struct Redis(Child);
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn start_redis() -> (Redis, u16) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        let redis = Redis(child);
+        for _ in 0..500 {
+            let pong = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
+                let mut reply = [0u8; 7];
+                s.write_all(b"PING\r\n").is_ok()
+                    && s.read_exact(&mut reply).is_ok()
+                    && &reply == b"+PONG\r\n"
+            });
+            if pong {
+                return (redis, port);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not answer PING");
+    }
+
+    /// A store whose lock for [`TAG`] is held by `holder`, and waits re-checking rarely.
+    async fn held(holder: &LeaseId) -> (Redis, Store, Arc<Waits>) {
+        let (redis, port) = start_redis();
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let store = Store::new(client, Duration::from_secs(1), 10_000).unwrap();
+        assert_eq!(
+            store.acquire(TAG, holder, Some(0)).await.unwrap(),
+            Acquire::Locked
+        );
+        let waits = Waits::new(
+            store.clone(),
+            Arc::new(SystemClock),
+            Duration::from_secs(30),
+        );
+        (redis, store, waits)
+    }
+
+    async fn still_waiting(joined: &mut Joined) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), joined)
+            .await
+            .is_err()
+    }
+
+    #[tokio::test]
+    async fn waiters_share_one_wait_which_the_last_to_leave_removes() {
+        let (_redis, _store, waits) = held(&LeaseId("holder".into())).await;
+        let mut first = waits.wait(TAG, 0);
+        let mut second = waits.wait(TAG, 0);
+        assert_eq!(waits.len(), 1);
+        assert!(still_waiting(&mut first).await && still_waiting(&mut second).await);
+
+        drop(first);
+        assert_eq!(waits.len(), 1, "the second waiter still waits");
+        drop(second);
+        assert!(waits.is_empty(), "nobody waits any more");
+    }
+
+    #[tokio::test]
+    async fn a_commit_answers_every_waiter_and_ends_the_wait() {
+        let holder = LeaseId("holder".into());
+        let (_redis, store, waits) = held(&holder).await;
+        let mut first = waits.wait(TAG, 0);
+        let second = waits.wait(TAG, 0);
+        assert!(still_waiting(&mut first).await);
+
+        let token = CachedToken {
+            access_token: SecretString::from("tok"),
+            expires_at_ms: SystemClock.now_ms() + 60_000,
+        };
+        store.commit(TAG, &holder, &token).await.unwrap();
+        // What the subscriber does when the commit's message arrives.
+        waits.wake(TAG);
+
+        for joined in [first, second] {
+            match joined.await.unwrap() {
+                WaitOutcome::Ready(got) => assert_eq!(got, token),
+                other => panic!("expected the token, got {other:?}"),
+            }
+        }
+        assert!(waits.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_released_lock_ends_the_wait_as_lock_free() {
+        let holder = LeaseId("holder".into());
+        let (_redis, store, waits) = held(&holder).await;
+        let mut joined = waits.wait(TAG, 0);
+        assert!(still_waiting(&mut joined).await);
+
+        assert!(store.release(TAG, &holder).await.unwrap());
+        waits.wake(TAG);
+
+        assert!(matches!(joined.await.unwrap(), WaitOutcome::LockFree));
+        assert!(waits.is_empty());
     }
 }

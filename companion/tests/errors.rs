@@ -69,6 +69,22 @@ async fn an_empty_token_is_not_committed() {
 }
 
 #[tokio::test]
+async fn an_expiry_beyond_what_redis_scripts_hold_exactly_is_refused() {
+    let redis = RedisServer::start();
+    let companion = Companion::start(config(&redis)).await;
+    let lease_id = companion.lease_fetch("acme").await;
+
+    assert_eq!(
+        companion.commit("acme", &lease_id, "tok", u64::MAX).await,
+        400
+    );
+    assert_eq!(
+        companion.commit("acme", &lease_id, "tok", 1 << 53).await,
+        204
+    );
+}
+
+#[tokio::test]
 async fn unknown_routes_and_methods_answer_json_and_health_is_ok() {
     let redis = RedisServer::start();
     let companion = Companion::start(config(&redis)).await;

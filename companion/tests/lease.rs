@@ -339,3 +339,144 @@ async fn a_token_about_to_expire_on_the_companions_clock_is_refetched() {
         LeaseResponse::Fetch { .. }
     ));
 }
+
+#[tokio::test]
+async fn shutting_down_answers_waiting_leases_at_once() {
+    let redis = RedisServer::start();
+    let config = Config {
+        lock_ttl_ms: 30_000,
+        lease_wait_ms: 20_000,
+        ..config(&redis)
+    };
+    let mut companion = Companion::start(config).await;
+    let _holder = companion.lease_fetch("acme").await;
+    let exists_before = redis.calls("exists").await;
+    let waiter = tokio::spawn(companion.lease_raw_owned("acme", false));
+    wait_until_a_lease_waits(&redis, exists_before).await;
+
+    let stopped = Instant::now();
+    companion.stop();
+    let (status, body) = error_of(waiter.await.unwrap()).await;
+
+    assert_eq!((status, body.code), (503, ErrorCode::CompanionUnavailable));
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "answered after {:?}",
+        stopped.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn after_a_redis_restart_waiters_are_woken_by_pub_sub_again() {
+    let mut redis = RedisServer::start();
+    let config = Config {
+        lock_ttl_ms: 30_000,
+        lease_wait_ms: 20_000,
+        recheck_interval_ms: 10_000,
+        ..config(&redis)
+    };
+    let companion = Arc::new(Companion::start(config).await);
+    wait_until_subscribed(&redis).await;
+
+    redis.kill();
+    let redis = RedisServer::start_on(redis.port).expect("redis restarts on its port");
+    wait_until_subscribed(&redis).await;
+
+    // Not even the first lease after the restart fails: the store retries once on the
+    // connection its manager re-establishes.
+    let lease_id = companion.lease_fetch("acme").await;
+    let exists_before = redis.calls("exists").await;
+    let waiter = tokio::spawn({
+        let companion = Arc::clone(&companion);
+        async move { companion.lease("acme").await }
+    });
+    wait_until_a_lease_waits(&redis, exists_before).await;
+    let expires_at_ms = now_ms() + 60_000;
+    let committed = Instant::now();
+    assert_eq!(
+        companion
+            .commit("acme", &lease_id, "tok-r", expires_at_ms)
+            .await,
+        204
+    );
+
+    assert_hit(&waiter.await.unwrap(), "tok-r", expires_at_ms);
+    assert!(
+        committed.elapsed() < Duration::from_secs(2),
+        "woken after {:?}",
+        committed.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_forced_lease_skips_the_cached_token_which_others_still_get() {
+    let redis = RedisServer::start();
+    let companion = Companion::start(config(&redis)).await;
+    let first = companion.lease_fetch("acme").await;
+    let old_expiry = now_ms() + 60_000;
+    assert_eq!(
+        companion
+            .commit("acme", &first, "tok-old", old_expiry)
+            .await,
+        204
+    );
+
+    let LeaseResponse::Fetch { lease_id, .. } = companion.lease_forced("acme").await else {
+        panic!("a forced lease should fetch");
+    };
+    // While the forced fetch runs, the old token is still served.
+    assert_hit(&companion.lease("acme").await, "tok-old", old_expiry);
+
+    let new_expiry = now_ms() + 120_000;
+    assert_eq!(
+        companion
+            .commit("acme", &lease_id, "tok-new", new_expiry)
+            .await,
+        204
+    );
+    assert_hit(&companion.lease("acme").await, "tok-new", new_expiry);
+}
+
+#[tokio::test]
+async fn a_forced_lease_waits_for_the_fetch_in_progress_and_takes_only_its_token() {
+    let redis = RedisServer::start();
+    let config = Config {
+        lock_ttl_ms: 30_000,
+        lease_wait_ms: 20_000,
+        recheck_interval_ms: 10_000,
+        ..config(&redis)
+    };
+    let companion = Arc::new(Companion::start(config).await);
+    wait_until_subscribed(&redis).await;
+    let first = companion.lease_fetch("acme").await;
+    let old_expiry = now_ms() + 60_000;
+    assert_eq!(
+        companion
+            .commit("acme", &first, "tok-old", old_expiry)
+            .await,
+        204
+    );
+    let refreshing = match companion.lease_forced("acme").await {
+        LeaseResponse::Fetch { lease_id, .. } => lease_id,
+        other => panic!("expected fetch, got {other:?}"),
+    };
+
+    // A second forced lease finds the refresh in progress and waits for it, although a
+    // usable token is cached.
+    let exists_before = redis.calls("exists").await;
+    let waiter = tokio::spawn({
+        let companion = Arc::clone(&companion);
+        async move { companion.lease_forced("acme").await }
+    });
+    wait_until_a_lease_waits(&redis, exists_before).await;
+    assert!(!waiter.is_finished());
+
+    let new_expiry = now_ms() + 120_000;
+    assert_eq!(
+        companion
+            .commit("acme", &refreshing, "tok-new", new_expiry)
+            .await,
+        204
+    );
+    assert_hit(&waiter.await.unwrap(), "tok-new", new_expiry);
+}

@@ -62,6 +62,8 @@ pub fn shared_data_key(key: &TokenKey) -> String {
 mod tests {
     use super::*;
     use crate::provider::{Provider, TenantId};
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn encoding_round_trips() {

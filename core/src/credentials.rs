@@ -177,6 +177,8 @@ pub fn format_rfc3339_ms(ms: u64) -> String {
 mod tests {
     use super::*;
     use crate::provider::{Provider, TenantId};
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn key(provider: Provider) -> TokenKey {
         TokenKey::new(provider, TenantId::parse("acme").unwrap())

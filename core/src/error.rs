@@ -31,6 +31,8 @@ pub enum ErrorCode {
     Unauthorized,
     /// No such route.
     NotFound,
+    /// The route exists but not for this method.
+    MethodNotAllowed,
     /// An unexpected failure inside tokengate.
     InternalError,
 }
@@ -42,6 +44,7 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::CredentialsNotFound | ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::UnknownRegion
             | ErrorCode::OauthInvalidGrant
             | ErrorCode::OauthExchangeFailed => 502,
@@ -67,6 +70,7 @@ impl ErrorCode {
             ErrorCode::CompanionUnavailable => "COMPANION_UNAVAILABLE",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ErrorCode::InternalError => "INTERNAL_ERROR",
         }
     }
@@ -144,6 +148,8 @@ impl ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn error_body_uses_camel_case_and_screaming_codes() {

@@ -34,6 +34,9 @@ pub struct LeaseRequest {
     pub provider: Provider,
     /// The tenant the token is for.
     pub tenant_id: TenantId,
+    /// Skip the cluster cache: the caller wants a newly fetched token.
+    #[serde(default)]
+    pub force_refresh: bool,
 }
 
 /// The companion's answer to a lease.
@@ -100,6 +103,8 @@ impl fmt::Debug for LeaseId {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn lease_responses_are_tagged_by_outcome() {

@@ -11,6 +11,7 @@
 //! - [`flow`]: one token fetch as a state machine, with the retry and backoff policy.
 //! - [`cache`]: the cached form of a token, expiry inside.
 //! - [`lease`]: the companion's internal lease / commit / abort API.
+//! - [`token_api`]: the original service's `/auth/token` request and response.
 //! - [`error`]: error codes, their HTTP statuses and the JSON error body.
 //! - [`secret`]: zeroizing, redacted secret types.
 
@@ -23,6 +24,7 @@ pub mod oauth;
 pub mod provider;
 pub mod regions;
 pub mod secret;
+pub mod token_api;
 
 pub use cache::CachedToken;
 pub use error::{ErrorBody, ErrorCode, TokenError};

@@ -159,6 +159,8 @@ fn read_token(body: &[u8]) -> ExchangeOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn classify(status: u16, body: &str) -> ExchangeOutcome {
         classify_response(status, &SecretBytes::new(body.as_bytes().to_vec()), None)

@@ -138,6 +138,8 @@ pub(crate) fn printable(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn tenant_ids_of_the_safe_charset_are_accepted() {

@@ -90,6 +90,8 @@ impl RegionTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn ap_south_1_resolves_to_the_aps1_login_endpoint() {

@@ -73,6 +73,8 @@ impl fmt::Debug for SecretBytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn debug_and_display_never_show_the_secret() {

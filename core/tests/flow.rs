@@ -3,6 +3,9 @@
 
 use std::collections::VecDeque;
 
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
 use tokengate_core::{
     CalloutResult, Destination, ErrorCode, FetchConfig, FetchFlow, FetchedToken, Provider,
     SecretBytes, Step, TenantId, TokenError, TokenKey,
@@ -12,6 +15,9 @@ const START_MS: u64 = 1_800_000_000_000;
 const GENESYS_CREDENTIALS: &str =
     r#"{"clientId":"acme-client","clientSecret":"acme-secret","region":"ap-south-1"}"#;
 const TOKEN: &str = r#"{"access_token":"tok-1","token_type":"bearer","expires_in":86399}"#;
+
+/// A request the flow sent: destination, path and headers.
+type SentRequest = (Destination, String, Vec<(String, String)>);
 
 /// Drives a flow to its end: answers each request with the next scripted result for its
 /// destination, jumps the clock over every wait, and records what happened.
@@ -23,7 +29,7 @@ struct Driver {
     login_calls: u32,
     /// (destination kind, when sent), in order.
     sent_at: Vec<(&'static str, u64)>,
-    requests: Vec<(Destination, String, Vec<(String, String)>)>,
+    requests: Vec<SentRequest>,
 }
 
 fn ok(body: &str) -> CalloutResult {

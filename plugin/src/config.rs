@@ -15,7 +15,10 @@ use tokengate_core::{FetchConfig, Provider, RegionTable};
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FilterConfig {
-    /// The provider whose token this filter instance injects.
+    /// Inject tokens into requests, or answer the token API itself.
+    #[serde(default)]
+    pub mode: Mode,
+    /// The provider whose token this filter instance injects (inject mode).
     #[serde(default = "default_provider")]
     pub provider: Provider,
     /// The request header that names the tenant (set by a trusted earlier filter).
@@ -39,6 +42,17 @@ pub struct FilterConfig {
     /// WhatsApp token lifetimes.
     #[serde(default)]
     pub whatsapp: WhatsappConfig,
+}
+
+/// What the filter does with a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Set `Authorization: Bearer <token>` and let the request continue upstream.
+    #[default]
+    Inject,
+    /// Answer `POST /auth/token` and `GET /auth/token` with a `TokenResponse`.
+    Endpoint,
 }
 
 /// The companion's Envoy cluster.
@@ -110,7 +124,11 @@ fn default_expiry_margin_ms() -> u64 {
 
 impl Default for CompanionConfig {
     fn default() -> Self {
-        Self { cluster: "tokengate_companion".to_owned(), authority: "tokengate-companion".to_owned(), timeout_ms: 35_000 }
+        Self {
+            cluster: "tokengate_companion".to_owned(),
+            authority: "tokengate-companion".to_owned(),
+            timeout_ms: 35_000,
+        }
     }
 }
 
@@ -143,7 +161,10 @@ impl Default for GenesysConfig {
 impl Default for WhatsappConfig {
     fn default() -> Self {
         let fetch = FetchConfig::default();
-        Self { safety_buffer_secs: fetch.whatsapp_safety_buffer_secs, default_ttl_secs: fetch.whatsapp_default_ttl_secs }
+        Self {
+            safety_buffer_secs: fetch.whatsapp_safety_buffer_secs,
+            default_ttl_secs: fetch.whatsapp_default_ttl_secs,
+        }
     }
 }
 
@@ -160,19 +181,40 @@ pub struct ConfigError {
 impl FilterConfig {
     /// Parses and validates the filter configuration. An empty document means all defaults.
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
-        let bytes = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { bytes };
+        let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}".as_slice()
+        } else {
+            bytes
+        };
         let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-        let config: FilterConfig = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-            ConfigError { path: error.path().to_string(), problem: error.into_inner().to_string() }
-        })?;
+        let config: FilterConfig =
+            serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+                // serde_path_to_error says `?` where the document itself is unreadable.
+                let path = match error.path().to_string() {
+                    unknown if unknown == "?" => ".".to_owned(),
+                    path => path,
+                };
+                ConfigError {
+                    path,
+                    problem: error.into_inner().to_string(),
+                }
+            })?;
         config.validate()?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let fail = |path: &str, problem: &str| Err(ConfigError { path: path.to_owned(), problem: problem.to_owned() });
+        let fail = |path: &str, problem: &str| {
+            Err(ConfigError {
+                path: path.to_owned(),
+                problem: problem.to_owned(),
+            })
+        };
         let valid_header = |name: &str| {
-            !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         };
         if !valid_header(&self.tenant_header) {
             return fail("tenantHeader", "must be a lower-case header name");
@@ -185,7 +227,10 @@ impl FilterConfig {
             ("companion.authority", &self.companion.authority),
             ("tenantService.cluster", &self.tenant_service.cluster),
             ("tenantService.authority", &self.tenant_service.authority),
-            ("tenantService.serviceName", &self.tenant_service.service_name),
+            (
+                "tenantService.serviceName",
+                &self.tenant_service.service_name,
+            ),
         ] {
             if value.is_empty() {
                 return fail(path, "must not be empty");
@@ -218,7 +263,9 @@ impl FilterConfig {
 
     /// The Envoy cluster that serves `region`'s login host.
     pub fn login_cluster(&self, region: &str) -> String {
-        self.genesys.login_cluster_pattern.replace("{region}", region)
+        self.genesys
+            .login_cluster_pattern
+            .replace("{region}", region)
     }
 
     /// The core fetch settings this configuration implies.
@@ -246,6 +293,7 @@ mod tests {
         let config = FilterConfig::parse(b"").unwrap();
         assert_eq!(config, FilterConfig::parse(b"{}").unwrap());
         assert_eq!(config.provider, Provider::Genesys);
+        assert_eq!(config.mode, Mode::Inject);
         assert_eq!(config.tenant_header, "x-tenant-id");
         assert_eq!(config.login_cluster("eu-west-1"), "genesys_eu-west-1");
     }
@@ -260,7 +308,10 @@ mod tests {
     #[test]
     fn an_unknown_field_is_rejected_by_name() {
         let error = FilterConfig::parse(br#"{"tenantHeadr":"x"}"#).unwrap_err();
-        assert!(error.problem.contains("unknown field `tenantHeadr`"), "{error}");
+        assert!(
+            error.problem.contains("unknown field `tenantHeadr`"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -274,9 +325,16 @@ mod tests {
         for (document, path) in [
             (r#"{"tenantHeader":"X Tenant"}"#, "tenantHeader"),
             (r#"{"companion":{"timeoutMs":0}}"#, "companion.timeoutMs"),
-            (r#"{"tenantService":{"cluster":""}}"#, "tenantService.cluster"),
-            (r#"{"genesys":{"defaultRegion":"mars-1"}}"#, "genesys.defaultRegion"),
-            ("[1]", "."),
+            (
+                r#"{"tenantService":{"cluster":""}}"#,
+                "tenantService.cluster",
+            ),
+            (
+                r#"{"genesys":{"defaultRegion":"mars-1"}}"#,
+                "genesys.defaultRegion",
+            ),
+            (r#"{"mode":"proxy"}"#, "mode"),
+            ("42", "."),
             ("{", "."),
         ] {
             let error = FilterConfig::parse(document.as_bytes()).unwrap_err();
@@ -291,7 +349,13 @@ mod tests {
         )
         .unwrap();
         let fetch = config.fetch_config();
-        assert_eq!(fetch.regions.login_host("eu-west-1").unwrap(), "login.eu.test");
-        assert_eq!((fetch.oauth_retries, fetch.service_name.as_str()), (4, "gw"));
+        assert_eq!(
+            fetch.regions.login_host("eu-west-1").unwrap(),
+            "login.eu.test"
+        );
+        assert_eq!(
+            (fetch.oauth_retries, fetch.service_name.as_str()),
+            (4, "gw")
+        );
     }
 }

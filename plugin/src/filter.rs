@@ -12,16 +12,26 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
-use tokengate_core::{CalloutResult, SecretBytes, TenantId, TokenKey};
+use tokengate_core::token_api::{
+    CREDENTIAL_TYPE_HEADER, TOKEN_PATH, TokenRequest, TokenResponse, TokenSource,
+};
+use tokengate_core::{
+    CalloutResult, ErrorCode, SecretBytes, SecretString, TenantId, TokenError, TokenKey,
+};
 
-use crate::config::FilterConfig;
+use crate::config::{FilterConfig, Mode};
 use crate::host::{Callout, Host, Level};
-use crate::worker::{Decision, Worker};
+use crate::worker::{Decision, Delivery, TokenAsk, Worker};
 
 /// The entry point Envoy calls when it loads the module.
 #[unsafe(no_mangle)]
 pub extern "C" fn _initialize() {
-    proxy_wasm::set_root_context(|context_id| Box::new(Root { context_id, worker: None }));
+    proxy_wasm::set_root_context(|context_id| {
+        Box::new(Root {
+            context_id,
+            worker: None,
+        })
+    });
 }
 
 /// [`Host`] over the proxy-wasm host functions.
@@ -36,11 +46,17 @@ impl Host for ProxyWasmHost {
         hostcalls::get_current_time()
             .ok()
             .and_then(|now| now.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+            .map_or(0, |since| {
+                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+            })
     }
 
     fn dispatch(&mut self, callout: Callout<'_>) -> Result<u32, String> {
-        let mut headers = vec![(":method", callout.method), (":path", callout.path), (":authority", callout.authority)];
+        let mut headers = vec![
+            (":method", callout.method),
+            (":path", callout.path),
+            (":authority", callout.authority),
+        ];
         headers.extend(callout.headers);
         hostcalls::dispatch_http_call(
             callout.cluster,
@@ -49,16 +65,26 @@ impl Host for ProxyWasmHost {
             Vec::new(),
             Duration::from_millis(callout.timeout_ms),
         )
-        .map_err(|status| format!("cluster '{}' refused the call ({status:?})", callout.cluster))
+        .map_err(|status| {
+            format!(
+                "cluster '{}' refused the call ({status:?})",
+                callout.cluster
+            )
+        })
     }
 
     fn shared_get(&self, key: &str) -> Option<Vec<u8>> {
-        hostcalls::get_shared_data(key).ok().and_then(|(value, _cas)| value)
+        hostcalls::get_shared_data(key)
+            .ok()
+            .and_then(|(value, _cas)| value)
     }
 
     fn shared_set(&mut self, key: &str, value: &[u8]) {
         if let Err(status) = hostcalls::set_shared_data(key, Some(value), None) {
-            self.log(Level::Warn, &format!("shared data write failed ({status:?})"));
+            self.log(
+                Level::Warn,
+                &format!("shared data write failed ({status:?})"),
+            );
         }
     }
 
@@ -66,7 +92,8 @@ impl Host for ProxyWasmHost {
         if hostcalls::set_effective_context(context_id).is_err() {
             return false;
         }
-        let done = hostcalls::set_map_value(MapType::HttpRequestHeaders, header, Some(value)).is_ok()
+        let done = hostcalls::set_map_value(MapType::HttpRequestHeaders, header, Some(value))
+            .is_ok()
             && hostcalls::resume_http_request().is_ok();
         let _ = hostcalls::set_effective_context(self.root_context_id);
         done
@@ -96,8 +123,23 @@ impl Host for ProxyWasmHost {
     }
 }
 
+/// A header of `map` as text. Uses the bytes host call: the SDK's text variant panics
+/// (aborting the VM) on a value that is not UTF-8; here such bytes become U+FFFD, which
+/// no validation accepts.
+fn header_text(map: MapType, name: &str) -> Option<String> {
+    hostcalls::get_map_value_bytes(map, name)
+        .ok()
+        .flatten()
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+}
+
 fn send_json(status: u16, body: &[u8]) -> bool {
-    hostcalls::send_http_response(u32::from(status), vec![("content-type", "application/json")], Some(body)).is_ok()
+    hostcalls::send_http_response(
+        u32::from(status),
+        vec![("content-type", "application/json")],
+        Some(body),
+    )
+    .is_ok()
 }
 
 /// One per worker: owns the worker state once the configuration is accepted.
@@ -108,28 +150,36 @@ struct Root {
 
 impl Root {
     fn host(&self) -> ProxyWasmHost {
-        ProxyWasmHost { root_context_id: self.context_id }
+        ProxyWasmHost {
+            root_context_id: self.context_id,
+        }
     }
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
         let Some(worker) = &self.worker else { return };
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
+        let status = header_text(MapType::HttpCallResponseHeaders, ":status")
             .and_then(|status| status.parse::<u16>().ok());
         let result = match status {
             Some(status) => {
-                let retry_after_secs = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, "retry-after")
-                    .ok()
-                    .flatten()
+                let retry_after_secs = header_text(MapType::HttpCallResponseHeaders, "retry-after")
                     .and_then(|value| value.trim().parse::<u64>().ok());
                 let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
                     .ok()
                     .flatten()
                     .unwrap_or_default();
-                CalloutResult::Response { status, body: SecretBytes::new(body), retry_after_secs }
+                CalloutResult::Response {
+                    status,
+                    body: SecretBytes::new(body),
+                    retry_after_secs,
+                }
             }
             None => CalloutResult::NoResponse,
         };
@@ -142,7 +192,10 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
+        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         match FilterConfig::parse(&bytes) {
             Ok(config) => {
                 self.worker = Some(Rc::new(RefCell::new(Worker::new(config))));
@@ -165,7 +218,15 @@ impl RootContext for Root {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let worker = self.worker.clone()?;
-        Some(Box::new(Request { context_id, root_context_id: self.context_id, worker }))
+        let config = Rc::clone(worker.try_borrow().ok()?.config());
+        Some(Box::new(Request {
+            context_id,
+            root_context_id: self.context_id,
+            config,
+            worker,
+            awaiting_body: false,
+            correlation_id: None,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -173,47 +234,171 @@ impl RootContext for Root {
     }
 }
 
-/// One per request: resolves the tenant and hands over to the worker.
+/// One per request: works out what it asks for and hands over to the worker.
 struct Request {
     context_id: u32,
     root_context_id: u32,
+    /// The worker's configuration, shared without borrowing the worker.
+    config: Rc<FilterConfig>,
     worker: Rc<RefCell<Worker>>,
+    /// Set while an endpoint-mode `POST` waits for its body.
+    awaiting_body: bool,
+    /// The request's `x-request-id`, read in the header phase (headers cannot be
+    /// read once they have continued).
+    correlation_id: Option<String>,
 }
 
+/// Largest `POST /auth/token` body read.
+const MAX_TOKEN_REQUEST_BODY: usize = 16 * 1024;
+
 impl Request {
+    /// A request header; only valid in the header phase.
     fn header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
+        header_text(MapType::HttpRequestHeaders, name)
+    }
+
+    fn reject(&self, error: &TokenError, tenant_id: Option<&str>) -> Action {
+        let body = error.to_body(tenant_id, self.correlation_id.as_deref());
+        send_json(error.http_status(), &body.to_json());
+        Action::Pause
+    }
+
+    /// Hands a validated request to the worker and applies its decision.
+    fn ask(&self, key: TokenKey, delivery: Delivery, force_refresh: bool) -> Action {
+        let mut host = ProxyWasmHost {
+            root_context_id: self.root_context_id,
+        };
+        let Ok(mut worker) = self.worker.try_borrow_mut() else {
+            return self.reject(
+                &TokenError::new(ErrorCode::InternalError, "tokengate worker busy"),
+                None,
+            );
+        };
+        let correlation_id = self.correlation_id.clone();
+        let ask = TokenAsk {
+            context_id: self.context_id,
+            key,
+            correlation_id,
+            delivery,
+            force_refresh,
+        };
+        match worker.on_request(&mut host, ask) {
+            Decision::Cached(token) => match delivery {
+                Delivery::Inject => {
+                    let bearer =
+                        SecretString::new(format!("Bearer {}", token.access_token.expose()));
+                    let header = &self.config.authorization_header;
+                    let _ = hostcalls::set_map_value(
+                        MapType::HttpRequestHeaders,
+                        header,
+                        Some(bearer.expose()),
+                    );
+                    Action::Continue
+                }
+                Delivery::Respond => {
+                    let response = TokenResponse::new(
+                        token.access_token,
+                        token.expires_at_ms,
+                        host.now_ms(),
+                        TokenSource::Cache,
+                    );
+                    send_json(200, SecretBytes::new(response.to_json()).expose());
+                    Action::Pause
+                }
+            },
+            Decision::Pause => Action::Pause,
+        }
+    }
+
+    fn inject(&self, config: &FilterConfig) -> Action {
+        let tenant = self.header(&config.tenant_header).unwrap_or_default();
+        match TenantId::parse(&tenant) {
+            Ok(tenant_id) => self.ask(
+                TokenKey::new(config.provider, tenant_id),
+                Delivery::Inject,
+                false,
+            ),
+            Err(error) => self.reject(&error, None),
+        }
+    }
+
+    /// Endpoint mode: `GET /auth/token` is answered from the headers, `POST` once its body is in.
+    fn endpoint(&mut self, config: &FilterConfig, end_of_stream: bool) -> Action {
+        let path = self.header(":path").unwrap_or_default();
+        let path = path.split('?').next().unwrap_or_default();
+        if path != TOKEN_PATH {
+            return self.reject(
+                &TokenError::new(ErrorCode::NotFound, format!("no route {TOKEN_PATH} here")),
+                None,
+            );
+        }
+        match self.header(":method").as_deref() {
+            Some("GET") => {
+                let tenant = self.header(&config.tenant_header);
+                let credential_type = self.header(CREDENTIAL_TYPE_HEADER);
+                match TokenRequest::from_headers(tenant.as_deref(), credential_type.as_deref()) {
+                    Ok(request) => self.ask(request.key, Delivery::Respond, request.force_refresh),
+                    Err(error) => self.reject(&error, None),
+                }
+            }
+            Some("POST") if end_of_stream => self.reject(
+                &TokenError::new(ErrorCode::InvalidRequest, "the token request has no body"),
+                None,
+            ),
+            Some("POST") => {
+                // The body is read in `on_http_request_body`. Pausing here would stop
+                // Envoy from delivering it (proxy-wasm turns a paused header phase into
+                // StopAllIteration), so the headers continue and the body is held; an
+                // Envoy buffer filter behind this one keeps the headers from the router.
+                self.awaiting_body = true;
+                Action::Continue
+            }
+            _ => self.reject(
+                &TokenError::new(
+                    ErrorCode::MethodNotAllowed,
+                    format!("{TOKEN_PATH} takes GET or POST"),
+                ),
+                None,
+            ),
+        }
     }
 }
 
 impl Context for Request {}
 
 impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let mut host = ProxyWasmHost { root_context_id: self.root_context_id };
-        let Ok(mut worker) = self.worker.try_borrow_mut() else {
-            send_json(500, br#"{"code":"INTERNAL_ERROR","message":"tokengate worker busy"}"#);
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.correlation_id = self.header("x-request-id");
+        let config = Rc::clone(&self.config);
+        match config.mode {
+            Mode::Inject => self.inject(&config),
+            Mode::Endpoint => self.endpoint(&config, end_of_stream),
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !self.awaiting_body {
+            return Action::Continue;
+        }
+        if body_size > MAX_TOKEN_REQUEST_BODY {
+            self.awaiting_body = false;
+            let error = TokenError::new(
+                ErrorCode::InvalidRequest,
+                format!("the token request body is larger than {MAX_TOKEN_REQUEST_BODY} bytes"),
+            );
+            return self.reject(&error, None);
+        }
+        if !end_of_stream {
             return Action::Pause;
-        };
-        let correlation_id = self.header("x-request-id");
-        let raw_tenant = self.header(&worker.config().tenant_header).unwrap_or_default();
-        let tenant_id = match TenantId::parse(&raw_tenant) {
-            Ok(tenant_id) => tenant_id,
-            Err(error) => {
-                let body = error.to_body(None, correlation_id.as_deref());
-                send_json(error.http_status(), &body.to_json());
-                return Action::Pause;
-            }
-        };
-        let key = TokenKey::new(worker.config().provider, tenant_id);
-        match worker.on_request(&mut host, self.context_id, key, correlation_id) {
-            Decision::Inject(token) => {
-                let bearer = tokengate_core::SecretString::new(format!("Bearer {}", token.expose()));
-                let header = worker.config().authorization_header.clone();
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &header, Some(bearer.expose()));
-                Action::Continue
-            }
-            Decision::Pause => Action::Pause,
+        }
+        self.awaiting_body = false;
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        match TokenRequest::from_json(&body) {
+            Ok(request) => self.ask(request.key, Delivery::Respond, request.force_refresh),
+            Err(error) => self.reject(&error, None),
         }
     }
 }

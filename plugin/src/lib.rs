@@ -5,7 +5,10 @@
 //! - [`host`]: the host functions the logic needs, as a trait.
 //! - `filter` (wasm32 only): the proxy-wasm root and HTTP contexts, thin glue over [`worker`].
 
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod config;
 pub mod host;

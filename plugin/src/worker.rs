@@ -13,12 +13,17 @@
 //! waiting request is resumed with the token or answered with the error.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use tokengate_core::cache::{CachedToken, shared_data_key};
-use tokengate_core::lease::{ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, LEASE_PATH, LeaseId, LeaseRequest, LeaseResponse};
+use tokengate_core::lease::{
+    ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, LEASE_PATH, LeaseId, LeaseRequest,
+    LeaseResponse,
+};
+use tokengate_core::token_api::{TokenResponse, TokenSource};
 use tokengate_core::{
-    CalloutResult, Destination, ErrorBody, ErrorCode, FetchConfig, FetchFlow, FetchedToken, OutboundRequest,
-    SecretString, Step, TokenError, TokenKey,
+    CalloutResult, Destination, ErrorBody, ErrorCode, FetchConfig, FetchFlow, FetchedToken,
+    OutboundRequest, SecretBytes, SecretString, Step, TokenError, TokenKey,
 };
 
 use crate::config::FilterConfig;
@@ -27,10 +32,34 @@ use crate::host::{Callout, Host, Level};
 /// What the request context does after asking for a token.
 #[derive(Debug)]
 pub enum Decision {
-    /// Inject this token (cache hit) and continue.
-    Inject(SecretString),
+    /// The gateway cache has a fresh token: use it now.
+    Cached(CachedToken),
     /// Pause: the worker resumes or answers the request when its fetch ends.
     Pause,
+}
+
+/// How a request wants its token delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Inject mode: set the authorization header and let the request continue upstream.
+    Inject,
+    /// Endpoint mode: answer the request with a `TokenResponse`.
+    Respond,
+}
+
+/// A request asking for a token.
+#[derive(Debug)]
+pub struct TokenAsk {
+    /// The request's context, to resume or answer it.
+    pub context_id: u32,
+    /// The token wanted.
+    pub key: TokenKey,
+    /// Its `x-request-id`, for the log line and the error body.
+    pub correlation_id: Option<String>,
+    /// How to deliver the token.
+    pub delivery: Delivery,
+    /// Skip the caches (endpoint mode's `forceRefresh`).
+    pub force_refresh: bool,
 }
 
 /// A request paused until its token is ready.
@@ -38,6 +67,8 @@ pub enum Decision {
 struct Waiter {
     /// The request's context, to resume or answer it.
     context_id: u32,
+    /// How to deliver the token.
+    delivery: Delivery,
     /// Its `x-request-id`, for the log line and the error body.
     correlation_id: Option<String>,
     /// When it arrived, for the logged duration.
@@ -54,7 +85,7 @@ enum Stage {
     /// This worker holds the cluster-wide lease and runs the fetch.
     Fetching {
         /// The core state machine doing the fetch.
-        flow: FetchFlow,
+        flow: Box<FetchFlow>,
         /// The lease to commit or abort when the flow ends.
         lease_id: LeaseId,
         /// When the flow waits on a backoff, the moment to poll it again.
@@ -66,6 +97,8 @@ enum Stage {
 struct Fetch {
     stage: Stage,
     waiters: Vec<Waiter>,
+    /// Ask the companion to skip its cache too (a waiter asked for `forceRefresh`).
+    force_refresh: bool,
 }
 
 /// Why a callout was sent, to route its answer.
@@ -80,7 +113,7 @@ enum Purpose {
 /// One worker's filter state; see the module documentation.
 #[derive(Debug)]
 pub struct Worker {
-    config: FilterConfig,
+    config: Rc<FilterConfig>,
     fetch_config: FetchConfig,
     /// In-flight fetches of this worker, one per key.
     fetches: HashMap<TokenKey, Fetch>,
@@ -99,36 +132,51 @@ impl Worker {
     /// A worker with a validated configuration.
     pub fn new(config: FilterConfig) -> Self {
         let fetch_config = config.fetch_config();
-        Self { config, fetch_config, fetches: HashMap::new(), callouts: HashMap::new(), tick_period_ms: 0 }
+        Self {
+            config: Rc::new(config),
+            fetch_config,
+            fetches: HashMap::new(),
+            callouts: HashMap::new(),
+            tick_period_ms: 0,
+        }
     }
 
     /// The configuration in force.
-    pub fn config(&self) -> &FilterConfig {
+    pub fn config(&self) -> &Rc<FilterConfig> {
         &self.config
     }
 
-    /// A request for `key` arrived: serve it from the cache or pause it on a fetch.
-    pub fn on_request(
-        &mut self,
-        host: &mut impl Host,
-        context_id: u32,
-        key: TokenKey,
-        correlation_id: Option<String>,
-    ) -> Decision {
+    /// A request for a token arrived: serve it from the cache or pause it on a fetch.
+    pub fn on_request(&mut self, host: &mut impl Host, ask: TokenAsk) -> Decision {
         let now_ms = host.now_ms();
-        if let Some(token) = self.cached(host, &key, now_ms) {
-            host.log(
-                Level::Debug,
-                &format!("token request {key} source=cache correlation_id={}", correlation_id.as_deref().unwrap_or("-")),
-            );
-            return Decision::Inject(token.access_token);
+        if !ask.force_refresh {
+            if let Some(token) = self.cached(host, &ask.key, now_ms) {
+                host.log(
+                    Level::Debug,
+                    &format!(
+                        "token request {} source=cache duration_ms=0 correlation_id={}",
+                        ask.key,
+                        ask.correlation_id.as_deref().unwrap_or("-")
+                    ),
+                );
+                return Decision::Cached(token);
+            }
         }
-        let waiter = Waiter { context_id, correlation_id, arrived_ms: now_ms };
-        self.fetches
-            .entry(key)
-            .or_insert_with(|| Fetch { stage: Stage::Queued, waiters: Vec::new() })
-            .waiters
-            .push(waiter);
+        let waiter = Waiter {
+            context_id: ask.context_id,
+            delivery: ask.delivery,
+            correlation_id: ask.correlation_id,
+            arrived_ms: now_ms,
+        };
+        let fetch = self.fetches.entry(ask.key).or_insert_with(|| Fetch {
+            stage: Stage::Queued,
+            waiters: Vec::new(),
+            force_refresh: false,
+        });
+        if matches!(fetch.stage, Stage::Queued) {
+            fetch.force_refresh |= ask.force_refresh;
+        }
+        fetch.waiters.push(waiter);
         self.schedule_tick(host);
         Decision::Pause
     }
@@ -136,7 +184,9 @@ impl Worker {
     /// The request `context_id` ended (answered, reset or finished): forget it.
     pub fn on_request_gone(&mut self, context_id: u32) {
         for fetch in self.fetches.values_mut() {
-            fetch.waiters.retain(|waiter| waiter.context_id != context_id);
+            fetch
+                .waiters
+                .retain(|waiter| waiter.context_id != context_id);
         }
     }
 
@@ -165,23 +215,45 @@ impl Worker {
     }
 
     /// The answer to callout `callout_id` arrived.
-    pub fn on_callout_response(&mut self, host: &mut impl Host, callout_id: u32, result: CalloutResult) {
+    pub fn on_callout_response(
+        &mut self,
+        host: &mut impl Host,
+        callout_id: u32,
+        result: CalloutResult,
+    ) {
         let Some((key, purpose)) = self.callouts.remove(&callout_id) else {
             return;
         };
         match purpose {
             Purpose::Lease => self.on_lease_response(host, key, result),
             Purpose::Fetch => {
-                if let Some(Fetch { stage: Stage::Fetching { flow, .. }, .. }) = self.fetches.get_mut(&key) {
+                if let Some(Fetch {
+                    stage: Stage::Fetching { flow, .. },
+                    ..
+                }) = self.fetches.get_mut(&key)
+                {
                     flow.handle_response(host.now_ms(), result);
                     self.drive(host, &key);
                 }
             }
             Purpose::Commit | Purpose::Abort => {
-                let ok = matches!(result, CalloutResult::Response { status: 200..=299, .. });
+                let ok = matches!(
+                    result,
+                    CalloutResult::Response {
+                        status: 200..=299,
+                        ..
+                    }
+                );
                 if !ok {
-                    let what = if purpose == Purpose::Commit { "commit" } else { "abort" };
-                    host.log(Level::Warn, &format!("companion {what} for {key} failed: {}", describe(&result)));
+                    let what = if purpose == Purpose::Commit {
+                        "commit"
+                    } else {
+                        "abort"
+                    };
+                    host.log(
+                        Level::Warn,
+                        &format!("companion {what} for {key} failed: {}", describe(&result)),
+                    );
                 }
             }
         }
@@ -190,30 +262,55 @@ impl Worker {
 
     fn cached(&self, host: &impl Host, key: &TokenKey, now_ms: u64) -> Option<CachedToken> {
         let bytes = host.shared_get(&shared_data_key(key))?;
-        CachedToken::decode(&bytes).filter(|token| token.is_fresh(now_ms, self.config.expiry_margin_ms))
+        CachedToken::decode(&bytes)
+            .filter(|token| token.is_fresh(now_ms, self.config.expiry_margin_ms))
     }
 
     fn send_lease(&mut self, host: &mut impl Host, key: TokenKey) {
-        let body = serde_json::to_vec(&LeaseRequest { provider: key.provider, tenant_id: key.tenant_id.clone() });
+        let force_refresh = self
+            .fetches
+            .get(&key)
+            .is_some_and(|fetch| fetch.force_refresh);
+        let body = serde_json::to_vec(&LeaseRequest {
+            provider: key.provider,
+            tenant_id: key.tenant_id.clone(),
+            force_refresh,
+        });
         let sent = body.map_err(|e| e.to_string()).and_then(|body| {
-            host.dispatch(self.companion_callout(LEASE_PATH, &body, self.config.companion.timeout_ms))
+            host.dispatch(self.companion_callout(
+                LEASE_PATH,
+                &body,
+                self.config.companion.timeout_ms,
+            ))
         });
         match sent {
             Ok(callout_id) => {
-                self.callouts.insert(callout_id, (key.clone(), Purpose::Lease));
+                self.callouts
+                    .insert(callout_id, (key.clone(), Purpose::Lease));
                 if let Some(fetch) = self.fetches.get_mut(&key) {
                     fetch.stage = Stage::Leasing;
                 }
             }
             Err(reason) => {
-                host.log(Level::Error, &format!("lease for {key} could not be sent: {reason}"));
-                let error = TokenError::new(ErrorCode::CompanionUnavailable, "the token companion cannot be reached");
-                self.finish(host, &key, Err(error));
+                host.log(
+                    Level::Error,
+                    &format!("lease for {key} could not be sent: {reason}"),
+                );
+                let error = TokenError::new(
+                    ErrorCode::CompanionUnavailable,
+                    "the token companion cannot be reached",
+                );
+                self.finish(host, &key, Err(error), TokenSource::Fresh);
             }
         }
     }
 
-    fn companion_callout<'a>(&'a self, path: &'a str, body: &'a [u8], timeout_ms: u64) -> Callout<'a> {
+    fn companion_callout<'a>(
+        &'a self,
+        path: &'a str,
+        body: &'a [u8],
+        timeout_ms: u64,
+    ) -> Callout<'a> {
         Callout {
             cluster: &self.config.companion.cluster,
             method: "POST",
@@ -227,38 +324,66 @@ impl Worker {
 
     fn on_lease_response(&mut self, host: &mut impl Host, key: TokenKey, result: CalloutResult) {
         let answer = match &result {
-            CalloutResult::Response { status: 200, body, .. } => serde_json::from_slice::<LeaseResponse>(body.expose())
-                .map_err(|_| companion_unavailable("the token companion answered an unreadable lease")),
-            CalloutResult::Response { body, .. } => Err(serde_json::from_slice::<ErrorBody>(body.expose())
-                .map(|error| TokenError::new(error.code, error.message))
-                .unwrap_or_else(|_| companion_unavailable(&format!("the token companion failed: {}", describe(&result))))),
-            CalloutResult::NoResponse => Err(companion_unavailable("the token companion did not answer")),
+            CalloutResult::Response {
+                status: 200, body, ..
+            } => serde_json::from_slice::<LeaseResponse>(body.expose()).map_err(|_| {
+                companion_unavailable("the token companion answered an unreadable lease")
+            }),
+            CalloutResult::Response { body, .. } => {
+                Err(serde_json::from_slice::<ErrorBody>(body.expose())
+                    .map(|error| TokenError::new(error.code, error.message))
+                    .unwrap_or_else(|_| {
+                        companion_unavailable(&format!(
+                            "the token companion failed: {}",
+                            describe(&result)
+                        ))
+                    }))
+            }
+            CalloutResult::NoResponse => {
+                Err(companion_unavailable("the token companion did not answer"))
+            }
         };
         match answer {
-            Ok(LeaseResponse::Hit { access_token, expires_at_ms }) => {
+            Ok(LeaseResponse::Hit {
+                access_token,
+                expires_at_ms,
+            }) => {
                 let token = FetchedToken {
                     access_token,
-                    expires_in_secs: i64::try_from(expires_at_ms.saturating_sub(host.now_ms()) / 1000).unwrap_or(0),
+                    expires_in_secs: i64::try_from(
+                        expires_at_ms.saturating_sub(host.now_ms()) / 1000,
+                    )
+                    .unwrap_or(0),
                     expires_at_ms,
                     cacheable: true,
                 };
-                self.finish(host, &key, Ok(token));
+                self.finish(host, &key, Ok(token), TokenSource::Cache);
             }
             Ok(LeaseResponse::Fetch { lease_id, .. }) => {
                 if let Some(fetch) = self.fetches.get_mut(&key) {
-                    let flow = FetchFlow::new(key.clone(), &self.fetch_config);
-                    fetch.stage = Stage::Fetching { flow, lease_id, wake_at_ms: None };
+                    let flow = Box::new(FetchFlow::new(key.clone(), &self.fetch_config));
+                    fetch.stage = Stage::Fetching {
+                        flow,
+                        lease_id,
+                        wake_at_ms: None,
+                    };
                     self.drive(host, &key);
                 }
             }
-            Err(error) => self.finish(host, &key, Err(error)),
+            Err(error) => self.finish(host, &key, Err(error), TokenSource::Fresh),
         }
     }
 
     /// Runs `key`'s flow until it waits for an answer, a timer or has finished.
     fn drive(&mut self, host: &mut impl Host, key: &TokenKey) {
         let now_ms = host.now_ms();
-        let Some(Fetch { stage: Stage::Fetching { flow, wake_at_ms, .. }, .. }) = self.fetches.get_mut(key) else {
+        let Some(Fetch {
+            stage: Stage::Fetching {
+                flow, wake_at_ms, ..
+            },
+            ..
+        }) = self.fetches.get_mut(key)
+        else {
             return;
         };
         *wake_at_ms = None;
@@ -268,11 +393,19 @@ impl Worker {
                 drop(request);
                 match sent {
                     Ok(callout_id) => {
-                        self.callouts.insert(callout_id, (key.clone(), Purpose::Fetch));
+                        self.callouts
+                            .insert(callout_id, (key.clone(), Purpose::Fetch));
                     }
                     Err(reason) => {
-                        host.log(Level::Error, &format!("callout for {key} could not be sent: {reason}"));
-                        if let Some(Fetch { stage: Stage::Fetching { flow, .. }, .. }) = self.fetches.get_mut(key) {
+                        host.log(
+                            Level::Error,
+                            &format!("callout for {key} could not be sent: {reason}"),
+                        );
+                        if let Some(Fetch {
+                            stage: Stage::Fetching { flow, .. },
+                            ..
+                        }) = self.fetches.get_mut(key)
+                        {
                             flow.handle_response(now_ms, CalloutResult::NoResponse);
                         }
                         self.drive(host, key);
@@ -280,22 +413,39 @@ impl Worker {
                 }
             }
             Step::WaitUntil { at_ms, reason } => {
-                host.log(Level::Warn, &format!("fetch for {key} backs off {} ms: {reason}", at_ms.saturating_sub(now_ms)));
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "fetch for {key} backs off {} ms: {reason}",
+                        at_ms.saturating_sub(now_ms)
+                    ),
+                );
                 *wake_at_ms = Some(at_ms);
             }
             Step::AwaitResponse => {}
-            Step::Done(result) => self.finish(host, key, result),
+            Step::Done(result) => self.finish(host, key, result, TokenSource::Fresh),
         }
     }
 
-    fn send_fetch_request(&self, host: &mut impl Host, request: &OutboundRequest) -> Result<u32, String> {
+    fn send_fetch_request(
+        &self,
+        host: &mut impl Host,
+        request: &OutboundRequest,
+    ) -> Result<u32, String> {
         let (cluster, authority) = match &request.destination {
-            Destination::TenantService => {
-                (self.config.tenant_service.cluster.clone(), self.config.tenant_service.authority.as_str())
+            Destination::TenantService => (
+                self.config.tenant_service.cluster.clone(),
+                self.config.tenant_service.authority.as_str(),
+            ),
+            Destination::GenesysLogin { region, host } => {
+                (self.config.login_cluster(region), host.as_str())
             }
-            Destination::GenesysLogin { region, host } => (self.config.login_cluster(region), host.as_str()),
         };
-        let headers = request.headers.iter().map(|(name, value)| (*name, value.expose())).collect();
+        let headers = request
+            .headers
+            .iter()
+            .map(|(name, value)| (*name, value.expose()))
+            .collect();
         let body = request.body.expose();
         host.dispatch(Callout {
             cluster: &cluster,
@@ -310,46 +460,97 @@ impl Worker {
 
     /// Ends `key`'s fetch: caches and commits a token or aborts the lease, then
     /// resumes or answers every waiting request.
-    fn finish(&mut self, host: &mut impl Host, key: &TokenKey, result: Result<FetchedToken, TokenError>) {
+    fn finish(
+        &mut self,
+        host: &mut impl Host,
+        key: &TokenKey,
+        result: Result<FetchedToken, TokenError>,
+        source: TokenSource,
+    ) {
         let Some(fetch) = self.fetches.remove(key) else {
             return;
         };
         let now_ms = host.now_ms();
         if let Stage::Fetching { lease_id, .. } = fetch.stage {
-            self.end_lease(host, key, lease_id, result.as_ref().ok().filter(|token| token.cacheable));
+            self.end_lease(
+                host,
+                key,
+                lease_id,
+                result.as_ref().ok().filter(|token| token.cacheable),
+            );
         }
-        match result {
-            Ok(token) => {
-                if token.cacheable {
-                    let cached = CachedToken { access_token: token.access_token.clone(), expires_at_ms: token.expires_at_ms };
-                    host.shared_set(&shared_data_key(key), &cached.encode());
-                }
-                let bearer = SecretString::new(format!("Bearer {}", token.access_token.expose()));
-                for waiter in fetch.waiters {
-                    if host.resume_with_header(waiter.context_id, &self.config.authorization_header, bearer.expose()) {
-                        host.log(
-                            Level::Info,
-                            &format!(
-                                "token request {key} source=fresh duration_ms={} correlation_id={}",
-                                now_ms.saturating_sub(waiter.arrived_ms),
-                                waiter.correlation_id.as_deref().unwrap_or("-")
-                            ),
-                        );
-                    }
-                }
-            }
+        let token = match result {
+            Ok(token) => token,
             Err(error) => {
-                host.log(Level::Error, &format!("token request {key} failed: {error}"));
+                host.log(
+                    Level::Error,
+                    &format!("token request {key} failed: {error}"),
+                );
                 for waiter in fetch.waiters {
-                    let body = error.to_body(Some(key.tenant_id.as_str()), waiter.correlation_id.as_deref());
+                    let body = error.to_body(
+                        Some(key.tenant_id.as_str()),
+                        waiter.correlation_id.as_deref(),
+                    );
                     host.reply_json(waiter.context_id, error.http_status(), &body.to_json());
                 }
+                return;
+            }
+        };
+        if token.cacheable {
+            let cached = CachedToken {
+                access_token: token.access_token.clone(),
+                expires_at_ms: token.expires_at_ms,
+            };
+            host.shared_set(&shared_data_key(key), &cached.encode());
+        }
+        let source_name = if source == TokenSource::Fresh {
+            "fresh"
+        } else {
+            "cache"
+        };
+        for waiter in fetch.waiters {
+            let delivered = match waiter.delivery {
+                Delivery::Inject => {
+                    let bearer =
+                        SecretString::new(format!("Bearer {}", token.access_token.expose()));
+                    host.resume_with_header(
+                        waiter.context_id,
+                        &self.config.authorization_header,
+                        bearer.expose(),
+                    )
+                }
+                Delivery::Respond => {
+                    let response = TokenResponse::new(
+                        token.access_token.clone(),
+                        token.expires_at_ms,
+                        now_ms,
+                        source,
+                    );
+                    let body = SecretBytes::new(response.to_json());
+                    host.reply_json(waiter.context_id, 200, body.expose())
+                }
+            };
+            if delivered {
+                host.log(
+                    Level::Info,
+                    &format!(
+                        "token request {key} source={source_name} duration_ms={} correlation_id={}",
+                        now_ms.saturating_sub(waiter.arrived_ms),
+                        waiter.correlation_id.as_deref().unwrap_or("-")
+                    ),
+                );
             }
         }
     }
 
     /// Commits a cacheable token to the companion, or aborts the lease.
-    fn end_lease(&mut self, host: &mut impl Host, key: &TokenKey, lease_id: LeaseId, token: Option<&FetchedToken>) {
+    fn end_lease(
+        &mut self,
+        host: &mut impl Host,
+        key: &TokenKey,
+        lease_id: LeaseId,
+        token: Option<&FetchedToken>,
+    ) {
         let provider = key.provider;
         let tenant_id = key.tenant_id.clone();
         let (path, purpose, body) = match token {
@@ -364,14 +565,29 @@ impl Worker {
                     expires_at_ms: token.expires_at_ms,
                 }),
             ),
-            None => (ABORT_PATH, Purpose::Abort, serde_json::to_vec(&AbortRequest { provider, tenant_id, lease_id })),
+            None => (
+                ABORT_PATH,
+                Purpose::Abort,
+                serde_json::to_vec(&AbortRequest {
+                    provider,
+                    tenant_id,
+                    lease_id,
+                }),
+            ),
         };
-        let body = tokengate_core::SecretBytes::new(body.unwrap_or_default());
-        match host.dispatch(self.companion_callout(path, body.expose(), self.config.tenant_service.timeout_ms)) {
+        let body = SecretBytes::new(body.unwrap_or_default());
+        match host.dispatch(self.companion_callout(
+            path,
+            body.expose(),
+            self.config.tenant_service.timeout_ms,
+        )) {
             Ok(callout_id) => {
                 self.callouts.insert(callout_id, (key.clone(), purpose));
             }
-            Err(reason) => host.log(Level::Warn, &format!("companion {path} for {key} could not be sent: {reason}")),
+            Err(reason) => host.log(
+                Level::Warn,
+                &format!("companion {path} for {key} could not be sent: {reason}"),
+            ),
         }
     }
 
@@ -384,7 +600,10 @@ impl Worker {
             .values()
             .filter_map(|fetch| match fetch.stage {
                 Stage::Queued => Some(KICK_TICK_MS),
-                Stage::Fetching { wake_at_ms: Some(at), .. } => Some(at.saturating_sub(now_ms).clamp(KICK_TICK_MS, MAX_TICK_MS)),
+                Stage::Fetching {
+                    wake_at_ms: Some(at),
+                    ..
+                } => Some(at.saturating_sub(now_ms).clamp(KICK_TICK_MS, MAX_TICK_MS)),
                 _ => None,
             })
             .min()

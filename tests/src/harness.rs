@@ -279,6 +279,14 @@ impl Envoy {
         serde_json::json!({ "genesys": { "loginClusterPattern": "genesys_login" } })
     }
 
+    /// The default filter configuration with `overrides` merged in (objects merge
+    /// field by field; anything else replaces).
+    pub fn filter_config_with(overrides: serde_json::Value) -> serde_json::Value {
+        let mut config = Self::default_filter_config();
+        merge_json(&mut config, overrides);
+        config
+    }
+
     /// Starts Envoy (`--concurrency` workers) with `filter_config` and waits until it is live.
     pub async fn start(
         dir: &Path,
@@ -347,6 +355,17 @@ impl Envoy {
     /// The base URL of the listener.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+fn merge_json(base: &mut serde_json::Value, overrides: serde_json::Value) {
+    match (base, overrides) {
+        (serde_json::Value::Object(base), serde_json::Value::Object(overrides)) => {
+            for (key, value) in overrides {
+                merge_json(base.entry(key).or_insert(serde_json::Value::Null), value);
+            }
+        }
+        (base, overrides) => *base = overrides,
     }
 }
 

@@ -223,18 +223,36 @@ impl Companion {
 
     /// Leases `tenant`'s Genesys token; returns the raw response.
     pub async fn lease_raw(&self, tenant: &str) -> reqwest::Response {
+        self.lease_raw_owned(tenant, false).await
+    }
+
+    /// Like [`Companion::lease_raw`], as a future that can be spawned, optionally
+    /// skipping the cache.
+    pub fn lease_raw_owned(
+        &self,
+        tenant: &str,
+        force_refresh: bool,
+    ) -> impl std::future::Future<Output = reqwest::Response> + Send + 'static {
         let request = LeaseRequest {
             provider: Provider::Genesys,
             tenant_id: TenantId::parse(tenant).unwrap(),
+            force_refresh,
         };
-        self.post(LEASE_PATH, &serde_json::to_value(request).unwrap())
-            .await
+        let (http, url) = (self.http.clone(), format!("{}{LEASE_PATH}", self.base));
+        async move { http.post(url).json(&request).send().await.unwrap() }
     }
 
     /// Leases `tenant`'s Genesys token, expecting 200.
     pub async fn lease(&self, tenant: &str) -> LeaseResponse {
         let response = self.lease_raw(tenant).await;
         assert_eq!(response.status(), 200, "lease of {tenant}");
+        response.json().await.unwrap()
+    }
+
+    /// Leases `tenant`'s Genesys token skipping the cache (`forceRefresh`), expecting 200.
+    pub async fn lease_forced(&self, tenant: &str) -> LeaseResponse {
+        let response = self.lease_raw_owned(tenant, true).await;
+        assert_eq!(response.status(), 200, "forced lease of {tenant}");
         response.json().await.unwrap()
     }
 
@@ -281,11 +299,18 @@ impl Companion {
     }
 }
 
-impl Drop for Companion {
-    fn drop(&mut self) {
+impl Companion {
+    /// Completes the shutdown future (as Ctrl-C or SIGTERM would for the binary).
+    pub fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+impl Drop for Companion {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

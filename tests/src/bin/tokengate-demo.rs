@@ -24,12 +24,27 @@ async fn main() {
     let url = format!("{}/api/conversations", stack.envoy.url());
     println!();
     println!("  Envoy listener     {}", stack.envoy.url());
-    println!("  Envoy admin        http://127.0.0.1:{}/stats?filter=wasm", stack.envoy.admin_port);
-    println!("  companion          http://127.0.0.1:{}", stack.companion.port);
+    println!(
+        "  Envoy admin        http://127.0.0.1:{}/stats?filter=wasm",
+        stack.envoy.admin_port
+    );
+    println!(
+        "  companion          http://127.0.0.1:{}",
+        stack.companion.port
+    );
     println!("  redis              {}", stack.redis.url());
-    println!("  Tenant Service     http://{}  (stand-in)", stack.standins.tenant_service);
-    println!("  Genesys login      http://{}  (stand-in)", stack.standins.login);
-    println!("  upstream app       http://{}  (stand-in, echoes the headers it got)", stack.standins.echo);
+    println!(
+        "  Tenant Service     http://{}  (stand-in)",
+        stack.standins.tenant_service
+    );
+    println!(
+        "  Genesys login      http://{}  (stand-in)",
+        stack.standins.login
+    );
+    println!(
+        "  upstream app       http://{}  (stand-in, echoes the headers it got)",
+        stack.standins.echo
+    );
     println!("  logs               {}", stack.dir.path().display());
     println!();
 
@@ -41,7 +56,12 @@ async fn main() {
                 let status = response.status();
                 let body: serde_json::Value = response.json().await.unwrap_or_default();
                 println!("  status {status}; the upstream saw:");
-                println!("  authorization: {}", body["headers"]["authorization"].as_str().unwrap_or("(none)"));
+                println!(
+                    "  authorization: {}",
+                    body["headers"]["authorization"]
+                        .as_str()
+                        .unwrap_or("(none)")
+                );
             }
             Err(error) => println!("  request failed: {error}"),
         }
@@ -52,13 +72,17 @@ async fn main() {
         );
         println!();
     }
-    println!("The second request was served from the gateway's cache: no new Tenant Service or login call.");
+    println!(
+        "The second request was served from the gateway's cache: no new Tenant Service or login call."
+    );
 
     if args.once {
         return;
     }
     println!();
-    println!("Try other tenants: globex, initech, umbrella, hooli, wayne; an unknown one gets a JSON error:");
+    println!(
+        "Try other tenants: globex, initech, umbrella, hooli, wayne; an unknown one gets a JSON error:"
+    );
     println!("  curl -s -H 'x-tenant-id: globex' {url}");
     println!("  curl -s -H 'x-tenant-id: nobody' {url}");
     println!("Press Ctrl-C to stop everything.");

@@ -1,0 +1,191 @@
+//! The original service's token API: `POST /auth/token` with a JSON body, or the
+//! legacy `GET /auth/token` with the type in `X-Credential-Type`, answered with a
+//! `TokenResponse`. Served by the filter in endpoint mode and by the companion.
+
+use serde::{Deserialize, Serialize};
+
+use crate::credentials::format_rfc3339_ms;
+use crate::error::{ErrorCode, TokenError};
+use crate::provider::{Provider, TenantId, TokenKey};
+use crate::secret::SecretString;
+
+/// Path of the token API, for `POST` and the legacy `GET`.
+pub const TOKEN_PATH: &str = "/auth/token";
+/// Header naming the provider in the legacy `GET`.
+pub const CREDENTIAL_TYPE_HEADER: &str = "x-credential-type";
+
+/// The body of `POST /auth/token`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenRequestBody {
+    tenant_id: Option<String>,
+    #[serde(rename = "type")]
+    provider: Option<String>,
+    #[serde(default)]
+    force_refresh: bool,
+}
+
+/// A validated token request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRequest {
+    /// The token asked for.
+    pub key: TokenKey,
+    /// Skip the caches and fetch a new token.
+    pub force_refresh: bool,
+}
+
+impl TokenRequest {
+    /// Reads a `POST /auth/token` body: `{"tenantId","type","forceRefresh"}`.
+    pub fn from_json(body: &[u8]) -> Result<Self, TokenError> {
+        let body: TokenRequestBody = serde_json::from_slice(body).map_err(|error| {
+            TokenError::new(
+                ErrorCode::InvalidRequest,
+                format!("the body is not a token request: {error}"),
+            )
+        })?;
+        let tenant_id = body
+            .tenant_id
+            .ok_or_else(|| TokenError::new(ErrorCode::InvalidRequest, "tenantId is required"))?;
+        let provider = body
+            .provider
+            .ok_or_else(|| TokenError::new(ErrorCode::InvalidRequest, "type is required"))?;
+        Ok(Self {
+            key: TokenKey::new(Provider::parse(&provider)?, TenantId::parse(&tenant_id)?),
+            force_refresh: body.force_refresh,
+        })
+    }
+
+    /// Reads a legacy `GET /auth/token`: the tenant from its header, the type from
+    /// `X-Credential-Type` (Genesys when absent, as the original service did).
+    pub fn from_headers(
+        tenant: Option<&str>,
+        credential_type: Option<&str>,
+    ) -> Result<Self, TokenError> {
+        let tenant_id = TenantId::parse(tenant.unwrap_or_default())?;
+        let provider = Provider::parse(credential_type.unwrap_or("genesys"))?;
+        Ok(Self {
+            key: TokenKey::new(provider, tenant_id),
+            force_refresh: false,
+        })
+    }
+}
+
+/// Where a token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenSource {
+    /// A cache (the gateway's or the cluster's).
+    Cache,
+    /// Fetched for this request.
+    Fresh,
+}
+
+/// The answer of the token API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenResponse {
+    /// The bearer token.
+    pub access_token: SecretString,
+    /// Seconds until it expires (may be <= 0 for a WhatsApp token served once).
+    pub expires_in: i64,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// `cache` or `fresh`.
+    pub source: TokenSource,
+    /// Expiry as ISO-8601 UTC with milliseconds.
+    pub expires_at: String,
+}
+
+impl TokenResponse {
+    /// A response for a token that expires at `expires_at_ms`, answered at `now_ms`.
+    pub fn new(
+        access_token: SecretString,
+        expires_at_ms: u64,
+        now_ms: u64,
+        source: TokenSource,
+    ) -> Self {
+        let remaining_ms = i128::from(expires_at_ms) - i128::from(now_ms);
+        Self {
+            access_token,
+            expires_in: i64::try_from(remaining_ms.div_euclid(1000)).unwrap_or(0),
+            token_type: "Bearer".to_owned(),
+            source,
+            expires_at: format_rfc3339_ms(expires_at_ms),
+        }
+    }
+
+    /// Serializes to JSON. The bytes carry the token: wipe or send them at once.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn a_post_body_is_read_with_its_force_refresh_flag() {
+        let request = TokenRequest::from_json(
+            br#"{"tenantId":"acme","type":"whatsapp","forceRefresh":true}"#,
+        )
+        .unwrap();
+        assert_eq!(request.key.provider, Provider::Whatsapp);
+        assert_eq!(request.key.tenant_id.as_str(), "acme");
+        assert!(request.force_refresh);
+        let request = TokenRequest::from_json(br#"{"tenantId":"acme","type":"genesys"}"#).unwrap();
+        assert!(!request.force_refresh);
+    }
+
+    #[test]
+    fn bad_bodies_are_invalid_requests() {
+        for body in [
+            &b"not json"[..],
+            br#"{"type":"genesys"}"#,
+            br#"{"tenantId":"acme"}"#,
+            br#"{"tenantId":"acme","type":"slack"}"#,
+            br#"{"tenantId":"a/b","type":"genesys"}"#,
+            br#"{"tenantId":"acme","type":"genesys","forceRefresh":"yes"}"#,
+        ] {
+            let error = TokenRequest::from_json(body).unwrap_err();
+            assert_eq!(
+                error.code,
+                ErrorCode::InvalidRequest,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn the_legacy_get_defaults_to_genesys() {
+        let request = TokenRequest::from_headers(Some("acme"), None).unwrap();
+        assert_eq!(request.key.provider, Provider::Genesys);
+        assert_eq!(
+            TokenRequest::from_headers(Some("acme"), Some("fax"))
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(
+            TokenRequest::from_headers(None, None).unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn the_response_is_camel_case_with_an_iso_expiry() {
+        let response = TokenResponse::new(
+            SecretString::from("t"),
+            1_893_456_000_000,
+            1_893_455_000_000,
+            TokenSource::Fresh,
+        );
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&response.to_json()).unwrap(),
+            serde_json::json!({"accessToken":"t","expiresIn":1000,"tokenType":"Bearer","source":"fresh","expiresAt":"2030-01-01T00:00:00.000Z"})
+        );
+    }
+}
