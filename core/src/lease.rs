@@ -11,6 +11,9 @@
 //!    `POST /v1/commit` ([`CommitRequest`]: store the token, release the lock, wake waiters) or
 //!    `POST /v1/abort` ([`AbortRequest`]: release the lock so a waiter takes over).
 //!
+//! 3. `POST /v1/invalidate` ([`InvalidateRequest`]) drops a token from the cluster cache
+//!    (an upstream rejected it, or a caller forces a refresh).
+//!
 //! Errors come back with the status of their [`crate::ErrorCode`] and an [`crate::ErrorBody`].
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +28,8 @@ pub const LEASE_PATH: &str = "/v1/lease";
 pub const COMMIT_PATH: &str = "/v1/commit";
 /// Path of the abort call.
 pub const ABORT_PATH: &str = "/v1/abort";
+/// Path of the invalidate call.
+pub const INVALIDATE_PATH: &str = "/v1/invalidate";
 
 /// Asks for a token, or for the right to fetch it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +92,20 @@ pub struct AbortRequest {
     pub tenant_id: TenantId,
     /// The lease being ended.
     pub lease_id: LeaseId,
+}
+
+/// Drops a token from the cluster cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InvalidateRequest {
+    /// The token's provider.
+    pub provider: Provider,
+    /// The tenant the token is for.
+    pub tenant_id: TenantId,
+    /// Drop the cached token only if it is this one, so that purging a rejected token
+    /// never drops the fresh token that already replaced it. `None` drops whatever is cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<SecretString>,
 }
 
 /// The unique value a lock holder proves itself with.
