@@ -11,16 +11,20 @@
 //!
 //! The `{p:t}` hash tag puts a key's token and lock in the same cluster slot, which a
 //! script touching both requires. Every operation is bounded by the configured Redis
-//! timeout, so a hung Redis turns into [`StoreError::Timeout`], not a hung request.
+//! timeout, so a hung Redis turns into [`StoreError::Timeout`], not a hung request, and
+//! every operation's outcome is reported to the [`Health`] verdict.
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisError, Script};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::sync::LazyLock;
+use std::sync::Arc;
 use std::time::Duration;
 use tokengate_core::lease::LeaseId;
 use tokengate_core::{CachedToken, SecretBytes, SecretString, TokenKey};
+
+use crate::health::Health;
 
 /// A cached token is only handed out if it stays valid at least this long, so a caller
 /// does not receive a token that expires while its request is in flight.
@@ -119,6 +123,17 @@ pub struct CommitOutcome {
     pub stored: bool,
 }
 
+/// What an invalidation found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalidated {
+    /// The cached token was deleted.
+    Deleted,
+    /// A different token is cached; it was kept.
+    Mismatch,
+    /// No token was cached.
+    NotCached,
+}
+
 /// A failed Redis operation.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -131,6 +146,34 @@ pub enum StoreError {
     /// A value could not be encoded for Redis.
     #[error("could not encode the cached value: {0}")]
     Encode(String),
+}
+
+impl StoreError {
+    /// Whether this failure says Redis cannot be reached or used at all (connection
+    /// refused or lost, timeout, loading, no master), as opposed to an error reply to
+    /// one command. Only these count towards the unhealthy verdict.
+    pub fn is_unavailability(&self) -> bool {
+        use redis::{ErrorKind, ServerErrorKind};
+        match self {
+            StoreError::Timeout(_) => true,
+            StoreError::Encode(_) => false,
+            StoreError::Redis(error) => {
+                error.is_io_error()
+                    || error.is_timeout()
+                    || error.is_connection_refusal()
+                    || error.is_connection_dropped()
+                    || error.is_unrecoverable_error()
+                    || matches!(
+                        error.kind(),
+                        ErrorKind::Server(
+                            ServerErrorKind::BusyLoading
+                                | ServerErrorKind::MasterDown
+                                | ServerErrorKind::ClusterDown
+                        )
+                    )
+            }
+        }
+    }
 }
 
 /// Answers the cached token if it expires after ARGV[3] (unless ARGV[4] is `1`: skip
@@ -205,6 +248,31 @@ return 0
     )
 });
 
+/// Deletes the cached token, only if it carries the given access token when one is
+/// given, so purging a rejected token never drops the fresh one that replaced it. A
+/// value that is not our JSON never matches a given token.
+///
+/// KEYS: token. ARGV: `1` to compare (`0`: drop whatever is cached), access token.
+/// Returns 1 if deleted, 2 if a different token is cached, 0 if none is.
+static INVALIDATE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local raw = redis.call('get', KEYS[1])
+if not raw then
+  return 0
+end
+if ARGV[1] == '1' then
+  local ok, stored = pcall(cjson.decode, raw)
+  if not ok or type(stored) ~= 'table' or stored.accessToken ~= ARGV[2] then
+    return 2
+  end
+end
+redis.call('del', KEYS[1])
+return 1
+",
+    )
+});
+
 /// The companion's handle on Redis: cheap to clone, reconnects by itself.
 #[derive(Clone)]
 pub struct Store {
@@ -214,6 +282,8 @@ pub struct Store {
     timeout: Duration,
     /// The `PX` of every lock taken; also told to the lease holder.
     lock_ttl_ms: u64,
+    /// Told the outcome of every operation, so real traffic feeds the health verdict.
+    health: Arc<Health>,
 }
 
 impl std::fmt::Debug for Store {
@@ -227,8 +297,14 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Creates the store for `client` without connecting yet: the first operation
-    /// connects, so the companion starts (and answers 503) while Redis is down.
-    pub fn new(client: Client, timeout: Duration, lock_ttl_ms: u64) -> Result<Self, StoreError> {
+    /// connects, so the companion starts while Redis is down. Every operation's outcome
+    /// is reported to `health`.
+    pub fn new(
+        client: Client,
+        timeout: Duration,
+        lock_ttl_ms: u64,
+        health: Arc<Health>,
+    ) -> Result<Self, StoreError> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
@@ -239,7 +315,35 @@ impl Store {
             conn,
             timeout,
             lock_ttl_ms,
+            health,
         })
+    }
+
+    /// The health verdict this store reports to.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// The health monitor's probe: `PING`. Unlike a request's operation, any failure
+    /// counts against Redis' health, error replies included (`NOAUTH`, `LOADING`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let cmd = redis::cmd("PING");
+        let result: Result<String, StoreError> = self
+            .attempt(|mut conn| {
+                let cmd = &cmd;
+                async move { cmd.query_async(&mut conn).await }
+            })
+            .await;
+        match result {
+            Ok(_) => {
+                self.health.record_success();
+                Ok(())
+            }
+            Err(error) => {
+                self.health.record_failure(&error);
+                Err(error)
+            }
+        }
     }
 
     /// The TTL every lock is taken with, in milliseconds.
@@ -371,12 +475,49 @@ impl Store {
         Ok(released == 1)
     }
 
+    /// Deletes the cached token of `tag`; with `access_token`, only if it is that token.
+    pub async fn invalidate(
+        &self,
+        tag: &str,
+        access_token: Option<&SecretString>,
+    ) -> Result<Invalidated, StoreError> {
+        let mut invocation = INVALIDATE_SCRIPT.prepare_invoke();
+        invocation.key(token_key(tag));
+        match access_token {
+            Some(token) => invocation.arg("1").arg(token.expose()),
+            None => invocation.arg("0").arg(""),
+        };
+        let found: i64 = self
+            .query(|mut conn| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut conn).await }
+            })
+            .await?;
+        Ok(match found {
+            1 => Invalidated::Deleted,
+            2 => Invalidated::Mismatch,
+            _ => Invalidated::NotCached,
+        })
+    }
+
+    /// [`Store::attempt`], with the outcome reported to the health verdict.
+    async fn query<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let result = self.attempt(operation).await;
+        self.health.observe(&result);
+        result
+    }
+
     /// Runs one Redis operation under the store's timeout. If the connection turns out
     /// to be dead (Redis restarted, a proxy dropped it), the operation runs once more on
     /// the connection the manager re-establishes, so a restart costs no failed request.
     /// Every operation here is safe to repeat: reads, and scripts that recognise their
-    /// own earlier effect (the lock already held by this lease, the token already stored).
-    async fn query<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
+    /// own earlier effect (the lock already held by this lease, the token already stored,
+    /// the token already deleted).
+    async fn attempt<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,

@@ -405,7 +405,8 @@ mod tests {
     async fn held(holder: &LeaseId) -> (Redis, Store, Arc<Waits>) {
         let (redis, port) = start_redis();
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-        let store = Store::new(client, Duration::from_secs(1), 10_000).unwrap();
+        let health = Arc::new(crate::health::Health::new(3));
+        let store = Store::new(client, Duration::from_secs(1), 10_000, health).unwrap();
         assert_eq!(
             store.acquire(TAG, holder, Some(0)).await.unwrap(),
             Acquire::Locked

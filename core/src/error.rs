@@ -38,6 +38,23 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, e.g. to define one stat per failure cause.
+    pub const ALL: [ErrorCode; 13] = [
+        ErrorCode::InvalidRequest,
+        ErrorCode::CredentialsNotFound,
+        ErrorCode::TenantServiceUnavailable,
+        ErrorCode::UnknownRegion,
+        ErrorCode::OauthInvalidGrant,
+        ErrorCode::OauthExchangeFailed,
+        ErrorCode::LockAcquisitionFailed,
+        ErrorCode::CacheUnavailable,
+        ErrorCode::CompanionUnavailable,
+        ErrorCode::Unauthorized,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::InternalError,
+    ];
+
     /// The HTTP status this code is answered with.
     pub fn http_status(self) -> u16 {
         match self {

@@ -55,6 +55,9 @@ pub struct FetchConfig {
     pub whatsapp_safety_buffer_secs: u64,
     /// Lifetime given to a WhatsApp token that has no `expiresAt`.
     pub whatsapp_default_ttl_secs: u64,
+    /// The whole fetch (every attempt, timeout and backoff) ends within this long; no
+    /// retry starts that could not finish in time. A lock guarding a fetch must outlive it.
+    pub deadline_ms: u64,
 }
 
 impl Default for FetchConfig {
@@ -69,23 +72,8 @@ impl Default for FetchConfig {
             default_region: None,
             whatsapp_safety_buffer_secs: 300,
             whatsapp_default_ttl_secs: 3_600,
+            deadline_ms: 25_000,
         }
-    }
-}
-
-impl FetchConfig {
-    /// The longest a fetch can take when every attempt times out and every backoff is
-    /// waited in full (rate-limit backoffs at their cap). A lock guarding a fetch must
-    /// outlive this.
-    pub fn worst_case_duration_ms(&self) -> u64 {
-        let tenant_service = u64::from(self.tenant_service_retries + 1)
-            * self.tenant_service_timeout_ms
-            + (0..self.tenant_service_retries)
-                .map(retry_backoff_ms)
-                .sum::<u64>();
-        let oauth = u64::from(self.oauth_retries + 1) * self.oauth_timeout_ms
-            + u64::from(self.oauth_retries) * MAX_RATE_LIMIT_WAIT_MS;
-        tenant_service + oauth
     }
 }
 
@@ -101,6 +89,9 @@ pub fn rate_limit_backoff_ms(attempt: u32) -> u64 {
 
 /// The longest wait a `Retry-After` may impose.
 pub const MAX_RATE_LIMIT_WAIT_MS: u64 = 30_000;
+
+/// A retry is only started when at least this much of the deadline is left for it.
+pub const MIN_ATTEMPT_MS: u64 = 100;
 
 /// Where an [`OutboundRequest`] goes; the driver maps it to an Envoy cluster or a URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,6 +205,8 @@ pub struct FetchFlow {
     phase: Phase,
     /// Why the last attempt failed, for the waiting step's reason and the final error.
     last_failure: String,
+    /// When the whole fetch must be over (set at the first poll).
+    deadline_at_ms: Option<u64>,
 }
 
 impl std::fmt::Debug for FetchFlow {
@@ -245,6 +238,7 @@ impl FetchFlow {
                 not_before: 0,
             },
             last_failure: String::new(),
+            deadline_at_ms: None,
         }
     }
 
@@ -255,6 +249,10 @@ impl FetchFlow {
 
     /// What to do next at time `now_ms`.
     pub fn poll(&mut self, now_ms: u64) -> Step {
+        let deadline_at_ms = *self
+            .deadline_at_ms
+            .get_or_insert(now_ms.saturating_add(self.config.deadline_ms));
+        let attempt_budget_ms = deadline_at_ms.saturating_sub(now_ms).max(1);
         match std::mem::replace(
             &mut self.phase,
             Phase::FetchCredentials {
@@ -277,7 +275,7 @@ impl FetchFlow {
             }
             Phase::FetchCredentials { attempt, .. } => {
                 self.phase = Phase::AwaitCredentials { attempt };
-                Step::Send(self.credentials_request())
+                Step::Send(self.credentials_request(attempt_budget_ms))
             }
             Phase::Exchange {
                 credentials,
@@ -302,7 +300,7 @@ impl FetchFlow {
                 attempt,
                 ..
             } => {
-                let request = self.exchange_request(&credentials, &host);
+                let request = self.exchange_request(&credentials, &host, attempt_budget_ms);
                 self.phase = Phase::AwaitExchange {
                     credentials,
                     host,
@@ -341,7 +339,13 @@ impl FetchFlow {
         };
     }
 
-    fn credentials_request(&self) -> OutboundRequest {
+    /// Whether a retry starting at `not_before` still fits before the deadline.
+    fn retry_fits(&self, not_before: u64) -> bool {
+        self.deadline_at_ms
+            .is_none_or(|deadline| not_before.saturating_add(MIN_ATTEMPT_MS) <= deadline)
+    }
+
+    fn credentials_request(&self, budget_ms: u64) -> OutboundRequest {
         OutboundRequest {
             destination: Destination::TenantService,
             method: "GET",
@@ -357,11 +361,16 @@ impl FetchFlow {
                 ("accept", SecretString::from("application/json")),
             ],
             body: SecretBytes::default(),
-            timeout_ms: self.config.tenant_service_timeout_ms,
+            timeout_ms: self.config.tenant_service_timeout_ms.min(budget_ms),
         }
     }
 
-    fn exchange_request(&self, credentials: &GenesysCredentials, host: &str) -> OutboundRequest {
+    fn exchange_request(
+        &self,
+        credentials: &GenesysCredentials,
+        host: &str,
+        budget_ms: u64,
+    ) -> OutboundRequest {
         OutboundRequest {
             destination: Destination::GenesysLogin {
                 region: credentials.region.clone(),
@@ -378,7 +387,7 @@ impl FetchFlow {
                 ("accept", SecretString::from("application/json")),
             ],
             body: SecretBytes::new(oauth::CLIENT_CREDENTIALS_BODY.to_vec()),
-            timeout_ms: self.config.oauth_timeout_ms,
+            timeout_ms: self.config.oauth_timeout_ms.min(budget_ms),
         }
     }
 
@@ -456,9 +465,9 @@ impl FetchFlow {
     }
 
     fn retry_credentials(&mut self, now_ms: u64, attempt: u32, reason: String) -> Phase {
-        if attempt < self.config.tenant_service_retries {
+        let not_before = now_ms.saturating_add(retry_backoff_ms(attempt));
+        if attempt < self.config.tenant_service_retries && self.retry_fits(not_before) {
             self.last_failure = reason;
-            let not_before = now_ms.saturating_add(retry_backoff_ms(attempt));
             Phase::FetchCredentials {
                 attempt: attempt + 1,
                 not_before,
@@ -467,10 +476,11 @@ impl FetchFlow {
             self.fail(
                 ErrorCode::TenantServiceUnavailable,
                 format!(
-                    "failed to fetch {} credentials for tenant {} after {} attempts: {reason}",
+                    "failed to fetch {} credentials for tenant {} after {} attempts{}: {reason}",
                     self.key.provider,
                     self.key.tenant_id,
-                    attempt + 1
+                    attempt + 1,
+                    self.deadline_note(attempt, self.config.tenant_service_retries),
                 ),
             )
         }
@@ -557,22 +567,36 @@ impl FetchFlow {
                 retry_backoff_ms(attempt)
             }
         };
-        if attempt < self.config.oauth_retries {
+        let not_before = now_ms.saturating_add(delay_ms);
+        if attempt < self.config.oauth_retries && self.retry_fits(not_before) {
             Phase::Exchange {
                 credentials,
                 host,
                 attempt: attempt + 1,
-                not_before: now_ms.saturating_add(delay_ms),
+                not_before,
             }
         } else {
             self.fail(
                 ErrorCode::OauthExchangeFailed,
                 format!(
-                    "failed to exchange OAuth credentials for tenant {tenant} after {} attempts: {}",
+                    "failed to exchange OAuth credentials for tenant {tenant} after {} attempts{}: {}",
                     attempt + 1,
+                    self.deadline_note(attempt, self.config.oauth_retries),
                     self.last_failure
                 ),
             )
+        }
+    }
+
+    /// Says so when the deadline, not the retry count, ended the attempts.
+    fn deadline_note(&self, attempt: u32, retries: u32) -> String {
+        if attempt < retries {
+            format!(
+                " (the {} ms fetch deadline left no time to retry)",
+                self.config.deadline_ms
+            )
+        } else {
+            String::new()
         }
     }
 }

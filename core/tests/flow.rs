@@ -89,10 +89,12 @@ impl Driver {
                             self.login.pop_front()
                         }
                     };
-                    flow.handle_response(
-                        self.now_ms,
-                        result.expect("the script ran out of answers"),
-                    );
+                    let result = result.expect("the script ran out of answers");
+                    if matches!(result, CalloutResult::NoResponse) {
+                        // No answer means the attempt ran into its timeout.
+                        self.now_ms += request.timeout_ms;
+                    }
+                    flow.handle_response(self.now_ms, result);
                 }
                 Step::WaitUntil { at_ms, .. } => {
                     assert!(at_ms > self.now_ms, "a wait must lie in the future");
@@ -250,7 +252,8 @@ fn oauth_three_timeouts_fail_with_exchange_failed() {
     let (driver, result) = genesys(vec![ok(GENESYS_CREDENTIALS)], timeouts);
     assert_eq!(result.unwrap_err().code, ErrorCode::OauthExchangeFailed);
     assert_eq!(driver.login_calls, 3);
-    assert_eq!(driver.waits(), vec![0, 500, 1000]);
+    // Each attempt waits out its 10 s timeout, then the backoff.
+    assert_eq!(driver.waits(), vec![0, 10_500, 11_000]);
 }
 
 #[test]
@@ -327,8 +330,38 @@ fn whatsapp_token_inside_the_buffer_is_served_but_not_cacheable() {
 }
 
 #[test]
-fn the_worst_case_duration_covers_every_timeout_and_backoff() {
-    let config = FetchConfig::default();
-    // 3 x 5 s + 0.5 s + 1 s for the Tenant Service, 3 x 10 s + 2 x 30 s for the login.
-    assert_eq!(config.worst_case_duration_ms(), 16_500 + 90_000);
+fn no_retry_starts_that_the_fetch_deadline_cannot_hold() {
+    let config = FetchConfig {
+        deadline_ms: 1_500,
+        oauth_timeout_ms: 1_000,
+        ..FetchConfig::default()
+    };
+    let mut driver = Driver::new(
+        vec![ok(GENESYS_CREDENTIALS)],
+        vec![CalloutResult::NoResponse, ok(TOKEN)],
+    );
+    let error = driver.run(Provider::Genesys, &config).unwrap_err();
+    assert_eq!(error.code, ErrorCode::OauthExchangeFailed);
+    assert!(error.message.contains("deadline"), "{}", error.message);
+    assert_eq!(
+        driver.login_calls, 1,
+        "the retry at 1.5 s would end after the deadline"
+    );
+}
+
+#[test]
+fn attempt_timeouts_are_cut_to_what_is_left_of_the_deadline() {
+    let config = FetchConfig {
+        deadline_ms: 3_000,
+        ..FetchConfig::default()
+    };
+    let mut driver = Driver::new(vec![CalloutResult::NoResponse], vec![]);
+    let error = driver.run(Provider::Genesys, &config).unwrap_err();
+    assert_eq!(error.code, ErrorCode::TenantServiceUnavailable);
+    assert_eq!(driver.tenant_service_calls, 1);
+    assert_eq!(
+        driver.now_ms,
+        START_MS + 3_000,
+        "the 5 s timeout was cut to 3 s"
+    );
 }

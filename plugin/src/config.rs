@@ -30,6 +30,10 @@ pub struct FilterConfig {
     /// A cached token is not injected when it expires within this margin.
     #[serde(default = "default_expiry_margin_ms")]
     pub expiry_margin_ms: u64,
+    /// A whole fetch (Tenant Service and OAuth, every retry) ends within this long.
+    /// Keep it below the companion's `--lock-ttl-ms`.
+    #[serde(default = "default_fetch_deadline_ms")]
+    pub fetch_deadline_ms: u64,
     /// Where the companion is.
     #[serde(default)]
     pub companion: CompanionConfig,
@@ -65,6 +69,12 @@ pub struct CompanionConfig {
     pub authority: String,
     /// Timeout of a lease call; must exceed the companion's lease wait budget.
     pub timeout_ms: u64,
+    /// After the companion failed to answer, fetch without it (local mode) for this long
+    /// before trying it again.
+    pub retry_after_ms: u64,
+    /// In local mode, at most this many fetches per token key per minute on each worker;
+    /// requests beyond it get `503 COMPANION_UNAVAILABLE`.
+    pub local_fetches_per_minute: u32,
 }
 
 /// The Tenant Service's Envoy cluster and call policy.
@@ -121,13 +131,18 @@ fn default_authorization_header() -> String {
 fn default_expiry_margin_ms() -> u64 {
     5_000
 }
+fn default_fetch_deadline_ms() -> u64 {
+    FetchConfig::default().deadline_ms
+}
 
 impl Default for CompanionConfig {
     fn default() -> Self {
         Self {
             cluster: "tokengate_companion".to_owned(),
             authority: "tokengate-companion".to_owned(),
-            timeout_ms: 35_000,
+            timeout_ms: 40_000,
+            retry_after_ms: 5_000,
+            local_fetches_per_minute: 6,
         }
     }
 }
@@ -243,6 +258,11 @@ impl FilterConfig {
             ("companion.timeoutMs", self.companion.timeout_ms),
             ("tenantService.timeoutMs", self.tenant_service.timeout_ms),
             ("genesys.timeoutMs", self.genesys.timeout_ms),
+            ("fetchDeadlineMs", self.fetch_deadline_ms),
+            (
+                "companion.localFetchesPerMinute",
+                u64::from(self.companion.local_fetches_per_minute),
+            ),
         ] {
             if value == 0 {
                 return fail(path, "must be greater than 0");
@@ -280,6 +300,7 @@ impl FilterConfig {
             default_region: self.genesys.default_region.clone(),
             whatsapp_safety_buffer_secs: self.whatsapp.safety_buffer_secs,
             whatsapp_default_ttl_secs: self.whatsapp.default_ttl_secs,
+            deadline_ms: self.fetch_deadline_ms,
         }
     }
 }

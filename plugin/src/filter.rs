@@ -5,12 +5,13 @@
 #![allow(unsafe_code)] // `#[unsafe(no_mangle)]` on the module's entry point.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use tokengate_core::token_api::{
     CREDENTIAL_TYPE_HEADER, TOKEN_PATH, TokenRequest, TokenResponse, TokenSource,
@@ -20,7 +21,7 @@ use tokengate_core::{
 };
 
 use crate::config::{FilterConfig, Mode};
-use crate::host::{Callout, Host, Level};
+use crate::host::{Callout, Host, Level, Metric};
 use crate::worker::{Decision, Delivery, TokenAsk, Worker};
 
 /// The entry point Envoy calls when it loads the module.
@@ -30,15 +31,62 @@ pub extern "C" fn _initialize() {
         Box::new(Root {
             context_id,
             worker: None,
+            metrics: MetricIds::default(),
         })
     });
 }
 
+/// Stat ids of this worker's VM, defined once in `on_configure`.
+type MetricIds = Rc<HashMap<Metric, u32>>;
+
 /// [`Host`] over the proxy-wasm host functions.
+#[derive(Clone)]
 struct ProxyWasmHost {
     /// The root context: callouts and timers belong to it, so the effective context
     /// is set back to it after touching a request's context.
     root_context_id: u32,
+    /// Where `count` finds each stat.
+    metrics: MetricIds,
+}
+
+/// Defines every stat; a name Envoy refuses is logged and left uncounted.
+fn define_metrics() -> HashMap<Metric, u32> {
+    Metric::all()
+        .filter_map(
+            |metric| match hostcalls::define_metric(MetricType::Counter, &metric.name()) {
+                Ok(id) => Some((metric, id)),
+                Err(status) => {
+                    let _ = hostcalls::log(
+                        LogLevel::Warn,
+                        &format!("stat {} not defined ({status:?})", metric.name()),
+                    );
+                    None
+                }
+            },
+        )
+        .collect()
+}
+
+/// A number unique among the workers of this Envoy: a shared counter (a racing first
+/// creation can hand out a number twice, FACTS §3) combined with the clock's nanoseconds.
+fn allocate_worker_id() -> u64 {
+    const KEY: &str = "tokengate.v1.worker_seq";
+    let mut sequence = 0u64;
+    for _ in 0..16 {
+        let (value, cas) = hostcalls::get_shared_data(KEY).unwrap_or((None, None));
+        let current = value
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        sequence = current.wrapping_add(1);
+        if hostcalls::set_shared_data(KEY, Some(&sequence.to_be_bytes()), cas).is_ok() {
+            break;
+        }
+    }
+    let nanos = hostcalls::get_current_time()
+        .ok()
+        .and_then(|now| now.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |since| u64::from(since.subsec_nanos()));
+    (sequence << 30) | (nanos & 0x3FFF_FFFF) | 1
 }
 
 impl Host for ProxyWasmHost {
@@ -112,6 +160,12 @@ impl Host for ProxyWasmHost {
         let _ = hostcalls::set_tick_period(Duration::from_millis(period_ms));
     }
 
+    fn count(&mut self, metric: Metric) {
+        if let Some(id) = self.metrics.get(&metric) {
+            let _ = hostcalls::increment_metric(*id, 1);
+        }
+    }
+
     fn log(&mut self, level: Level, message: &str) {
         let level = match level {
             Level::Debug => LogLevel::Debug,
@@ -146,12 +200,14 @@ fn send_json(status: u16, body: &[u8]) -> bool {
 struct Root {
     context_id: u32,
     worker: Option<Rc<RefCell<Worker>>>,
+    metrics: MetricIds,
 }
 
 impl Root {
     fn host(&self) -> ProxyWasmHost {
         ProxyWasmHost {
             root_context_id: self.context_id,
+            metrics: Rc::clone(&self.metrics),
         }
     }
 }
@@ -198,7 +254,9 @@ impl RootContext for Root {
             .unwrap_or_default();
         match FilterConfig::parse(&bytes) {
             Ok(config) => {
-                self.worker = Some(Rc::new(RefCell::new(Worker::new(config))));
+                self.metrics = Rc::new(define_metrics());
+                let worker = Worker::new(config, allocate_worker_id());
+                self.worker = Some(Rc::new(RefCell::new(worker)));
                 true
             }
             Err(error) => {
@@ -221,7 +279,7 @@ impl RootContext for Root {
         let config = Rc::clone(worker.try_borrow().ok()?.config());
         Some(Box::new(Request {
             context_id,
-            root_context_id: self.context_id,
+            host: self.host(),
             config,
             worker,
             awaiting_body: false,
@@ -237,7 +295,8 @@ impl RootContext for Root {
 /// One per request: works out what it asks for and hands over to the worker.
 struct Request {
     context_id: u32,
-    root_context_id: u32,
+    /// Host calls on behalf of the worker (its root context and stats).
+    host: ProxyWasmHost,
     /// The worker's configuration, shared without borrowing the worker.
     config: Rc<FilterConfig>,
     worker: Rc<RefCell<Worker>>,
@@ -265,9 +324,7 @@ impl Request {
 
     /// Hands a validated request to the worker and applies its decision.
     fn ask(&self, key: TokenKey, delivery: Delivery, force_refresh: bool) -> Action {
-        let mut host = ProxyWasmHost {
-            root_context_id: self.root_context_id,
-        };
+        let mut host = self.host.clone();
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
             return self.reject(
                 &TokenError::new(ErrorCode::InternalError, "tokengate worker busy"),

@@ -1,6 +1,8 @@
 //! What the filter logic needs from its host, as a trait: the real implementation
 //! calls proxy-wasm host functions (see `filter`), the tests use a recording fake.
 
+use tokengate_core::ErrorCode;
+
 /// Severity of a log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -12,6 +14,65 @@ pub enum Level {
     Warn,
     /// Something failed and a request got an error.
     Error,
+}
+
+/// A counter the filter exposes as an Envoy stat (see the README's stats table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Metric {
+    /// A request was served from the gateway cache.
+    CacheHit,
+    /// A request missed the gateway cache.
+    CacheMiss,
+    /// A request joined a fetch already under way on its worker or its Envoy.
+    CollapsedWaiter,
+    /// A fetch (Tenant Service and OAuth) started on this worker.
+    FetchStarted,
+    /// A fetch ended with a token.
+    FetchSucceeded,
+    /// A fetch, lease or wait ended with this error.
+    FetchFailed(ErrorCode),
+    /// The companion answered a lease with a token from the cluster cache.
+    ClusterCacheHit,
+    /// The companion could not be reached: the fetch ran in local mode.
+    CompanionFallback,
+}
+
+impl Metric {
+    /// Every metric, for defining them all up front (so they show as 0 from the start).
+    pub fn all() -> impl Iterator<Item = Metric> {
+        [
+            Metric::CacheHit,
+            Metric::CacheMiss,
+            Metric::CollapsedWaiter,
+            Metric::FetchStarted,
+            Metric::FetchSucceeded,
+            Metric::ClusterCacheHit,
+            Metric::CompanionFallback,
+        ]
+        .into_iter()
+        .chain(ErrorCode::ALL.into_iter().map(Metric::FetchFailed))
+    }
+
+    /// The stat's name (Envoy shows it as is in `/stats`, and as `tokengate_...` in
+    /// Prometheus output).
+    pub fn name(self) -> String {
+        let name = match self {
+            Metric::CacheHit => "cache_hit",
+            Metric::CacheMiss => "cache_miss",
+            Metric::CollapsedWaiter => "collapsed_waiter",
+            Metric::FetchStarted => "fetch_started",
+            Metric::FetchSucceeded => "fetch_succeeded",
+            Metric::ClusterCacheHit => "cluster_cache_hit",
+            Metric::CompanionFallback => "companion_fallback",
+            Metric::FetchFailed(code) => {
+                return format!(
+                    "tokengate.fetch_failed.{}",
+                    code.as_str().to_ascii_lowercase()
+                );
+            }
+        };
+        format!("tokengate.{name}")
+    }
 }
 
 /// An HTTP call to an Envoy cluster.
@@ -51,6 +112,8 @@ pub trait Host {
     fn reply_json(&mut self, context_id: u32, status: u16, body: &[u8]) -> bool;
     /// Sets how often the worker's `on_tick` runs; 0 stops it.
     fn set_tick_period_ms(&mut self, period_ms: u64);
+    /// Adds one to a counter.
+    fn count(&mut self, metric: Metric);
     /// Writes a log line. Callers never pass secrets.
     fn log(&mut self, level: Level, message: &str);
 }

@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: the filter's JSON configuration, validated at load.
 //! - [`worker`]: per-worker logic (cache, in-flight fetches, paused requests), host-agnostic.
-//! - [`host`]: the host functions the logic needs, as a trait.
+//! - [`host`]: the host functions and stats the logic needs, as a trait.
+//! - [`inflight`]: the per-Envoy in-flight marker in shared data (tier 2 of collapsing).
 //! - `filter` (wasm32 only): the proxy-wasm root and HTTP contexts, thin glue over [`worker`].
 
 #![cfg_attr(
@@ -12,6 +13,7 @@
 
 pub mod config;
 pub mod host;
+pub mod inflight;
 pub mod worker;
 
 #[cfg(target_arch = "wasm32")]

@@ -1,16 +1,26 @@
 //! The per-worker brain of the filter: the token cache lookup, the in-flight fetches
 //! of this worker, and the requests paused on each of them.
 //!
-//! Envoy runs one copy per worker thread (one root context each). Requests of the
-//! same worker that miss the cache for the same token wait on one fetch (tier 1 of
-//! collapsing); the companion's lease collapses fetches across workers and Envoys.
-//! All callouts are sent from the root context (on a tick or in a callout answer),
-//! so no answer is lost when the request that caused a fetch goes away.
+//! Envoy runs one copy per worker thread (one root context each). Fetches collapse in
+//! three tiers: requests of one worker that miss the cache for the same key wait on
+//! one fetch (the `fetches` map); workers of one Envoy wait for the one that claimed
+//! the key's in-flight marker in shared data ([`crate::inflight`]); Envoys wait for
+//! the one holding the companion's Redis lock (the lease).
 //!
-//! A fetch for one key goes: `Queued` (until the next tick) -> `Leasing` (companion
-//! `POST /v1/lease`) -> either a `hit` (done) or `Fetching` (the core [`FetchFlow`]
-//! runs its callouts and backoffs) -> commit or abort to the companion, then every
-//! waiting request is resumed with the token or answered with the error.
+//! All callouts leave from the root context (on a tick or in a callout answer), so no
+//! answer is lost when the request that caused a fetch goes away. A key's fetch goes:
+//!
+//! ```text
+//! Queued --tick--> WaitingOnPeer --(token in shared cache)--> done
+//!    |                  \--(marker released or expired)--> Queued
+//!    |--(claimed marker)--> Leasing --hit--> done
+//!    |                         \--fetch--> Fetching(lease) --> commit / abort --> done
+//!    |                         \--companion unreachable--> Fetching(local)
+//!    \--(companion known down)--> Fetching(local) --> done
+//! ```
+//!
+//! When the fetch ends every waiting request is resumed with the token (inject mode)
+//! or answered with it (endpoint mode), or answered with the error.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -27,7 +37,8 @@ use tokengate_core::{
 };
 
 use crate::config::FilterConfig;
-use crate::host::{Callout, Host, Level};
+use crate::host::{Callout, Host, Level, Metric};
+use crate::inflight::{Marker, Peer, marker_key};
 
 /// What the request context does after asking for a token.
 #[derive(Debug)]
@@ -78,16 +89,18 @@ struct Waiter {
 /// Where one key's fetch stands.
 #[derive(Debug)]
 enum Stage {
-    /// Waiting for the next tick to send the lease (callouts leave from the root context).
+    /// Waiting for the next tick (callouts leave from the root context).
     Queued,
+    /// Another worker of this Envoy fetches the key: watch the shared cache.
+    WaitingOnPeer,
     /// The lease call is outstanding.
     Leasing,
-    /// This worker holds the cluster-wide lease and runs the fetch.
+    /// This worker runs the fetch.
     Fetching {
         /// The core state machine doing the fetch.
         flow: Box<FetchFlow>,
-        /// The lease to commit or abort when the flow ends.
-        lease_id: LeaseId,
+        /// The companion lease to commit or abort at the end; `None` in local mode.
+        lease_id: Option<LeaseId>,
         /// When the flow waits on a backoff, the moment to poll it again.
         wake_at_ms: Option<u64>,
     },
@@ -97,7 +110,7 @@ enum Stage {
 struct Fetch {
     stage: Stage,
     waiters: Vec<Waiter>,
-    /// Ask the companion to skip its cache too (a waiter asked for `forceRefresh`).
+    /// Skip the gateway and cluster caches (a waiter asked for `forceRefresh`).
     force_refresh: bool,
 }
 
@@ -110,33 +123,55 @@ enum Purpose {
     Abort,
 }
 
+/// Local-mode fetches of one key in the current one-minute window.
+#[derive(Debug, Clone, Copy)]
+struct LocalWindow {
+    started_ms: u64,
+    fetches: u32,
+}
+
 /// One worker's filter state; see the module documentation.
 #[derive(Debug)]
 pub struct Worker {
     config: Rc<FilterConfig>,
     fetch_config: FetchConfig,
+    /// Names this worker in the per-Envoy in-flight markers; unique per Envoy.
+    worker_id: u64,
     /// In-flight fetches of this worker, one per key.
     fetches: HashMap<TokenKey, Fetch>,
     /// Outstanding callouts: id -> the key and why it was sent.
     callouts: HashMap<u32, (TokenKey, Purpose)>,
+    /// The companion failed to answer: until then, fetch in local mode.
+    companion_down_until_ms: u64,
+    /// Local-mode fetches per key, for the local limiter.
+    local_windows: HashMap<TokenKey, LocalWindow>,
     /// The tick period last asked of the host, to avoid resetting the timer needlessly.
     tick_period_ms: u64,
 }
 
 /// Tick period while work waits for the root context.
 const KICK_TICK_MS: u64 = 1;
+/// Tick period while waiting for another worker's fetch (polls the shared cache).
+const PEER_POLL_TICK_MS: u64 = 5;
 /// Longest tick period while a backoff is pending.
 const MAX_TICK_MS: u64 = 1_000;
+/// Length of the local limiter's window.
+const LOCAL_WINDOW_MS: u64 = 60_000;
+/// Beyond this many tracked keys, windows that have ended are dropped.
+const LOCAL_WINDOWS_PRUNE_AT: usize = 4_096;
 
 impl Worker {
-    /// A worker with a validated configuration.
-    pub fn new(config: FilterConfig) -> Self {
+    /// A worker with a validated configuration and an id unique within its Envoy.
+    pub fn new(config: FilterConfig, worker_id: u64) -> Self {
         let fetch_config = config.fetch_config();
         Self {
             config: Rc::new(config),
             fetch_config,
+            worker_id,
             fetches: HashMap::new(),
             callouts: HashMap::new(),
+            companion_down_until_ms: 0,
+            local_windows: HashMap::new(),
             tick_period_ms: 0,
         }
     }
@@ -151,6 +186,7 @@ impl Worker {
         let now_ms = host.now_ms();
         if !ask.force_refresh {
             if let Some(token) = self.cached(host, &ask.key, now_ms) {
+                host.count(Metric::CacheHit);
                 host.log(
                     Level::Debug,
                     &format!(
@@ -162,6 +198,7 @@ impl Worker {
                 return Decision::Cached(token);
             }
         }
+        host.count(Metric::CacheMiss);
         let waiter = Waiter {
             context_id: ask.context_id,
             delivery: ask.delivery,
@@ -173,6 +210,9 @@ impl Worker {
             waiters: Vec::new(),
             force_refresh: false,
         });
+        if !fetch.waiters.is_empty() {
+            host.count(Metric::CollapsedWaiter);
+        }
         if matches!(fetch.stage, Stage::Queued) {
             fetch.force_refresh |= ask.force_refresh;
         }
@@ -190,26 +230,30 @@ impl Worker {
         }
     }
 
-    /// The worker's timer fired: send queued leases and resume due backoffs.
+    /// The worker's timer fired: start queued fetches, check on other workers' fetches
+    /// and resume due backoffs.
     pub fn on_tick(&mut self, host: &mut impl Host) {
         let now_ms = host.now_ms();
-        let queued: Vec<TokenKey> = self
+        let ready: Vec<TokenKey> = self
             .fetches
             .iter()
-            .filter(|(_, fetch)| matches!(fetch.stage, Stage::Queued))
+            .filter(|(_, fetch)| match fetch.stage {
+                Stage::Queued | Stage::WaitingOnPeer => true,
+                Stage::Fetching {
+                    wake_at_ms: Some(at),
+                    ..
+                } => at <= now_ms,
+                _ => false,
+            })
             .map(|(key, _)| key.clone())
             .collect();
-        for key in queued {
-            self.send_lease(host, key);
-        }
-        let due: Vec<TokenKey> = self
-            .fetches
-            .iter()
-            .filter(|(_, fetch)| matches!(fetch.stage, Stage::Fetching { wake_at_ms: Some(at), .. } if at <= now_ms))
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in due {
-            self.drive(host, &key);
+        for key in ready {
+            match self.fetches.get(&key).map(|fetch| &fetch.stage) {
+                Some(Stage::Queued) => self.start(host, key),
+                Some(Stage::WaitingOnPeer) => self.check_peer(host, key),
+                Some(Stage::Fetching { .. }) => self.drive(host, &key),
+                _ => {}
+            }
         }
         self.schedule_tick(host);
     }
@@ -237,14 +281,13 @@ impl Worker {
                 }
             }
             Purpose::Commit | Purpose::Abort => {
-                let ok = matches!(
+                if !matches!(
                     result,
                     CalloutResult::Response {
                         status: 200..=299,
                         ..
                     }
-                );
-                if !ok {
+                ) {
                     let what = if purpose == Purpose::Commit {
                         "commit"
                     } else {
@@ -266,23 +309,88 @@ impl Worker {
             .filter(|token| token.is_fresh(now_ms, self.config.expiry_margin_ms))
     }
 
-    fn send_lease(&mut self, host: &mut impl Host, key: TokenKey) {
+    fn peer_state(&self, host: &impl Host, key: &TokenKey, now_ms: u64) -> Peer {
+        host.shared_get(&marker_key(key))
+            .and_then(|bytes| Marker::decode(&bytes))
+            .map_or(Peer::Free, |marker| {
+                marker.peer_state(self.worker_id, now_ms)
+            })
+    }
+
+    /// Starts a queued fetch: unless another worker of this Envoy already fetches the
+    /// key, claim it and lease it from the companion (or fetch locally while the
+    /// companion is known to be down).
+    fn start(&mut self, host: &mut impl Host, key: TokenKey) {
+        let now_ms = host.now_ms();
         let force_refresh = self
             .fetches
             .get(&key)
             .is_some_and(|fetch| fetch.force_refresh);
-        let body = serde_json::to_vec(&LeaseRequest {
+        if !force_refresh {
+            if let Some(token) = self.cached(host, &key, now_ms) {
+                self.finish(host, &key, Ok(token_of(token, now_ms)), TokenSource::Cache);
+                return;
+            }
+        }
+        // A peer's recent failure is only handed to requests that waited on it; a new
+        // request tries again.
+        if self.peer_state(host, &key, now_ms) == Peer::Busy {
+            return self.wait_on_peer(host, &key);
+        }
+        let claim_until = now_ms
+            .saturating_add(self.config.companion.timeout_ms)
+            .saturating_add(self.config.fetch_deadline_ms);
+        host.shared_set(
+            &marker_key(&key),
+            &Marker::claim(self.worker_id, claim_until).encode(),
+        );
+        if self.peer_state(host, &key, now_ms) == Peer::Busy {
+            // Another worker claimed it at the same moment and wrote last: it fetches.
+            return self.wait_on_peer(host, &key);
+        }
+        if now_ms < self.companion_down_until_ms {
+            self.fetch_locally(host, key);
+        } else {
+            self.send_lease(host, key, force_refresh);
+        }
+    }
+
+    fn wait_on_peer(&mut self, host: &mut impl Host, key: &TokenKey) {
+        if let Some(fetch) = self.fetches.get_mut(key) {
+            fetch.stage = Stage::WaitingOnPeer;
+            host.count(Metric::CollapsedWaiter);
+        }
+    }
+
+    /// Polled on tick while another worker fetches `key`.
+    fn check_peer(&mut self, host: &mut impl Host, key: TokenKey) {
+        let now_ms = host.now_ms();
+        if let Some(token) = self.cached(host, &key, now_ms) {
+            return self.finish(host, &key, Ok(token_of(token, now_ms)), TokenSource::Cache);
+        }
+        match self.peer_state(host, &key, now_ms) {
+            Peer::Busy => {}
+            Peer::Failed(error) => self.finish(host, &key, Err(error), TokenSource::Fresh),
+            // Released without a token we can use, or the owner is gone: fetch ourselves.
+            Peer::Free => self.start(host, key),
+        }
+    }
+
+    fn send_lease(&mut self, host: &mut impl Host, key: TokenKey, force_refresh: bool) {
+        let request = LeaseRequest {
             provider: key.provider,
             tenant_id: key.tenant_id.clone(),
             force_refresh,
-        });
-        let sent = body.map_err(|e| e.to_string()).and_then(|body| {
-            host.dispatch(self.companion_callout(
-                LEASE_PATH,
-                &body,
-                self.config.companion.timeout_ms,
-            ))
-        });
+        };
+        let sent = serde_json::to_vec(&request)
+            .map_err(|e| e.to_string())
+            .and_then(|body| {
+                host.dispatch(self.companion_callout(
+                    LEASE_PATH,
+                    &body,
+                    self.config.companion.timeout_ms,
+                ))
+            });
         match sent {
             Ok(callout_id) => {
                 self.callouts
@@ -291,17 +399,7 @@ impl Worker {
                     fetch.stage = Stage::Leasing;
                 }
             }
-            Err(reason) => {
-                host.log(
-                    Level::Error,
-                    &format!("lease for {key} could not be sent: {reason}"),
-                );
-                let error = TokenError::new(
-                    ErrorCode::CompanionUnavailable,
-                    "the token companion cannot be reached",
-                );
-                self.finish(host, &key, Err(error), TokenSource::Fresh);
-            }
+            Err(reason) => self.companion_unreachable(host, key, &reason),
         }
     }
 
@@ -326,51 +424,114 @@ impl Worker {
         let answer = match &result {
             CalloutResult::Response {
                 status: 200, body, ..
-            } => serde_json::from_slice::<LeaseResponse>(body.expose()).map_err(|_| {
-                companion_unavailable("the token companion answered an unreadable lease")
-            }),
-            CalloutResult::Response { body, .. } => {
-                Err(serde_json::from_slice::<ErrorBody>(body.expose())
-                    .map(|error| TokenError::new(error.code, error.message))
-                    .unwrap_or_else(|_| {
-                        companion_unavailable(&format!(
-                            "the token companion failed: {}",
-                            describe(&result)
-                        ))
-                    }))
-            }
-            CalloutResult::NoResponse => {
-                Err(companion_unavailable("the token companion did not answer"))
-            }
+            } => serde_json::from_slice::<LeaseResponse>(body.expose()).ok(),
+            _ => None,
         };
         match answer {
-            Ok(LeaseResponse::Hit {
+            Some(LeaseResponse::Hit {
                 access_token,
                 expires_at_ms,
             }) => {
-                let token = FetchedToken {
+                host.count(Metric::ClusterCacheHit);
+                let token = CachedToken {
                     access_token,
-                    expires_in_secs: i64::try_from(
-                        expires_at_ms.saturating_sub(host.now_ms()) / 1000,
-                    )
-                    .unwrap_or(0),
                     expires_at_ms,
-                    cacheable: true,
                 };
-                self.finish(host, &key, Ok(token), TokenSource::Cache);
+                self.finish(
+                    host,
+                    &key,
+                    Ok(token_of(token, host.now_ms())),
+                    TokenSource::Cache,
+                );
             }
-            Ok(LeaseResponse::Fetch { lease_id, .. }) => {
-                if let Some(fetch) = self.fetches.get_mut(&key) {
-                    let flow = Box::new(FetchFlow::new(key.clone(), &self.fetch_config));
-                    fetch.stage = Stage::Fetching {
-                        flow,
-                        lease_id,
-                        wake_at_ms: None,
-                    };
-                    self.drive(host, &key);
+            Some(LeaseResponse::Fetch { lease_id, .. }) => {
+                self.begin_fetch(host, key, Some(lease_id))
+            }
+            None => {
+                // The companion's own errors (lock timeout, Redis and its limiter
+                // refusing) come back as our JSON error body; anything else means the
+                // companion itself could not be reached.
+                let companion_error = match &result {
+                    CalloutResult::Response { body, .. } => {
+                        serde_json::from_slice::<ErrorBody>(body.expose()).ok()
+                    }
+                    CalloutResult::NoResponse => None,
+                };
+                match companion_error {
+                    Some(error) => {
+                        let error = TokenError::new(error.code, error.message);
+                        self.finish(host, &key, Err(error), TokenSource::Fresh);
+                    }
+                    None => self.companion_unreachable(host, key, &describe(&result)),
                 }
             }
-            Err(error) => self.finish(host, &key, Err(error), TokenSource::Fresh),
+        }
+    }
+
+    /// The companion did not answer: remember it is down for a while and fetch locally.
+    fn companion_unreachable(&mut self, host: &mut impl Host, key: TokenKey, reason: &str) {
+        let now_ms = host.now_ms();
+        if now_ms >= self.companion_down_until_ms {
+            host.log(
+                Level::Warn,
+                &format!(
+                    "companion unreachable ({reason}): fetching without it for {} ms",
+                    self.config.companion.retry_after_ms
+                ),
+            );
+        }
+        self.companion_down_until_ms = now_ms.saturating_add(self.config.companion.retry_after_ms);
+        self.fetch_locally(host, key);
+    }
+
+    /// Local mode: fetch without the companion, within the local limiter.
+    fn fetch_locally(&mut self, host: &mut impl Host, key: TokenKey) {
+        let now_ms = host.now_ms();
+        if self.local_windows.len() >= LOCAL_WINDOWS_PRUNE_AT {
+            self.local_windows
+                .retain(|_, window| now_ms.saturating_sub(window.started_ms) < LOCAL_WINDOW_MS);
+        }
+        let window = self
+            .local_windows
+            .entry(key.clone())
+            .or_insert(LocalWindow {
+                started_ms: now_ms,
+                fetches: 0,
+            });
+        if now_ms.saturating_sub(window.started_ms) >= LOCAL_WINDOW_MS {
+            *window = LocalWindow {
+                started_ms: now_ms,
+                fetches: 0,
+            };
+        }
+        if window.fetches >= self.config.companion.local_fetches_per_minute {
+            let error = TokenError::new(
+                ErrorCode::CompanionUnavailable,
+                format!(
+                    "the token companion is unreachable and the local limit of {} fetches per minute for {key} is reached",
+                    self.config.companion.local_fetches_per_minute
+                ),
+            );
+            return self.finish(host, &key, Err(error), TokenSource::Fresh);
+        }
+        window.fetches += 1;
+        host.count(Metric::CompanionFallback);
+        self.begin_fetch(host, key, None);
+    }
+
+    fn begin_fetch(&mut self, host: &mut impl Host, key: TokenKey, lease_id: Option<LeaseId>) {
+        if let Some(fetch) = self.fetches.get_mut(&key) {
+            host.count(Metric::FetchStarted);
+            let flow = Box::new(FetchFlow::new(key.clone(), &self.fetch_config));
+            fetch.stage = Stage::Fetching {
+                flow,
+                lease_id,
+                wake_at_ms: None,
+            };
+            self.drive(host, &key);
+        } else if let Some(lease_id) = lease_id {
+            // Every waiter left while leasing: hand the lock back at once.
+            self.end_lease(host, &key, lease_id, None);
         }
     }
 
@@ -458,8 +619,8 @@ impl Worker {
         })
     }
 
-    /// Ends `key`'s fetch: caches and commits a token or aborts the lease, then
-    /// resumes or answers every waiting request.
+    /// Ends `key`'s fetch: caches and commits a token or aborts the lease, releases
+    /// the in-flight marker, then resumes or answers every waiting request.
     fn finish(
         &mut self,
         host: &mut impl Host,
@@ -471,7 +632,15 @@ impl Worker {
             return;
         };
         let now_ms = host.now_ms();
-        if let Stage::Fetching { lease_id, .. } = fetch.stage {
+        let fetched_here = matches!(fetch.stage, Stage::Fetching { .. });
+        // This worker claimed the key's marker when it leased or fetched; a request
+        // served from the shared cache or by another worker's fetch claimed nothing.
+        let claimed = fetched_here || matches!(fetch.stage, Stage::Leasing);
+        if let Stage::Fetching {
+            lease_id: Some(lease_id),
+            ..
+        } = fetch.stage
+        {
             self.end_lease(
                 host,
                 key,
@@ -479,9 +648,28 @@ impl Worker {
                 result.as_ref().ok().filter(|token| token.cacheable),
             );
         }
+        if claimed {
+            if let Some(token) = result.as_ref().ok().filter(|token| token.cacheable) {
+                let cached = CachedToken {
+                    access_token: token.access_token.clone(),
+                    expires_at_ms: token.expires_at_ms,
+                };
+                host.shared_set(&shared_data_key(key), &cached.encode());
+            }
+            host.shared_set(
+                &marker_key(key),
+                &Marker::release(now_ms, result.as_ref().err()).encode(),
+            );
+        }
         let token = match result {
-            Ok(token) => token,
+            Ok(token) => {
+                if fetched_here {
+                    host.count(Metric::FetchSucceeded);
+                }
+                token
+            }
             Err(error) => {
+                host.count(Metric::FetchFailed(error.code));
                 host.log(
                     Level::Error,
                     &format!("token request {key} failed: {error}"),
@@ -496,13 +684,6 @@ impl Worker {
                 return;
             }
         };
-        if token.cacheable {
-            let cached = CachedToken {
-                access_token: token.access_token.clone(),
-                expires_at_ms: token.expires_at_ms,
-            };
-            host.shared_set(&shared_data_key(key), &cached.encode());
-        }
         let source_name = if source == TokenSource::Fresh {
             "fresh"
         } else {
@@ -584,15 +765,18 @@ impl Worker {
             Ok(callout_id) => {
                 self.callouts.insert(callout_id, (key.clone(), purpose));
             }
-            Err(reason) => host.log(
-                Level::Warn,
-                &format!("companion {path} for {key} could not be sent: {reason}"),
-            ),
+            Err(reason) => {
+                host.log(
+                    Level::Warn,
+                    &format!("companion {path} for {key} could not be sent: {reason}"),
+                );
+            }
         }
     }
 
-    /// Keeps the tick period at what the pending work needs: 1 ms while a lease waits
-    /// to be sent, until the earliest backoff ends otherwise, off when idle.
+    /// Keeps the tick period at what the pending work needs: 1 ms while a fetch waits
+    /// to start, a short poll while another worker fetches, until the earliest backoff
+    /// ends otherwise, off when idle.
     fn schedule_tick(&mut self, host: &mut impl Host) {
         let now_ms = host.now_ms();
         let wanted = self
@@ -600,6 +784,7 @@ impl Worker {
             .values()
             .filter_map(|fetch| match fetch.stage {
                 Stage::Queued => Some(KICK_TICK_MS),
+                Stage::WaitingOnPeer => Some(PEER_POLL_TICK_MS),
                 Stage::Fetching {
                     wake_at_ms: Some(at),
                     ..
@@ -615,8 +800,15 @@ impl Worker {
     }
 }
 
-fn companion_unavailable(message: &str) -> TokenError {
-    TokenError::new(ErrorCode::CompanionUnavailable, message)
+/// A cached token as the result of a fetch, its lifetime counted from `now_ms`.
+fn token_of(token: CachedToken, now_ms: u64) -> FetchedToken {
+    let remaining_secs = token.expires_at_ms.saturating_sub(now_ms) / 1000;
+    FetchedToken {
+        access_token: token.access_token,
+        expires_in_secs: i64::try_from(remaining_secs).unwrap_or(i64::MAX),
+        expires_at_ms: token.expires_at_ms,
+        cacheable: true,
+    }
 }
 
 /// A short description of a callout result for logs (never its body).

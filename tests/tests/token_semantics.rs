@@ -165,7 +165,11 @@ async fn oauth_401_is_invalid_grant_after_exactly_one_call() {
     let retry = inject(&stack, "acme").await;
     assert_eq!(retry.status, 200, "{}", retry.body);
     assert_eq!(stack.standins.calls(Endpoint::Login), 2);
-    assert!(started.elapsed() < Duration::from_secs(5), "no wait for a stale lock: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no wait for a stale lock: {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,16 +375,26 @@ async fn whatsapp_tokens_are_read_from_any_of_their_shapes_and_injected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whatsapp_token_inside_its_safety_buffer_is_served_but_not_cached() {
     // globex's token expires in 2099: a buffer longer than that leaves no lifetime.
-    let stack = stack_with(json!({ "provider": "whatsapp", "whatsapp": { "safetyBufferSecs": 10_000_000_000u64 } })).await;
+    let stack = stack_with(
+        json!({ "provider": "whatsapp", "whatsapp": { "safetyBufferSecs": 10_000_000_000u64 } }),
+    )
+    .await;
 
     let first = inject(&stack, "globex").await;
     let second = inject(&stack, "globex").await;
 
     for answer in [&first, &second] {
         assert_eq!(answer.status, 200, "{}", answer.body);
-        assert_eq!(answer.upstream_authorization(), Some("Bearer wa-globex-token-c4a7"));
+        assert_eq!(
+            answer.upstream_authorization(),
+            Some("Bearer wa-globex-token-c4a7")
+        );
     }
-    assert_eq!(stack.standins.calls(Endpoint::TenantService), 2, "nothing was cached");
+    assert_eq!(
+        stack.standins.calls(Endpoint::TenantService),
+        2,
+        "nothing was cached"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

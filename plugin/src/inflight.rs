@@ -1,0 +1,135 @@
+//! The per-Envoy in-flight marker (tier 2 of collapsing): a shared-data entry that says
+//! which worker of this Envoy is fetching a token key, so the other workers wait for
+//! the shared cache instead of fetching too.
+//!
+//! Shared data has no atomic create (FACTS §3: two workers racing to create a missing
+//! key both succeed), so a worker claims the marker, reads it back and only proceeds
+//! when it still names it. A rare double claim costs nothing but a second lease: the
+//! companion's lock is the authority. Shared data has no delete either: a finished
+//! fetch leaves the marker released, or holding its error briefly so the waiting
+//! workers answer with it instead of each retrying a failing fetch.
+
+use serde::{Deserialize, Serialize};
+
+use tokengate_core::{ErrorCode, TokenError, TokenKey};
+
+/// How long a failed fetch's error is handed to the workers that waited on it.
+pub const ERROR_SHARE_MS: u64 = 1_000;
+
+/// The state of one key's fetch on this Envoy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Marker {
+    /// The worker fetching (0 when released).
+    pub owner: u64,
+    /// The claim, or the shared error, is void after this moment.
+    pub until_ms: u64,
+    /// The error the fetch ended with, for the workers that waited on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<SharedError>,
+}
+
+/// A fetch error as stored in the marker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedError {
+    /// The error code.
+    pub code: ErrorCode,
+    /// The message (never a secret).
+    pub message: String,
+}
+
+/// What a worker should do about a key it misses.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// Nobody of this Envoy fetches it: claim it.
+    Free,
+    /// Another worker fetches it: wait for the shared cache.
+    Busy,
+    /// Another worker's fetch just failed with this error.
+    Failed(TokenError),
+}
+
+/// The shared-data key of `key`'s marker.
+pub fn marker_key(key: &TokenKey) -> String {
+    format!("tokengate.v1.inflight.{}.{}", key.provider, key.tenant_id)
+}
+
+impl Marker {
+    /// A claim by `owner` valid until `until_ms`.
+    pub fn claim(owner: u64, until_ms: u64) -> Self {
+        Self {
+            owner,
+            until_ms,
+            error: None,
+        }
+    }
+
+    /// A released marker carrying the fetch's outcome for a moment.
+    pub fn release(now_ms: u64, error: Option<&TokenError>) -> Self {
+        Self {
+            owner: 0,
+            until_ms: now_ms.saturating_add(ERROR_SHARE_MS),
+            error: error.map(|error| SharedError {
+                code: error.code,
+                message: error.message.clone(),
+            }),
+        }
+    }
+
+    /// Encodes for shared data.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes shared data; anything unreadable counts as no marker.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    /// What this marker means to worker `me` at `now_ms`.
+    pub fn peer_state(&self, me: u64, now_ms: u64) -> Peer {
+        if now_ms >= self.until_ms {
+            return Peer::Free;
+        }
+        match &self.error {
+            Some(error) => Peer::Failed(TokenError::new(error.code, error.message.clone())),
+            None if self.owner != 0 && self.owner != me => Peer::Busy,
+            None => Peer::Free,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_claim_of_another_worker_is_busy_and_expires() {
+        let marker = Marker::claim(7, 1_000);
+        assert_eq!(marker.peer_state(8, 999), Peer::Busy);
+        assert_eq!(marker.peer_state(7, 999), Peer::Free, "one's own claim");
+        assert_eq!(
+            marker.peer_state(8, 1_000),
+            Peer::Free,
+            "expired: the owner may be gone"
+        );
+    }
+
+    #[test]
+    fn a_released_marker_shares_its_error_for_a_moment() {
+        let error = TokenError::new(ErrorCode::OauthInvalidGrant, "rejected");
+        let marker = Marker::decode(&Marker::release(5_000, Some(&error)).encode()).unwrap();
+        assert_eq!(marker.peer_state(8, 5_500), Peer::Failed(error));
+        assert_eq!(marker.peer_state(8, 5_000 + ERROR_SHARE_MS), Peer::Free);
+        assert_eq!(
+            Marker::release(5_000, None).peer_state(8, 5_500),
+            Peer::Free
+        );
+    }
+
+    #[test]
+    fn unreadable_markers_decode_to_nothing() {
+        assert_eq!(Marker::decode(b""), None);
+        assert_eq!(Marker::decode(b"{\"owner\":1}"), None);
+    }
+}
