@@ -18,11 +18,21 @@ pub const DEFAULT_LEASE_WAIT_MS: u64 = 25_000;
 pub const DEFAULT_RECHECK_INTERVAL_MS: u64 = 200;
 /// Default `--redis-timeout-ms`.
 pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 1_000;
+/// Default `--health-interval-ms`.
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 1_000;
+/// Default `--health-failure-threshold`.
+pub const DEFAULT_HEALTH_FAILURE_THRESHOLD: u32 = 3;
+/// Default `--degraded-fetches-per-minute`.
+pub const DEFAULT_DEGRADED_FETCHES_PER_MINUTE: u32 = 6;
+/// Largest `--degraded-fetches-per-minute`: the limiter keeps one timestamp per
+/// admitted fetch and key, so the limit bounds its memory.
+pub const MAX_DEGRADED_FETCHES_PER_MINUTE: u32 = 10_000;
 
 /// tokengate companion: collapses token fetches cluster-wide for the tokengate Envoy filter.
 ///
 /// It owns the Redis token cache and the per-(provider, tenant) fetch lock, and serves
-/// the filter's lease / commit / abort API.
+/// the filter's lease / commit / abort / invalidate API. While Redis is unhealthy it
+/// serves leases in degraded mode (no cache, no lock, an in-memory limit per key).
 #[derive(Clone, PartialEq, Eq, Parser)]
 #[command(name = "tokengate-companion", version)]
 pub struct Config {
@@ -61,6 +71,25 @@ pub struct Config {
     #[arg(long, env = "TOKENGATE_REDIS_TIMEOUT_MS", default_value_t = DEFAULT_REDIS_TIMEOUT_MS,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_timeout_ms: u64,
+
+    /// How often the health monitor PINGs Redis, in milliseconds.
+    #[arg(long, env = "TOKENGATE_HEALTH_INTERVAL_MS", default_value_t = DEFAULT_HEALTH_INTERVAL_MS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub health_interval_ms: u64,
+
+    /// How many Redis failures in a row (monitor PINGs, and connection failures or
+    /// timeouts of requests' own operations) make Redis unhealthy, which switches leases
+    /// to degraded mode. One success makes it healthy again.
+    #[arg(long, env = "TOKENGATE_HEALTH_FAILURE_THRESHOLD", default_value_t = DEFAULT_HEALTH_FAILURE_THRESHOLD,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_failure_threshold: u32,
+
+    /// In degraded mode, how many fetches per (provider, tenant) this process grants in
+    /// any rolling minute (a sliding window); further leases get 503 CACHE_UNAVAILABLE.
+    /// 0 refuses every lease while Redis is unhealthy.
+    #[arg(long, env = "TOKENGATE_DEGRADED_FETCHES_PER_MINUTE", default_value_t = DEFAULT_DEGRADED_FETCHES_PER_MINUTE,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_DEGRADED_FETCHES_PER_MINUTE)))]
+    pub degraded_fetches_per_minute: u32,
 }
 
 impl Config {
@@ -71,6 +100,11 @@ impl Config {
             ("--lease-wait-ms", self.lease_wait_ms),
             ("--recheck-interval-ms", self.recheck_interval_ms),
             ("--redis-timeout-ms", self.redis_timeout_ms),
+            ("--health-interval-ms", self.health_interval_ms),
+            (
+                "--health-failure-threshold",
+                u64::from(self.health_failure_threshold),
+            ),
         ];
         for (flag, value) in nonzero {
             if value == 0 {
@@ -88,6 +122,12 @@ impl Config {
             return Err(format!(
                 "--recheck-interval-ms ({}) must not exceed --lease-wait-ms ({})",
                 self.recheck_interval_ms, self.lease_wait_ms
+            ));
+        }
+        if self.degraded_fetches_per_minute > MAX_DEGRADED_FETCHES_PER_MINUTE {
+            return Err(format!(
+                "--degraded-fetches-per-minute ({}) must be at most {MAX_DEGRADED_FETCHES_PER_MINUTE}",
+                self.degraded_fetches_per_minute
             ));
         }
         if !self.redis_url.starts_with("redis://") && !self.redis_url.starts_with("redis+unix://") {
@@ -119,6 +159,11 @@ impl Config {
         Duration::from_millis(self.redis_timeout_ms)
     }
 
+    /// The health monitor's PING interval as a duration.
+    pub fn health_interval(&self) -> Duration {
+        Duration::from_millis(self.health_interval_ms)
+    }
+
     /// The Redis URL with any user and password replaced, safe to log.
     pub fn redacted_redis_url(&self) -> String {
         redact_url(&self.redis_url)
@@ -135,6 +180,9 @@ impl Default for Config {
             lease_wait_ms: DEFAULT_LEASE_WAIT_MS,
             recheck_interval_ms: DEFAULT_RECHECK_INTERVAL_MS,
             redis_timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
+            health_interval_ms: DEFAULT_HEALTH_INTERVAL_MS,
+            health_failure_threshold: DEFAULT_HEALTH_FAILURE_THRESHOLD,
+            degraded_fetches_per_minute: DEFAULT_DEGRADED_FETCHES_PER_MINUTE,
         }
     }
 }
@@ -149,6 +197,12 @@ impl fmt::Debug for Config {
             .field("lease_wait_ms", &self.lease_wait_ms)
             .field("recheck_interval_ms", &self.recheck_interval_ms)
             .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("health_interval_ms", &self.health_interval_ms)
+            .field("health_failure_threshold", &self.health_failure_threshold)
+            .field(
+                "degraded_fetches_per_minute",
+                &self.degraded_fetches_per_minute,
+            )
             .finish()
     }
 }
@@ -186,9 +240,32 @@ mod tests {
             "--lease-wait-ms",
             "--recheck-interval-ms",
             "--redis-timeout-ms",
+            "--health-interval-ms",
+            "--health-failure-threshold",
         ] {
             assert!(parse(&[flag, "0"]).is_err(), "{flag} 0 was accepted");
         }
+    }
+
+    #[test]
+    fn the_degraded_limit_may_be_zero_but_is_bounded() {
+        assert_eq!(
+            parse(&["--degraded-fetches-per-minute", "0"])
+                .unwrap()
+                .degraded_fetches_per_minute,
+            0
+        );
+        assert!(parse(&["--degraded-fetches-per-minute", "10001"]).is_err());
+        let config = Config {
+            degraded_fetches_per_minute: 10_001,
+            ..Config::default()
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .contains("--degraded-fetches-per-minute")
+        );
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //!
 //! [`ErrorBody`]: tokengate_core::ErrorBody
 
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use std::time::Duration;
 use tokengate_core::{ErrorCode, TokenError, TokenKey};
 
 use crate::store::StoreError;
@@ -39,6 +40,25 @@ pub enum ApiError {
         #[source]
         source: StoreError,
     },
+    /// Redis is unhealthy and the degraded-mode limiter refused another fetch of the key.
+    #[error(
+        "redis is unhealthy and {key} reached the degraded-mode limit of {per_minute} fetches per minute"
+    )]
+    DegradedLimitReached {
+        /// The token key refused.
+        key: TokenKey,
+        /// The limit per key per rolling minute.
+        per_minute: u32,
+        /// When the limiter admits the key's next fetch.
+        retry_after: Duration,
+    },
+    /// Redis is unhealthy and too many invalidations already wait for it: this one was
+    /// not recorded.
+    #[error("redis is unhealthy and the deferred invalidations are full; {key} was not recorded")]
+    DeferredInvalidationsFull {
+        /// The token key whose invalidation was dropped.
+        key: TokenKey,
+    },
     /// The companion is shutting down and answers waiting leases now instead of later.
     #[error("the companion is shutting down")]
     ShuttingDown {
@@ -54,7 +74,9 @@ impl ApiError {
             ApiError::InvalidRequest(_) => ErrorCode::InvalidRequest,
             ApiError::NotFound => ErrorCode::NotFound,
             ApiError::LockWaitExhausted { .. } => ErrorCode::LockAcquisitionFailed,
-            ApiError::CacheUnavailable { .. } => ErrorCode::CacheUnavailable,
+            ApiError::CacheUnavailable { .. }
+            | ApiError::DegradedLimitReached { .. }
+            | ApiError::DeferredInvalidationsFull { .. } => ErrorCode::CacheUnavailable,
             ApiError::ShuttingDown { .. } => ErrorCode::CompanionUnavailable,
         }
     }
@@ -64,6 +86,8 @@ impl ApiError {
         match self {
             ApiError::LockWaitExhausted { key, .. }
             | ApiError::CacheUnavailable { key, .. }
+            | ApiError::DegradedLimitReached { key, .. }
+            | ApiError::DeferredInvalidationsFull { key }
             | ApiError::ShuttingDown { key } => Some(key),
             ApiError::InvalidRequest(_) | ApiError::NotFound => None,
         }
@@ -81,6 +105,22 @@ impl ApiError {
             ApiError::CacheUnavailable { .. } => {
                 "the token cache (Redis) is unavailable".to_owned()
             }
+            ApiError::DegradedLimitReached {
+                key,
+                per_minute,
+                retry_after,
+            } => format!(
+                "Redis is unavailable and the degraded-mode limit of {per_minute} fetches per \
+                 minute for the {} token of tenant '{}' was reached; retry in {} s",
+                key.provider,
+                key.tenant_id,
+                retry_after_secs(*retry_after)
+            ),
+            ApiError::DeferredInvalidationsFull { .. } => {
+                "Redis is unavailable and too many invalidations already wait for it; \
+                 this one was not recorded"
+                    .to_owned()
+            }
             ApiError::ShuttingDown { .. } => "the companion is shutting down".to_owned(),
         };
         TokenError::new(self.code(), message)
@@ -93,8 +133,24 @@ impl IntoResponse for ApiError {
         let body = error.to_body(self.key().map(|key| key.tenant_id.as_str()), None);
         let status =
             StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(body)).into_response()
+        let mut response = (status, axum::Json(body)).into_response();
+        if let ApiError::DegradedLimitReached { retry_after, .. } = self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(retry_after)),
+            );
+        }
+        response
     }
+}
+
+/// Whole seconds to wait, rounded up (a client retrying earlier is refused again).
+fn retry_after_secs(retry_after: Duration) -> u64 {
+    retry_after
+        .as_millis()
+        .div_ceil(1_000)
+        .try_into()
+        .unwrap_or(u64::MAX)
 }
 
 /// Why the companion could not start or stopped serving.
@@ -150,6 +206,32 @@ mod tests {
         assert_eq!(body.code, ErrorCode::LockAcquisitionFailed);
         assert!(body.message.contains("whatsapp token for tenant 'acme'"));
         assert!(body.message.contains("250 ms"));
+    }
+
+    #[tokio::test]
+    async fn the_degraded_limit_answers_cache_unavailable_with_retry_after() {
+        let response = ApiError::DegradedLimitReached {
+            key: key(),
+            per_minute: 6,
+            retry_after: Duration::from_millis(12_001),
+        }
+        .into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "13");
+        let (status, body) = body_of(ApiError::DegradedLimitReached {
+            key: key(),
+            per_minute: 6,
+            retry_after: Duration::from_millis(12_001),
+        })
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body.code, ErrorCode::CacheUnavailable);
+        assert!(
+            body.message
+                .starts_with("Redis is unavailable and the degraded-mode limit of 6"),
+            "{}",
+            body.message
+        );
+        assert!(body.message.contains("tenant 'acme'"), "{}", body.message);
     }
 
     #[tokio::test]

@@ -85,7 +85,10 @@ impl Health {
     /// A Redis operation failed for want of Redis; the `threshold`-th in a row makes it
     /// unhealthy.
     pub fn record_failure(&self, error: &StoreError) {
-        let failures = self.failures.fetch_add(1, Ordering::SeqCst).saturating_add(1);
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::SeqCst)
+            .saturating_add(1);
         if failures < self.threshold {
             tracing::debug!(%error, failures, threshold = self.threshold, "redis operation failed");
             return;
@@ -160,7 +163,10 @@ mod tests {
         health.record_failure(&down());
         health.record_success();
         health.record_failure(&down());
-        assert!(health.is_healthy(), "the streak restarted after the success");
+        assert!(
+            health.is_healthy(),
+            "the streak restarted after the success"
+        );
 
         health.record_failure(&down());
         assert!(!health.is_healthy());

@@ -1,6 +1,7 @@
-//! The lease logic behind `POST /v1/lease`, `/v1/commit` and `/v1/abort`.
+//! The lease logic behind `POST /v1/lease`, `/v1/commit`, `/v1/abort` and
+//! `/v1/invalidate`.
 //!
-//! A lease is answered, in order:
+//! While Redis is healthy (see [`crate::health`]), a lease is answered, in order:
 //!
 //! 1. `hit` if Redis holds a token that is still usable (valid beyond
 //!    [`USABLE_MARGIN_MS`]);
@@ -14,31 +15,47 @@
 //! A lease with `forceRefresh` skips step 1 for the token cached when it arrives (see
 //! [`Service::lease`]).
 //!
-//! Every lease logs one line with provider, tenant, outcome and time spent.
+//! While Redis is unhealthy, leases bypass it entirely and are answered in degraded
+//! mode (see [`crate::degraded`]): `fetch` with a `local-` lease id if the in-memory
+//! limiter admits it, the commit of another local fetch of the same key in this process
+//! (`hit`), or `503 CACHE_UNAVAILABLE`. Commits and aborts of `local-` leases never
+//! touch Redis; other commits and aborts always go to Redis, since they hold a Redis lock.
+//!
+//! Every lease logs one line with provider, tenant, outcome and time spent, and is
+//! counted in [`Metrics`] by outcome.
 
 use std::sync::Arc;
 use std::time::Duration;
-use tokengate_core::lease::{AbortRequest, CommitRequest, LeaseId, LeaseResponse};
+use tokengate_core::lease::{
+    AbortRequest, CommitRequest, InvalidateRequest, LeaseId, LeaseResponse,
+};
 use tokengate_core::{CachedToken, TokenKey};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::clock::Clock;
+use crate::degraded::{self, Begin, Degraded, FlightState};
 use crate::error::ApiError;
-use crate::store::{Acquire, Store, StoreError, USABLE_MARGIN_MS, key_tag};
+use crate::health::Health;
+use crate::metrics::{AbortResult, CommitResult, InvalidateResult, LeaseOutcome, Metrics};
+use crate::store::{self, Acquire, Invalidated, Store, StoreError, USABLE_MARGIN_MS, key_tag};
 use crate::waits::{WaitOutcome, Waits};
 
 /// Largest `expiresAtMs` a commit may carry: 2^53, the largest integer the Lua scripts
 /// (double-precision numbers) hold exactly; year 287396, so no real token is refused.
 pub const MAX_EXPIRES_AT_MS: u64 = 1 << 53;
 
-/// Serves leases, commits and aborts.
+/// Serves leases, commits, aborts and invalidations.
 #[derive(Debug)]
 pub struct Service {
-    /// The cluster-wide cache and lock.
+    /// The cluster-wide cache and lock; also carries the Redis health verdict.
     store: Store,
     /// This process's shared waits on held locks.
     waits: Arc<Waits>,
+    /// Flights, limiter and deferred invalidations of degraded mode.
+    degraded: Arc<Degraded>,
+    /// Counters of outcomes, exposed on `/metrics`.
+    metrics: Arc<Metrics>,
     /// Decides whether a token is usable or already expired.
     clock: Arc<dyn Clock>,
     /// How long a lease waits for another holder before it is answered 503.
@@ -52,6 +69,8 @@ impl Service {
     pub fn new(
         store: Store,
         waits: Arc<Waits>,
+        degraded: Arc<Degraded>,
+        metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
         lease_wait: Duration,
         stopping: watch::Receiver<bool>,
@@ -59,13 +78,25 @@ impl Service {
         Self {
             store,
             waits,
+            degraded,
+            metrics,
             clock,
             lease_wait,
             stopping,
         }
     }
 
-    /// Answers a lease for `key` (see the module doc) and logs its outcome.
+    /// The Redis health verdict the service follows.
+    pub fn health(&self) -> &Arc<Health> {
+        self.store.health()
+    }
+
+    /// The service's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Answers a lease for `key` (see the module doc), logs and counts its outcome.
     ///
     /// With `force_refresh` the cached token is skipped: the lease fetches, or waits for
     /// a fetch in progress and accepts only a token that expires later than the skipped
@@ -78,30 +109,38 @@ impl Service {
     ) -> Result<LeaseResponse, ApiError> {
         let started = Instant::now();
         let result = self.lease_inner(&key, force_refresh, started).await;
-        let waited_ms = millis(started.elapsed());
+        let took = started.elapsed();
+        let waited_ms = millis(took);
+        let outcome = match &result {
+            Ok((_, outcome)) => *outcome,
+            Err(ApiError::LockWaitExhausted { .. }) => LeaseOutcome::LockTimeout,
+            Err(ApiError::DegradedLimitReached { .. }) => LeaseOutcome::DegradedRefused,
+            Err(_) => LeaseOutcome::Error,
+        };
+        self.metrics.lease(outcome, took);
         let (provider, tenant) = (key.provider.as_str(), key.tenant_id.as_str());
+        let outcome = outcome.as_str();
         match &result {
-            Ok(LeaseResponse::Hit { expires_at_ms, .. }) => {
+            Ok((LeaseResponse::Hit { expires_at_ms, .. }, _)) => {
                 let expires_in_ms = expires_at_ms.saturating_sub(self.clock.now_ms());
                 tracing::info!(
                     provider,
                     tenant,
                     force_refresh,
-                    outcome = "hit",
+                    outcome,
                     waited_ms,
                     expires_in_ms,
                     "lease"
                 );
             }
-            Ok(LeaseResponse::Fetch { lease_id, .. }) => {
-                tracing::info!(provider, tenant, force_refresh, outcome = "fetch", waited_ms, lease_id = %lease_id.0, "lease");
+            Ok((LeaseResponse::Fetch { lease_id, .. }, _)) => {
+                tracing::info!(provider, tenant, force_refresh, outcome, waited_ms, lease_id = %lease_id.0, "lease");
             }
             Err(error) => {
-                let outcome = error.code().as_str();
                 tracing::warn!(provider, tenant, force_refresh, outcome, waited_ms, %error, "lease");
             }
         }
-        result
+        result.map(|(response, _)| response)
     }
 
     async fn lease_inner(
@@ -109,7 +148,7 @@ impl Service {
         key: &TokenKey,
         force_refresh: bool,
         started: Instant,
-    ) -> Result<LeaseResponse, ApiError> {
+    ) -> Result<(LeaseResponse, LeaseOutcome), ApiError> {
         let tag = key_tag(key);
         let deadline = started + self.lease_wait;
         let cache_error = |source: StoreError| ApiError::CacheUnavailable {
@@ -121,7 +160,13 @@ impl Service {
         // `None`: not known yet, because the lease skips the cached token and learns its
         // expiry from the first attempt.
         let mut newer_than_ms = if force_refresh { None } else { Some(0) };
+        let mut has_waited = false;
         loop {
+            // Checked on every round, so a lease whose wait outlives Redis' health
+            // continues in degraded mode instead of on a dead Redis.
+            if !self.health().is_healthy() {
+                return self.lease_degraded(key, started).await;
+            }
             let lease_id = LeaseId(uuid::Uuid::new_v4().to_string());
             let usable_after_ms = self.clock.now_ms().saturating_add(USABLE_MARGIN_MS);
             let usable_after_ms = newer_than_ms.map(|newer_than| newer_than.max(usable_after_ms));
@@ -131,13 +176,26 @@ impl Service {
                 .await
                 .map_err(cache_error)?
             {
-                Acquire::Hit(token) => return Ok(hit(token)),
+                Acquire::Hit(token) => {
+                    let outcome = if has_waited {
+                        LeaseOutcome::WaitedHit
+                    } else {
+                        LeaseOutcome::Hit
+                    };
+                    return Ok((hit(token), outcome));
+                }
                 Acquire::Locked => {
                     let lease_ttl_ms = self.store.lock_ttl_ms();
-                    return Ok(LeaseResponse::Fetch {
+                    let outcome = if has_waited {
+                        LeaseOutcome::WaitedFetch
+                    } else {
+                        LeaseOutcome::Fetch
+                    };
+                    let fetch = LeaseResponse::Fetch {
                         lease_id,
                         lease_ttl_ms,
-                    });
+                    };
+                    return Ok((fetch, outcome));
                 }
                 Acquire::Held {
                     cached_expires_at_ms,
@@ -145,6 +203,8 @@ impl Service {
                     newer_than_ms.get_or_insert(cached_expires_at_ms);
                 }
             }
+            has_waited = true;
+            let _waiting = self.metrics.waiting();
             let wait = self.waits.wait(&tag, newer_than_ms.unwrap_or(0));
             let waited = tokio::select! {
                 waited = tokio::time::timeout_at(deadline, wait) => waited,
@@ -160,10 +220,82 @@ impl Service {
                         waited_ms,
                     });
                 }
-                Ok(Err(source)) => return Err(cache_error(source)),
-                Ok(Ok(WaitOutcome::Ready(token))) => return Ok(hit(token)),
+                // Redis failed under the wait. If that made it unhealthy, the next round
+                // continues in degraded mode; otherwise the caller hears of it.
+                Ok(Err(source)) => {
+                    if self.health().is_healthy() {
+                        return Err(cache_error(source));
+                    }
+                }
+                Ok(Ok(WaitOutcome::Ready(token))) => {
+                    return Ok((hit(token), LeaseOutcome::WaitedHit));
+                }
                 // The holder aborted or its lock expired: race the other waiters for it.
                 Ok(Ok(WaitOutcome::LockFree)) => {}
+            }
+        }
+    }
+
+    /// A lease while Redis is unhealthy: join this process's fetch of the key, or start
+    /// one if the limiter admits it (see [`crate::degraded`]). Waits at most the lease
+    /// wait budget counted from `started`, like a lease waiting on a Redis lock.
+    async fn lease_degraded(
+        &self,
+        key: &TokenKey,
+        started: Instant,
+    ) -> Result<(LeaseResponse, LeaseOutcome), ApiError> {
+        let deadline = started + self.lease_wait;
+        let mut stopping = self.stopping.clone();
+        loop {
+            let (mut outcome, expires_at) = match self.degraded.begin(key, Instant::now()) {
+                Begin::Fetch(lease_id) => {
+                    let fetch = LeaseResponse::Fetch {
+                        lease_id,
+                        lease_ttl_ms: self.store.lock_ttl_ms(),
+                    };
+                    return Ok((fetch, LeaseOutcome::DegradedFetch));
+                }
+                Begin::Refused { retry_after } => {
+                    return Err(ApiError::DegradedLimitReached {
+                        key: key.clone(),
+                        per_minute: self.degraded.per_minute(),
+                        retry_after,
+                    });
+                }
+                Begin::Join {
+                    outcome,
+                    expires_at,
+                } => (outcome, expires_at),
+            };
+            let _waiting = self.metrics.waiting();
+            let settled = async {
+                match outcome
+                    .wait_for(|state| !matches!(state, FlightState::Pending))
+                    .await
+                {
+                    Ok(state) => (*state).clone(),
+                    // The flight was dropped (replaced after it expired).
+                    Err(_) => FlightState::Ended,
+                }
+            };
+            let settled = tokio::select! {
+                settled = tokio::time::timeout_at(deadline.min(expires_at), settled) => settled,
+                _ = stopping.wait_for(|stopping| *stopping) => {
+                    return Err(ApiError::ShuttingDown { key: key.clone() });
+                }
+            };
+            match settled {
+                Ok(FlightState::Committed(token)) => {
+                    return Ok((hit(token), LeaseOutcome::DegradedWaitedHit));
+                }
+                Err(_elapsed) if Instant::now() >= deadline => {
+                    return Err(ApiError::LockWaitExhausted {
+                        key: key.clone(),
+                        waited_ms: millis(started.elapsed()),
+                    });
+                }
+                // Aborted, or the flight expired: start (or join) a new one.
+                Ok(_) | Err(_) => {}
             }
         }
     }
@@ -185,12 +317,21 @@ impl Service {
         let key = TokenKey::new(request.provider, request.tenant_id);
         let (provider, tenant) = (key.provider.as_str(), key.tenant_id.as_str());
         let lease_id = request.lease_id;
+        let token = CachedToken {
+            access_token: request.access_token,
+            expires_at_ms: request.expires_at_ms,
+        };
+        if degraded::is_local(&lease_id) {
+            self.commit_local(&key, &lease_id, token);
+            return Ok(());
+        }
         let tag = key_tag(&key);
         let cache_error = |source: StoreError| {
             let error = ApiError::CacheUnavailable {
                 key: key.clone(),
                 source,
             };
+            self.metrics.commit(CommitResult::Error);
             tracing::warn!(provider, tenant, lease_id = %lease_id.0, %error, "commit failed");
             error
         };
@@ -202,6 +343,7 @@ impl Service {
                 .release(&tag, &lease_id)
                 .await
                 .map_err(cache_error)?;
+            self.metrics.commit(CommitResult::Expired);
             tracing::warn!(
                 provider, tenant, lease_id = %lease_id.0, expired_ms_ago = now_ms - request.expires_at_ms,
                 released, "commit of an already expired token: not stored"
@@ -209,16 +351,17 @@ impl Service {
             return Ok(());
         }
 
-        let token = CachedToken {
-            access_token: request.access_token,
-            expires_at_ms: request.expires_at_ms,
-        };
         let outcome = self
             .store
             .commit(&tag, &lease_id, &token)
             .await
             .map_err(cache_error)?;
         let expires_in_ms = request.expires_at_ms - now_ms;
+        self.metrics.commit(if outcome.stored {
+            CommitResult::Stored
+        } else {
+            CommitResult::NotStored
+        });
         if outcome.lock_was_held {
             tracing::info!(provider, tenant, lease_id = %lease_id.0, expires_in_ms, "token committed");
         } else {
@@ -237,16 +380,25 @@ impl Service {
         let key = TokenKey::new(request.provider, request.tenant_id);
         let (provider, tenant) = (key.provider.as_str(), key.tenant_id.as_str());
         let lease_id = request.lease_id;
+        if degraded::is_local(&lease_id) {
+            let current = self.degraded.finish(&key, &lease_id, None);
+            self.metrics.abort(AbortResult::Local);
+            tracing::info!(provider, tenant, lease_id = %lease_id.0, current, "degraded-mode lease aborted");
+            return Ok(());
+        }
         match self.store.release(&key_tag(&key), &lease_id).await {
             Ok(true) => {
+                self.metrics.abort(AbortResult::Released);
                 tracing::info!(provider, tenant, lease_id = %lease_id.0, "lease aborted; lock released");
                 Ok(())
             }
             Ok(false) => {
+                self.metrics.abort(AbortResult::NotHeld);
                 tracing::debug!(provider, tenant, lease_id = %lease_id.0, "abort from a lease that no longer holds the lock");
                 Ok(())
             }
             Err(source) => {
+                self.metrics.abort(AbortResult::Error);
                 let error = ApiError::CacheUnavailable {
                     key: key.clone(),
                     source,
@@ -254,6 +406,142 @@ impl Service {
                 tracing::warn!(provider, tenant, lease_id = %lease_id.0, %error, "abort failed");
                 Err(error)
             }
+        }
+    }
+
+    /// Ends a degraded-mode fetch: nothing is stored (Redis is bypassed for `local-`
+    /// leases, even if it is healthy again); the leases of this process waiting on the
+    /// fetch get the token if it is usable, or else start a new fetch.
+    fn commit_local(&self, key: &TokenKey, lease_id: &LeaseId, token: CachedToken) {
+        let usable = store::is_usable(&token, self.clock.now_ms());
+        let current = self.degraded.finish(key, lease_id, usable.then_some(token));
+        self.metrics.commit(CommitResult::Local);
+        tracing::info!(
+            provider = key.provider.as_str(), tenant = key.tenant_id.as_str(), lease_id = %lease_id.0,
+            current, usable, "degraded-mode commit: token handed to this process's waiters, not stored"
+        );
+    }
+
+    /// Drops the key's cached token from Redis: only if it is `accessToken` when one is
+    /// given, so purging a rejected token never drops the fresh one that replaced it.
+    ///
+    /// While Redis is unhealthy the invalidation is remembered and applied when it is
+    /// healthy again (see [`Service::replay_deferred_invalidations`]); the answer is the
+    /// same success.
+    pub async fn invalidate(&self, request: InvalidateRequest) -> Result<(), ApiError> {
+        if request.access_token.as_ref().is_some_and(|t| t.is_empty()) {
+            return Err(ApiError::InvalidRequest(
+                "accessToken is empty; omit it to drop whatever token is cached".to_owned(),
+            ));
+        }
+        let key = TokenKey::new(request.provider, request.tenant_id);
+        let (provider, tenant) = (key.provider.as_str(), key.tenant_id.as_str());
+        let compared = request.access_token.is_some();
+
+        if !self.health().is_healthy() {
+            if !self.degraded.defer_invalidation(&key, request.access_token) {
+                self.metrics.invalidate(InvalidateResult::Error);
+                let error = ApiError::DeferredInvalidationsFull { key: key.clone() };
+                tracing::warn!(provider, tenant, compared, %error, "invalidate");
+                return Err(error);
+            }
+            self.metrics.invalidate(InvalidateResult::Deferred);
+            tracing::info!(
+                provider,
+                tenant,
+                compared,
+                result = InvalidateResult::Deferred.as_str(),
+                "invalidate: redis is unhealthy; applied once it is healthy again"
+            );
+            // Redis may have recovered since the check, after the replay ran.
+            if self.health().is_healthy() {
+                self.replay_deferred_invalidations().await;
+            }
+            return Ok(());
+        }
+
+        match self
+            .store
+            .invalidate(&key_tag(&key), request.access_token.as_ref())
+            .await
+        {
+            Ok(found) => {
+                let result = match found {
+                    Invalidated::Deleted => InvalidateResult::Deleted,
+                    Invalidated::Mismatch => InvalidateResult::Mismatch,
+                    Invalidated::NotCached => InvalidateResult::NotCached,
+                };
+                self.metrics.invalidate(result);
+                tracing::info!(
+                    provider,
+                    tenant,
+                    compared,
+                    result = result.as_str(),
+                    "invalidate"
+                );
+                Ok(())
+            }
+            Err(source) => {
+                self.metrics.invalidate(InvalidateResult::Error);
+                let error = ApiError::CacheUnavailable {
+                    key: key.clone(),
+                    source,
+                };
+                tracing::warn!(provider, tenant, compared, %error, "invalidate failed");
+                Err(error)
+            }
+        }
+    }
+
+    /// Applies the invalidations deferred while Redis was unhealthy. If Redis fails
+    /// again, the rest stay deferred until the next recovery.
+    pub async fn replay_deferred_invalidations(&self) {
+        let mut deferred = self.degraded.take_deferred().into_iter();
+        let (mut applied, mut deleted) = (0_usize, 0_usize);
+        while let Some((key, access_token)) = deferred.next() {
+            match self
+                .store
+                .invalidate(&key_tag(&key), access_token.as_ref())
+                .await
+            {
+                Ok(found) => {
+                    applied += 1;
+                    deleted += usize::from(found == Invalidated::Deleted);
+                }
+                Err(error) => {
+                    let mut kept = 0_usize;
+                    for (key, access_token) in std::iter::once((key, access_token)).chain(deferred)
+                    {
+                        kept += usize::from(self.degraded.defer_invalidation(&key, access_token));
+                    }
+                    tracing::warn!(
+                        applied,
+                        kept,
+                        %error,
+                        "redis failed while applying deferred invalidations; the rest wait for the next recovery"
+                    );
+                    return;
+                }
+            }
+        }
+        if applied > 0 {
+            tracing::info!(
+                applied,
+                deleted,
+                "invalidations deferred while redis was unhealthy applied"
+            );
+        }
+    }
+}
+
+/// Applies deferred invalidations each time Redis turns healthy again. Runs until its
+/// task is aborted.
+pub async fn replay_on_recovery(service: Arc<Service>) {
+    let mut changes = service.health().subscribe();
+    while changes.changed().await.is_ok() {
+        let healthy = *changes.borrow_and_update();
+        if healthy {
+            service.replay_deferred_invalidations().await;
         }
     }
 }

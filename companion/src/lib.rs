@@ -4,7 +4,12 @@
 //! The filter asks for a *lease* on a token key. The companion answers from the Redis
 //! cache (`hit`), or hands the caller the key's cluster-wide lock (`fetch`: the caller
 //! fetches the token, then *commits* it or *aborts*), or holds the request until the
-//! lock's holder finishes. The wire types live in [`tokengate_core::lease`].
+//! lock's holder finishes. A caller whose token an upstream rejected *invalidates* it.
+//! The wire types live in [`tokengate_core::lease`].
+//!
+//! While Redis is unhealthy (a health monitor PINGs it; request failures count too),
+//! leases are served in *degraded mode*: no cluster cache, no lock, one fetch per key
+//! per process at a time, and an in-memory limit of fetches per key per minute.
 //!
 //! Layout, from the outside in:
 //!
@@ -15,16 +20,24 @@
 //! - [`http`]: routes and handlers; JSON rejections become core's error body.
 //! - [`error`]: [`ApiError`] (one request, mapped once to a response) and
 //!   [`CompanionError`] (the process).
-//! - [`lease`]: the lease / commit / abort logic.
+//! - [`lease`]: the lease / commit / abort / invalidate logic, choosing between Redis and
+//!   degraded mode.
 //! - [`waits`]: per-process shared waits on a held lock, woken by Redis pub/sub.
+//! - [`degraded`]: degraded mode's in-process single flight, limiter and deferred
+//!   invalidations.
+//! - [`health`]: the Redis health verdict and its monitor task.
+//! - [`metrics`]: counters and the Prometheus text exposition.
 //! - [`store`]: everything Redis: key names, the cached value, lock, Lua scripts.
 //! - [`clock`]: the wall clock, behind a trait.
 
 pub mod clock;
 pub mod config;
+pub mod degraded;
 pub mod error;
+pub mod health;
 pub mod http;
 pub mod lease;
+pub mod metrics;
 pub mod store;
 pub mod waits;
 
@@ -44,10 +57,11 @@ const SUBSCRIBER_KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// Serves the companion's API on `listener` until `shutdown` completes.
 ///
-/// Redis need not be up: the companion starts anyway, answers `503 CACHE_UNAVAILABLE`
-/// while it is down, and reconnects by itself. When `shutdown` completes, leases still
-/// waiting are answered `503 COMPANION_UNAVAILABLE` at once and in-flight requests
-/// finish before this returns.
+/// Redis need not be up: the companion starts anyway and reconnects by itself. Until
+/// the failure threshold is reached, requests that need Redis answer
+/// `503 CACHE_UNAVAILABLE`; from then on leases are served in degraded mode until Redis
+/// answers again. When `shutdown` completes, leases still waiting are answered
+/// `503 COMPANION_UNAVAILABLE` at once and in-flight requests finish before this returns.
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -66,8 +80,14 @@ pub async fn run_with_clock(
     config.validate().map_err(CompanionError::Config)?;
     let client = redis::Client::open(config.redis_url.as_str())
         .map_err(|e| CompanionError::Redis(e.into()))?;
-    let store = store::Store::new(client.clone(), config.redis_timeout(), config.lock_ttl_ms)
-        .map_err(CompanionError::Redis)?;
+    let health = Arc::new(health::Health::new(config.health_failure_threshold));
+    let store = store::Store::new(
+        client.clone(),
+        config.redis_timeout(),
+        config.lock_ttl_ms,
+        Arc::clone(&health),
+    )
+    .map_err(CompanionError::Redis)?;
     let waits = waits::Waits::new(store.clone(), Arc::clone(&clock), config.recheck_interval());
     let _subscriber = AbortOnDrop(tokio::spawn(waits::run_subscriber(
         client,
@@ -89,13 +109,33 @@ pub async fn run_with_clock(
         },
         Err(error) => tracing::warn!(
             %redis, %error,
-            "redis is not reachable yet; leases answer 503 until it is"
+            "redis is not reachable yet; leases are served in degraded mode once the health \
+             monitor declares it unhealthy, and use it as soon as it answers"
         ),
     }
 
     let (stopping_tx, stopping_rx) = watch::channel(false);
-    let service = lease::Service::new(store, waits, clock, config.lease_wait(), stopping_rx);
-    let app = http::router(Arc::new(service));
+    let degraded = Arc::new(degraded::Degraded::new(
+        config.degraded_fetches_per_minute,
+        config.lock_ttl(),
+    ));
+    let service = Arc::new(lease::Service::new(
+        store.clone(),
+        waits,
+        degraded,
+        Arc::new(metrics::Metrics::new()),
+        clock,
+        config.lease_wait(),
+        stopping_rx,
+    ));
+    let _monitor = AbortOnDrop(tokio::spawn(health::run_monitor(
+        store,
+        config.health_interval(),
+    )));
+    let _replay = AbortOnDrop(tokio::spawn(lease::replay_on_recovery(Arc::clone(
+        &service,
+    ))));
+    let app = http::router(Arc::clone(&service));
 
     tracing::info!(
         addr = %listener.local_addr()?,
@@ -103,6 +143,9 @@ pub async fn run_with_clock(
         lease_wait_ms = config.lease_wait_ms,
         recheck_interval_ms = config.recheck_interval_ms,
         redis_timeout_ms = config.redis_timeout_ms,
+        health_interval_ms = config.health_interval_ms,
+        health_failure_threshold = config.health_failure_threshold,
+        degraded_fetches_per_minute = config.degraded_fetches_per_minute,
         "tokengate companion listening"
     );
     axum::serve(listener, app)

@@ -459,8 +459,16 @@ mod tests {
         let health = Health::new(3);
         let first = metrics.waiting();
         let second = metrics.waiting();
-        assert!(metrics.render(&health).contains("\ntokengate_companion_leases_waiting 2\n"));
+        assert!(
+            metrics
+                .render(&health)
+                .contains("\ntokengate_companion_leases_waiting 2\n")
+        );
         drop((first, second));
-        assert!(metrics.render(&health).contains("\ntokengate_companion_leases_waiting 0\n"));
+        assert!(
+            metrics
+                .render(&health)
+                .contains("\ntokengate_companion_leases_waiting 0\n")
+        );
     }
 }

@@ -119,10 +119,20 @@ async fn unknown_routes_and_methods_answer_json_and_health_is_ok() {
     assert_eq!(body, serde_json::json!({"status":"ok"}));
 }
 
+/// A configuration whose health verdict never turns unhealthy in these tests, so they
+/// see what callers get before the failure threshold is reached (degraded mode is
+/// tested in `degraded.rs`).
+fn without_degraded_mode(config: Config) -> Config {
+    Config {
+        health_failure_threshold: 1_000,
+        ..config
+    }
+}
+
 #[tokio::test]
 async fn redis_going_down_answers_cache_unavailable_json_and_recovers() {
     let mut redis = RedisServer::start();
-    let companion = Companion::start(config(&redis)).await;
+    let companion = Companion::start(without_degraded_mode(config(&redis))).await;
     let lease_id = companion.lease_fetch("acme").await;
 
     redis.kill();
@@ -163,7 +173,8 @@ async fn redis_going_down_answers_cache_unavailable_json_and_recovers() {
 #[tokio::test]
 async fn the_companion_starts_without_redis_and_serves_once_it_is_up() {
     let port = free_port();
-    let companion = Companion::start(config_for(format!("redis://127.0.0.1:{port}"))).await;
+    let config = config_for(format!("redis://127.0.0.1:{port}"));
+    let companion = Companion::start(without_degraded_mode(config)).await;
 
     let (status, error) = error_of(companion.lease_raw("acme").await).await;
     assert_eq!((status, error.code), (503, ErrorCode::CacheUnavailable));

@@ -165,7 +165,11 @@ pub struct Redis {
 impl Redis {
     /// Starts Redis and waits until it answers `PING`.
     pub async fn start(dir: &Path) -> Redis {
-        let port = free_port();
+        Self::start_on(dir, free_port()).await
+    }
+
+    /// Starts Redis on `port` (again, after a kill) and waits until it answers `PING`.
+    pub async fn start_on(dir: &Path, port: u16) -> Redis {
         let mut command = Command::new("redis-server");
         command.args([
             "--port",
@@ -204,19 +208,35 @@ pub struct Companion {
     pub port: u16,
     /// The process, to read its log or kill it.
     pub process: Process,
+    /// What it was started with, to restart it the same way.
+    redis_url: String,
+    extra_args: Vec<String>,
+    dir: PathBuf,
 }
 
 impl Companion {
     /// Starts the companion binary against `redis_url` with extra flags, and waits
     /// until `/healthz` answers.
     pub async fn start(dir: &Path, redis_url: &str, extra_args: &[&str]) -> Companion {
+        let port = free_port();
+        let extra_args: Vec<String> = extra_args.iter().map(|arg| (*arg).to_owned()).collect();
+        let process = Self::spawn(dir, port, redis_url, &extra_args).await;
+        Companion {
+            port,
+            process,
+            redis_url: redis_url.to_owned(),
+            extra_args,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    async fn spawn(dir: &Path, port: u16, redis_url: &str, extra_args: &[String]) -> Process {
         let binary = companion_binary();
         assert!(
             binary.exists(),
             "no companion binary at {}: run scripts/test (or cargo build -p tokengate-companion)",
             binary.display()
         );
-        let port = free_port();
         let mut command = Command::new(binary);
         command
             .args([
@@ -244,7 +264,18 @@ impl Companion {
             )
         })
         .await;
-        Companion { port, process }
+        process
+    }
+
+    /// Kills the companion (SIGKILL): no goodbye to Redis or the filter.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts it again on the same port with the same flags, and waits until it is up.
+    pub async fn restart(&mut self) {
+        self.process.kill();
+        self.process = Self::spawn(&self.dir, self.port, &self.redis_url, &self.extra_args).await;
     }
 }
 
@@ -356,6 +387,23 @@ impl Envoy {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// The value of counter `name` in `/stats` (0 when absent). The filter's own stats
+    /// are named without the `wasmcustom.` prefix that `/stats` shows them with.
+    pub async fn stat(&self, name: &str) -> u64 {
+        let url = format!("http://127.0.0.1:{}/stats?filter={}", self.admin_port, name);
+        let text = match reqwest::get(&url).await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(error) => panic!("Envoy admin {url}: {error}"),
+        };
+        text.lines()
+            .find_map(|line| {
+                let line = line.strip_prefix("wasmcustom.").unwrap_or(line);
+                line.strip_prefix(&format!("{name}: "))
+            })
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 fn merge_json(base: &mut serde_json::Value, overrides: serde_json::Value) {
@@ -455,5 +503,74 @@ impl Stack {
             redis,
             dir,
         }
+    }
+}
+
+/// Several Envoys and companions sharing one Redis, like a fleet of gateways.
+/// Envoy `i` talks to companion `i % companions`.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The stand-in Tenant Service, login and echo app (in this process).
+    pub standins: StandIns,
+    /// The Envoys (declared first so they stop first).
+    pub envoys: Vec<Envoy>,
+    /// The companions.
+    pub companions: Vec<Companion>,
+    /// The one Redis.
+    pub redis: Redis,
+    /// Logs and rendered configs; removed when the cluster is dropped.
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `envoys` Envoys with `concurrency` workers each and `companions`
+    /// companions (with `companion_args`), all with `filter_config`.
+    pub async fn start(
+        envoys: usize,
+        concurrency: u32,
+        companions: usize,
+        filter_config: &serde_json::Value,
+        companion_args: &[&str],
+    ) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("tokengate-cluster-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temporary folder: {e}"));
+        let standins = StandIns::start(Fixture::default_fixture())
+            .await
+            .unwrap_or_else(|e| panic!("cannot start the stand-ins: {e}"));
+        let redis = Redis::start(dir.path()).await;
+        let mut started_companions = Vec::new();
+        for _ in 0..companions.max(1) {
+            started_companions
+                .push(Companion::start(dir.path(), &redis.url(), companion_args).await);
+        }
+        let mut started_envoys = Vec::new();
+        for index in 0..envoys {
+            let upstreams = EnvoyUpstreams {
+                companion_port: started_companions[index % started_companions.len()].port,
+                tenant_service: standins.tenant_service,
+                login: standins.login,
+                echo: standins.echo,
+            };
+            started_envoys
+                .push(Envoy::start(dir.path(), &upstreams, filter_config, concurrency).await);
+        }
+        Cluster {
+            standins,
+            envoys: started_envoys,
+            companions: started_companions,
+            redis,
+            dir,
+        }
+    }
+
+    /// Sum of stat `name` over every Envoy.
+    pub async fn stat(&self, name: &str) -> u64 {
+        let mut total = 0;
+        for envoy in &self.envoys {
+            total += envoy.stat(name).await;
+        }
+        total
     }
 }

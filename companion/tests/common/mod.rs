@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokengate_companion::{Clock, Config};
 use tokengate_core::lease::{
-    ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, LEASE_PATH, LeaseId, LeaseRequest,
-    LeaseResponse,
+    ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, INVALIDATE_PATH, InvalidateRequest,
+    LEASE_PATH, LeaseId, LeaseRequest, LeaseResponse,
 };
 use tokengate_core::{ErrorBody, Provider, SecretString, TenantId};
 
@@ -76,6 +76,25 @@ impl RedisServer {
         let _ = self.child.wait();
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered, the
+    /// data survives. [`RedisServer::resume`] thaws it; dropping kills it either way.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a server frozen by [`RedisServer::pause`] (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// A connection for inspecting and arranging Redis state directly.
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
@@ -124,6 +143,19 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds, or panics after `limit`.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -285,6 +317,68 @@ impl Companion {
         response.status().as_u16()
     }
 
+    /// Invalidates `tenant`'s cached Genesys token (only if it is `token`, when given);
+    /// returns the status.
+    pub async fn invalidate(&self, tenant: &str, token: Option<&str>) -> u16 {
+        let request = InvalidateRequest {
+            provider: Provider::Genesys,
+            tenant_id: TenantId::parse(tenant).unwrap(),
+            access_token: token.map(SecretString::from),
+        };
+        let response = self
+            .post(INVALIDATE_PATH, &serde_json::to_value(request).unwrap())
+            .await;
+        response.status().as_u16()
+    }
+
+    /// GETs `path`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /readyz`: the status and the JSON body.
+    pub async fn readiness(&self) -> (u16, serde_json::Value) {
+        let response = self.get("/readyz").await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// Polls `/readyz` until its status is `status`, for up to 10 s.
+    pub async fn wait_until_ready_is(&self, status: u16) {
+        eventually(
+            &format!("/readyz answers {status}"),
+            Duration::from_secs(10),
+            || async { self.readiness().await.0 == status },
+        )
+        .await;
+    }
+
+    /// `GET /metrics`, parsed.
+    pub async fn metrics(&self) -> Metrics {
+        let response = self.get("/metrics").await;
+        assert_eq!(response.status(), 200);
+        let content_type = response.headers()["content-type"].to_str().unwrap();
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "{content_type}"
+        );
+        Metrics::parse(&response.text().await.unwrap())
+    }
+
+    /// Polls `/metrics` until `series` has `value`, for up to 10 s.
+    pub async fn wait_until_metric(&self, series: &str, value: f64) {
+        eventually(
+            &format!("{series} is {value}"),
+            Duration::from_secs(10),
+            || async { self.metrics().await.get(series) == Some(value) },
+        )
+        .await;
+    }
+
     /// Aborts `lease_id`; returns the status.
     pub async fn abort(&self, tenant: &str, lease_id: &LeaseId) -> u16 {
         let request = AbortRequest {
@@ -348,4 +442,57 @@ pub async fn wait_until_subscribed(redis: &RedisServer) {
             || async { redis.query::<i64>(&["PUBSUB", "NUMPAT"]).await >= 1 },
         )
         .await;
+}
+
+/// A parsed Prometheus text exposition: series (name and labels, as written) -> value.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Every sample.
+    pub samples: std::collections::HashMap<String, f64>,
+    /// The exposition as received.
+    pub text: String,
+}
+
+impl Metrics {
+    /// Parses the text format, checking that every line is a comment or a sample.
+    pub fn parse(text: &str) -> Self {
+        let mut samples = std::collections::HashMap::new();
+        for line in text.lines() {
+            if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+                continue;
+            }
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("not a sample line: {line:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("not a number in {line:?}"));
+            assert!(
+                samples.insert(series.to_owned(), value).is_none(),
+                "{series} appears twice"
+            );
+        }
+        Metrics {
+            samples,
+            text: text.to_owned(),
+        }
+    }
+
+    /// The value of `series` (e.g. `tokengate_companion_leases_total{outcome="hit"}`).
+    pub fn get(&self, series: &str) -> Option<f64> {
+        self.samples.get(series).copied()
+    }
+
+    /// The value of `series`, which must exist.
+    pub fn value(&self, series: &str) -> f64 {
+        self.get(series)
+            .unwrap_or_else(|| panic!("{series} missing from:\n{}", self.text))
+    }
+
+    /// `tokengate_companion_leases_total{outcome="<outcome>"}`.
+    pub fn leases(&self, outcome: &str) -> f64 {
+        self.value(&format!(
+            "tokengate_companion_leases_total{{outcome=\"{outcome}\"}}"
+        ))
+    }
 }
