@@ -66,7 +66,10 @@ async fn lease(
     ApiJson(request): ApiJson<LeaseRequest>,
 ) -> Result<Json<LeaseResponse>, ApiError> {
     let key = TokenKey::new(request.provider, request.tenant_id);
-    service.lease(key, request.force_refresh).await.map(Json)
+    service
+        .lease(key, request.force_refresh, request.min_expires_at_ms)
+        .await
+        .map(Json)
 }
 
 async fn commit(

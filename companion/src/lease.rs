@@ -101,14 +101,18 @@ impl Service {
     /// With `force_refresh` the cached token is skipped: the lease fetches, or waits for
     /// a fetch in progress and accepts only a token that expires later than the skipped
     /// one (a newly fetched one). The skipped token stays cached for other leases until
-    /// the new one replaces it.
+    /// the new one replaces it. With `min_expires_at_ms`, only a token expiring after it
+    /// answers the lease (a newer one than the caller holds), cached or awaited.
     pub async fn lease(
         &self,
         key: TokenKey,
         force_refresh: bool,
+        min_expires_at_ms: Option<u64>,
     ) -> Result<LeaseResponse, ApiError> {
         let started = Instant::now();
-        let result = self.lease_inner(&key, force_refresh, started).await;
+        let result = self
+            .lease_inner(&key, force_refresh, min_expires_at_ms, started)
+            .await;
         let took = started.elapsed();
         let waited_ms = millis(took);
         let outcome = match &result {
@@ -147,6 +151,7 @@ impl Service {
         &self,
         key: &TokenKey,
         force_refresh: bool,
+        min_expires_at_ms: Option<u64>,
         started: Instant,
     ) -> Result<(LeaseResponse, LeaseOutcome), ApiError> {
         let tag = key_tag(key);
@@ -159,7 +164,11 @@ impl Service {
         // A token answers this lease only if it expires after this (and is usable).
         // `None`: not known yet, because the lease skips the cached token and learns its
         // expiry from the first attempt.
-        let mut newer_than_ms = if force_refresh { None } else { Some(0) };
+        let mut newer_than_ms = if force_refresh {
+            None
+        } else {
+            Some(min_expires_at_ms.unwrap_or(0))
+        };
         let mut has_waited = false;
         loop {
             // Checked on every round, so a lease whose wait outlives Redis' health

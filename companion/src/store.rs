@@ -176,7 +176,7 @@ impl StoreError {
     }
 }
 
-/// Answers the cached token if it expires after ARGV[3] (unless ARGV[4] is `1`: skip
+/// Answers the cached token if it expires after `ARGV[3]` (unless `ARGV[4]` is `1`: skip
 /// the cache), else takes the lock if free. A lock this lease already holds counts as
 /// taken, so a retried call answers the same.
 ///

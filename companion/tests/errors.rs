@@ -190,14 +190,17 @@ async fn the_companion_starts_without_redis_and_serves_once_it_is_up() {
 async fn an_invalid_configuration_stops_run_with_a_message() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = Config {
-        lock_ttl_ms: 1_000,
         lease_wait_ms: 2_000,
+        recheck_interval_ms: 3_000,
         ..Config::default()
     };
     let error = tokengate_companion::run(listener, config, std::future::pending())
         .await
         .unwrap_err();
-    assert!(error.to_string().contains("--lease-wait-ms"), "{error}");
+    assert!(
+        error.to_string().contains("--recheck-interval-ms"),
+        "{error}"
+    );
 }
 
 /// Leases until the answer is not 503 (Redis reconnecting), for up to 10 s.

@@ -480,3 +480,41 @@ async fn a_forced_lease_waits_for_the_fetch_in_progress_and_takes_only_its_token
     );
     assert_hit(&waiter.await.unwrap(), "tok-new", new_expiry);
 }
+
+#[tokio::test]
+async fn a_lease_asking_for_a_newer_token_fetches_unless_one_is_cached() {
+    let redis = RedisServer::start();
+    let companion = Companion::start(config(&redis)).await;
+    let lease_id = companion.lease_fetch("acme").await;
+    let old_expiry = now_ms() + 60_000;
+    assert_eq!(
+        companion
+            .commit("acme", &lease_id, "tok-old", old_expiry)
+            .await,
+        204
+    );
+
+    let newer =
+        serde_json::json!({"provider":"genesys","tenantId":"acme","minExpiresAtMs": old_expiry});
+    let response = companion.post("/v1/lease", &newer).await;
+    assert_eq!(response.status(), 200);
+    let lease_id = match response.json::<LeaseResponse>().await.unwrap() {
+        LeaseResponse::Fetch { lease_id, .. } => lease_id,
+        other => panic!("the cached token is not newer: expected fetch, got {other:?}"),
+    };
+    let new_expiry = old_expiry + 60_000;
+    assert_eq!(
+        companion
+            .commit("acme", &lease_id, "tok-new", new_expiry)
+            .await,
+        204
+    );
+
+    // Another Envoy asking for a token newer than the old one is served the new one.
+    let response = companion.post("/v1/lease", &newer).await;
+    assert_hit(
+        &response.json::<LeaseResponse>().await.unwrap(),
+        "tok-new",
+        new_expiry,
+    );
+}

@@ -1,11 +1,12 @@
-//! The cached form of a token: the expiry travels inside the value, because the
-//! caches it lives in (Envoy shared data) have no TTL of their own.
+//! The cached form of a token: the expiry (and the moment to start refreshing it)
+//! travel inside the value, because the caches it lives in (Envoy shared data) have no
+//! TTL of their own.
 
 use crate::provider::TokenKey;
 use crate::secret::SecretString;
 
 /// Format version of [`CachedToken::encode`]; bump when the layout changes.
-const FORMAT_VERSION: u8 = 1;
+const FORMAT_VERSION: u8 = 2;
 
 /// A token and the moment it stops being usable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,36 +17,67 @@ pub struct CachedToken {
     pub expires_at_ms: u64,
 }
 
+/// A token in the gateway cache (Envoy shared data), with the moment to start
+/// refreshing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayEntry {
+    /// The token and its expiry.
+    pub token: CachedToken,
+    /// From this moment on it is still served, but a refresh runs in the background.
+    pub refresh_at_ms: u64,
+}
+
+/// When to start refreshing a token that lives from `now_ms` to `expires_at_ms`: in
+/// the last `percent` of its life, but at least `min_lead_ms` before it expires.
+pub fn refresh_moment(now_ms: u64, expires_at_ms: u64, percent: u8, min_lead_ms: u64) -> u64 {
+    let lifetime_ms = expires_at_ms.saturating_sub(now_ms);
+    let lead_ms = (lifetime_ms / 100)
+        .saturating_mul(u64::from(percent.min(100)))
+        .max(min_lead_ms);
+    expires_at_ms.saturating_sub(lead_ms)
+}
+
 impl CachedToken {
     /// Whether the token may still be injected at `now_ms`, keeping `margin_ms` in hand
     /// so it does not expire on its way to the upstream.
     pub fn is_fresh(&self, now_ms: u64, margin_ms: u64) -> bool {
         now_ms.saturating_add(margin_ms) < self.expires_at_ms
     }
+}
 
-    /// Encodes as `[version][expires_at_ms: u64 big-endian][token bytes]`.
+impl GatewayEntry {
+    /// Whether a background refresh should run at `now_ms`.
+    pub fn wants_refresh(&self, now_ms: u64) -> bool {
+        now_ms >= self.refresh_at_ms
+    }
+
+    /// Encodes as `[version][expires_at_ms][refresh_at_ms][token bytes]`, integers
+    /// big-endian.
     pub fn encode(&self) -> Vec<u8> {
-        let token = self.access_token.expose().as_bytes();
-        let mut bytes = Vec::with_capacity(1 + 8 + token.len());
+        let token = self.token.access_token.expose().as_bytes();
+        let mut bytes = Vec::with_capacity(1 + 16 + token.len());
         bytes.push(FORMAT_VERSION);
-        bytes.extend_from_slice(&self.expires_at_ms.to_be_bytes());
+        bytes.extend_from_slice(&self.token.expires_at_ms.to_be_bytes());
+        bytes.extend_from_slice(&self.refresh_at_ms.to_be_bytes());
         bytes.extend_from_slice(token);
         bytes
     }
 
-    /// Decodes [`CachedToken::encode`]'s output; `None` for anything else (an empty
+    /// Decodes [`GatewayEntry::encode`]'s output; `None` for anything else (an empty
     /// value, another version, a token that is not UTF-8).
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         let (&version, rest) = bytes.split_first()?;
-        if version != FORMAT_VERSION || rest.len() <= 8 {
+        if version != FORMAT_VERSION || rest.len() <= 16 {
             return None;
         }
-        let (expiry, token) = rest.split_at(8);
-        let expires_at_ms = u64::from_be_bytes(expiry.try_into().ok()?);
-        let access_token = SecretString::new(String::from_utf8(token.to_vec()).ok()?);
+        let (expiry, rest) = rest.split_at(8);
+        let (refresh, token) = rest.split_at(8);
         Some(Self {
-            access_token,
-            expires_at_ms,
+            token: CachedToken {
+                expires_at_ms: u64::from_be_bytes(expiry.try_into().ok()?),
+                access_token: SecretString::new(String::from_utf8(token.to_vec()).ok()?),
+            },
+            refresh_at_ms: u64::from_be_bytes(refresh.try_into().ok()?),
         })
     }
 }
@@ -58,47 +90,116 @@ pub fn shared_data_key(key: &TokenKey) -> String {
     )
 }
 
+/// The last purge of a key's token (an upstream rejected it): limits purges per key,
+/// and makes the next fetch insist on a token newer than the purged one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PurgeRecord {
+    /// When the purge happened.
+    pub purged_at_ms: u64,
+    /// The purged token's expiry: a replacement must expire later than this.
+    pub stale_expires_at_ms: u64,
+}
+
+impl PurgeRecord {
+    /// Encodes as two big-endian integers.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(16);
+        bytes.extend_from_slice(&self.purged_at_ms.to_be_bytes());
+        bytes.extend_from_slice(&self.stale_expires_at_ms.to_be_bytes());
+        bytes
+    }
+
+    /// Decodes [`PurgeRecord::encode`]'s output.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes: [u8; 16] = bytes.try_into().ok()?;
+        let (purged, stale) = bytes.split_at(8);
+        Some(Self {
+            purged_at_ms: u64::from_be_bytes(purged.try_into().ok()?),
+            stale_expires_at_ms: u64::from_be_bytes(stale.try_into().ok()?),
+        })
+    }
+
+    /// The shared-data key of `key`'s purge record.
+    pub fn shared_data_key(key: &TokenKey) -> String {
+        format!(
+            "tokengate.v{FORMAT_VERSION}.purge.{}.{}",
+            key.provider, key.tenant_id
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::provider::{Provider, TenantId};
+
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    #[test]
-    fn encoding_round_trips() {
+    fn token(expires_at_ms: u64, refresh_at_ms: u64) -> GatewayEntry {
         let token = CachedToken {
             access_token: SecretString::from("tok-1"),
-            expires_at_ms: 1_700_000_000_123,
+            expires_at_ms,
         };
-        assert_eq!(CachedToken::decode(&token.encode()), Some(token));
+        GatewayEntry {
+            token,
+            refresh_at_ms,
+        }
+    }
+
+    #[test]
+    fn encoding_round_trips() {
+        let entry = token(1_700_000_000_123, 1_699_999_000_000);
+        assert_eq!(GatewayEntry::decode(&entry.encode()), Some(entry));
     }
 
     #[test]
     fn foreign_or_truncated_values_do_not_decode() {
-        assert_eq!(CachedToken::decode(b""), None);
+        assert_eq!(GatewayEntry::decode(b""), None);
         assert_eq!(
-            CachedToken::decode(&[2, 0, 0, 0, 0, 0, 0, 0, 1, b't']),
+            GatewayEntry::decode(&[1, 0, 0, 0, 0, 0, 0, 0, 1, b't']),
             None
         );
-        assert_eq!(CachedToken::decode(&[1, 0, 0, 0]), None);
-        assert_eq!(CachedToken::decode(&[1, 0, 0, 0, 0, 0, 0, 0, 1]), None);
+        assert_eq!(GatewayEntry::decode(&[2, 0, 0, 0]), None);
+        assert_eq!(GatewayEntry::decode(&[2; 17]), None, "no token bytes");
     }
 
     #[test]
     fn freshness_keeps_the_margin() {
-        let token = CachedToken {
-            access_token: SecretString::from("t"),
-            expires_at_ms: 10_000,
-        };
+        let token = token(10_000, 9_000).token;
         assert!(token.is_fresh(4_999, 5_000));
         assert!(!token.is_fresh(5_000, 5_000));
         assert!(!token.is_fresh(20_000, 0));
     }
 
     #[test]
+    fn refresh_starts_in_the_last_part_of_the_life_but_never_late() {
+        // A 24 h token refreshes in its last 10 %: 2.4 h before expiry.
+        let day = 86_400_000;
+        assert_eq!(refresh_moment(0, day, 10, 60_000), day - day / 10);
+        // A 10 s token refreshes at least 2 s before expiry.
+        assert_eq!(refresh_moment(0, 10_000, 10, 2_000), 8_000);
+        assert!(token(10_000, 8_000).wants_refresh(8_000));
+        assert!(!token(10_000, 8_000).wants_refresh(7_999));
+    }
+
+    #[test]
+    fn purge_records_round_trip() {
+        let record = PurgeRecord {
+            purged_at_ms: 5,
+            stale_expires_at_ms: 9,
+        };
+        assert_eq!(PurgeRecord::decode(&record.encode()), Some(record));
+        assert_eq!(PurgeRecord::decode(b"short"), None);
+    }
+
+    #[test]
     fn keys_name_provider_and_tenant() {
         let key = TokenKey::new(Provider::Genesys, TenantId::parse("acme").unwrap());
-        assert_eq!(shared_data_key(&key), "tokengate.v1.token.genesys.acme");
+        assert_eq!(shared_data_key(&key), "tokengate.v2.token.genesys.acme");
+        assert_eq!(
+            PurgeRecord::shared_data_key(&key),
+            "tokengate.v2.purge.genesys.acme"
+        );
     }
 }

@@ -42,6 +42,11 @@ pub struct LeaseRequest {
     /// Skip the cluster cache: the caller wants a newly fetched token.
     #[serde(default)]
     pub force_refresh: bool,
+    /// Only a token that expires after this answers the lease (refresh-ahead and purges
+    /// ask for a token newer than the one they hold); an older cached one is treated
+    /// as absent, without fetching again when another lease already brought a newer one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_expires_at_ms: Option<u64>,
 }
 
 /// The companion's answer to a lease.

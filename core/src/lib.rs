@@ -26,7 +26,7 @@ pub mod regions;
 pub mod secret;
 pub mod token_api;
 
-pub use cache::CachedToken;
+pub use cache::{CachedToken, GatewayEntry};
 pub use error::{ErrorBody, ErrorCode, TokenError};
 pub use flow::{
     CalloutResult, Destination, FetchConfig, FetchFlow, FetchedToken, OutboundRequest, Step,

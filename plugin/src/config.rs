@@ -46,6 +46,55 @@ pub struct FilterConfig {
     /// WhatsApp token lifetimes.
     #[serde(default)]
     pub whatsapp: WhatsappConfig,
+    /// When a background refresh of a cached token starts.
+    #[serde(default)]
+    pub refresh_ahead: RefreshAheadConfig,
+    /// Dropping a token the upstream rejected.
+    #[serde(default)]
+    pub purge: PurgeConfig,
+}
+
+/// Refresh-ahead: a token in the last part of its life is still served while one
+/// background refresh per Envoy fetches its successor, so no request waits at expiry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RefreshAheadConfig {
+    /// Refresh in the last this-many percent of a token's life (0 to 100; 0 turns
+    /// refresh-ahead off unless `minLeadMs` applies).
+    pub percent: u8,
+    /// ... but at least this long before it expires; must exceed `expiryMarginMs`.
+    pub min_lead_ms: u64,
+}
+
+impl Default for RefreshAheadConfig {
+    fn default() -> Self {
+        Self {
+            percent: 10,
+            min_lead_ms: 30_000,
+        }
+    }
+}
+
+/// Purge on upstream rejection: when the upstream answers one of `statuses` to a
+/// request that carried an injected token, that token is dropped from this Envoy's
+/// cache and from the cluster cache, so the next request fetches a new one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PurgeConfig {
+    /// Upstream statuses that mean "this token is no good".
+    pub statuses: Vec<u16>,
+    /// At most one purge per token key per Envoy in this long, so a broken upstream
+    /// cannot cause an OAuth storm.
+    pub min_interval_ms: u64,
+}
+
+impl Default for PurgeConfig {
+    fn default() -> Self {
+        Self {
+            statuses: vec![401],
+            min_interval_ms: 10_000,
+        }
+    }
 }
 
 /// What the filter does with a token.
@@ -268,6 +317,23 @@ impl FilterConfig {
                 return fail(path, "must be greater than 0");
             }
         }
+        if self.refresh_ahead.percent > 100 {
+            return fail("refreshAhead.percent", "must be between 0 and 100");
+        }
+        if self.refresh_ahead.min_lead_ms <= self.expiry_margin_ms {
+            return fail(
+                "refreshAhead.minLeadMs",
+                "must be greater than expiryMarginMs, or tokens stop being served before their refresh starts",
+            );
+        }
+        if let Some(status) = self
+            .purge
+            .statuses
+            .iter()
+            .find(|status| !(100..=599).contains(*status))
+        {
+            return fail("purge.statuses", &format!("{status} is not an HTTP status"));
+        }
         if let Some(region) = &self.genesys.default_region {
             if let Err(error) = self.regions().login_host(region) {
                 return fail("genesys.defaultRegion", &error.message);
@@ -355,6 +421,11 @@ mod tests {
                 "genesys.defaultRegion",
             ),
             (r#"{"mode":"proxy"}"#, "mode"),
+            (
+                r#"{"refreshAhead":{"minLeadMs":1000}}"#,
+                "refreshAhead.minLeadMs",
+            ),
+            (r#"{"purge":{"statuses":[401,42]}}"#, "purge.statuses"),
             ("42", "."),
             ("{", "."),
         ] {

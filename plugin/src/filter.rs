@@ -17,7 +17,8 @@ use tokengate_core::token_api::{
     CREDENTIAL_TYPE_HEADER, TOKEN_PATH, TokenRequest, TokenResponse, TokenSource,
 };
 use tokengate_core::{
-    CalloutResult, ErrorCode, SecretBytes, SecretString, TenantId, TokenError, TokenKey,
+    CachedToken, CalloutResult, ErrorCode, SecretBytes, SecretString, TenantId, TokenError,
+    TokenKey,
 };
 
 use crate::config::{FilterConfig, Mode};
@@ -284,6 +285,7 @@ impl RootContext for Root {
             worker,
             awaiting_body: false,
             correlation_id: None,
+            carried: Carried::Nothing,
         }))
     }
 
@@ -305,6 +307,18 @@ struct Request {
     /// The request's `x-request-id`, read in the header phase (headers cannot be
     /// read once they have continued).
     correlation_id: Option<String>,
+    /// The token this request carries upstream, to purge it if the upstream rejects it.
+    carried: Carried,
+}
+
+/// What token a request carries upstream (inject mode).
+enum Carried {
+    /// None (endpoint mode, an error, or not yet decided).
+    Nothing,
+    /// This token from the gateway cache.
+    Cached(TokenKey, CachedToken),
+    /// The token the worker resumed it with (the worker remembers which).
+    FromWorker,
 }
 
 /// Largest `POST /auth/token` body read.
@@ -323,7 +337,7 @@ impl Request {
     }
 
     /// Hands a validated request to the worker and applies its decision.
-    fn ask(&self, key: TokenKey, delivery: Delivery, force_refresh: bool) -> Action {
+    fn ask(&mut self, key: TokenKey, delivery: Delivery, force_refresh: bool) -> Action {
         let mut host = self.host.clone();
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
             return self.reject(
@@ -332,6 +346,8 @@ impl Request {
             );
         };
         let correlation_id = self.correlation_id.clone();
+        let purge_on = !self.config.purge.statuses.is_empty() && delivery == Delivery::Inject;
+        let carried_key = purge_on.then(|| key.clone());
         let ask = TokenAsk {
             context_id: self.context_id,
             key,
@@ -350,6 +366,9 @@ impl Request {
                         header,
                         Some(bearer.expose()),
                     );
+                    if let Some(key) = carried_key {
+                        self.carried = Carried::Cached(key, token);
+                    }
                     Action::Continue
                 }
                 Delivery::Respond => {
@@ -363,11 +382,16 @@ impl Request {
                     Action::Pause
                 }
             },
-            Decision::Pause => Action::Pause,
+            Decision::Pause => {
+                if purge_on {
+                    self.carried = Carried::FromWorker;
+                }
+                Action::Pause
+            }
         }
     }
 
-    fn inject(&self, config: &FilterConfig) -> Action {
+    fn inject(&mut self, config: &FilterConfig) -> Action {
         let tenant = self.header(&config.tenant_header).unwrap_or_default();
         match TenantId::parse(&tenant) {
             Ok(tenant_id) => self.ask(
@@ -431,6 +455,21 @@ impl HttpContext for Request {
             Mode::Inject => self.inject(&config),
             Mode::Endpoint => self.endpoint(&config, end_of_stream),
         }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let injected = match std::mem::replace(&mut self.carried, Carried::Nothing) {
+            Carried::Nothing => return Action::Continue,
+            Carried::Cached(key, token) => Some((key, token)),
+            Carried::FromWorker => None,
+        };
+        let status = header_text(MapType::HttpResponseHeaders, ":status")
+            .and_then(|s| s.parse::<u16>().ok());
+        if let (Some(status), Ok(mut worker)) = (status, self.worker.try_borrow_mut()) {
+            let mut host = self.host.clone();
+            worker.on_upstream_status(&mut host, self.context_id, injected, status);
+        }
+        Action::Continue
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {

@@ -35,6 +35,12 @@ pub enum Metric {
     ClusterCacheHit,
     /// The companion could not be reached: the fetch ran in local mode.
     CompanionFallback,
+    /// A background refresh of a token near its expiry started.
+    RefreshAhead,
+    /// A token the upstream rejected was dropped.
+    Purge,
+    /// A rejection was not acted on: the key was purged too recently.
+    PurgeSuppressed,
 }
 
 impl Metric {
@@ -48,6 +54,9 @@ impl Metric {
             Metric::FetchSucceeded,
             Metric::ClusterCacheHit,
             Metric::CompanionFallback,
+            Metric::RefreshAhead,
+            Metric::Purge,
+            Metric::PurgeSuppressed,
         ]
         .into_iter()
         .chain(ErrorCode::ALL.into_iter().map(Metric::FetchFailed))
@@ -64,6 +73,9 @@ impl Metric {
             Metric::FetchSucceeded => "fetch_succeeded",
             Metric::ClusterCacheHit => "cluster_cache_hit",
             Metric::CompanionFallback => "companion_fallback",
+            Metric::RefreshAhead => "refresh_ahead",
+            Metric::Purge => "purge",
+            Metric::PurgeSuppressed => "purge_suppressed",
             Metric::FetchFailed(code) => {
                 return format!(
                     "tokengate.fetch_failed.{}",

@@ -25,10 +25,12 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use tokengate_core::cache::{CachedToken, shared_data_key};
+use tokengate_core::cache::{
+    CachedToken, GatewayEntry, PurgeRecord, refresh_moment, shared_data_key,
+};
 use tokengate_core::lease::{
-    ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, LEASE_PATH, LeaseId, LeaseRequest,
-    LeaseResponse,
+    ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, INVALIDATE_PATH, InvalidateRequest,
+    LEASE_PATH, LeaseId, LeaseRequest, LeaseResponse,
 };
 use tokengate_core::token_api::{TokenResponse, TokenSource};
 use tokengate_core::{
@@ -112,6 +114,20 @@ struct Fetch {
     waiters: Vec<Waiter>,
     /// Skip the gateway and cluster caches (a waiter asked for `forceRefresh`).
     force_refresh: bool,
+    /// Only a token expiring after this will do (a refresh-ahead: the cached token
+    /// expires then).
+    min_expires_at_ms: Option<u64>,
+}
+
+impl Fetch {
+    fn new(min_expires_at_ms: Option<u64>) -> Self {
+        Self {
+            stage: Stage::Queued,
+            waiters: Vec::new(),
+            force_refresh: false,
+            min_expires_at_ms,
+        }
+    }
 }
 
 /// Why a callout was sent, to route its answer.
@@ -121,6 +137,7 @@ enum Purpose {
     Fetch,
     Commit,
     Abort,
+    Invalidate,
 }
 
 /// Local-mode fetches of one key in the current one-minute window.
@@ -147,6 +164,12 @@ pub struct Worker {
     local_windows: HashMap<TokenKey, LocalWindow>,
     /// The tick period last asked of the host, to avoid resetting the timer needlessly.
     tick_period_ms: u64,
+    /// The token each resumed request carried, to purge it if the upstream rejects it.
+    delivered: HashMap<u32, (TokenKey, CachedToken)>,
+    /// Tokens the upstream rejected, to invalidate at the companion on the next tick.
+    pending_invalidations: Vec<(TokenKey, SecretString)>,
+    /// After a failed refresh-ahead, no new one for the key before this moment.
+    refresh_retry_at_ms: HashMap<TokenKey, u64>,
 }
 
 /// Tick period while work waits for the root context.
@@ -159,6 +182,8 @@ const MAX_TICK_MS: u64 = 1_000;
 const LOCAL_WINDOW_MS: u64 = 60_000;
 /// Beyond this many tracked keys, windows that have ended are dropped.
 const LOCAL_WINDOWS_PRUNE_AT: usize = 4_096;
+/// Pause after a failed refresh-ahead before the next one for the same key.
+const REFRESH_RETRY_MS: u64 = 5_000;
 
 impl Worker {
     /// A worker with a validated configuration and an id unique within its Envoy.
@@ -173,6 +198,9 @@ impl Worker {
             companion_down_until_ms: 0,
             local_windows: HashMap::new(),
             tick_period_ms: 0,
+            delivered: HashMap::new(),
+            pending_invalidations: Vec::new(),
+            refresh_retry_at_ms: HashMap::new(),
         }
     }
 
@@ -185,7 +213,10 @@ impl Worker {
     pub fn on_request(&mut self, host: &mut impl Host, ask: TokenAsk) -> Decision {
         let now_ms = host.now_ms();
         if !ask.force_refresh {
-            if let Some(token) = self.cached(host, &ask.key, now_ms) {
+            if let Some(entry) = self.cached(host, &ask.key, now_ms, None) {
+                if entry.wants_refresh(now_ms) {
+                    self.refresh_ahead(host, &ask.key, entry.token.expires_at_ms, now_ms);
+                }
                 host.count(Metric::CacheHit);
                 host.log(
                     Level::Debug,
@@ -195,7 +226,7 @@ impl Worker {
                         ask.correlation_id.as_deref().unwrap_or("-")
                     ),
                 );
-                return Decision::Cached(token);
+                return Decision::Cached(entry.token);
             }
         }
         host.count(Metric::CacheMiss);
@@ -205,11 +236,10 @@ impl Worker {
             correlation_id: ask.correlation_id,
             arrived_ms: now_ms,
         };
-        let fetch = self.fetches.entry(ask.key).or_insert_with(|| Fetch {
-            stage: Stage::Queued,
-            waiters: Vec::new(),
-            force_refresh: false,
-        });
+        let fetch = self
+            .fetches
+            .entry(ask.key)
+            .or_insert_with(|| Fetch::new(None));
         if !fetch.waiters.is_empty() {
             host.count(Metric::CollapsedWaiter);
         }
@@ -223,6 +253,7 @@ impl Worker {
 
     /// The request `context_id` ended (answered, reset or finished): forget it.
     pub fn on_request_gone(&mut self, context_id: u32) {
+        self.delivered.remove(&context_id);
         for fetch in self.fetches.values_mut() {
             fetch
                 .waiters
@@ -230,9 +261,61 @@ impl Worker {
         }
     }
 
+    /// The upstream answered `status` to request `context_id`, which carried
+    /// `injected` (its token when it came from the cache; `None` when the worker
+    /// resumed it). A rejection status purges that token, at most once per key per
+    /// `purge.minIntervalMs` on this Envoy.
+    pub fn on_upstream_status(
+        &mut self,
+        host: &mut impl Host,
+        context_id: u32,
+        injected: Option<(TokenKey, CachedToken)>,
+        status: u16,
+    ) {
+        let Some((key, token)) = injected.or_else(|| self.delivered.remove(&context_id)) else {
+            return;
+        };
+        if !self.config.purge.statuses.contains(&status) {
+            return;
+        }
+        let now_ms = host.now_ms();
+        let record_key = PurgeRecord::shared_data_key(&key);
+        let last = host
+            .shared_get(&record_key)
+            .and_then(|bytes| PurgeRecord::decode(&bytes));
+        if last.is_some_and(|last| {
+            now_ms.saturating_sub(last.purged_at_ms) < self.config.purge.min_interval_ms
+        }) {
+            host.count(Metric::PurgeSuppressed);
+            return;
+        }
+        let record = PurgeRecord {
+            purged_at_ms: now_ms,
+            stale_expires_at_ms: token.expires_at_ms,
+        };
+        host.shared_set(&record_key, &record.encode());
+        let still_cached = host
+            .shared_get(&shared_data_key(&key))
+            .and_then(|bytes| GatewayEntry::decode(&bytes))
+            .is_some_and(|entry| entry.token.access_token == token.access_token);
+        if still_cached {
+            host.shared_set(&shared_data_key(&key), &[]);
+        }
+        host.count(Metric::Purge);
+        host.log(
+            Level::Warn,
+            &format!("upstream answered {status} with the token of {key}: purged"),
+        );
+        self.pending_invalidations.push((key, token.access_token));
+        self.schedule_tick(host);
+    }
+
     /// The worker's timer fired: start queued fetches, check on other workers' fetches
     /// and resume due backoffs.
     pub fn on_tick(&mut self, host: &mut impl Host) {
+        for (key, token) in std::mem::take(&mut self.pending_invalidations) {
+            self.send_invalidate(host, key, token);
+        }
         let now_ms = host.now_ms();
         let ready: Vec<TokenKey> = self
             .fetches
@@ -280,7 +363,7 @@ impl Worker {
                     self.drive(host, &key);
                 }
             }
-            Purpose::Commit | Purpose::Abort => {
+            Purpose::Commit | Purpose::Abort | Purpose::Invalidate => {
                 if !matches!(
                     result,
                     CalloutResult::Response {
@@ -288,10 +371,10 @@ impl Worker {
                         ..
                     }
                 ) {
-                    let what = if purpose == Purpose::Commit {
-                        "commit"
-                    } else {
-                        "abort"
+                    let what = match purpose {
+                        Purpose::Commit => "commit",
+                        Purpose::Abort => "abort",
+                        _ => "invalidate",
                     };
                     host.log(
                         Level::Warn,
@@ -303,10 +386,59 @@ impl Worker {
         self.schedule_tick(host);
     }
 
-    fn cached(&self, host: &impl Host, key: &TokenKey, now_ms: u64) -> Option<CachedToken> {
+    /// The gateway cache's token for `key` if it is fresh (and, with
+    /// `newer_than_ms`, expires after that).
+    fn cached(
+        &self,
+        host: &impl Host,
+        key: &TokenKey,
+        now_ms: u64,
+        newer_than_ms: Option<u64>,
+    ) -> Option<GatewayEntry> {
         let bytes = host.shared_get(&shared_data_key(key))?;
-        CachedToken::decode(&bytes)
-            .filter(|token| token.is_fresh(now_ms, self.config.expiry_margin_ms))
+        GatewayEntry::decode(&bytes).filter(|entry| {
+            entry.token.is_fresh(now_ms, self.config.expiry_margin_ms)
+                && newer_than_ms.is_none_or(|newer_than| entry.token.expires_at_ms > newer_than)
+        })
+    }
+
+    /// Starts one background refresh of `key`, whose cached token expires at
+    /// `expires_at_ms`, unless one already runs on this worker or this Envoy.
+    fn refresh_ahead(
+        &mut self,
+        host: &mut impl Host,
+        key: &TokenKey,
+        expires_at_ms: u64,
+        now_ms: u64,
+    ) {
+        if self.fetches.contains_key(key)
+            || self
+                .refresh_retry_at_ms
+                .get(key)
+                .is_some_and(|at| now_ms < *at)
+            || self.peer_state(host, key, now_ms) == Peer::Busy
+        {
+            return;
+        }
+        host.count(Metric::RefreshAhead);
+        self.fetches
+            .insert(key.clone(), Fetch::new(Some(expires_at_ms)));
+        self.schedule_tick(host);
+    }
+
+    /// The expiry a new token for `key` must beat: the refreshed token's, or the one
+    /// an upstream rejected recently.
+    fn newer_than(&self, host: &impl Host, key: &TokenKey, now_ms: u64) -> Option<u64> {
+        let refreshing = self
+            .fetches
+            .get(key)
+            .and_then(|fetch| fetch.min_expires_at_ms);
+        let purged = host
+            .shared_get(&PurgeRecord::shared_data_key(key))
+            .and_then(|bytes| PurgeRecord::decode(&bytes))
+            .filter(|record| record.stale_expires_at_ms > now_ms)
+            .map(|record| record.stale_expires_at_ms);
+        refreshing.max(purged)
     }
 
     fn peer_state(&self, host: &impl Host, key: &TokenKey, now_ms: u64) -> Peer {
@@ -326,9 +458,15 @@ impl Worker {
             .fetches
             .get(&key)
             .is_some_and(|fetch| fetch.force_refresh);
+        let newer_than = self.newer_than(host, &key, now_ms);
         if !force_refresh {
-            if let Some(token) = self.cached(host, &key, now_ms) {
-                self.finish(host, &key, Ok(token_of(token, now_ms)), TokenSource::Cache);
+            if let Some(entry) = self.cached(host, &key, now_ms, newer_than) {
+                self.finish(
+                    host,
+                    &key,
+                    Ok(token_of(entry.token, now_ms)),
+                    TokenSource::Cache,
+                );
                 return;
             }
         }
@@ -351,7 +489,7 @@ impl Worker {
         if now_ms < self.companion_down_until_ms {
             self.fetch_locally(host, key);
         } else {
-            self.send_lease(host, key, force_refresh);
+            self.send_lease(host, key, force_refresh, newer_than);
         }
     }
 
@@ -365,8 +503,14 @@ impl Worker {
     /// Polled on tick while another worker fetches `key`.
     fn check_peer(&mut self, host: &mut impl Host, key: TokenKey) {
         let now_ms = host.now_ms();
-        if let Some(token) = self.cached(host, &key, now_ms) {
-            return self.finish(host, &key, Ok(token_of(token, now_ms)), TokenSource::Cache);
+        let newer_than = self.newer_than(host, &key, now_ms);
+        if let Some(entry) = self.cached(host, &key, now_ms, newer_than) {
+            return self.finish(
+                host,
+                &key,
+                Ok(token_of(entry.token, now_ms)),
+                TokenSource::Cache,
+            );
         }
         match self.peer_state(host, &key, now_ms) {
             Peer::Busy => {}
@@ -376,11 +520,18 @@ impl Worker {
         }
     }
 
-    fn send_lease(&mut self, host: &mut impl Host, key: TokenKey, force_refresh: bool) {
+    fn send_lease(
+        &mut self,
+        host: &mut impl Host,
+        key: TokenKey,
+        force_refresh: bool,
+        min_expires_at_ms: Option<u64>,
+    ) {
         let request = LeaseRequest {
             provider: key.provider,
             tenant_id: key.tenant_id.clone(),
             force_refresh,
+            min_expires_at_ms,
         };
         let sent = serde_json::to_vec(&request)
             .map_err(|e| e.to_string())
@@ -650,11 +801,20 @@ impl Worker {
         }
         if claimed {
             if let Some(token) = result.as_ref().ok().filter(|token| token.cacheable) {
-                let cached = CachedToken {
-                    access_token: token.access_token.clone(),
-                    expires_at_ms: token.expires_at_ms,
+                let refresh = &self.config.refresh_ahead;
+                let entry = GatewayEntry {
+                    token: CachedToken {
+                        access_token: token.access_token.clone(),
+                        expires_at_ms: token.expires_at_ms,
+                    },
+                    refresh_at_ms: refresh_moment(
+                        now_ms,
+                        token.expires_at_ms,
+                        refresh.percent,
+                        refresh.min_lead_ms,
+                    ),
                 };
-                host.shared_set(&shared_data_key(key), &cached.encode());
+                host.shared_set(&shared_data_key(key), &entry.encode());
             }
             host.shared_set(
                 &marker_key(key),
@@ -670,6 +830,14 @@ impl Worker {
             }
             Err(error) => {
                 host.count(Metric::FetchFailed(error.code));
+                if fetch.min_expires_at_ms.is_some() {
+                    // A failed refresh-ahead: the cached token still serves; try again later.
+                    if self.refresh_retry_at_ms.len() >= LOCAL_WINDOWS_PRUNE_AT {
+                        self.refresh_retry_at_ms.retain(|_, at| *at > now_ms);
+                    }
+                    self.refresh_retry_at_ms
+                        .insert(key.clone(), now_ms.saturating_add(REFRESH_RETRY_MS));
+                }
                 host.log(
                     Level::Error,
                     &format!("token request {key} failed: {error}"),
@@ -694,11 +862,20 @@ impl Worker {
                 Delivery::Inject => {
                     let bearer =
                         SecretString::new(format!("Bearer {}", token.access_token.expose()));
-                    host.resume_with_header(
+                    let resumed = host.resume_with_header(
                         waiter.context_id,
                         &self.config.authorization_header,
                         bearer.expose(),
-                    )
+                    );
+                    if resumed && !self.config.purge.statuses.is_empty() {
+                        let carried = CachedToken {
+                            access_token: token.access_token.clone(),
+                            expires_at_ms: token.expires_at_ms,
+                        };
+                        self.delivered
+                            .insert(waiter.context_id, (key.clone(), carried));
+                    }
+                    resumed
                 }
                 Delivery::Respond => {
                     let response = TokenResponse::new(
@@ -719,6 +896,28 @@ impl Worker {
                         now_ms.saturating_sub(waiter.arrived_ms),
                         waiter.correlation_id.as_deref().unwrap_or("-")
                     ),
+                );
+            }
+        }
+    }
+
+    /// Asks the companion to drop `token` from the cluster cache.
+    fn send_invalidate(&mut self, host: &mut impl Host, key: TokenKey, token: SecretString) {
+        let request = InvalidateRequest {
+            provider: key.provider,
+            tenant_id: key.tenant_id.clone(),
+            access_token: Some(token),
+        };
+        let body = SecretBytes::new(serde_json::to_vec(&request).unwrap_or_default());
+        let timeout_ms = self.config.tenant_service.timeout_ms;
+        match host.dispatch(self.companion_callout(INVALIDATE_PATH, body.expose(), timeout_ms)) {
+            Ok(callout_id) => {
+                self.callouts.insert(callout_id, (key, Purpose::Invalidate));
+            }
+            Err(reason) => {
+                host.log(
+                    Level::Warn,
+                    &format!("companion invalidate for {key} could not be sent: {reason}"),
                 );
             }
         }
@@ -792,6 +991,7 @@ impl Worker {
                 _ => None,
             })
             .min()
+            .or((!self.pending_invalidations.is_empty()).then_some(KICK_TICK_MS))
             .unwrap_or(0);
         if wanted != self.tick_period_ms {
             self.tick_period_ms = wanted;

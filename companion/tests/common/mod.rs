@@ -269,6 +269,7 @@ impl Companion {
             provider: Provider::Genesys,
             tenant_id: TenantId::parse(tenant).unwrap(),
             force_refresh,
+            min_expires_at_ms: None,
         };
         let (http, url) = (self.http.clone(), format!("{}{LEASE_PATH}", self.base));
         async move { http.post(url).json(&request).send().await.unwrap() }
