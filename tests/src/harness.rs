@@ -88,6 +88,13 @@ impl Process {
         }
     }
 
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
     /// Fails when the process has exited, showing its log.
     pub fn assert_running(&mut self) {
         if let Some(child) = self.child.as_mut() {
@@ -325,6 +332,66 @@ impl Envoy {
         filter_config: &serde_json::Value,
         concurrency: u32,
     ) -> Envoy {
+        let (mut process, port, admin_port) =
+            Self::spawn(dir, upstreams, filter_config, concurrency);
+        let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+        let started = Instant::now();
+        while !answers(
+            admin,
+            b"GET /ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            b"LIVE",
+        ) {
+            process.assert_running();
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "Envoy not live after 30 s:\n{}",
+                process.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Envoy {
+            port,
+            admin_port,
+            process,
+        }
+    }
+
+    /// Starts Envoy with a filter configuration it must refuse: waits for Envoy to
+    /// exit (at most 30 s) and returns its log. Fails if Envoy goes live instead.
+    pub async fn start_expecting_rejection(
+        dir: &Path,
+        upstreams: &EnvoyUpstreams,
+        filter_config: &serde_json::Value,
+    ) -> String {
+        let (mut process, _, admin_port) = Self::spawn(dir, upstreams, filter_config, 1);
+        let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+        let started = Instant::now();
+        while process.is_running() {
+            assert!(
+                !answers(
+                    admin,
+                    b"GET /ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                    b"LIVE"
+                ),
+                "Envoy went live with an invalid filter configuration"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "Envoy neither failed nor went live"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        process.log_text()
+    }
+
+    /// Renders the configuration and starts the process; returns it with its listener
+    /// and admin ports.
+    fn spawn(
+        dir: &Path,
+        upstreams: &EnvoyUpstreams,
+        filter_config: &serde_json::Value,
+        concurrency: u32,
+    ) -> (Process, u16, u16) {
         let binary = envoy_binary();
         assert!(
             binary.exists(),
@@ -360,27 +427,8 @@ impl Envoy {
             &std::env::var("TOKENGATE_ENVOY_LOG").unwrap_or_else(|_| "info".into()),
             "--disable-hot-restart",
         ]);
-        let mut process = Process::spawn("envoy", command, dir.join(format!("envoy-{port}.log")));
-        let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
-        let started = Instant::now();
-        while !answers(
-            admin,
-            b"GET /ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-            b"LIVE",
-        ) {
-            process.assert_running();
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "Envoy not live after 30 s:\n{}",
-                process.log_tail(40)
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Envoy {
-            port,
-            admin_port,
-            process,
-        }
+        let process = Process::spawn("envoy", command, dir.join(format!("envoy-{port}.log")));
+        (process, port, admin_port)
     }
 
     /// The base URL of the listener.

@@ -1,0 +1,265 @@
+//! What an Envoy operator relies on, through real Envoy: refresh-ahead, purge on an
+//! upstream rejection, stats, configuration rejected at load, and tenant ids that
+//! cannot be abused.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use serde_json::{Value, json};
+use tokengate_tests::harness::{Envoy, EnvoyUpstreams, Stack};
+use tokengate_tests::standins::Endpoint;
+
+struct Answer {
+    status: u16,
+    authorization: Option<String>,
+}
+
+async fn get(stack: &Stack, path: &str, tenant: &str) -> Answer {
+    let response = reqwest::Client::new()
+        .get(format!("{}{path}", stack.envoy.url()))
+        .header("x-tenant-id", tenant)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("request failed: {e}"));
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or_default();
+    Answer {
+        status,
+        authorization: body["headers"]["authorization"].as_str().map(str::to_owned),
+    }
+}
+
+fn bearers(stack: &Stack, tenant: &str) -> Vec<String> {
+    stack
+        .standins
+        .tokens_issued_to(tenant)
+        .into_iter()
+        .map(|t| format!("Bearer {t}"))
+        .collect()
+}
+
+/// Waits until `condition` holds, checking every 20 ms, for at most `limit`.
+async fn eventually(what: &str, limit: Duration, mut condition: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !condition().await {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_just_before_expiry_is_served_at_once_and_starts_one_refresh() {
+    let config = Envoy::filter_config_with(json!({
+        "expiryMarginMs": 300,
+        "refreshAhead": { "percent": 10, "minLeadMs": 2000 }
+    }));
+    let stack = Stack::start_with(config, 2).await;
+    stack.standins.set_expires_in(4);
+
+    let first = get(&stack, "/api", "acme").await;
+    let first_token = bearers(&stack, "acme").remove(0);
+    assert_eq!(first.authorization.as_deref(), Some(first_token.as_str()));
+
+    // One second before expiry (the refresh window opened at 2 s before).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = Instant::now();
+    let near_expiry = join_all((0..10).map(|_| get(&stack, "/api", "acme"))).await;
+    let took = started.elapsed();
+    for answer in &near_expiry {
+        assert_eq!(
+            (answer.status, answer.authorization.as_deref()),
+            (200, Some(first_token.as_str()))
+        );
+    }
+    assert!(
+        took < Duration::from_millis(900),
+        "served from the cache, not after a fetch: {took:?}"
+    );
+
+    eventually(
+        "the background refresh",
+        Duration::from_secs(5),
+        async || stack.standins.calls(Endpoint::Login) == 2,
+    )
+    .await;
+    let refreshed = bearers(&stack, "acme").remove(1);
+    let after = get(&stack, "/api", "acme").await;
+    assert_eq!(after.authorization.as_deref(), Some(refreshed.as_str()));
+    assert_eq!(
+        stack.standins.calls(Endpoint::Login),
+        2,
+        "exactly one refresh"
+    );
+    assert_eq!(stack.envoy.stat("tokengate.refresh_ahead").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_token_is_never_injected() {
+    let config = Envoy::filter_config_with(json!({
+        "expiryMarginMs": 200,
+        "refreshAhead": { "percent": 0, "minLeadMs": 300 }
+    }));
+    let stack = Stack::start_with(config, 2).await;
+    stack.standins.set_expires_in(1);
+
+    let first = get(&stack, "/api", "acme").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let later = get(&stack, "/api", "acme").await;
+
+    let issued = bearers(&stack, "acme");
+    assert_eq!(first.authorization.as_deref(), Some(issued[0].as_str()));
+    assert_eq!(issued.len(), 2, "the expired token was replaced");
+    assert_eq!(later.authorization.as_deref(), Some(issued[1].as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_an_upstream_401_the_next_request_carries_a_new_token() {
+    let stack = Stack::start().await;
+
+    let first = get(&stack, "/api", "acme").await;
+    let rejected = get(&stack, "/status/401", "acme").await;
+    let next = get(&stack, "/api", "acme").await;
+
+    let issued = bearers(&stack, "acme");
+    assert_eq!(rejected.status, 401);
+    assert_eq!(
+        issued.len(),
+        2,
+        "a new token was fetched after the rejection"
+    );
+    assert_eq!(first.authorization.as_deref(), Some(issued[0].as_str()));
+    assert_eq!(next.authorization.as_deref(), Some(issued[1].as_str()));
+    assert_eq!(stack.envoy.stat("tokengate.purge").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_fifty_upstream_401s_causes_at_most_one_refetch() {
+    let stack = Stack::start().await;
+    let first = get(&stack, "/api", "acme").await;
+    assert_eq!(first.status, 200);
+
+    let burst = join_all((0..50).map(|_| get(&stack, "/status/401", "acme"))).await;
+    assert!(burst.iter().all(|answer| answer.status == 401));
+    let next = get(&stack, "/api", "acme").await;
+
+    let issued = bearers(&stack, "acme");
+    assert_eq!(
+        issued.len(),
+        2,
+        "one refetch (purge.minIntervalMs 10 s): {issued:?}"
+    );
+    assert_eq!(next.authorization.as_deref(), Some(issued[1].as_str()));
+    assert_eq!(stack.envoy.stat("tokengate.purge").await, 1);
+    assert!(stack.envoy.stat("tokengate.purge_suppressed").await >= 48);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stats_count_hits_misses_fetches_and_failures() {
+    let stack = Stack::start_with(Envoy::default_filter_config(), 1).await;
+
+    get(&stack, "/api", "acme").await;
+    get(&stack, "/api", "acme").await;
+    get(&stack, "/api", "nobody").await;
+
+    let stat = async |name: &str| stack.envoy.stat(name).await;
+    assert_eq!(stat("tokengate.cache_hit").await, 1);
+    assert_eq!(stat("tokengate.cache_miss").await, 2);
+    assert_eq!(stat("tokengate.fetch_started").await, 2);
+    assert_eq!(stat("tokengate.fetch_succeeded").await, 1);
+    assert_eq!(
+        stat("tokengate.fetch_failed.credentials_not_found").await,
+        1
+    );
+    let prometheus = reqwest::get(format!(
+        "http://127.0.0.1:{}/stats/prometheus",
+        stack.envoy.admin_port
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+    .text()
+    .await
+    .unwrap_or_default();
+    assert!(
+        prometheus
+            .lines()
+            .any(|line| line.starts_with("tokengate_cache_hit") && line.ends_with(" 1")),
+        "{prometheus}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalid_filter_configuration_is_rejected_at_load_naming_the_field() {
+    let stack = Stack::start().await;
+    let upstreams = EnvoyUpstreams {
+        companion_port: stack.companion.port,
+        tenant_service: stack.standins.tenant_service,
+        login: stack.standins.login,
+        echo: stack.standins.echo,
+    };
+
+    for (config, expected) in [
+        (
+            json!({ "companion": { "timeoutMs": "soon" } }),
+            "invalid tokengate configuration at 'companion.timeoutMs'",
+        ),
+        (
+            json!({ "tenantHeadr": "x-tenant" }),
+            "unknown field `tenantHeadr`",
+        ),
+        (
+            json!({ "provider": "slack" }),
+            "invalid tokengate configuration at 'provider'",
+        ),
+    ] {
+        let log = Envoy::start_expecting_rejection(stack.dir.path(), &upstreams, &config).await;
+        assert!(
+            log.contains(expected),
+            "the log names the problem ({expected}):\n{log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenant_ids_that_could_escape_a_key_or_a_path_are_refused_before_any_callout() {
+    let stack = Stack::start().await;
+    let long = "a".repeat(10 * 1024);
+    for tenant in [
+        "acme:globex",
+        "*",
+        "{acme}",
+        "acme/../globex",
+        "acme globex",
+        long.as_str(),
+        "acme%0d%0aX-Evil:1",
+    ] {
+        let answer = get(&stack, "/api", tenant).await;
+        assert_eq!(answer.status, 400, "{tenant:.40}");
+        assert_eq!(answer.authorization, None);
+    }
+    // A CRLF inside a header value never reaches the filter: the client library or
+    // Envoy's codec refuses it.
+    let crlf = reqwest::header::HeaderValue::from_bytes(b"acme\r\nx-tenant-id: globex");
+    assert!(crlf.is_err());
+
+    // Two tenant headers: never another tenant's token.
+    let response = reqwest::Client::new()
+        .get(format!("{}/api", stack.envoy.url()))
+        .header("x-tenant-id", "acme")
+        .header("x-tenant-id", "globex")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or_default();
+    let globex = bearers(&stack, "globex");
+    assert!(globex.is_empty(), "no token was fetched for globex");
+    assert!(
+        status == 400
+            || body["headers"]["authorization"].as_str()
+                == bearers(&stack, "acme").first().map(String::as_str)
+    );
+    assert_eq!(
+        stack.standins.calls(Endpoint::TenantService),
+        u64::from(status == 200)
+    );
+}
