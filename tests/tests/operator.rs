@@ -65,12 +65,6 @@ async fn a_request_just_before_expiry_is_served_at_once_and_starts_one_refresh()
     let started = Instant::now();
     let near_expiry = join_all((0..10).map(|_| get(&stack, "/api", "acme"))).await;
     let took = started.elapsed();
-    for answer in &near_expiry {
-        assert_eq!(
-            (answer.status, answer.authorization.as_deref()),
-            (200, Some(first_token.as_str()))
-        );
-    }
     assert!(
         took < Duration::from_millis(900),
         "served from the cache, not after a fetch: {took:?}"
@@ -83,6 +77,16 @@ async fn a_request_just_before_expiry_is_served_at_once_and_starts_one_refresh()
     )
     .await;
     let refreshed = bearers(&stack, "acme").remove(1);
+    // Each request got the old token, or the new one if the refresh (a few ms on
+    // loopback) finished while the burst was still arriving.
+    for answer in &near_expiry {
+        assert_eq!(answer.status, 200);
+        let token = answer.authorization.as_deref();
+        assert!(
+            token == Some(first_token.as_str()) || token == Some(refreshed.as_str()),
+            "{token:?}"
+        );
+    }
     let after = get(&stack, "/api", "acme").await;
     assert_eq!(after.authorization.as_deref(), Some(refreshed.as_str()));
     assert_eq!(
@@ -90,7 +94,10 @@ async fn a_request_just_before_expiry_is_served_at_once_and_starts_one_refresh()
         2,
         "exactly one refresh"
     );
-    assert_eq!(stack.envoy.stat("tokengate.refresh_ahead").await, 1);
+    // Counted per worker that started one; the second of two racing workers is
+    // collapsed by the marker or the companion, as the login count shows.
+    let runs = stack.envoy.stat("tokengate.refresh_ahead").await;
+    assert!((1..=2).contains(&runs), "{runs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
