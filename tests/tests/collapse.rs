@@ -188,3 +188,212 @@ async fn with_the_companion_down_warm_tenants_keep_working_and_cold_ones_fetch_l
         cluster.envoys[1].stat("tokengate.cluster_cache_hit").await - cluster_hits_before;
     assert_eq!(cluster_hits, 1, "Envoy 1 was served from Redis");
 }
+
+/// A companion's `/readyz` status.
+async fn readiness(port: u16) -> u16 {
+    match reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
+        Ok(response) => response.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// A companion's Prometheus series value (first line starting with `series`).
+async fn companion_metric(port: u16, series: &str) -> f64 {
+    let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Waits until `condition` holds, checking every 20 ms, for at most `limit`.
+async fn eventually(what: &str, limit: Duration, mut condition: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !condition().await {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_redis_down_warm_tenants_keep_working_cold_ones_get_the_degraded_limit_then_redis_is_used_again()
+ {
+    let companion_args = [
+        "--health-interval-ms",
+        "50",
+        "--health-failure-threshold",
+        "2",
+        "--redis-timeout-ms",
+        "200",
+        "--degraded-fetches-per-minute",
+        "1",
+    ];
+    // Envoys 0 and 2 share companion 0; Envoy 1 has companion 1.
+    let mut cluster = Cluster::start(3, 2, 2, &filter_config(json!({})), &companion_args).await;
+    let warm = burst(&cluster, "acme", 30).await;
+    let warm_bearer = the_one_token(&cluster, "acme");
+    assert_eq!(served_with(&warm, &warm_bearer), 30);
+
+    cluster.redis.kill();
+    let ports: Vec<u16> = cluster.companions.iter().map(|c| c.port).collect();
+    eventually(
+        "the companions notice Redis is down",
+        Duration::from_secs(10),
+        async || readiness(ports[0]).await == 503 && readiness(ports[1]).await == 503,
+    )
+    .await;
+
+    let still_warm = burst(&cluster, "acme", 30).await;
+    assert_eq!(
+        served_with(&still_warm, &warm_bearer),
+        30,
+        "warm tenants see no failure"
+    );
+
+    let client = reqwest::Client::new();
+    let admitted = request(&client, &cluster.envoys[0], "initech").await;
+    assert_eq!(
+        admitted.status, 200,
+        "within the degraded limit: {}",
+        admitted.body
+    );
+    let refused = request(&client, &cluster.envoys[2], "initech").await;
+    assert_eq!(
+        refused.status, 503,
+        "over the degraded limit: {}",
+        refused.body
+    );
+    assert_eq!(refused.body["code"], "CACHE_UNAVAILABLE");
+
+    let redis_port = cluster.redis.port;
+    cluster.redis = tokengate_tests::harness::Redis::start_on(cluster.dir.path(), redis_port).await;
+    eventually(
+        "the companions use Redis again",
+        Duration::from_secs(10),
+        async || readiness(ports[0]).await == 200 && readiness(ports[1]).await == 200,
+    )
+    .await;
+
+    // Redis-backed again: umbrella fetched through Envoy 0 is committed to Redis, so
+    // Envoy 1, behind the other companion, gets it without an OAuth call.
+    let logins = cluster.standins.calls(Endpoint::Login);
+    let through_zero = request(&client, &cluster.envoys[0], "umbrella").await;
+    let through_one = request(&client, &cluster.envoys[1], "umbrella").await;
+    assert_eq!((through_zero.status, through_one.status), (200, 200));
+    assert_eq!(through_one.authorization, through_zero.authorization);
+    assert_eq!(cluster.standins.calls(Endpoint::Login), logins + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_the_lock_holders_companion_dies_mid_fetch_the_waiters_take_over_after_the_lock_ttl() {
+    let companion_args = ["--lock-ttl-ms", "1500", "--lease-wait-ms", "6000"];
+    let config =
+        filter_config(json!({ "genesys": { "timeoutMs": 3000 }, "fetchDeadlineMs": 3000 }));
+    let cluster = Cluster::start(2, 2, 2, &config, &companion_args).await;
+    cluster
+        .standins
+        .set_latency(Endpoint::Login, Duration::from_millis(1000));
+    let cluster = std::sync::Arc::new(tokio::sync::Mutex::new(cluster));
+
+    // Envoy 0 (companion 0) takes the lock and calls the slow login.
+    let holder = tokio::spawn({
+        let cluster = std::sync::Arc::clone(&cluster);
+        async move {
+            let envoy_url = cluster.lock().await.envoys[0].url();
+            reqwest::Client::new()
+                .get(format!("{envoy_url}/api"))
+                .header("x-tenant-id", "acme")
+                .send()
+                .await
+                .map(|response| response.status().as_u16())
+        }
+    });
+    let (waiter_port, envoy_one) = {
+        let cluster = cluster.lock().await;
+        (cluster.companions[1].port, cluster.envoys[1].url())
+    };
+    eventually(
+        "the holder calls the login",
+        Duration::from_secs(5),
+        async || cluster.lock().await.standins.calls(Endpoint::Login) == 1,
+    )
+    .await;
+    // Envoy 1's requests wait on the lock at companion 1.
+    let waiters: Vec<_> = (0..20)
+        .map(|_| {
+            let url = format!("{envoy_one}/api");
+            tokio::spawn(async move {
+                let response = reqwest::Client::new()
+                    .get(url)
+                    .header("x-tenant-id", "acme")
+                    .send()
+                    .await;
+                match response {
+                    Ok(response) => response.status().as_u16(),
+                    Err(_) => 0,
+                }
+            })
+        })
+        .collect();
+    eventually(
+        "a lease waits at companion 1",
+        Duration::from_secs(5),
+        async || companion_metric(waiter_port, "tokengate_companion_leases_waiting").await >= 1.0,
+    )
+    .await;
+    cluster.lock().await.companions[0].kill();
+
+    assert_eq!(
+        holder.await.ok().and_then(Result::ok),
+        Some(200),
+        "the holder's own request is served"
+    );
+    for waiter in waiters {
+        assert_eq!(
+            waiter.await.ok(),
+            Some(200),
+            "a waiter got a token after the lock TTL"
+        );
+    }
+    let logins = cluster.lock().await.standins.calls(Endpoint::Login);
+    assert!(logins <= 2, "at most one extra OAuth call: {logins}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_workers_of_one_envoy_send_one_lease_between_them() {
+    let cluster = Cluster::start(1, 2, 1, &filter_config(json!({})), &[]).await;
+    cluster
+        .standins
+        .set_latency(Endpoint::Login, Duration::from_millis(300));
+
+    let outcomes = burst(&cluster, "acme", 100).await;
+
+    let bearer = the_one_token(&cluster, "acme");
+    assert_eq!(served_with(&outcomes, &bearer), 100);
+    let port = cluster.companions[0].port;
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .text()
+        .await
+        .unwrap_or_default();
+    let leases: f64 = text
+        .lines()
+        .filter(|line| line.starts_with("tokengate_companion_leases_total{"))
+        .filter_map(|line| {
+            line.rsplit(' ')
+                .next()
+                .and_then(|value| value.parse::<f64>().ok())
+        })
+        .sum();
+    assert_eq!(
+        leases, 1.0,
+        "the second worker waited on the first through shared data:\n{text}"
+    );
+    assert!(cluster.stat("tokengate.collapsed_waiter").await >= 99);
+}
