@@ -75,8 +75,22 @@ async fn main() {
     println!(
         "The second request was served from the gateway's cache: no new Tenant Service or login call."
     );
+    println!();
+    println!(
+        "The filter's stats in Envoy (http://127.0.0.1:{}/stats?filter=tokengate):",
+        stack.envoy.admin_port
+    );
+    for stat in [
+        "tokengate.cache_miss",
+        "tokengate.cache_hit",
+        "tokengate.fetch_started",
+        "tokengate.fetch_succeeded",
+    ] {
+        println!("  {stat}: {}", stack.envoy.stat(stat).await);
+    }
 
     if args.once {
+        println!("Stopping everything (--once); the log folder is removed.");
         return;
     }
     println!();
@@ -85,7 +99,7 @@ async fn main() {
     );
     println!("  curl -s -H 'x-tenant-id: globex' {url}");
     println!("  curl -s -H 'x-tenant-id: nobody' {url}");
-    println!("Press Ctrl-C to stop everything.");
+    println!("Press Ctrl-C to stop everything (the processes and the log folder are removed).");
     let _ = tokio::signal::ctrl_c().await;
     println!("Stopping.");
 }
