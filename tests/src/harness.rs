@@ -144,6 +144,16 @@ pub async fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> 
     }
 }
 
+/// Waits until the async `condition` holds, checking every 20 ms, or fails after
+/// `limit` (for state that real processes reach in their own time).
+pub async fn eventually(what: &str, limit: Duration, mut condition: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !condition().await {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Sends one raw request line and reads the answer (a dependency-free check that a
 /// server speaks): `PING` to Redis, `GET /ready` to Envoy's admin.
 fn answers(addr: SocketAddr, request: &[u8], expected: &[u8]) -> bool {
@@ -528,26 +538,17 @@ impl Stack {
 
     /// Starts everything with a given filter configuration and Envoy worker count.
     pub async fn start_with(filter_config: serde_json::Value, concurrency: u32) -> Stack {
-        let dir = tempfile::Builder::new()
-            .prefix("tokengate-e2e-")
-            .tempdir()
-            .unwrap_or_else(|e| panic!("cannot create a temporary folder: {e}"));
-        let standins = StandIns::start(Fixture::default_fixture())
-            .await
-            .unwrap_or_else(|e| panic!("cannot start the stand-ins: {e}"));
-        let redis = Redis::start(dir.path()).await;
-        let companion = Companion::start(dir.path(), &redis.url(), &[]).await;
-        let upstreams = EnvoyUpstreams {
-            companion_port: companion.port,
-            tenant_service: standins.tenant_service,
-            login: standins.login,
-            echo: standins.echo,
-        };
-        let envoy = Envoy::start(dir.path(), &upstreams, &filter_config, concurrency).await;
+        let Cluster {
+            standins,
+            mut envoys,
+            mut companions,
+            redis,
+            dir,
+        } = Cluster::start(1, concurrency, 1, &filter_config, &[]).await;
         Stack {
             standins,
-            envoy,
-            companion,
+            envoy: envoys.remove(0),
+            companion: companions.remove(0),
             redis,
             dir,
         }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use serde_json::{Value, json};
-use tokengate_tests::harness::{Cluster, Envoy};
+use tokengate_tests::harness::{Cluster, Envoy, eventually};
 use tokengate_tests::standins::Endpoint;
 
 /// What one request through Envoy came back with.
@@ -209,15 +209,6 @@ async fn companion_metric(port: u16, series: &str) -> f64 {
                 .and_then(|rest| rest.trim().parse().ok())
         })
         .unwrap_or(0.0)
-}
-
-/// Waits until `condition` holds, checking every 20 ms, for at most `limit`.
-async fn eventually(what: &str, limit: Duration, mut condition: impl AsyncFnMut() -> bool) {
-    let started = Instant::now();
-    while !condition().await {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

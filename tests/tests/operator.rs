@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use serde_json::{Value, json};
-use tokengate_tests::harness::{Envoy, EnvoyUpstreams, Stack};
+use tokengate_tests::harness::{Envoy, EnvoyUpstreams, Stack, eventually};
 use tokengate_tests::standins::Endpoint;
 
 struct Answer {
@@ -36,15 +36,6 @@ fn bearers(stack: &Stack, tenant: &str) -> Vec<String> {
         .into_iter()
         .map(|t| format!("Bearer {t}"))
         .collect()
-}
-
-/// Waits until `condition` holds, checking every 20 ms, for at most `limit`.
-async fn eventually(what: &str, limit: Duration, mut condition: impl AsyncFnMut() -> bool) {
-    let started = Instant::now();
-    while !condition().await {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
