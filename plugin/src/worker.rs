@@ -212,7 +212,14 @@ impl Worker {
     /// A request for a token arrived: serve it from the cache or pause it on a fetch.
     pub fn on_request(&mut self, host: &mut impl Host, ask: TokenAsk) -> Decision {
         let now_ms = host.now_ms();
-        if !ask.force_refresh {
+        // A forced refresh is rate-limited like a purge; a refused one is served as usual.
+        let force_refresh = ask.force_refresh && {
+            let stale = self
+                .cached(host, &ask.key, now_ms, None)
+                .map_or(0, |entry| entry.token.expires_at_ms);
+            self.claim_purge(host, &ask.key, now_ms, stale)
+        };
+        if !force_refresh {
             if let Some(entry) = self.cached(host, &ask.key, now_ms, None) {
                 if entry.wants_refresh(now_ms) {
                     self.refresh_ahead(host, &ask.key, entry.token.expires_at_ms, now_ms);
@@ -244,7 +251,7 @@ impl Worker {
             host.count(Metric::CollapsedWaiter);
         }
         if matches!(fetch.stage, Stage::Queued) {
-            fetch.force_refresh |= ask.force_refresh;
+            fetch.force_refresh |= force_refresh;
         }
         fetch.waiters.push(waiter);
         self.schedule_tick(host);
@@ -279,21 +286,9 @@ impl Worker {
             return;
         }
         let now_ms = host.now_ms();
-        let record_key = PurgeRecord::shared_data_key(&key);
-        let last = host
-            .shared_get(&record_key)
-            .and_then(|bytes| PurgeRecord::decode(&bytes));
-        if last.is_some_and(|last| {
-            now_ms.saturating_sub(last.purged_at_ms) < self.config.purge.min_interval_ms
-        }) {
-            host.count(Metric::PurgeSuppressed);
+        if !self.claim_purge(host, &key, now_ms, token.expires_at_ms) {
             return;
         }
-        let record = PurgeRecord {
-            purged_at_ms: now_ms,
-            stale_expires_at_ms: token.expires_at_ms,
-        };
-        host.shared_set(&record_key, &record.encode());
         let still_cached = host
             .shared_get(&shared_data_key(&key))
             .and_then(|bytes| GatewayEntry::decode(&bytes))
@@ -308,6 +303,34 @@ impl Worker {
         );
         self.pending_invalidations.push((key, token.access_token));
         self.schedule_tick(host);
+    }
+
+    /// Records a purge (or forced refresh) of `key`, whose current token expires at
+    /// `stale_expires_at_ms`, unless one happened within `purge.minIntervalMs` on this
+    /// Envoy: then it is counted as suppressed and refused.
+    fn claim_purge(
+        &self,
+        host: &mut impl Host,
+        key: &TokenKey,
+        now_ms: u64,
+        stale_expires_at_ms: u64,
+    ) -> bool {
+        let record_key = PurgeRecord::shared_data_key(key);
+        let last = host
+            .shared_get(&record_key)
+            .and_then(|bytes| PurgeRecord::decode(&bytes));
+        if last.is_some_and(|last| {
+            now_ms.saturating_sub(last.purged_at_ms) < self.config.purge.min_interval_ms
+        }) {
+            host.count(Metric::PurgeSuppressed);
+            return false;
+        }
+        let record = PurgeRecord {
+            purged_at_ms: now_ms,
+            stale_expires_at_ms,
+        };
+        host.shared_set(&record_key, &record.encode());
+        true
     }
 
     /// The worker's timer fired: start queued fetches, check on other workers' fetches

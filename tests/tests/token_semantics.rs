@@ -505,6 +505,29 @@ mod endpoint_mode {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forced_refreshes_are_rate_limited_like_purges() {
+        let stack = endpoint_stack().await;
+        let forced = r#"{"tenantId":"acme","type":"genesys","forceRefresh":true}"#;
+
+        let first = post(&stack, forced).await;
+        let again = post(&stack, forced).await;
+        let third = post(&stack, forced).await;
+
+        assert_eq!((first.status, again.status, third.status), (200, 200, 200));
+        assert_eq!(
+            stack.standins.calls(Endpoint::Login),
+            1,
+            "one forced fetch per purge.minIntervalMs"
+        );
+        assert_eq!(
+            (again.body["source"].as_str(), third.body["source"].as_str()),
+            (Some("cache"), Some("cache"))
+        );
+        assert_eq!(again.body["accessToken"], first.body["accessToken"]);
+        assert_eq!(stack.envoy.stat("tokengate.purge_suppressed").await, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn legacy_get_takes_the_type_from_x_credential_type() {
         let stack = endpoint_stack().await;
 
