@@ -65,6 +65,21 @@ pub enum ApiError {
         /// The token key waited on.
         key: TokenKey,
     },
+    /// The internal API requires `x-tokengate-key` and the request lacked it or had
+    /// another key.
+    #[error("missing or wrong internal API key")]
+    Unauthorized,
+    /// The token API's fetch failed (Tenant Service, region, OAuth); the code says why.
+    #[error("fetching {key} failed: {error}")]
+    Fetch {
+        /// The token key fetched.
+        key: TokenKey,
+        /// Core's error: its code and a message safe to show.
+        error: TokenError,
+    },
+    /// A bug: something that cannot happen did (a fetch task panicked).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -78,6 +93,9 @@ impl ApiError {
             | ApiError::DegradedLimitReached { .. }
             | ApiError::DeferredInvalidationsFull { .. } => ErrorCode::CacheUnavailable,
             ApiError::ShuttingDown { .. } => ErrorCode::CompanionUnavailable,
+            ApiError::Unauthorized => ErrorCode::Unauthorized,
+            ApiError::Fetch { error, .. } => error.code,
+            ApiError::Internal(_) => ErrorCode::InternalError,
         }
     }
 
@@ -88,8 +106,12 @@ impl ApiError {
             | ApiError::CacheUnavailable { key, .. }
             | ApiError::DegradedLimitReached { key, .. }
             | ApiError::DeferredInvalidationsFull { key }
-            | ApiError::ShuttingDown { key } => Some(key),
-            ApiError::InvalidRequest(_) | ApiError::NotFound => None,
+            | ApiError::ShuttingDown { key }
+            | ApiError::Fetch { key, .. } => Some(key),
+            ApiError::InvalidRequest(_)
+            | ApiError::NotFound
+            | ApiError::Unauthorized
+            | ApiError::Internal(_) => None,
         }
     }
 
@@ -122,6 +144,14 @@ impl ApiError {
                     .to_owned()
             }
             ApiError::ShuttingDown { .. } => "the companion is shutting down".to_owned(),
+            ApiError::Unauthorized => format!(
+                "this API requires the companion's key in the {} header",
+                crate::keys::INTERNAL_API_KEY_HEADER
+            ),
+            ApiError::Fetch { error, .. } => error.message.clone(),
+            ApiError::Internal(_) => {
+                "an internal error occurred; see the companion's log".to_owned()
+            }
         };
         TokenError::new(self.code(), message)
     }
@@ -130,7 +160,11 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let error = self.to_token_error();
-        let body = error.to_body(self.key().map(|key| key.tenant_id.as_str()), None);
+        let correlation_id = crate::correlation::current();
+        let body = error.to_body(
+            self.key().map(|key| key.tenant_id.as_str()),
+            correlation_id.as_deref(),
+        );
         let status =
             StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = (status, axum::Json(body)).into_response();
@@ -165,6 +199,12 @@ pub enum CompanionError {
     /// The HTTP listener failed.
     #[error("the HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
+    /// A key file could not be read or is invalid; the message names the flag and file.
+    #[error("invalid configuration: {0}")]
+    Keys(#[from] crate::keys::KeyError),
+    /// The token API's HTTP client could not be built.
+    #[error(transparent)]
+    Client(#[from] crate::fetch::ClientError),
 }
 
 #[cfg(test)]

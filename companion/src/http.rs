@@ -1,5 +1,6 @@
-//! The HTTP surface: routes, handlers, and the JSON extractor whose rejections are
-//! answered with core's error body instead of axum's plain-text ones.
+//! The HTTP surface: routes, handlers, the internal API's key check, and the JSON
+//! extractor whose rejections are answered with core's error body instead of axum's
+//! plain-text ones.
 //!
 //! | method and path       | body                | success                           |
 //! |-----------------------|---------------------|-----------------------------------|
@@ -10,6 +11,12 @@
 //! | `GET /healthz`        |                     | 200 `{"status":"ok"}` (liveness)  |
 //! | `GET /readyz`         |                     | 200 `{"status":"ready","redis":"healthy"}`, or 503 `{"status":"degraded","redis":"unhealthy"}` |
 //! | `GET /metrics`        |                     | 200 Prometheus text               |
+//! | `POST`/`GET /auth/token` | see [`crate::token_api`] | 200 `TokenResponse`       |
+//!
+//! With an internal API key configured, `/v1/*` requires it in `x-tokengate-key`
+//! (compared in constant time; else `401 UNAUTHORIZED`); the probes, the metrics and
+//! the token API stay open. Every request runs in a span carrying its correlation id
+//! (see [`crate::correlation`]).
 //!
 //! Failures answer the status of their [`ErrorCode`](tokengate_core::ErrorCode) with an
 //! [`ErrorBody`](tokengate_core::ErrorBody).
@@ -17,7 +24,8 @@
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{Method, StatusCode, Uri, header};
-use axum::response::IntoResponse;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
@@ -29,8 +37,10 @@ use tokengate_core::lease::{
 };
 
 use crate::error::ApiError;
+use crate::keys::{INTERNAL_API_KEY_HEADER, InternalApiKey};
 use crate::lease::Service;
-use crate::metrics;
+use crate::metrics::{self, Metrics};
+use crate::{correlation, token_api};
 
 /// Path of the liveness probe.
 pub const HEALTH_PATH: &str = "/healthz";
@@ -45,20 +55,83 @@ const MAX_BODY_BYTES: usize = 16 * 1024;
 /// Longest rejection message echoed to a client.
 const MAX_MESSAGE_CHARS: usize = 300;
 
-/// Builds the companion's router around `service`.
+/// The companion's router around `service` with an open internal API and no token
+/// API (what [`crate::run`] serves when neither is configured).
 pub fn router(service: Arc<Service>) -> Router {
-    Router::new()
+    finish(internal_router(service, None))
+}
+
+/// The internal API (`/v1/*`, guarded by `key` when given), the probes and the metrics.
+/// Add the token API with [`Router::merge`], then [`finish`] it.
+pub fn internal_router(service: Arc<Service>, key: Option<InternalApiKey>) -> Router {
+    let mut v1 = Router::new()
         .route(LEASE_PATH, post(lease))
         .route(COMMIT_PATH, post(commit))
         .route(ABORT_PATH, post(abort))
-        .route(INVALIDATE_PATH, post(invalidate))
-        .route(HEALTH_PATH, get(health))
+        .route(INVALIDATE_PATH, post(invalidate));
+    if let Some(key) = key {
+        let guard = Arc::new(KeyGuard {
+            key,
+            metrics: Arc::clone(service.metrics()),
+        });
+        v1 = v1.route_layer(middleware::from_fn_with_state(guard, require_key));
+    }
+    v1.merge(probes())
         .route(READY_PATH, get(ready))
         .route(METRICS_PATH, get(metrics))
+        .with_state(service)
+}
+
+/// The token API's own listener (`--token-api-listen`): `/auth/token` and `/healthz`.
+pub fn token_api_router(api: Arc<token_api::TokenApi>) -> Router {
+    finish(token_api::router(api).merge(probes()))
+}
+
+/// The liveness probe, on every listener.
+fn probes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new().route(HEALTH_PATH, get(health))
+}
+
+/// Adds what every listener has: JSON 404 and 405 answers, the body limit, and the
+/// correlation id of every request.
+pub fn finish(router: Router) -> Router {
+    router
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(service)
+        .layer(middleware::from_fn(correlation::layer))
+}
+
+/// What the internal API's key check needs.
+#[derive(Debug)]
+struct KeyGuard {
+    /// The key requests must present.
+    key: InternalApiKey,
+    /// Counts refusals.
+    metrics: Arc<Metrics>,
+}
+
+/// Lets a request through only with the internal API key in `x-tokengate-key`.
+async fn require_key(
+    State(guard): State<Arc<KeyGuard>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let presented = request
+        .headers()
+        .get(INTERNAL_API_KEY_HEADER)
+        .map(|value| value.as_bytes());
+    match presented {
+        Some(presented) if guard.key.matches(presented) => Ok(next.run(request).await),
+        _ => {
+            guard.metrics.unauthorized();
+            tracing::warn!(
+                present = presented.is_some(),
+                "internal API request refused: missing or wrong {INTERNAL_API_KEY_HEADER}"
+            );
+            Err(ApiError::Unauthorized)
+        }
+    }
 }
 
 async fn lease(

@@ -14,6 +14,11 @@
 //! | `tokengate_companion_redis_health_transitions_total` | counter | `to` (`healthy`, `unhealthy`) |
 //! | `tokengate_companion_leases_waiting` | gauge | |
 //! | `tokengate_companion_lease_wait_seconds` | histogram | |
+//! | `tokengate_companion_token_requests_total` | counter | `outcome` ([`TokenOutcome`]) |
+//! | `tokengate_companion_token_request_seconds` | histogram | |
+//! | `tokengate_companion_upstream_requests_total` | counter | `upstream` ([`Upstream`]), `outcome` ([`CalloutOutcome`]) |
+//! | `tokengate_companion_upstream_request_seconds` | histogram | `upstream`, `outcome` |
+//! | `tokengate_companion_unauthorized_total` | counter | |
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -123,11 +128,133 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// How a request of the token API (`/auth/token`) was answered.
+    TokenOutcome {
+        /// From the Redis cache (or a concurrent fetch's commit): `source: cache`.
+        Cache => "cache",
+        /// Fetched for this request: `source: fresh`.
+        Fresh => "fresh",
+        /// An error body (any code).
+        Error => "error",
+    }
+}
+
+label_enum! {
+    /// The upstreams the token API calls.
+    Upstream {
+        /// The Tenant Service (credentials).
+        TenantService => "tenant_service",
+        /// A Genesys login host (the OAuth client-credentials exchange).
+        Oauth => "oauth",
+    }
+}
+
+label_enum! {
+    /// How one upstream call ended.
+    CalloutOutcome {
+        /// A 2xx answer.
+        Ok => "ok",
+        /// A 4xx answer.
+        ClientError => "client_error",
+        /// A 5xx answer (or any other non-2xx, non-4xx status).
+        ServerError => "server_error",
+        /// No answer: connection failure, reset or timeout.
+        NoResponse => "no_response",
+    }
+}
+
+impl CalloutOutcome {
+    /// The outcome of an answer with `status`.
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            200..=299 => CalloutOutcome::Ok,
+            400..=499 => CalloutOutcome::ClientError,
+            _ => CalloutOutcome::ServerError,
+        }
+    }
+}
+
 /// Upper bounds of the lease wait histogram's buckets, in milliseconds: from a cache
 /// hit (about a millisecond) to the longest wait budgets.
 const WAIT_BUCKETS_MS: [u64; 13] = [
     1, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000,
 ];
+
+/// Upper bounds of the upstream call histogram's buckets, in milliseconds: from a
+/// loopback answer to the longest per-attempt timeouts.
+const CALLOUT_BUCKETS_MS: [u64; 12] = [
+    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000,
+];
+
+/// A histogram with fixed bucket bounds, in the Prometheus shape (cumulative buckets,
+/// sum, count).
+#[derive(Debug)]
+struct Histogram {
+    /// Upper bounds of the buckets, in milliseconds; `+Inf` is implied.
+    bounds_ms: &'static [u64],
+    /// Per-bucket (not cumulative) counts; one more than `bounds_ms`, the last `+Inf`.
+    buckets: Vec<AtomicU64>,
+    /// Sum of the observations, in microseconds.
+    sum_us: AtomicU64,
+    /// Number of observations.
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds_ms: &'static [u64]) -> Self {
+        Self {
+            bounds_ms,
+            buckets: (0..=bounds_ms.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_us: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, took: Duration) {
+        let took_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let bucket = self
+            .bounds_ms
+            .iter()
+            .position(|&le_ms| took_us <= le_ms * 1_000)
+            .unwrap_or(self.bounds_ms.len());
+        if let Some(counter) = self.buckets.get(bucket) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(took_us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Writes the bucket, sum and count lines of `name` with `labels` (`k="v",…`, or empty).
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let with = |extra: &str| match (labels.is_empty(), extra.is_empty()) {
+            (true, true) => String::new(),
+            (true, false) => format!("{{{extra}}}"),
+            (false, true) => format!("{{{labels}}}"),
+            (false, false) => format!("{{{labels},{extra}}}"),
+        };
+        let mut cumulative = 0;
+        for (bucket, le_ms) in self.bounds_ms.iter().enumerate() {
+            cumulative += self.buckets[bucket].load(Ordering::Relaxed);
+            let le = format_seconds(le_ms * 1_000);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{} {cumulative}",
+                with(&format!("le=\"{le}\""))
+            );
+        }
+        cumulative += self.buckets[self.bounds_ms.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{} {cumulative}", with("le=\"+Inf\""));
+        let sum = format_seconds(self.sum_us.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{name}_sum{} {sum}", with(""));
+        let _ = writeln!(
+            out,
+            "{name}_count{} {}",
+            with(""),
+            self.count.load(Ordering::Relaxed)
+        );
+    }
+}
 
 /// The counters, gauges and histogram of one companion process.
 #[derive(Debug)]
@@ -143,12 +270,18 @@ pub struct Metrics {
     /// Leases waiting right now (for a Redis holder or an in-process degraded fetch);
     /// also lets tests know a lease is parked before they release it.
     waiting: AtomicI64,
-    /// Per-bucket (not cumulative) counts of lease durations; the last is `+Inf`.
-    wait_buckets: [AtomicU64; WAIT_BUCKETS_MS.len() + 1],
-    /// Sum of lease durations, in microseconds.
-    wait_sum_us: AtomicU64,
-    /// Number of leases timed.
-    wait_count: AtomicU64,
+    /// Time from receiving a lease to answering it.
+    lease_wait: Histogram,
+    /// Token API requests, indexed by [`TokenOutcome`].
+    token_requests: [AtomicU64; TokenOutcome::ALL.len()],
+    /// Time from receiving a token API request to answering it.
+    token_latency: Histogram,
+    /// Upstream calls, indexed by [`Upstream`] then [`CalloutOutcome`].
+    callouts: [[AtomicU64; CalloutOutcome::ALL.len()]; Upstream::ALL.len()],
+    /// Upstream call durations, indexed like `callouts`.
+    callout_latency: Vec<Vec<Histogram>>,
+    /// Internal API requests refused for a missing or wrong key.
+    unauthorized: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -166,23 +299,50 @@ impl Metrics {
             aborts: Default::default(),
             invalidations: Default::default(),
             waiting: AtomicI64::new(0),
-            wait_buckets: Default::default(),
-            wait_sum_us: AtomicU64::new(0),
-            wait_count: AtomicU64::new(0),
+            lease_wait: Histogram::new(&WAIT_BUCKETS_MS),
+            token_requests: Default::default(),
+            token_latency: Histogram::new(&WAIT_BUCKETS_MS),
+            callouts: Default::default(),
+            callout_latency: Upstream::ALL
+                .iter()
+                .map(|_| {
+                    CalloutOutcome::ALL
+                        .iter()
+                        .map(|_| Histogram::new(&CALLOUT_BUCKETS_MS))
+                        .collect()
+                })
+                .collect(),
+            unauthorized: AtomicU64::new(0),
         }
     }
 
     /// Counts a lease's outcome and how long it took to answer.
     pub fn lease(&self, outcome: LeaseOutcome, took: Duration) {
         self.leases[outcome.index()].fetch_add(1, Ordering::Relaxed);
-        let took_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let bucket = WAIT_BUCKETS_MS
-            .iter()
-            .position(|&le_ms| took_us <= le_ms * 1_000)
-            .unwrap_or(WAIT_BUCKETS_MS.len());
-        self.wait_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.wait_sum_us.fetch_add(took_us, Ordering::Relaxed);
-        self.wait_count.fetch_add(1, Ordering::Relaxed);
+        self.lease_wait.observe(took);
+    }
+
+    /// Counts a token API request's outcome and how long it took to answer.
+    pub fn token_request(&self, outcome: TokenOutcome, took: Duration) {
+        self.token_requests[outcome.index()].fetch_add(1, Ordering::Relaxed);
+        self.token_latency.observe(took);
+    }
+
+    /// Counts one upstream call of the token API and its duration.
+    pub fn callout(&self, upstream: Upstream, outcome: CalloutOutcome, took: Duration) {
+        self.callouts[upstream.index()][outcome.index()].fetch_add(1, Ordering::Relaxed);
+        if let Some(histogram) = self
+            .callout_latency
+            .get(upstream.index())
+            .and_then(|by_outcome| by_outcome.get(outcome.index()))
+        {
+            histogram.observe(took);
+        }
+    }
+
+    /// Counts an internal API request refused for its key.
+    pub fn unauthorized(&self) {
+        self.unauthorized.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a commit.
@@ -321,17 +481,78 @@ impl Metrics {
             "histogram",
             "Time from receiving a lease to answering it.",
         );
-        let mut cumulative = 0;
-        for (bucket, le_ms) in WAIT_BUCKETS_MS.iter().enumerate() {
-            cumulative += load(&self.wait_buckets[bucket]);
-            let le = format_seconds(le_ms * 1_000);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        self.lease_wait.render(&mut out, name, "");
+
+        let name = "tokengate_companion_token_requests_total";
+        family(
+            &mut out,
+            name,
+            "counter",
+            "Token API (/auth/token) requests, by outcome.",
+        );
+        for outcome in TokenOutcome::ALL {
+            let value = load(&self.token_requests[outcome.index()]);
+            sample(&mut out, name, Some(("outcome", outcome.as_str())), value);
         }
-        cumulative += load(&self.wait_buckets[WAIT_BUCKETS_MS.len()]);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum = format_seconds(load(&self.wait_sum_us));
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {}", load(&self.wait_count));
+        let name = "tokengate_companion_token_request_seconds";
+        family(
+            &mut out,
+            name,
+            "histogram",
+            "Time from receiving a token API request to answering it.",
+        );
+        self.token_latency.render(&mut out, name, "");
+
+        let name = "tokengate_companion_upstream_requests_total";
+        family(
+            &mut out,
+            name,
+            "counter",
+            "Calls of the token API to the Tenant Service and the OAuth login, by outcome.",
+        );
+        for upstream in Upstream::ALL {
+            for outcome in CalloutOutcome::ALL {
+                let value = load(&self.callouts[upstream.index()][outcome.index()]);
+                let _ = writeln!(
+                    out,
+                    "{name}{{upstream=\"{}\",outcome=\"{}\"}} {value}",
+                    upstream.as_str(),
+                    outcome.as_str()
+                );
+            }
+        }
+        let name = "tokengate_companion_upstream_request_seconds";
+        family(
+            &mut out,
+            name,
+            "histogram",
+            "Duration of the token API's upstream calls, by upstream and outcome.",
+        );
+        for upstream in Upstream::ALL {
+            for outcome in CalloutOutcome::ALL {
+                if let Some(histogram) = self
+                    .callout_latency
+                    .get(upstream.index())
+                    .and_then(|by_outcome| by_outcome.get(outcome.index()))
+                {
+                    let labels = format!(
+                        "upstream=\"{}\",outcome=\"{}\"",
+                        upstream.as_str(),
+                        outcome.as_str()
+                    );
+                    histogram.render(&mut out, name, &labels);
+                }
+            }
+        }
+
+        let name = "tokengate_companion_unauthorized_total";
+        family(
+            &mut out,
+            name,
+            "counter",
+            "Internal API requests refused for a missing or wrong x-tokengate-key.",
+        );
+        sample(&mut out, name, None, load(&self.unauthorized));
         out
     }
 }
@@ -470,5 +691,56 @@ mod tests {
                 .render(&health)
                 .contains("\ntokengate_companion_leases_waiting 0\n")
         );
+    }
+
+    #[test]
+    fn upstream_calls_are_counted_and_timed_by_upstream_and_outcome() {
+        let metrics = Metrics::new();
+        metrics.callout(
+            Upstream::Oauth,
+            CalloutOutcome::Ok,
+            Duration::from_millis(7),
+        );
+        metrics.callout(
+            Upstream::TenantService,
+            CalloutOutcome::NoResponse,
+            Duration::from_secs(60),
+        );
+        metrics.token_request(TokenOutcome::Fresh, Duration::from_millis(9));
+        let text = metrics.render(&Health::new(3));
+        let series = |s: &str| value_of(&text, s);
+        assert_eq!(
+            series(
+                "tokengate_companion_upstream_requests_total{upstream=\"oauth\",outcome=\"ok\"}"
+            )
+            .as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            series("tokengate_companion_upstream_request_seconds_bucket{upstream=\"oauth\",outcome=\"ok\",le=\"0.01\"}")
+                .as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            series("tokengate_companion_upstream_request_seconds_sum{upstream=\"oauth\",outcome=\"ok\"}")
+                .as_deref(),
+            Some("0.007")
+        );
+        assert_eq!(
+            series("tokengate_companion_upstream_request_seconds_bucket{upstream=\"tenant_service\",outcome=\"no_response\",le=\"30\"}")
+                .as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            series("tokengate_companion_upstream_request_seconds_count{upstream=\"tenant_service\",outcome=\"no_response\"}")
+                .as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            series("tokengate_companion_token_requests_total{outcome=\"fresh\"}").as_deref(),
+            Some("1")
+        );
+        assert_eq!(CalloutOutcome::of_status(404), CalloutOutcome::ClientError);
+        assert_eq!(CalloutOutcome::of_status(302), CalloutOutcome::ServerError);
     }
 }

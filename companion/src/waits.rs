@@ -262,21 +262,31 @@ impl Drop for Joined {
 
 /// Keeps one `PSUBSCRIBE tokengate:*:ready` open and turns its messages into wake-ups.
 ///
+/// `clients` are tried in turn: one for a single Redis; a Redis Cluster's seed nodes,
+/// any of which serves (a cluster delivers every `PUBLISH` to subscribers on all its
+/// nodes), so the subscription moves to another node when one fails.
 /// Reconnects with backoff when the connection fails; after each (re)subscription it
 /// wakes every wait, since messages sent while it was down are lost. A ping every
 /// `keepalive` detects a connection that died silently. Runs until its task is aborted.
 pub async fn run_subscriber(
-    client: redis::Client,
+    clients: Vec<redis::Client>,
     waits: Arc<Waits>,
     timeout: Duration,
     keepalive: Duration,
 ) {
     const MIN_BACKOFF: Duration = Duration::from_millis(100);
     const MAX_BACKOFF: Duration = Duration::from_secs(5);
+    let Some(first) = clients.first().cloned() else {
+        tracing::warn!("no Redis node to subscribe to; waiters rely on re-checking");
+        return;
+    };
     let mut backoff = MIN_BACKOFF;
     let mut failures: u32 = 0;
+    let mut next = 0_usize;
     loop {
-        match subscribe(&client, timeout).await {
+        let client = clients.get(next % clients.len()).unwrap_or(&first);
+        next = next.wrapping_add(1);
+        match subscribe(client, timeout).await {
             Ok(pubsub) => {
                 tracing::info!(
                     pattern = store::READY_PATTERN,
@@ -284,6 +294,8 @@ pub async fn run_subscriber(
                 );
                 backoff = MIN_BACKOFF;
                 failures = 0;
+                // Stay on the node that works for the next attempt.
+                next = next.wrapping_sub(1);
                 waits.wake_all();
                 let reason = pump(pubsub, &waits, timeout, keepalive).await;
                 tracing::warn!(
@@ -406,7 +418,9 @@ mod tests {
         let (redis, port) = start_redis();
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
         let health = Arc::new(crate::health::Health::new(3));
-        let store = Store::new(client, Duration::from_secs(1), 10_000, health).unwrap();
+        let backend = store::Backend::Single(client);
+        let codec = crate::codec::Codec::Plain;
+        let store = Store::new(&backend, Duration::from_secs(1), 10_000, health, codec).unwrap();
         assert_eq!(
             store.acquire(TAG, holder, Some(0)).await.unwrap(),
             Acquire::Locked

@@ -497,3 +497,120 @@ impl Metrics {
         ))
     }
 }
+
+/// The stand-ins (Tenant Service, Genesys login) of the tests crate, on free ports.
+pub async fn standins() -> tokengate_tests::standins::StandIns {
+    tokengate_tests::standins::StandIns::start(tokengate_tests::standins::Fixture::default_fixture())
+        .await
+        .expect("the stand-ins start")
+}
+
+/// A test configuration for `redis` with the token API on, against `standins`: every
+/// region's login goes to the stand-in login (which checks the `Host` header).
+pub fn token_api_config(
+    redis: &RedisServer,
+    standins: &tokengate_tests::standins::StandIns,
+) -> Config {
+    Config {
+        tenant_service_url: Some(format!("http://{}", standins.tenant_service)),
+        genesys_login_url_template: format!("http://{}", standins.login),
+        fetch_deadline_ms: 4_000,
+        tenant_service_timeout_ms: 1_000,
+        oauth_timeout_ms: 1_000,
+        ..config(redis)
+    }
+}
+
+impl Companion {
+    /// `POST /auth/token` for `tenant` and `provider`.
+    pub async fn token(
+        &self,
+        tenant: &str,
+        provider: &str,
+        force_refresh: bool,
+    ) -> reqwest::Response {
+        self.token_at(&self.base, tenant, provider, force_refresh)
+            .await
+    }
+
+    /// `POST /auth/token` at `base`, a future that can be spawned.
+    pub fn token_at(
+        &self,
+        base: &str,
+        tenant: &str,
+        provider: &str,
+        force_refresh: bool,
+    ) -> impl std::future::Future<Output = reqwest::Response> + Send + 'static {
+        let body = serde_json::json!({"tenantId": tenant, "type": provider, "forceRefresh": force_refresh});
+        let (http, url) = (self.http.clone(), format!("{base}/auth/token"));
+        async move { http.post(url).json(&body).send().await.unwrap() }
+    }
+}
+
+/// Reads a `200` token response.
+pub async fn token_of(response: reqwest::Response) -> tokengate_core::token_api::TokenResponse {
+    assert_eq!(response.status(), 200, "expected a token");
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    response.json().await.unwrap()
+}
+
+/// A `redis-server` configured with extra arguments (a password, TLS, cluster mode),
+/// killed when dropped. Readiness is checked by the caller.
+pub struct RedisProcess {
+    /// The server process.
+    child: Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl RedisProcess {
+    /// Starts `redis-server --port <free> --bind 127.0.0.1 <args>`.
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_on(free_port(), args)
+    }
+
+    /// Starts `redis-server --port <port> --bind 127.0.0.1 <args>`.
+    pub fn start_on(port: u16, args: &[&str]) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        RedisProcess { child, port }
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `redis-cli <args>`; returns its standard output, panicking if it fails.
+pub fn redis_cli(args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(args)
+        .output()
+        .expect("redis-cli is installed");
+    assert!(
+        output.status.success(),
+        "redis-cli {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Polls a blocking `condition` every 20 ms until it holds, or panics after `limit`.
+/// It blocks its thread: use it only before an in-process companion is started (a
+/// `#[tokio::test]` runs the companion on the test's own thread).
+pub fn eventually_blocking(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
