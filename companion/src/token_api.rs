@@ -130,7 +130,11 @@ impl TokenApi {
         let key = request.key;
         match self
             .service
-            .lease(key.clone(), request.force_refresh, None)
+            .lease(
+                key.clone(),
+                request.force_refresh,
+                request.min_expires_at_ms,
+            )
             .await?
         {
             LeaseResponse::Hit {

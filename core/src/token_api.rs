@@ -23,6 +23,8 @@ struct TokenRequestBody {
     provider: Option<String>,
     #[serde(default)]
     force_refresh: bool,
+    #[serde(default)]
+    min_expires_at_ms: Option<u64>,
 }
 
 /// A validated token request.
@@ -32,6 +34,9 @@ pub struct TokenRequest {
     pub key: TokenKey,
     /// Skip the caches and fetch a new token.
     pub force_refresh: bool,
+    /// Only a token expiring after this will do (`minExpiresAtMs`, an extension of the
+    /// original API that the filter's refresh-ahead uses in `fetch: companion` mode).
+    pub min_expires_at_ms: Option<u64>,
 }
 
 impl TokenRequest {
@@ -52,6 +57,7 @@ impl TokenRequest {
         Ok(Self {
             key: TokenKey::new(Provider::parse(&provider)?, TenantId::parse(&tenant_id)?),
             force_refresh: body.force_refresh,
+            min_expires_at_ms: body.min_expires_at_ms,
         })
     }
 
@@ -66,6 +72,7 @@ impl TokenRequest {
         Ok(Self {
             key: TokenKey::new(provider, tenant_id),
             force_refresh: false,
+            min_expires_at_ms: None,
         })
     }
 }

@@ -9,7 +9,7 @@
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-use tokengate_core::{FetchConfig, Provider, RegionTable};
+use tokengate_core::{FetchConfig, Provider, RegionTable, SecretString};
 
 /// The whole filter configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -18,6 +18,9 @@ pub struct FilterConfig {
     /// Inject tokens into requests, or answer the token API itself.
     #[serde(default)]
     pub mode: Mode,
+    /// Who calls the Tenant Service and the IdP: this filter, or the companion.
+    #[serde(default)]
+    pub fetch: FetchBy,
     /// The provider whose token this filter instance injects (inject mode).
     #[serde(default = "default_provider")]
     pub provider: Provider,
@@ -108,6 +111,18 @@ pub enum Mode {
     Endpoint,
 }
 
+/// Who fetches tokens on a miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FetchBy {
+    /// The filter, with Envoy callouts; the companion only collapses (lease / commit).
+    #[default]
+    Gateway,
+    /// The companion's `/auth/token`: secrets never enter Envoy. No local mode: when
+    /// the companion is unreachable, misses get `503 COMPANION_UNAVAILABLE`.
+    Companion,
+}
+
 /// The companion's Envoy cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -124,6 +139,9 @@ pub struct CompanionConfig {
     /// In local mode, at most this many fetches per token key per minute on each worker;
     /// requests beyond it get `503 COMPANION_UNAVAILABLE`.
     pub local_fetches_per_minute: u32,
+    /// The companion's internal API key (its `--internal-api-key-file`), sent as
+    /// `x-tokengate-key`; none when the companion's API is open.
+    pub api_key: Option<SecretString>,
 }
 
 /// The Tenant Service's Envoy cluster and call policy.
@@ -192,6 +210,7 @@ impl Default for CompanionConfig {
             timeout_ms: 40_000,
             retry_after_ms: 5_000,
             local_fetches_per_minute: 6,
+            api_key: None,
         }
     }
 }
@@ -317,6 +336,14 @@ impl FilterConfig {
                 return fail(path, "must be greater than 0");
             }
         }
+        if self.companion.api_key.as_ref().is_some_and(|key| {
+            key.is_empty() || !key.expose().bytes().all(|b| b.is_ascii_graphic())
+        }) {
+            return fail(
+                "companion.apiKey",
+                "must be printable ASCII without spaces, and not empty",
+            );
+        }
         if self.refresh_ahead.percent > 100 {
             return fail("refreshAhead.percent", "must be between 0 and 100");
         }
@@ -421,6 +448,8 @@ mod tests {
                 "genesys.defaultRegion",
             ),
             (r#"{"mode":"proxy"}"#, "mode"),
+            (r#"{"fetch":"sidecar"}"#, "fetch"),
+            (r#"{"companion":{"apiKey":""}}"#, "companion.apiKey"),
             (
                 r#"{"refreshAhead":{"minLeadMs":1000}}"#,
                 "refreshAhead.minLeadMs",

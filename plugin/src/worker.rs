@@ -28,17 +28,18 @@ use std::rc::Rc;
 use tokengate_core::cache::{
     CachedToken, GatewayEntry, PurgeRecord, refresh_moment, shared_data_key,
 };
+use tokengate_core::credentials::parse_rfc3339_ms;
 use tokengate_core::lease::{
     ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, INVALIDATE_PATH, InvalidateRequest,
     LEASE_PATH, LeaseId, LeaseRequest, LeaseResponse,
 };
-use tokengate_core::token_api::{TokenResponse, TokenSource};
+use tokengate_core::token_api::{TOKEN_PATH, TokenResponse, TokenSource};
 use tokengate_core::{
     CalloutResult, Destination, ErrorBody, ErrorCode, FetchConfig, FetchFlow, FetchedToken,
     OutboundRequest, SecretBytes, SecretString, Step, TokenError, TokenKey,
 };
 
-use crate::config::FilterConfig;
+use crate::config::{FetchBy, FilterConfig};
 use crate::host::{Callout, Host, Level, Metric};
 use crate::inflight::{Marker, Peer, marker_key};
 
@@ -134,6 +135,7 @@ impl Fetch {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Purpose {
     Lease,
+    CompanionToken,
     Fetch,
     Commit,
     Abort,
@@ -376,6 +378,7 @@ impl Worker {
         };
         match purpose {
             Purpose::Lease => self.on_lease_response(host, key, result),
+            Purpose::CompanionToken => self.on_token_response(host, key, result),
             Purpose::Fetch => {
                 if let Some(Fetch {
                     stage: Stage::Fetching { flow, .. },
@@ -509,7 +512,9 @@ impl Worker {
             // Another worker claimed it at the same moment and wrote last: it fetches.
             return self.wait_on_peer(host, &key);
         }
-        if now_ms < self.companion_down_until_ms {
+        if self.config.fetch == FetchBy::Companion {
+            self.send_token_request(host, key, force_refresh, newer_than);
+        } else if now_ms < self.companion_down_until_ms {
             self.fetch_locally(host, key);
         } else {
             self.send_lease(host, key, force_refresh, newer_than);
@@ -588,9 +593,86 @@ impl Worker {
             method: "POST",
             path,
             authority: &self.config.companion.authority,
-            headers: vec![("content-type", "application/json")],
+            headers: match &self.config.companion.api_key {
+                Some(key) => vec![
+                    ("content-type", "application/json"),
+                    (COMPANION_KEY_HEADER, key.expose()),
+                ],
+                None => vec![("content-type", "application/json")],
+            },
             body: Some(body),
             timeout_ms,
+        }
+    }
+
+    /// `fetch: companion`: asks the companion's `/auth/token` for the token.
+    fn send_token_request(
+        &mut self,
+        host: &mut impl Host,
+        key: TokenKey,
+        force_refresh: bool,
+        min_expires_at_ms: Option<u64>,
+    ) {
+        let body = serde_json::json!({
+            "tenantId": key.tenant_id,
+            "type": key.provider,
+            "forceRefresh": force_refresh,
+            "minExpiresAtMs": min_expires_at_ms,
+        });
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        let timeout_ms = self.config.companion.timeout_ms;
+        match host.dispatch(self.companion_callout(TOKEN_PATH, &body, timeout_ms)) {
+            Ok(callout_id) => {
+                self.callouts
+                    .insert(callout_id, (key.clone(), Purpose::CompanionToken));
+                if let Some(fetch) = self.fetches.get_mut(&key) {
+                    fetch.stage = Stage::Leasing;
+                }
+            }
+            Err(reason) => {
+                let error = companion_down(&reason);
+                self.finish(host, &key, Err(error), TokenSource::Fresh);
+            }
+        }
+    }
+
+    fn on_token_response(&mut self, host: &mut impl Host, key: TokenKey, result: CalloutResult) {
+        let now_ms = host.now_ms();
+        let outcome = match &result {
+            CalloutResult::Response {
+                status: 200, body, ..
+            } => match serde_json::from_slice::<TokenResponse>(body.expose()) {
+                Ok(response) => {
+                    let expires_at_ms =
+                        parse_rfc3339_ms(&response.expires_at).unwrap_or_else(|| {
+                            now_ms.saturating_add(
+                                response
+                                    .expires_in
+                                    .max(0)
+                                    .unsigned_abs()
+                                    .saturating_mul(1000),
+                            )
+                        });
+                    let token = FetchedToken {
+                        access_token: response.access_token,
+                        expires_in_secs: response.expires_in,
+                        expires_at_ms,
+                        cacheable: response.expires_in > 0,
+                    };
+                    Ok((token, response.source))
+                }
+                Err(_) => Err(companion_down("an unreadable token response")),
+            },
+            CalloutResult::Response { body, .. } => {
+                Err(serde_json::from_slice::<ErrorBody>(body.expose())
+                    .map(companion_error)
+                    .unwrap_or_else(|_| companion_down(&describe(&result))))
+            }
+            CalloutResult::NoResponse => Err(companion_down("no answer")),
+        };
+        match outcome {
+            Ok((token, source)) => self.finish(host, &key, Ok(token), source),
+            Err(error) => self.finish(host, &key, Err(error), TokenSource::Fresh),
         }
     }
 
@@ -625,16 +707,15 @@ impl Worker {
                 // The companion's own errors (lock timeout, Redis and its limiter
                 // refusing) come back as our JSON error body; anything else means the
                 // companion itself could not be reached.
-                let companion_error = match &result {
+                let answered_error = match &result {
                     CalloutResult::Response { body, .. } => {
                         serde_json::from_slice::<ErrorBody>(body.expose()).ok()
                     }
                     CalloutResult::NoResponse => None,
                 };
-                match companion_error {
+                match answered_error {
                     Some(error) => {
-                        let error = TokenError::new(error.code, error.message);
-                        self.finish(host, &key, Err(error), TokenSource::Fresh);
+                        self.finish(host, &key, Err(companion_error(error)), TokenSource::Fresh);
                     }
                     None => self.companion_unreachable(host, key, &describe(&result)),
                 }
@@ -1021,6 +1102,29 @@ impl Worker {
             host.set_tick_period_ms(wanted);
         }
     }
+}
+
+/// The header carrying the companion's internal API key.
+const COMPANION_KEY_HEADER: &str = "x-tokengate-key";
+
+/// `fetch: companion` has no local mode: an unreachable companion fails the request.
+fn companion_down(reason: &str) -> TokenError {
+    TokenError::new(
+        ErrorCode::CompanionUnavailable,
+        format!("the token companion, which fetches tokens for this gateway, failed: {reason}"),
+    )
+}
+
+/// An error the companion answered, as the client will see it. The companion refusing
+/// this filter's API key is a gateway misconfiguration, not the client's doing.
+fn companion_error(error: ErrorBody) -> TokenError {
+    if error.code == ErrorCode::Unauthorized {
+        return TokenError::new(
+            ErrorCode::CompanionUnavailable,
+            "the token companion refused this gateway's companion.apiKey",
+        );
+    }
+    TokenError::new(error.code, error.message)
 }
 
 /// A cached token as the result of a fetch, its lifetime counted from `now_ms`.

@@ -589,10 +589,20 @@ impl Cluster {
             .await
             .unwrap_or_else(|e| panic!("cannot start the stand-ins: {e}"));
         let redis = Redis::start(dir.path()).await;
+        // The companions can also fetch (their `/auth/token`, for `fetch: companion`),
+        // from the same stand-ins.
+        let tenant_service_url = format!("http://{}", standins.tenant_service);
+        let login_url_template = format!("http://{}", standins.login);
+        let mut args = vec![
+            "--tenant-service-url",
+            tenant_service_url.as_str(),
+            "--genesys-login-url-template",
+            login_url_template.as_str(),
+        ];
+        args.extend_from_slice(companion_args);
         let mut started_companions = Vec::new();
         for _ in 0..companions.max(1) {
-            started_companions
-                .push(Companion::start(dir.path(), &redis.url(), companion_args).await);
+            started_companions.push(Companion::start(dir.path(), &redis.url(), &args).await);
         }
         let mut started_envoys = Vec::new();
         for index in 0..envoys {

@@ -282,7 +282,14 @@ async fn with_redis_down_warm_tenants_keep_working_cold_ones_get_the_degraded_li
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_the_lock_holders_companion_dies_mid_fetch_the_waiters_take_over_after_the_lock_ttl() {
-    let companion_args = ["--lock-ttl-ms", "1500", "--lease-wait-ms", "6000"];
+    let companion_args = [
+        "--lock-ttl-ms",
+        "1500",
+        "--lease-wait-ms",
+        "6000",
+        "--fetch-deadline-ms",
+        "1000",
+    ];
     let config =
         filter_config(json!({ "genesys": { "timeoutMs": 3000 }, "fetchDeadlineMs": 3000 }));
     let cluster = Cluster::start(2, 2, 2, &config, &companion_args).await;
