@@ -555,6 +555,46 @@ impl Stack {
     }
 }
 
+/// What one request through Envoy came back with.
+#[derive(Debug)]
+pub struct Answer {
+    /// The status the client saw.
+    pub status: u16,
+    /// The JSON body (the echo upstream's report, or an error body); `Null` if not JSON.
+    pub body: serde_json::Value,
+    /// The `authorization` header the echo upstream received, if the request got there.
+    pub authorization: Option<String>,
+}
+
+impl Stack {
+    /// Sends `GET path` for `tenant` (in `x-tenant-id`) through Envoy.
+    pub async fn get(&self, path: &str, tenant: &str) -> Answer {
+        let response = reqwest::Client::new()
+            .get(format!("{}{path}", self.envoy.url()))
+            .header("x-tenant-id", tenant)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request through Envoy failed: {e}"));
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let authorization = body["headers"]["authorization"].as_str().map(str::to_owned);
+        Answer {
+            status,
+            body,
+            authorization,
+        }
+    }
+
+    /// `Bearer <token>` for every token the stand-in login issued to `tenant`, in order.
+    pub fn bearers(&self, tenant: &str) -> Vec<String> {
+        self.standins
+            .tokens_issued_to(tenant)
+            .into_iter()
+            .map(|token| format!("Bearer {token}"))
+            .collect()
+    }
+}
+
 /// Several Envoys and companions sharing one Redis, like a fleet of gateways.
 /// Envoy `i` talks to companion `i % companions`.
 #[derive(Debug)]

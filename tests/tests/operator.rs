@@ -8,44 +8,15 @@ use serde_json::{Value, json};
 use tokengate_tests::harness::{Envoy, EnvoyUpstreams, Stack};
 use tokengate_tests::standins::Endpoint;
 
-struct Answer {
-    status: u16,
-    authorization: Option<String>,
-}
-
-async fn get(stack: &Stack, path: &str, tenant: &str) -> Answer {
-    let response = reqwest::Client::new()
-        .get(format!("{}{path}", stack.envoy.url()))
-        .header("x-tenant-id", tenant)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("request failed: {e}"));
-    let status = response.status().as_u16();
-    let body: Value = response.json().await.unwrap_or_default();
-    Answer {
-        status,
-        authorization: body["headers"]["authorization"].as_str().map(str::to_owned),
-    }
-}
-
-fn bearers(stack: &Stack, tenant: &str) -> Vec<String> {
-    stack
-        .standins
-        .tokens_issued_to(tenant)
-        .into_iter()
-        .map(|t| format!("Bearer {t}"))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_an_upstream_401_the_next_request_carries_a_new_token() {
     let stack = Stack::start().await;
 
-    let first = get(&stack, "/api", "acme").await;
-    let rejected = get(&stack, "/status/401", "acme").await;
-    let next = get(&stack, "/api", "acme").await;
+    let first = stack.get("/api", "acme").await;
+    let rejected = stack.get("/status/401", "acme").await;
+    let next = stack.get("/api", "acme").await;
 
-    let issued = bearers(&stack, "acme");
+    let issued = stack.bearers("acme");
     assert_eq!(rejected.status, 401);
     assert_eq!(
         issued.len(),
@@ -60,14 +31,14 @@ async fn after_an_upstream_401_the_next_request_carries_a_new_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_fifty_upstream_401s_causes_at_most_one_refetch() {
     let stack = Stack::start().await;
-    let first = get(&stack, "/api", "acme").await;
+    let first = stack.get("/api", "acme").await;
     assert_eq!(first.status, 200);
 
-    let burst = join_all((0..50).map(|_| get(&stack, "/status/401", "acme"))).await;
+    let burst = join_all((0..50).map(|_| stack.get("/status/401", "acme"))).await;
     assert!(burst.iter().all(|answer| answer.status == 401));
-    let next = get(&stack, "/api", "acme").await;
+    let next = stack.get("/api", "acme").await;
 
-    let issued = bearers(&stack, "acme");
+    let issued = stack.bearers("acme");
     assert_eq!(
         issued.len(),
         2,
@@ -82,9 +53,9 @@ async fn a_burst_of_fifty_upstream_401s_causes_at_most_one_refetch() {
 async fn stats_count_hits_misses_fetches_and_failures() {
     let stack = Stack::start_with(Envoy::default_filter_config(), 1).await;
 
-    get(&stack, "/api", "acme").await;
-    get(&stack, "/api", "acme").await;
-    get(&stack, "/api", "nobody").await;
+    stack.get("/api", "acme").await;
+    stack.get("/api", "acme").await;
+    stack.get("/api", "nobody").await;
 
     let stat = async |name: &str| stack.envoy.stat(name).await;
     assert_eq!(stat("tokengate.cache_hit").await, 1);
@@ -157,7 +128,7 @@ async fn tenant_ids_that_could_escape_a_key_or_a_path_are_refused_before_any_cal
         long.as_str(),
         "acme%0d%0aX-Evil:1",
     ] {
-        let answer = get(&stack, "/api", tenant).await;
+        let answer = stack.get("/api", tenant).await;
         assert_eq!(answer.status, 400, "{tenant:.40}");
         assert_eq!(answer.authorization, None);
     }
@@ -176,12 +147,12 @@ async fn tenant_ids_that_could_escape_a_key_or_a_path_are_refused_before_any_cal
         .unwrap_or_else(|e| panic!("{e}"));
     let status = response.status().as_u16();
     let body: Value = response.json().await.unwrap_or_default();
-    let globex = bearers(&stack, "globex");
+    let globex = stack.bearers("globex");
     assert!(globex.is_empty(), "no token was fetched for globex");
     assert!(
         status == 400
             || body["headers"]["authorization"].as_str()
-                == bearers(&stack, "acme").first().map(String::as_str)
+                == stack.bearers("acme").first().map(String::as_str)
     );
     assert_eq!(
         stack.standins.calls(Endpoint::TenantService),

@@ -5,38 +5,9 @@
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokengate_tests::harness::{Envoy, Stack, eventually};
 use tokengate_tests::standins::Endpoint;
-
-struct Answer {
-    status: u16,
-    authorization: Option<String>,
-}
-
-async fn get(stack: &Stack, tenant: &str) -> Answer {
-    let response = reqwest::Client::new()
-        .get(format!("{}/api", stack.envoy.url()))
-        .header("x-tenant-id", tenant)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("request failed: {e}"));
-    let status = response.status().as_u16();
-    let body: Value = response.json().await.unwrap_or_default();
-    Answer {
-        status,
-        authorization: body["headers"]["authorization"].as_str().map(str::to_owned),
-    }
-}
-
-fn bearers(stack: &Stack, tenant: &str) -> Vec<String> {
-    stack
-        .standins
-        .tokens_issued_to(tenant)
-        .into_iter()
-        .map(|t| format!("Bearer {t}"))
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_just_before_expiry_is_served_at_once_and_starts_one_refresh() {
@@ -48,15 +19,15 @@ async fn a_request_just_before_expiry_is_served_at_once_and_starts_one_refresh()
     stack.standins.set_expires_in(4);
 
     let issued_before = Instant::now();
-    let first = get(&stack, "acme").await;
-    let first_token = bearers(&stack, "acme").remove(0);
+    let first = stack.get("/api", "acme").await;
+    let first_token = stack.bearers("acme").remove(0);
     assert_eq!(first.authorization.as_deref(), Some(first_token.as_str()));
 
     // One second before expiry (the refresh window opened at 2 s before); the token
     // was issued after `issued_before`, so this is at most 1 s before its expiry.
     tokio::time::sleep_until((issued_before + Duration::from_secs(3)).into()).await;
     let started = Instant::now();
-    let near_expiry = join_all((0..10).map(|_| get(&stack, "acme"))).await;
+    let near_expiry = join_all((0..10).map(|_| stack.get("/api", "acme"))).await;
     let took = started.elapsed();
     assert!(
         took < Duration::from_millis(900),
@@ -69,7 +40,7 @@ async fn a_request_just_before_expiry_is_served_at_once_and_starts_one_refresh()
         async || stack.standins.calls(Endpoint::Login) == 2,
     )
     .await;
-    let refreshed = bearers(&stack, "acme").remove(1);
+    let refreshed = stack.bearers("acme").remove(1);
     // Each request got the old token, or the new one if the refresh (a few ms on
     // loopback) finished while the burst was still arriving.
     for answer in &near_expiry {
@@ -80,7 +51,7 @@ async fn a_request_just_before_expiry_is_served_at_once_and_starts_one_refresh()
             "{token:?}"
         );
     }
-    let after = get(&stack, "acme").await;
+    let after = stack.get("/api", "acme").await;
     assert_eq!(after.authorization.as_deref(), Some(refreshed.as_str()));
     assert_eq!(
         stack.standins.calls(Endpoint::Login),
@@ -102,11 +73,11 @@ async fn an_expired_token_is_never_injected() {
     let stack = Stack::start_with(config, 2).await;
     stack.standins.set_expires_in(1);
 
-    let first = get(&stack, "acme").await;
+    let first = stack.get("/api", "acme").await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let later = get(&stack, "acme").await;
+    let later = stack.get("/api", "acme").await;
 
-    let issued = bearers(&stack, "acme");
+    let issued = stack.bearers("acme");
     assert_eq!(first.authorization.as_deref(), Some(issued[0].as_str()));
     assert_eq!(issued.len(), 2, "the expired token was replaced");
     assert_eq!(later.authorization.as_deref(), Some(issued[1].as_str()));
