@@ -149,6 +149,53 @@ impl Fixture {
             .expect("the embedded fixture parses (checked by fixture::tests)")
     }
 
+    /// This fixture plus `count` generated tenants for load tests: `bench-0` to
+    /// `bench-<count - 1>` (see [`generated_tenant_id`]), each with a flat `genesys`
+    /// answer `{"clientId": "bench-<n>-client", "clientSecret": "bench-<n>-secret",
+    /// "region": "eu-west-1"}` that the login stand-in accepts like any fixture client.
+    ///
+    /// A tenant id the fixture already has keeps its own answers. Fails if a generated
+    /// client id is already a fixture client's.
+    pub fn with_generated_tenants(mut self, count: usize) -> Result<Fixture, FixtureError> {
+        let mut client_ids: BTreeMap<String, String> = self
+            .clients
+            .iter()
+            .map(|client| (client.client_id.clone(), client.tenant.clone()))
+            .collect();
+        for n in 0..count {
+            let tenant = generated_tenant_id(n);
+            if self.tenants.contains_key(&tenant) {
+                continue;
+            }
+            let client = GenesysClient {
+                tenant: tenant.clone(),
+                client_id: format!("{tenant}-client"),
+                client_secret: format!("{tenant}-secret"),
+                region: GENERATED_TENANT_REGION.to_owned(),
+            };
+            if let Some(first) = client_ids.get(&client.client_id) {
+                return Err(FixtureError::DuplicateClientId {
+                    client_id: client.client_id,
+                    first: first.clone(),
+                    second: tenant,
+                });
+            }
+            let answer = serde_json::json!({
+                "clientId": client.client_id,
+                "clientSecret": client.client_secret,
+                "region": client.region,
+            });
+            let raw = RawValue::from_string(answer.to_string())?;
+            self.tenants.insert(
+                tenant.clone(),
+                BTreeMap::from([("genesys".to_owned(), raw)]),
+            );
+            client_ids.insert(client.client_id.clone(), tenant);
+            self.clients.push(client);
+        }
+        Ok(self)
+    }
+
     /// The Tenant Service's answer for a tenant and credential type, as raw JSON text.
     pub fn credentials(&self, tenant: &str, credential_type: &str) -> Option<&str> {
         self.tenants
@@ -190,6 +237,17 @@ impl Fixture {
         self.genesys_client_by_id(tenant_or_client)
             .map(|c| c.tenant.as_str())
     }
+}
+
+/// Prefix of the tenants [`Fixture::with_generated_tenants`] adds.
+pub const GENERATED_TENANT_PREFIX: &str = "bench-";
+
+/// Region of the generated tenants (login host `login.mypurecloud.ie`).
+pub const GENERATED_TENANT_REGION: &str = "eu-west-1";
+
+/// The id of generated tenant `n`: `bench-<n>`.
+pub fn generated_tenant_id(n: usize) -> String {
+    format!("{GENERATED_TENANT_PREFIX}{n}")
 }
 
 /// Reads a `genesys` answer in either the flat or the `{"data": {...}}` shape.
@@ -297,6 +355,61 @@ mod tests {
         }}"#;
         assert!(matches!(
             Fixture::from_json(text),
+            Err(FixtureError::DuplicateClientId { .. })
+        ));
+    }
+
+    #[test]
+    fn generated_tenants_are_explicit_and_log_in_like_fixture_tenants() {
+        let fixture = Fixture::default_fixture()
+            .with_generated_tenants(3)
+            .expect("generated");
+        let ids: Vec<_> = fixture
+            .tenant_ids()
+            .filter(|id| id.starts_with("bench-"))
+            .collect();
+        assert_eq!(ids, ["bench-0", "bench-1", "bench-2"]);
+        assert!(!fixture.has_tenant("bench-3"), "only the requested count");
+        assert_eq!(generated_tenant_id(2), "bench-2");
+        let answer: serde_json::Value =
+            serde_json::from_str(fixture.credentials("bench-1", "genesys").expect("answer"))
+                .expect("json");
+        assert_eq!(
+            answer,
+            serde_json::json!({"clientId": "bench-1-client", "clientSecret": "bench-1-secret", "region": "eu-west-1"})
+        );
+        let client = fixture
+            .genesys_client_by_id("bench-1-client")
+            .expect("client");
+        assert_eq!(client.tenant, "bench-1");
+        assert_eq!(client.login_host().as_deref(), Some("login.mypurecloud.ie"));
+        assert_eq!(fixture.resolve_tenant("bench-2-client"), Some("bench-2"));
+        // The fixture's own tenants are untouched.
+        assert_eq!(
+            fixture.genesys_client("acme"),
+            Fixture::default_fixture().genesys_client("acme")
+        );
+        assert_eq!(fixture.credentials("bench-0", "whatsapp"), None);
+    }
+
+    #[test]
+    fn generated_tenants_keep_existing_tenants_and_refuse_clashing_client_ids() {
+        let text = r#"{"tenants": {
+            "bench-0": {"genesys": {"clientId": "own", "clientSecret": "s", "region": "us-east-1"}},
+            "x": {"genesys": {"clientId": "bench-1-client", "clientSecret": "s", "region": "us-east-1"}}
+        }}"#;
+        let kept = Fixture::from_json(text)
+            .expect("parses")
+            .with_generated_tenants(1)
+            .expect("bench-0 exists already and is kept");
+        assert_eq!(
+            kept.genesys_client("bench-0").map(|c| c.client_id.as_str()),
+            Some("own")
+        );
+        assert!(matches!(
+            Fixture::from_json(text)
+                .expect("parses")
+                .with_generated_tenants(2),
             Err(FixtureError::DuplicateClientId { .. })
         ));
     }

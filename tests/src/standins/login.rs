@@ -6,7 +6,11 @@
 //!    login host of some Genesys region (`login.<domain>`; port and letter case
 //!    ignored), else HTTP 400 `invalid_request` / `wrong host`;
 //! 2. a single `Authorization: Basic base64(clientId:clientSecret)` names a fixture
-//!    client with that secret, else HTTP 400 `invalid_client` / `client not found`;
+//!    client with that secret, else HTTP 400 `invalid_client` / `client not found`.
+//!    A request without any `Authorization` header may instead carry the client
+//!    credentials in its form body, `client_id` and `client_secret` exactly once each
+//!    (RFC 6749 §2.3.1; this is how Envoy's oauth2 credential injector sends them);
+//!    when it has an `Authorization` header, only that header counts;
 //! 3. the host is the login host of *that client's* region, else `wrong host` again;
 //! 4. a single `Content-Type: application/x-www-form-urlencoded` (parameters such as
 //!    `charset` allowed), else 400 `invalid_request`;
@@ -43,10 +47,15 @@ async fn handle(State(ctx): State<ServerCtx>, request: Request) -> Response {
     let shared = &ctx.shared;
     let arrival = shared.arrive(Endpoint::Login);
     let (parts, body) = request.into_parts();
-    let client_id = basic_credentials(&parts).map(|(id, _)| id);
+    let body = to_bytes(body, MAX_BODY_BYTES).await;
+    let client_id = body
+        .as_ref()
+        .ok()
+        .and_then(|body| client_credentials(&parts, body))
+        .map(|(id, _)| id);
 
-    let verdict = match to_bytes(body, MAX_BODY_BYTES).await {
-        Ok(body) => check(shared, &parts, &body),
+    let verdict = match &body {
+        Ok(body) => check(shared, &parts, body),
         Err(_) => Err(Rejection::UnreadableBody),
     };
     let mut response = match shared.settle(arrival, &Dialect::Login).await {
@@ -171,7 +180,7 @@ fn check<'s>(
         )));
     };
 
-    let client = basic_credentials(parts)
+    let client = client_credentials(parts, body)
         .and_then(|(id, secret)| {
             shared
                 .fixture
@@ -240,6 +249,32 @@ fn single(parts: &Parts, name: header::HeaderName) -> Option<&HeaderValue> {
     let mut values = parts.headers.get_all(name).iter();
     let first = values.next()?;
     values.next().is_none().then_some(first)
+}
+
+/// The `(client id, secret)` the request authenticates with: from the `Authorization`
+/// header when there is one, else from the form body (RFC 6749 §2.3.1).
+fn client_credentials(parts: &Parts, body: &[u8]) -> Option<(String, String)> {
+    if parts.headers.contains_key(header::AUTHORIZATION) {
+        basic_credentials(parts)
+    } else {
+        form_credentials(parts, body)
+    }
+}
+
+/// `(client id, secret)` from a form body holding `client_id` and `client_secret`
+/// exactly once each; `None` if the body is not declared as a form.
+fn form_credentials(parts: &Parts, body: &[u8]) -> Option<(String, String)> {
+    if !is_form_urlencoded(single(parts, header::CONTENT_TYPE)) {
+        return None;
+    }
+    let only = |name: &str| {
+        let mut values = form_urlencoded::parse(body)
+            .filter(|(field, _)| field == name)
+            .map(|(_, value)| value.into_owned());
+        let first = values.next()?;
+        values.next().is_none().then_some(first)
+    };
+    Some((only("client_id")?, only("client_secret")?))
 }
 
 /// `(client id, secret)` from a single `Authorization: Basic …`, if well-formed.
@@ -473,6 +508,75 @@ mod tests {
         }
         assert!(standins.tokens_issued_to("acme").is_empty());
         assert_eq!(standins.wrong_host_calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn client_credentials_in_the_form_body_are_accepted_without_basic_auth() {
+        let (standins, client) = start().await;
+        let acme = standins
+            .fixture()
+            .genesys_client("acme")
+            .expect("acme")
+            .clone();
+        let form = |id: &str, secret: &str| {
+            let mut request = TokenRequest::for_tenant(&standins, "acme");
+            request.authorization = None;
+            request.body = form_urlencoded::Serializer::new(String::new())
+                .append_pair("grant_type", "client_credentials")
+                .append_pair("client_id", id)
+                .append_pair("client_secret", secret)
+                .finish();
+            request
+        };
+        // As Envoy's oauth2 credential injector sends it.
+        let (status, body) = form(&acme.client_id, &acme.client_secret)
+            .send_json(&standins, &client)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body["access_token"]
+                .as_str()
+                .is_some_and(|token| token.starts_with("gen-acme-1-")),
+            "{body}"
+        );
+
+        let mut rejected = vec![
+            form(&acme.client_id, "wrong-secret"),
+            form("nobody", &acme.client_secret),
+        ];
+        // Each field exactly once.
+        let mut repeated = form(&acme.client_id, &acme.client_secret);
+        repeated.body.push_str("&client_id=acme-client");
+        rejected.push(repeated);
+        let mut missing_secret = form(&acme.client_id, &acme.client_secret);
+        missing_secret.body = "grant_type=client_credentials&client_id=acme-client".to_owned();
+        rejected.push(missing_secret);
+        // Not a form: the body is not read for credentials.
+        let mut not_a_form = form(&acme.client_id, &acme.client_secret);
+        not_a_form.content_type = "text/plain".to_owned();
+        rejected.push(not_a_form);
+        // With an Authorization header, only the header counts.
+        let mut bad_header = form(&acme.client_id, &acme.client_secret);
+        bad_header.authorization = Some("Basic bm9ib2R5Om5vdGhpbmc=".to_owned()); // nobody:nothing
+        rejected.push(bad_header);
+        for request in rejected {
+            let (status, answer) = request.send_json(&standins, &client).await;
+            assert_eq!(
+                (status, answer["error"].as_str()),
+                (400, Some("invalid_client")),
+                "{request:?}"
+            );
+        }
+
+        // The region check still applies to body credentials.
+        let mut wrong_host = form(&acme.client_id, &acme.client_secret);
+        wrong_host.host = "login.mypurecloud.com".to_owned();
+        let (status, answer) = wrong_host.send_json(&standins, &client).await;
+        assert_eq!(
+            (status, &answer["description"]),
+            (400, &json!("wrong host"))
+        );
+        assert_eq!(standins.tokens_issued_to("acme").len(), 1);
     }
 
     #[tokio::test]

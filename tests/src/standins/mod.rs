@@ -48,7 +48,8 @@ use tokio::task::JoinHandle;
 
 pub use faults::{Endpoint, Fault};
 pub use fixture::{
-    DEFAULT_FIXTURE_JSON, Fixture, FixtureError, GenesysClient, default_fixture_path,
+    DEFAULT_FIXTURE_JSON, Fixture, FixtureError, GENERATED_TENANT_PREFIX, GenesysClient,
+    default_fixture_path, generated_tenant_id,
 };
 pub use login::TOKEN_PATH;
 pub use regions::{GENESYS_REGIONS, genesys_domain, genesys_login_host};

@@ -1,0 +1,376 @@
+//! `tokengate-bench`: the benchmarks behind `scripts/bench` and `BENCHMARKS.md`.
+//!
+//! ```text
+//! tokengate-bench run [--quick] [--out BENCHMARKS.md] [--only hit,stampede,wakeup,rollover,lease,footprint]
+//! tokengate-bench echo --listen 127.0.0.1:PORT     # the fast upstream (started by `run`)
+//! ```
+//!
+//! `run` starts everything on loopback (stand-ins in this process; Redis, companions,
+//! Envoys, the echo upstream and wrk as processes), runs the scenarios and writes the
+//! report. It expects release builds: `scripts/bench` builds them and points
+//! `TOKENGATE_COMPANION` at the release companion. See `BENCHMARKS.md` for what each
+//! scenario measures and how.
+
+mod client;
+mod echo;
+mod envoy;
+mod fleet;
+mod machine;
+mod report;
+mod scenarios;
+mod stats;
+mod wrk;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use tokengate_tests::harness::{Envoy, companion_binary, envoy_binary, wasm_module};
+use tokengate_tests::standins::{Endpoint, Fixture};
+
+use crate::fleet::{EchoProcess, Fleet, FleetSpec};
+use crate::machine::Machine;
+use crate::report::Report;
+use crate::scenarios::{footprint, hit_path, lease, rollover, stampede, wakeup};
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks of tokengate (scripts/bench)")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Runs the scenarios and writes the report.
+    Run {
+        /// Short runs, to try the tooling (numbers not meaningful).
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the report.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        out: PathBuf,
+        /// Comma-separated subset: hit, stampede, wakeup, rollover, lease, footprint.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Do not pin Envoy and the load generator to separate CPUs.
+        #[arg(long)]
+        no_pin: bool,
+        /// Do not profile the hit path with perf.
+        #[arg(long)]
+        no_profile: bool,
+        /// How the run was started, for the report.
+        #[arg(long, default_value = "scripts/bench")]
+        command_line: String,
+        /// The load average before the run (the script waited for it), for the report.
+        #[arg(long)]
+        load_before: Option<String>,
+        /// The minimal proxy-wasm filter (`bench/wasm-floor`), to measure the floor cost
+        /// of any proxy-wasm filter next to tokengate.
+        #[arg(long)]
+        floor_wasm: Option<PathBuf>,
+        /// An experiment: instead of (e), (f), (g), run the minimal filter with these host
+        /// calls, e.g. `--floor-ops h=time --floor-ops i=shared_get` (`NAME=` alone: none).
+        #[arg(long)]
+        floor_ops: Vec<String>,
+        /// Rounds of the hit path (default 12; quick: 1).
+        #[arg(long)]
+        rounds: Option<usize>,
+    },
+    /// Serves the benchmark's upstream until killed.
+    Echo {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+/// Everything a run found; rendered by [`report`].
+#[derive(Debug, Default)]
+pub struct Results {
+    /// The machine.
+    pub machine: Machine,
+    /// Load average at the start.
+    pub load_start: String,
+    /// Load average at the end.
+    pub load_end: String,
+    /// Load average the script saw before starting, if it waited.
+    pub load_before: Option<String>,
+    /// When it started.
+    pub date: String,
+    /// The command.
+    pub command_line: String,
+    /// Quick mode.
+    pub quick: bool,
+    /// CPU pinning used (Envoy CPUs, client CPUs).
+    pub pinning: Option<(String, String)>,
+    /// How long it all took.
+    pub duration: Duration,
+    /// Binaries measured.
+    pub binaries: Vec<(String, String)>,
+    /// Scenario 1.
+    pub hit_path: Option<hit_path::HitPath>,
+    /// Scenario 2: warm-up burst (first, cold processes) and the measured one.
+    pub stampede: Vec<stampede::StampedeRun>,
+    /// IdP latency of the stampede.
+    pub stampede_idp: Duration,
+    /// Fleet shape of the stampede: (envoys, workers each, companions).
+    pub stampede_shape: (usize, u32, usize),
+    /// Scenario 3, per worker count.
+    pub wakeup: Vec<wakeup::WakeUp>,
+    /// Scenario 4.
+    pub rollover: Option<rollover::Rollover>,
+    /// Scenario 5.
+    pub lease: Option<lease::LeaseBench>,
+    /// Scenario 6.
+    pub footprint: Option<footprint::Footprint>,
+    /// Scenarios that failed, with why.
+    pub failures: Vec<(String, String)>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match args.command {
+        Cmd::Echo { listen } => match echo::serve(listen) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("echo: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Run {
+            quick,
+            out,
+            only,
+            no_pin,
+            no_profile,
+            command_line,
+            load_before,
+            floor_wasm,
+            floor_ops,
+            rounds,
+        } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("bench: no runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let options = Options {
+                quick,
+                only,
+                pin: !no_pin,
+                profile: !no_profile,
+                floor_wasm,
+                floor_ops: floor_ops
+                    .iter()
+                    .map(|spec| {
+                        let (name, ops) = spec.split_once('=').unwrap_or((spec, ""));
+                        (name.to_owned(), ops.to_owned())
+                    })
+                    .collect(),
+                rounds,
+            };
+            let mut results = runtime.block_on(run(&options));
+            results.command_line = command_line;
+            results.load_before = load_before;
+            let text = Report(&results).render();
+            if let Err(error) = std::fs::write(&out, text) {
+                eprintln!("bench: cannot write {}: {error}", out.display());
+                return ExitCode::FAILURE;
+            }
+            eprintln!("bench: wrote {}", out.display());
+            if results.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                for (scenario, error) in &results.failures {
+                    eprintln!("bench: scenario {scenario} failed: {error}");
+                }
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+struct Options {
+    quick: bool,
+    only: Vec<String>,
+    pin: bool,
+    profile: bool,
+    floor_wasm: Option<PathBuf>,
+    floor_ops: Vec<(String, String)>,
+    rounds: Option<usize>,
+}
+
+impl Options {
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
+}
+
+async fn run(options: &Options) -> Results {
+    let started = Instant::now();
+    let mut results = Results {
+        machine: Machine::detect(&envoy_binary()),
+        load_start: machine::load_average(),
+        date: machine::now_utc(),
+        quick: options.quick,
+        ..Results::default()
+    };
+    results.binaries = vec![
+        ("Envoy".into(), envoy_binary().display().to_string()),
+        ("filter".into(), wasm_module().display().to_string()),
+        ("companion".into(), companion_binary().display().to_string()),
+    ];
+    let pinning = (options.pin && results.machine.cpus >= 2).then(|| {
+        let last = results.machine.cpus - 1;
+        ("0".to_owned(), last.to_string())
+    });
+    results.pinning = pinning.clone();
+    let quick = options.quick;
+
+    if options.wants("footprint") {
+        eprintln!("bench: footprint");
+        match footprint::run(&wasm_module(), &std::env::temp_dir()) {
+            Ok(found) => results.footprint = Some(found),
+            Err(error) => results.failures.push(("footprint".into(), error)),
+        }
+    }
+
+    if options.wants("hit") {
+        eprintln!("bench: hit path");
+        let settings = hit_path::Settings {
+            rounds: options.rounds.unwrap_or(if quick { 1 } else { 12 }),
+            throughput_duration: Duration::from_secs(2),
+            connections: 16,
+            latency_duration: Duration::from_secs(2),
+            tenants: if quick { 500 } else { 10_000 },
+            envoy_cpus: pinning.as_ref().map(|(envoy, _)| envoy.clone()),
+            client_cpus: pinning.as_ref().map(|(_, client)| client.clone()),
+            profile: options.profile,
+            floor_module: options.floor_wasm.clone(),
+            floor_ops: options.floor_ops.clone(),
+        };
+        match hit_path::run(settings).await {
+            Ok(found) => results.hit_path = Some(found),
+            Err(error) => results.failures.push(("hit path".into(), error)),
+        }
+    }
+
+    if options.wants("lease") {
+        eprintln!("bench: companion lease against Redis GET");
+        match lease::run(if quick { 2_000 } else { 20_000 }).await {
+            Ok(found) => results.lease = Some(found),
+            Err(error) => results.failures.push(("lease".into(), error)),
+        }
+    }
+
+    if options.wants("stampede") || options.wants("wakeup") {
+        if let Err(error) = stampede_and_wakeup(options, &mut results).await {
+            results.failures.push(("stampede / wake-up".into(), error));
+        }
+    }
+
+    if options.wants("rollover") {
+        eprintln!("bench: expiry rollover");
+        if let Err(error) = rollover_scenario(quick, &mut results).await {
+            results.failures.push(("rollover".into(), error));
+        }
+    }
+
+    results.load_end = machine::load_average();
+    results.duration = started.elapsed();
+    results
+}
+
+/// Tenants generated for the stampede and wake-up fleets (one per wake-up trial).
+const TRIAL_TENANTS: usize = 200;
+
+async fn stampede_and_wakeup(options: &Options, results: &mut Results) -> Result<(), String> {
+    let quick = options.quick;
+    let echo = EchoProcess::start(None)?;
+    let idp = Duration::from_millis(200);
+    let shape = (3, 2, 2);
+    let spec = FleetSpec {
+        envoys: shape.0,
+        concurrency: shape.1,
+        companions: shape.2,
+        filter_config: Envoy::default_filter_config(),
+        echo: echo.addr,
+    };
+    let fixture = || {
+        Fixture::default_fixture()
+            .with_generated_tenants(TRIAL_TENANTS)
+            .map_err(|e| e.to_string())
+    };
+    let fleet = Fleet::start(&spec, fixture()?).await?;
+    fleet.standins.set_latency(Endpoint::Login, idp);
+    results.stampede_idp = idp;
+    results.stampede_shape = shape;
+    if options.wants("stampede") {
+        let requests = if quick { 200 } else { 1_000 };
+        eprintln!("bench: stampede ({requests} requests, warm-up burst on globex first)");
+        results
+            .stampede
+            .push(stampede::run_once(&fleet, "globex", requests).await?);
+        results
+            .stampede
+            .push(stampede::run_once(&fleet, "acme", requests).await?);
+        // Control: the same burst again, now all cache hits: what proxying the burst
+        // costs on this machine without any fetch.
+        results
+            .stampede
+            .push(stampede::run_once(&fleet, "acme", requests).await?);
+    }
+    if options.wants("wakeup") {
+        let trials = if quick { 5 } else { 60 };
+        eprintln!("bench: wake-up, {} workers per Envoy", spec.concurrency);
+        results
+            .wakeup
+            .push(wakeup::run(&fleet, spec.concurrency, trials, 4, 0).await?);
+        drop(fleet);
+        let single = FleetSpec {
+            concurrency: 1,
+            ..spec.clone()
+        };
+        eprintln!("bench: wake-up, 1 worker per Envoy");
+        let fleet = Fleet::start(&single, fixture()?).await?;
+        fleet.standins.set_latency(Endpoint::Login, idp);
+        results
+            .wakeup
+            .push(wakeup::run(&fleet, 1, trials, 4, trials).await?);
+    }
+    Ok(())
+}
+
+async fn rollover_scenario(quick: bool, results: &mut Results) -> Result<(), String> {
+    let echo = EchoProcess::start(None)?;
+    let filter_config = Envoy::filter_config_with(serde_json::json!({
+        "expiryMarginMs": 1000,
+        "refreshAhead": { "percent": 40, "minLeadMs": 2000 }
+    }));
+    let spec = FleetSpec {
+        envoys: 1,
+        concurrency: 2,
+        companions: 1,
+        filter_config: filter_config.clone(),
+        echo: echo.addr,
+    };
+    let fleet = Fleet::start(&spec, Fixture::default_fixture()).await?;
+    let settings = rollover::Settings {
+        lifetime_secs: 5,
+        rollovers: if quick { 2 } else { 10 },
+        connections: 4,
+        interval: Duration::from_millis(2),
+        window: Duration::from_millis(500),
+        idp_latency: Duration::from_millis(50),
+    };
+    results.rollover = Some(rollover::run(&fleet, settings, filter_config).await?);
+    Ok(())
+}

@@ -1,0 +1,810 @@
+//! Renders `BENCHMARKS.md` from a run's [`Results`], followed by the hand-written
+//! analysis in `bench/findings.md`.
+
+use std::fmt::Write as _;
+
+use crate::Results;
+use crate::scenarios::hit_path::{CONTROL, ConfigRuns, HitPath};
+use crate::stats::{Latencies, ms};
+
+const FINDINGS: &str = include_str!("../findings.md");
+
+/// The report of one run.
+pub struct Report<'a>(pub &'a Results);
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+fn kib_mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn lat_row(name: &str, l: &Latencies) -> String {
+    format!(
+        "| {name} | {} | {} | {} | {} | {} | {} |",
+        l.count,
+        ms(l.p50_us),
+        ms(l.p90_us),
+        ms(l.p99_us),
+        ms(l.max_us),
+        ms(l.mean_us as u64)
+    )
+}
+
+const LAT_HEADER: &str =
+    "| | requests | p50 | p90 | p99 | max | mean |\n|---|---:|---:|---:|---:|---:|---:|";
+
+impl Report<'_> {
+    /// The whole document.
+    pub fn render(&self) -> String {
+        let r = self.0;
+        let mut out = String::new();
+        let _ = writeln!(out, "# Benchmarks\n");
+        let _ = writeln!(
+            out,
+            "Written by `{}` on {} (commit `{}`){}. The whole run took {:.1} minutes. \
+             Everything ran on loopback on the machine below; numbers from another machine \
+             or a loaded one are not comparable.\n",
+            r.command_line,
+            r.date,
+            r.machine.commit,
+            if r.quick {
+                ", **quick mode: short runs to try the tooling, numbers not meaningful**"
+            } else {
+                ""
+            },
+            r.duration.as_secs_f64() / 60.0
+        );
+        self.summary(&mut out);
+        self.machine(&mut out);
+        if let Some(hit) = &r.hit_path {
+            self.hit_path(&mut out, hit);
+        }
+        self.stampede(&mut out);
+        self.wakeup(&mut out);
+        self.rollover(&mut out);
+        self.lease(&mut out);
+        self.footprint(&mut out);
+        if !r.failures.is_empty() {
+            let _ = writeln!(out, "## Scenarios that failed\n");
+            for (scenario, error) in &r.failures {
+                let _ = writeln!(out, "- {scenario}: `{}`", error.replace('\n', " "));
+            }
+            let _ = writeln!(out);
+        }
+        out.push_str(FINDINGS);
+        out
+    }
+
+    fn summary(&self, out: &mut String) {
+        let r = self.0;
+        let _ = writeln!(out, "## Summary\n");
+        let _ = writeln!(
+            out,
+            "| # | what | measured | goal | |\n|---|---|---|---|---|"
+        );
+        if let Some(hit) = &r.hit_path {
+            let [a, b, c, d] = ["a", "b", "c", "d"].map(|name| hit.config(name));
+            let control = hit.config(CONTROL);
+            let ca = c.paired_rps_ratio(a);
+            let cb = c.paired_rps_ratio(b);
+            let dc = d.paired_rps_ratio(c);
+            let added_p99 = c.paired_latency_diff(a, |w| w.p99_us);
+            let added_p50 = c.paired_latency_diff(a, |w| w.p50_us);
+            let noise = format!(
+                "noise control a2/a {:.3}, a2 - a p99 {:+.0} us",
+                control.paired_rps_ratio(a),
+                control.paired_latency_diff(a, |w| w.p99_us)
+            );
+            let _ = writeln!(
+                out,
+                "| 1 | hit path throughput, tokengate / credential_injector (c/b) | {cb:.3} (median of per-round ratios; {noise}) | >= 0.97 | {} |",
+                verdict(cb >= 0.97)
+            );
+            let _ = writeln!(
+                out,
+                "| 1 | hit path throughput, tokengate / plain Envoy (c/a) | {ca:.3} (Envoy CPU per request {:.2}x) | >= 0.95 | {} |",
+                c.paired_cpu_ratio(a),
+                verdict(ca >= 0.95)
+            );
+            let _ = writeln!(
+                out,
+                "| 1 | p99 added over plain Envoy, one connection (c - a) | {added_p99:+.0} us (p50 {added_p50:+.0} us) | < 100 us | {} |",
+                verdict(added_p99 < 100.0)
+            );
+            let _ = writeln!(
+                out,
+                "| 1 | {} warm tenants / one tenant (d/c) | {dc:.3} | (reported) | |",
+                hit.settings.tenants
+            );
+        }
+        if let Some(run) = r.stampede.get(1) {
+            let budget = r.stampede_idp.as_micros() as u64 + 50_000;
+            let _ = writeln!(
+                out,
+                "| 2 | stampede: OAuth calls for {} concurrent cold requests | {} | 1 | {} |",
+                run.requests,
+                run.oauth_calls,
+                verdict(run.oauth_calls == 1)
+            );
+            let _ = writeln!(
+                out,
+                "| 2 | stampede: successes | {} / {} | all | {} |",
+                run.successes(),
+                run.requests,
+                verdict(run.successes() == run.requests)
+            );
+            let _ = writeln!(
+                out,
+                "| 2 | stampede: p50 / p99 latency (IdP {} ms) | {} / {} (first answer {}; the same burst warm: p99 {}) | p99 <= {} | {} |",
+                r.stampede_idp.as_millis(),
+                ms(run.latency.p50_us),
+                ms(run.latency.p99_us),
+                ms(run.latency.min_us),
+                r.stampede
+                    .get(2)
+                    .map_or_else(|| "-".to_owned(), |warm| ms(warm.latency.p99_us)),
+                ms(budget),
+                verdict(run.latency.p99_us <= budget)
+            );
+        }
+        for wake in &r.wakeup {
+            let _ = writeln!(
+                out,
+                "| 3 | wake-up p99, waiters on other Envoys ({} worker{} each) | {} (p50 {}) | < 5 ms | {} |",
+                wake.concurrency,
+                if wake.concurrency == 1 { "" } else { "s" },
+                ms(wake.other_envoys.p99_us),
+                ms(wake.other_envoys.p50_us),
+                verdict(wake.other_envoys.p99_us < 5_000 && wake.other_envoys.count > 0)
+            );
+        }
+        if let Some(roll) = &r.rollover {
+            let no_step = rollover_ok(roll);
+            let _ = writeln!(
+                out,
+                "| 4 | expiry rollover: p99 near {} rollovers / steady | {} / {} ({} cache misses, {} requests >= IdP latency) | no visible step | {} |",
+                roll.rollovers_seen,
+                ms(roll.rollover.p99_us),
+                ms(roll.steady.p99_us),
+                roll.cache_misses,
+                roll.slower_than_idp,
+                verdict(no_step)
+            );
+        }
+        if let Some(lease) = &r.lease {
+            let ratio = lease.lease.p50_us as f64 / lease.redis_get.p50_us.max(1) as f64;
+            let ratio99 = lease.lease.p99_us as f64 / lease.redis_get.p99_us.max(1) as f64;
+            let _ = writeln!(
+                out,
+                "| 5 | companion lease (Redis hit) / raw Redis GET, p50 | {ratio:.2}x ({} / {} us; p99 {ratio99:.2}x) | <= 2x | {} |",
+                lease.lease.p50_us,
+                lease.redis_get.p50_us,
+                verdict(ratio <= 2.0)
+            );
+        }
+        if let Some(foot) = &r.footprint {
+            let _ = writeln!(
+                out,
+                "| 6 | tokengate.wasm size | {:.0} KB ({} bytes) | <= 250 KB | {} |",
+                foot.bytes as f64 / 1000.0,
+                foot.bytes,
+                verdict(foot.bytes <= 250_000)
+            );
+        }
+        if let Some(hit) = &r.hit_path {
+            let _ = writeln!(
+                out,
+                "| 6 | Envoy RSS, {} cached tenants / none | {} / {} (+{}) | (reported) | |",
+                hit.settings.tenants,
+                kib_mib(hit.rss_d_warm_kib),
+                kib_mib(hit.rss_d_empty_kib),
+                kib_mib(hit.rss_d_warm_kib.saturating_sub(hit.rss_d_empty_kib))
+            );
+        }
+        let _ = writeln!(out);
+        if !r.failures.is_empty() {
+            let _ = writeln!(
+                out,
+                "Some scenarios failed; see \"Scenarios that failed\" below.\n"
+            );
+        }
+    }
+
+    fn machine(&self, out: &mut String) {
+        let r = self.0;
+        let m = &r.machine;
+        let _ = writeln!(out, "## Machine and run\n");
+        let _ = writeln!(out, "| | |\n|---|---|");
+        let _ = writeln!(out, "| CPUs (`nproc`) | {} |", m.cpus);
+        let _ = writeln!(out, "| CPU model | {} |", m.cpu_model);
+        let _ = writeln!(out, "| memory | {} |", kib_mib(m.mem_total_kib));
+        let _ = writeln!(out, "| kernel | {} |", m.kernel);
+        let _ = writeln!(out, "| Envoy | {} |", m.envoy);
+        let _ = writeln!(out, "| wrk | {} |", m.wrk);
+        let _ = writeln!(out, "| Redis | {} |", m.redis);
+        let _ = writeln!(out, "| command | `{}` |", r.command_line);
+        let _ = writeln!(out, "| date | {} |", r.date);
+        if let Some(before) = &r.load_before {
+            let _ = writeln!(
+                out,
+                "| load average when the script checked (1, 5, 15 min) | {before} |"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "| load average at start (1, 5, 15 min) | {} |",
+            r.load_start
+        );
+        let _ = writeln!(out, "| load average at end | {} |", r.load_end);
+        match &r.pinning {
+            Some((envoy, client)) => {
+                let _ = writeln!(
+                    out,
+                    "| CPU pinning (hit path) | Envoy on CPU {envoy}; wrk and the echo upstream on CPU {client} |"
+                );
+            }
+            None => {
+                let _ = writeln!(out, "| CPU pinning | none |");
+            }
+        }
+        for (what, path) in &r.binaries {
+            let _ = writeln!(out, "| {what} | `{path}` |");
+        }
+        let _ = writeln!(out);
+    }
+
+    fn hit_path(&self, out: &mut String, hit: &HitPath) {
+        let s = &hit.settings;
+        let _ = writeln!(out, "## 1. Hit path\n");
+        let _ = writeln!(
+            out,
+            "Envoys identical but for the HTTP filter before the router \
+             (`bench/envoy/hitpath.yaml.tmpl`), each `--concurrency 1`{}, all proxying to the same \
+             upstream: a one-thread hyper server that answers `200 ok` and copies the \
+             `Authorization` it received into a response header (`tokengate-bench echo`). \
+             (a) no filter; (b) `credential_injector` with `envoy.http.injected_credentials.oauth2` \
+             logging in as acme at the stand-in login (measured once its token was injected); \
+             (c) tokengate with acme's token warm; (d) tokengate with {} tenants `bench-0..` \
+             warm, requested round-robin. (e) to (g), to split tokengate's cost: the minimal \
+             proxy-wasm filter of `bench/wasm-floor` (same SDK, toolchain and profile as \
+             tokengate) making no host call (e), reading `x-tenant-id` and setting \
+             `authorization` (f), or making exactly the 8 host calls of tokengate's hit path \
+             without any of its logic (g). Every run uses the same wrk Lua script \
+             (`bench/wrk/tenants.lua`, requests built once in `init`) and the same request \
+             (`GET /api/conversations` with `x-tenant-id`).\n",
+            if s.envoy_cpus.is_some() {
+                " and pinned with `taskset`"
+            } else {
+                ""
+            },
+            s.tenants
+        );
+        let _ = writeln!(
+            out,
+            "Runs are interleaved in the order of the table below in each of {} rounds (after a 2 s warm-up per \
+             configuration): first a saturating run ({} s, 1 wrk thread, {} connections) per \
+             configuration, then a single-connection run ({} s) per configuration, which shows \
+             the latency a request gets without queueing. Tables show medians over the rounds. \
+             \"Envoy CPU/request\" is the Envoy process's CPU time (`/proc/<pid>/stat`) during a \
+             saturating run divided by its requests; \"Envoy CPU busy\" is that time over the run's \
+             length (100%: Envoy's worker had its CPU to itself and was the bottleneck). Example: `{}`.\n",
+            s.rounds,
+            s.throughput_duration.as_secs(),
+            s.connections,
+            s.latency_duration.as_secs(),
+            hit.wrk_command
+        );
+        let _ = writeln!(
+            out,
+            "| | configuration | req/s ({} conns) | p50 | p99 | Envoy CPU/request | Envoy CPU busy | 1 conn: p50 | 1 conn: p99 | 1 conn: req/s | errors / requests |",
+            s.connections
+        );
+        let _ = writeln!(
+            out,
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for c in &hit.configs {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {:.0} us | {:.0} us | {:.1} us | {:.0}% | {:.0} us | {:.0} us | {:.0} | {} / {} |",
+                c.name,
+                c.label.replace("N warm", &format!("{} warm", s.tenants)),
+                c.rps(),
+                c.loaded(|w| w.p50_us),
+                c.loaded(|w| w.p99_us),
+                c.cpu_us(),
+                100.0 * c.cpu_share(),
+                c.unloaded(|w| w.p50_us),
+                c.unloaded(|w| w.p99_us),
+                c.unloaded_rps(),
+                c.errors(),
+                c.requests()
+            );
+        }
+        let [a, b, c, d] = ["a", "b", "c", "d"].map(|name| hit.config(name));
+        let control = hit.config(CONTROL);
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Ratios and differences are medians over the rounds of the per-round values (the \
+             two runs of a pair are seconds apart, so they share the machine's state); the \
+             noise control a2 is a second plain Envoy measured last in each round, so a2/a \
+             shows how far two identical setups drift apart on this machine.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| pair | throughput ratio | Envoy CPU/request ratio | 1 conn: p50 added | 1 conn: p99 added |\n|---|---:|---:|---:|---:|"
+        );
+        let ratio = |x: &ConfigRuns, y: &ConfigRuns| {
+            format!(
+                "| {}/{} | {:.3} | {:.2}x | {:+.0} us | {:+.0} us |",
+                x.name,
+                y.name,
+                x.paired_rps_ratio(y),
+                x.paired_cpu_ratio(y),
+                x.paired_latency_diff(y, |w| w.p50_us),
+                x.paired_latency_diff(y, |w| w.p99_us)
+            )
+        };
+        for (x, y) in [(c, a), (c, b), (d, c), (b, a), (d, a), (control, a)] {
+            let _ = writeln!(out, "{}", ratio(x, y));
+        }
+        if let (Some(e), Some(f), Some(g)) = (hit.find("e"), hit.find("f"), hit.find("g")) {
+            for (x, y) in [(e, a), (f, e), (g, f), (c, g), (f, b)] {
+                let _ = writeln!(out, "{}", ratio(x, y));
+            }
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Every round (req/s of the saturating runs; p99 of the single-connection runs):\n"
+        );
+        let names: Vec<&str> = hit.configs.iter().map(|c| c.name.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "| round | {} | {} |\n|---|{}",
+            names.join(" | "),
+            names
+                .iter()
+                .map(|n| format!("{n} p99"))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            "---:|".repeat(2 * names.len())
+        );
+        for round in 0..s.rounds {
+            let rps: Vec<String> = hit
+                .configs
+                .iter()
+                .map(|c| {
+                    c.throughput
+                        .get(round)
+                        .map_or("-".into(), |w| format!("{:.0}", w.rps()))
+                })
+                .collect();
+            let p99: Vec<String> = hit
+                .configs
+                .iter()
+                .map(|c| {
+                    c.latency
+                        .get(round)
+                        .map_or("-".into(), |w| format!("{} us", w.p99_us))
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} |",
+                round + 1,
+                rps.join(" | "),
+                p99.join(" | ")
+            );
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Checks: OAuth calls during the measured runs: {} (all hits). tokengate cache hits / \
+             misses during the runs: (c) {} / {}, (d) {} / {}. credential_injector: tokens \
+             fetched {}, requests injected {}. Warming (d)'s {} tenants through Envoy took \
+             {:.1} s and {} OAuth calls.\n",
+            hit.oauth_calls_during_runs,
+            hit.cache_hits.0,
+            hit.cache_misses.0,
+            hit.cache_hits.1,
+            hit.cache_misses.1,
+            hit.injector_stats.0,
+            hit.injector_stats.1,
+            s.tenants,
+            hit.warm_duration.as_secs_f64(),
+            hit.warm_oauth_calls
+        );
+        let noisiest = hit
+            .configs
+            .iter()
+            .map(|c| (c.name.as_str(), c.max_interference(), c.max_steal()))
+            .fold(("-", 0.0f64, 0.0f64), |worst, c| {
+                (
+                    if c.1 > worst.1 { c.0 } else { worst.0 },
+                    worst.1.max(c.1),
+                    worst.2.max(c.2),
+                )
+            });
+        let _ = writeln!(
+            out,
+            "Quiet check: in the saturating runs, other processes used at most {:.1}% of \
+             Envoy's CPU (worst: ({})), and the hypervisor reported at most {:.1}% of it stolen \
+             (`/proc/stat`); the client CPU (wrk and the echo upstream) was at most {:.0}% busy, \
+             so the load generator was not the bottleneck while that stays well below 100%. \
+             Spread of the saturating runs (min - max req/s over the rounds): {}.\n",
+            100.0 * noisiest.1,
+            noisiest.0,
+            100.0 * noisiest.2,
+            100.0
+                * hit
+                    .configs
+                    .iter()
+                    .map(ConfigRuns::max_client_busy)
+                    .fold(0.0, f64::max),
+            hit.configs
+                .iter()
+                .map(|c| {
+                    let (lo, hi) = c.rps_range();
+                    format!("({}) {lo:.0} - {hi:.0}", c.name)
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if !hit.profiles.is_empty() {
+            let _ = writeln!(
+                out,
+                "Where Envoy's CPU goes under saturating load (`perf record -e cpu-clock -p <envoy>` \
+                 for 4 s, `perf report --sort dso`; the Envoy binary is stripped, and V8's \
+                 generated code for the wasm module shows as anonymous memory or `[unknown]`):\n"
+            );
+            for profile in &hit.profiles {
+                let split: Vec<String> = profile
+                    .dsos
+                    .iter()
+                    .map(|(dso, percent)| format!("{dso} {percent:.1}%"))
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "- ({}) {} samples: {}",
+                    profile.name,
+                    profile.samples,
+                    split.join(", ")
+                );
+            }
+            let _ = writeln!(out);
+        }
+    }
+
+    fn stampede(&self, out: &mut String) {
+        let r = self.0;
+        if r.stampede.is_empty() {
+            return;
+        }
+        let (envoys, workers, companions) = r.stampede_shape;
+        let _ = writeln!(out, "## 2. Stampede\n");
+        let _ = writeln!(
+            out,
+            "{envoys} Envoys x {workers} workers and {companions} companions on one Redis \
+             (`envoy/local.yaml.tmpl`, default filter configuration), stand-in login answering \
+             after {} ms. The client opens every connection first (spread evenly over the \
+             Envoys), then releases all requests at once for one cold tenant; latency is from \
+             a request's send to its complete answer. The first burst (globex) runs on freshly \
+             started processes and also opens Envoy's upstream connections; the second (acme) \
+             is the measured one; the third repeats it for acme once its token is cached \
+             (all cache hits, no fetch): what proxying such a burst costs on this machine \
+             by itself.\n",
+            r.stampede_idp.as_millis()
+        );
+        let _ = writeln!(
+            out,
+            "| burst | requests | OAuth calls | Tenant Service calls | statuses | tokens seen | min | p50 | p90 | p99 | max | last answer | fetches per Envoy | cluster-cache hits per Envoy |"
+        );
+        let _ = writeln!(
+            out,
+            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
+        );
+        for (i, run) in r.stampede.iter().enumerate() {
+            let statuses: Vec<String> = run
+                .statuses
+                .iter()
+                .map(|(status, n)| {
+                    if *status == 0 {
+                        format!("no answer: {n}")
+                    } else {
+                        format!("{status}: {n}")
+                    }
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "| {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:?} | {:?} |",
+                match i {
+                    0 => "warm-up",
+                    1 => "measured",
+                    _ => "control, warm",
+                },
+                run.tenant,
+                run.requests,
+                run.oauth_calls,
+                run.tenant_service_calls,
+                statuses.join(", "),
+                run.distinct_tokens,
+                ms(run.latency.min_us),
+                ms(run.latency.p50_us),
+                ms(run.latency.p90_us),
+                ms(run.latency.p99_us),
+                ms(run.latency.max_us),
+                ms(run.last_done_us),
+                run.fetches_per_envoy,
+                run.cluster_hits_per_envoy
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    fn wakeup(&self, out: &mut String) {
+        let r = self.0;
+        if r.wakeup.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "## 3. Wake-up latency\n");
+        let _ = writeln!(
+            out,
+            "Method: each trial sends {} requests to each of the {} Envoys at once for a cold \
+             tenant (stand-in login latency {} ms, companions and Redis as in scenario 2). The \
+             holder is the one Envoy whose `fetch_started` went up; its first answer marks the \
+             moment it had the token (the filter sends the commit, then resumes its own paused \
+             requests). A request answered by another Envoy was woken through the companion \
+             (commit -> Redis `PUBLISH` -> the waiting lease re-reads Redis and answers `hit`) or, \
+             on an Envoy's second worker, by the 5 ms shared-data poll; its wake-up latency is \
+             its answer time minus the holder's first answer. Both include the same upstream \
+             and client legs, which cancel out; what remains is the commit, Redis, the pub/sub \
+             wake-up, the lease answer and the resume. Trials where more than one Envoy fetched \
+             or the login was called more than once are left out (counted below). Run once with \
+             two workers per Envoy (as deployed) and once with one, which leaves only the \
+             cross-Envoy path.\n",
+            r.wakeup[0].requests_per_envoy,
+            r.wakeup[0].envoys,
+            r.stampede_idp.as_millis()
+        );
+        let _ = writeln!(
+            out,
+            "| workers per Envoy | valid trials | failed requests | waiters on other Envoys: p50 | p90 | p99 | max | trials with a waiter > 10 ms | holder Envoy's other requests: p50 | p99 | max |"
+        );
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for w in &r.wakeup {
+            let _ = writeln!(
+                out,
+                "| {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                w.concurrency,
+                w.valid_trials,
+                w.trials,
+                w.failures,
+                ms(w.other_envoys.p50_us),
+                ms(w.other_envoys.p90_us),
+                ms(w.other_envoys.p99_us),
+                ms(w.other_envoys.max_us),
+                w.slow_trials,
+                ms(w.holder_envoy_others.p50_us),
+                ms(w.holder_envoy_others.p99_us),
+                ms(w.holder_envoy_others.max_us)
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    fn rollover(&self, out: &mut String) {
+        let Some(roll) = &self.0.rollover else {
+            return;
+        };
+        let s = &roll.settings;
+        let _ = writeln!(out, "## 4. Expiry rollover\n");
+        let _ = writeln!(
+            out,
+            "One Envoy (2 workers), one companion; the stand-in login issues tokens living \
+             {} s and answers after {} ms; filter configuration `{}` (so a refresh starts 2 s \
+             before expiry and a token is served until 1 s before it). {} connections each send \
+             a request every {} ms for acme for {:.1} s. A rollover is the first request that \
+             carries a new token; requests sent within {} ms of one count as \"near a rollover\". \
+             A request that had to wait for a fetch would take at least the IdP latency.\n",
+            s.lifetime_secs,
+            s.idp_latency.as_millis(),
+            roll.filter_config,
+            s.connections,
+            s.interval.as_millis(),
+            roll.duration.as_secs_f64(),
+            s.window.as_millis()
+        );
+        let _ = writeln!(out, "{LAT_HEADER}");
+        let _ = writeln!(out, "{}", lat_row("near a rollover", &roll.rollover));
+        let _ = writeln!(out, "{}", lat_row("steady state", &roll.steady));
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Rollovers seen: {}; OAuth calls: {}; background refreshes started: {}; cache \
+             misses (requests that waited for a fetch): {}; requests at or above the IdP \
+             latency: {}; failed requests: {}. Verdict rule: no cache miss, no request at or \
+             above the IdP latency, and p99 near rollovers within 1.5x steady p99 + 0.5 ms.\n",
+            roll.rollovers_seen,
+            roll.oauth_calls,
+            roll.refreshes,
+            roll.cache_misses,
+            roll.slower_than_idp,
+            roll.failures
+        );
+    }
+
+    fn lease(&self, out: &mut String) {
+        let Some(lease) = &self.0.lease else {
+            return;
+        };
+        let _ = writeln!(out, "## 5. Companion lease on a Redis hit\n");
+        let _ = writeln!(
+            out,
+            "One client (tokio; hyper HTTP/1.1 keep-alive connections and a raw RESP \
+             connection, `TCP_NODELAY`), strictly sequential, alternating the four calls below \
+             {} times each after {} warm-up rounds. The lease is `POST /v1/lease \
+             {{\"provider\":\"genesys\",\"tenantId\":\"acme\"}}` answered `hit` from Redis; the \
+             Redis call is `GET {}` on the same Redis. The companion is the release build, as \
+             the harness starts it (log level info: one line per lease); a second companion on \
+             the same Redis logs at warn; `/healthz` answers without Redis.\n",
+            lease.iterations,
+            lease.iterations / 10,
+            lease.key
+        );
+        let us = |v: u64| format!("{v} us");
+        let _ = writeln!(
+            out,
+            "| call | p50 | p90 | p99 | max | mean | p50 / GET p50 |\n|---|---:|---:|---:|---:|---:|---:|"
+        );
+        for (name, l) in [
+            ("lease, hit (log level info)", &lease.lease),
+            ("lease, hit (log level warn)", &lease.lease_quiet),
+            ("companion GET /healthz", &lease.healthz),
+            ("Redis GET", &lease.redis_get),
+        ] {
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} | {} | {:.1} us | {:.2}x |",
+                us(l.p50_us),
+                us(l.p90_us),
+                us(l.p99_us),
+                us(l.max_us),
+                l.mean_us,
+                l.p50_us as f64 / lease.redis_get.p50_us.max(1) as f64
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    fn footprint(&self, out: &mut String) {
+        let r = self.0;
+        if r.footprint.is_none() && r.hit_path.is_none() {
+            return;
+        }
+        let _ = writeln!(out, "## 6. Footprint\n");
+        if let Some(foot) = &r.footprint {
+            let _ = writeln!(
+                out,
+                "`{}`: {} bytes ({:.0} KB). Its sections:\n",
+                foot.path,
+                foot.bytes,
+                foot.bytes as f64 / 1000.0
+            );
+            let _ = writeln!(out, "| section | bytes | share |\n|---|---:|---:|");
+            for section in &foot.sections {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.1}% |",
+                    section.name,
+                    section.bytes,
+                    100.0 * section.bytes as f64 / foot.bytes as f64
+                );
+            }
+            let _ = writeln!(out);
+            if !foot.code_by_crate.is_empty() {
+                let code: usize = foot.code_by_crate.iter().map(|(_, size, _)| size).sum();
+                let _ = writeln!(
+                    out,
+                    "Code by crate (function bodies attributed through the `name` section):\n"
+                );
+                let _ = writeln!(out, "| crate | code bytes | share of code | functions |\n|---|---:|---:|---:|");
+                for (krate, size, count) in foot.code_by_crate.iter().take(14) {
+                    let _ = writeln!(
+                        out,
+                        "| {krate} | {size} | {:.1}% | {count} |",
+                        100.0 * *size as f64 / code.max(1) as f64
+                    );
+                }
+                let _ = writeln!(out, "\nLargest functions:\n");
+                let _ = writeln!(out, "| bytes | function |\n|---:|---|");
+                for (_, name, size) in &foot.largest_functions {
+                    let name: String = name.chars().take(140).collect();
+                    let _ = writeln!(out, "| {size} | `{}` |", name.replace('|', "\\|"));
+                }
+                let _ = writeln!(out);
+            }
+            if foot.wasm_opt.is_empty() {
+                let _ = writeln!(out, "wasm-opt: {}.\n", foot.wasm_opt_note);
+            } else {
+                let _ = writeln!(
+                    out,
+                    "The same module through `wasm-opt` ({}), not loaded into Envoy by this run:\n",
+                    foot.wasm_opt_note
+                );
+                let _ = writeln!(
+                    out,
+                    "| wasm-opt flags | bytes | of the original |\n|---|---:|---:|"
+                );
+                for (flags, size) in &foot.wasm_opt {
+                    let _ = writeln!(
+                        out,
+                        "| `{flags}` | {size} | {:.0}% |",
+                        100.0 * *size as f64 / foot.bytes as f64
+                    );
+                }
+                let _ = writeln!(out);
+            }
+        }
+        if let Some(hit) = &r.hit_path {
+            let _ = writeln!(
+                out,
+                "Envoy memory (`VmRSS`, one worker, from scenario 1's Envoys):\n"
+            );
+            let _ = writeln!(out, "| Envoy | RSS |\n|---|---:|");
+            let _ = writeln!(
+                out,
+                "| (a) plain, just started | {} |",
+                kib_mib(hit.rss_a_start_kib)
+            );
+            let _ = writeln!(
+                out,
+                "| (d) tokengate, just started, no tenant cached | {} |",
+                kib_mib(hit.rss_d_empty_kib)
+            );
+            let _ = writeln!(
+                out,
+                "| (d) tokengate, {} tenants cached (after warming) | {} |",
+                hit.settings.tenants,
+                kib_mib(hit.rss_d_warm_kib)
+            );
+            for c in &hit.configs {
+                let _ = writeln!(
+                    out,
+                    "| ({}) after the runs | {} |",
+                    c.name,
+                    kib_mib(c.rss_end_kib)
+                );
+            }
+            let per_tenant = (hit.rss_d_warm_kib.saturating_sub(hit.rss_d_empty_kib)) as f64
+                * 1024.0
+                / hit.settings.tenants.max(1) as f64;
+            let _ = writeln!(
+                out,
+                "\n{} cached tenants cost {} over the empty filter: about {:.0} bytes per tenant \
+                 (token entry and in-flight marker in Envoy's shared data, plus the worker's \
+                 wasm heap). After identical load, (d) holds {} more than (c) (1 tenant).\n",
+                hit.settings.tenants,
+                kib_mib(hit.rss_d_warm_kib.saturating_sub(hit.rss_d_empty_kib)),
+                per_tenant,
+                kib_mib(
+                    hit.config("d")
+                        .rss_end_kib
+                        .saturating_sub(hit.config("c").rss_end_kib)
+                )
+            );
+        }
+    }
+}
+
+/// The rollover verdict: no request waited for a fetch and the tail did not move.
+pub fn rollover_ok(roll: &crate::scenarios::rollover::Rollover) -> bool {
+    roll.cache_misses == 0
+        && roll.slower_than_idp == 0
+        && roll.rollover.count > 0
+        && (roll.rollover.p99_us as f64) <= roll.steady.p99_us as f64 * 1.5 + 500.0
+}
