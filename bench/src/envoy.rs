@@ -262,6 +262,22 @@ pub fn cpu_time_us(pid: u32) -> Option<u64> {
     Some((utime + stime) * 10_000)
 }
 
+/// Busy and stolen time of one CPU so far, in microseconds, from `/proc/stat`
+/// (`cpuN` line; busy = user + nice + system + irq + softirq; 100 ticks per second).
+pub fn cpu_busy_steal_us(cpu: &str) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let prefix = format!("cpu{cpu} ");
+    let line = stat.lines().find(|line| line.starts_with(&prefix))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+    let busy = field(0) + field(1) + field(2) + field(5) + field(6);
+    Some((busy * 10_000, field(7) * 10_000))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,20 +353,4 @@ mod tests {
         };
         assert_eq!(strip(&plain), strip(&tokengate));
     }
-}
-
-/// Busy and stolen time of one CPU so far, in microseconds, from `/proc/stat`
-/// (`cpuN` line; busy = user + nice + system + irq + softirq; 100 ticks per second).
-pub fn cpu_busy_steal_us(cpu: &str) -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let prefix = format!("cpu{cpu} ");
-    let line = stat.lines().find(|line| line.starts_with(&prefix))?;
-    let fields: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|field| field.parse().ok())
-        .collect();
-    let field = |i: usize| fields.get(i).copied().unwrap_or(0);
-    let busy = field(0) + field(1) + field(2) + field(5) + field(6);
-    Some((busy * 10_000, field(7) * 10_000))
 }

@@ -75,8 +75,7 @@ pub struct FleetSpec {
 pub struct Fleet {
     /// Envoys (declared first so they stop first).
     pub envoys: Vec<Envoy>,
-    /// Companions (held so they run as long as the fleet).
-    #[allow(dead_code)]
+    /// Companions.
     pub companions: Vec<Companion>,
     /// The one Redis (held so it runs as long as the fleet).
     #[allow(dead_code)]

@@ -78,6 +78,9 @@ enum Cmd {
         /// Rounds of the hit path (default 12; quick: 1).
         #[arg(long)]
         rounds: Option<usize>,
+        /// An experiment: another build of tokengate.wasm, measured as (c2) next to (c).
+        #[arg(long)]
+        alt_wasm: Option<PathBuf>,
     },
     /// Serves the benchmark's upstream until killed.
     Echo {
@@ -151,6 +154,7 @@ fn main() -> ExitCode {
             floor_wasm,
             floor_ops,
             rounds,
+            alt_wasm,
         } => {
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -176,6 +180,7 @@ fn main() -> ExitCode {
                     })
                     .collect(),
                 rounds,
+                alt_wasm,
             };
             let mut results = runtime.block_on(run(&options));
             results.command_line = command_line;
@@ -206,6 +211,7 @@ struct Options {
     floor_wasm: Option<PathBuf>,
     floor_ops: Vec<(String, String)>,
     rounds: Option<usize>,
+    alt_wasm: Option<PathBuf>,
 }
 
 impl Options {
@@ -256,6 +262,7 @@ async fn run(options: &Options) -> Results {
             profile: options.profile,
             floor_module: options.floor_wasm.clone(),
             floor_ops: options.floor_ops.clone(),
+            alt_module: options.alt_wasm.clone(),
         };
         match hit_path::run(settings).await {
             Ok(found) => results.hit_path = Some(found),

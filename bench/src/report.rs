@@ -283,10 +283,12 @@ impl Report<'_> {
         );
         let _ = writeln!(
             out,
-            "Runs are interleaved in the order of the table below in each of {} rounds (after a 2 s warm-up per \
-             configuration): first a saturating run ({} s, 1 wrk thread, {} connections) per \
+            "Runs are interleaved: in each of {} rounds (after a 2 s warm-up per configuration \
+             at the start), first a saturating run ({} s, 1 wrk thread, {} connections) per \
              configuration, then a single-connection run ({} s) per configuration, which shows \
-             the latency a request gets without queueing. Tables show medians over the rounds. \
+             the latency a request gets without queueing. The order rotates by one \
+             configuration every round, so each takes every position, and a discarded 1 s \
+             saturating run opens each round. Tables show medians over the rounds. \
              \"Envoy CPU/request\" is the Envoy process's CPU time (`/proc/<pid>/stat`) during a \
              saturating run divided by its requests; \"Envoy CPU busy\" is that time over the run's \
              length (100%: Envoy's worker had its CPU to itself and was the bottleneck). Example: `{}`.\n",
@@ -330,8 +332,8 @@ impl Report<'_> {
             out,
             "Ratios and differences are medians over the rounds of the per-round values (the \
              two runs of a pair are seconds apart, so they share the machine's state); the \
-             noise control a2 is a second plain Envoy measured last in each round, so a2/a \
-             shows how far two identical setups drift apart on this machine.\n"
+             noise control a2 is a second plain Envoy, so a2/a shows how far two identical \
+             setups drift apart on this machine.\n"
         );
         let _ = writeln!(
             out,
@@ -350,6 +352,9 @@ impl Report<'_> {
         };
         for (x, y) in [(c, a), (c, b), (d, c), (b, a), (d, a), (control, a)] {
             let _ = writeln!(out, "{}", ratio(x, y));
+        }
+        if let Some(c2) = hit.find("c2") {
+            let _ = writeln!(out, "{}", ratio(c2, c));
         }
         if let (Some(e), Some(f), Some(g)) = (hit.find("e"), hit.find("f"), hit.find("g")) {
             for (x, y) in [(e, a), (f, e), (g, f), (c, g), (f, b)] {
@@ -575,7 +580,10 @@ impl Report<'_> {
             out,
             "| workers per Envoy | valid trials | failed requests | waiters on other Envoys: p50 | p90 | p99 | max | trials with a waiter > 10 ms | holder Envoy's other requests: p50 | p99 | max |"
         );
-        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            out,
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for w in &r.wakeup {
             let _ = writeln!(
                 out,
@@ -712,7 +720,10 @@ impl Report<'_> {
                     out,
                     "Code by crate (function bodies attributed through the `name` section):\n"
                 );
-                let _ = writeln!(out, "| crate | code bytes | share of code | functions |\n|---|---:|---:|---:|");
+                let _ = writeln!(
+                    out,
+                    "| crate | code bytes | share of code | functions |\n|---|---:|---:|---:|"
+                );
                 for (krate, size, count) in foot.code_by_crate.iter().take(14) {
                     let _ = writeln!(
                         out,

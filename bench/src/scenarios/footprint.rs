@@ -38,7 +38,7 @@ pub struct Footprint {
 pub fn run(path: &Path, scratch: &Path) -> Result<Footprint, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut sections = sections(&bytes)?;
-    sections.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    sections.sort_by_key(|section| std::cmp::Reverse(section.bytes));
     let functions = function_sizes(&bytes).unwrap_or_default();
     let mut by_crate: std::collections::BTreeMap<String, (usize, usize)> =
         std::collections::BTreeMap::new();
@@ -51,9 +51,9 @@ pub fn run(path: &Path, scratch: &Path) -> Result<Footprint, String> {
         .into_iter()
         .map(|(krate, (size, count))| (krate, size, count))
         .collect();
-    code_by_crate.sort_by(|a, b| b.1.cmp(&a.1));
+    code_by_crate.sort_by_key(|(_, size, _)| std::cmp::Reverse(*size));
     let mut largest: Vec<&(String, usize)> = functions.iter().collect();
-    largest.sort_by(|a, b| b.1.cmp(&a.1));
+    largest.sort_by_key(|(_, size)| std::cmp::Reverse(*size));
     let largest_functions = largest
         .into_iter()
         .take(12)
@@ -398,7 +398,10 @@ impl V0<'_> {
         while self.bytes.get(*at).is_some_and(u8::is_ascii_digit) {
             *at += 1;
         }
-        let length: usize = std::str::from_utf8(&self.bytes[start..*at]).ok()?.parse().ok()?;
+        let length: usize = std::str::from_utf8(&self.bytes[start..*at])
+            .ok()?
+            .parse()
+            .ok()?;
         if self.bytes.get(*at) == Some(&b'_') {
             *at += 1;
         }
@@ -407,7 +410,11 @@ impl V0<'_> {
         Some(String::from_utf8_lossy(text).into_owned())
     }
 
-    fn backref<T>(&mut self, at: &mut usize, parse: impl FnOnce(&mut Self, &mut usize) -> Option<T>) -> Option<T> {
+    fn backref<T>(
+        &mut self,
+        at: &mut usize,
+        parse: impl FnOnce(&mut Self, &mut usize) -> Option<T>,
+    ) -> Option<T> {
         let target = self.base62(at)?;
         if self.depth > 64 || target >= *at {
             return None;
@@ -456,7 +463,10 @@ impl V0<'_> {
                 let mut ty = self.type_(at)?;
                 let tr = self.path(at)?;
                 let last = ty.pop().unwrap_or_default();
-                ty.push(format!("<{last} as {}>", tr.last().cloned().unwrap_or_default()));
+                ty.push(format!(
+                    "<{last} as {}>",
+                    tr.last().cloned().unwrap_or_default()
+                ));
                 Some(ty)
             }
             b'I' => {
@@ -598,10 +608,12 @@ mod tests {
     #[test]
     fn symbols_are_attributed_to_their_crate() {
         let symbol = "_ZN10serde_json2de21Deserializer$LT$R$GT$11parse_value17h0123456789abcdefE";
-        assert_eq!(readable(symbol), "serde_json::de::Deserializer<R>::parse_value");
+        assert_eq!(
+            readable(symbol),
+            "serde_json::de::Deserializer<R>::parse_value"
+        );
         assert_eq!(crate_of(symbol), "serde_json");
-        let impl_symbol =
-            "_ZN63_$LT$tokengate_core..flow..FetchFlow$u20$as$u20$core..fmt..Debug$GT$3fmt17h0123456789abcdefE";
+        let impl_symbol = "_ZN63_$LT$tokengate_core..flow..FetchFlow$u20$as$u20$core..fmt..Debug$GT$3fmt17h0123456789abcdefE";
         assert_eq!(crate_of(impl_symbol), "tokengate_core");
         assert_eq!(crate_of("proxy_on_memory_allocate"), "(other)");
         // v0 mangling (what this toolchain emits).
@@ -610,7 +622,10 @@ mod tests {
         assert_eq!(readable(v0), "tokengate::config::FilterConfig::parse");
         let generic = "_RINvNtNtNtNtCsgPGlVSkxRGi_4core5slice4sort8unstable9quicksort9quicksortReNvYB17_NtNtBa_3cmp10PartialOrd2ltECscQSnhSNxLSp_14tokengate_core";
         assert_eq!(crate_of(generic), "core");
-        assert_eq!(readable(generic), "core::slice::sort::unstable::quicksort::quicksort");
+        assert_eq!(
+            readable(generic),
+            "core::slice::sort::unstable::quicksort::quicksort"
+        );
         assert_eq!(crate_of("memcpy"), "(other)");
     }
 }

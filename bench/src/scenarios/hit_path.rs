@@ -41,6 +41,9 @@ pub struct Settings {
     /// Instead of (e), (f), (g): these configurations of the minimal filter, as
     /// `(name, comma-separated host calls)` (an experiment: which host call costs what).
     pub floor_ops: Vec<(String, String)>,
+    /// Another build of tokengate (an experiment, e.g. a size-optimised module): adds
+    /// (c2), tokengate with one warm tenant from this module.
+    pub alt_module: Option<std::path::PathBuf>,
 }
 
 /// One configuration's runs.
@@ -331,6 +334,16 @@ pub async fn run(settings: Settings) -> Result<HitPath, String> {
             ));
         }
     }
+    if let Some(module) = &settings.alt_module {
+        plan.push((
+            "c2".into(),
+            format!("tokengate, 1 warm tenant, module {}", module.display()),
+            Filter::OtherWasm {
+                module: module.clone(),
+                configuration: Envoy::default_filter_config().to_string(),
+            },
+        ));
+    }
     plan.push((
         CONTROL.into(),
         "plain Envoy again, another process (noise control)".into(),
@@ -356,6 +369,9 @@ pub async fn run(settings: Settings) -> Result<HitPath, String> {
     wait_for_token(&envoys[1], "acme", "Bearer gen-acme-").await?;
     // (c): one tenant.
     wait_for_token(&envoys[2], "acme", "Bearer gen-acme-").await?;
+    if let Some(index) = plan.iter().position(|(name, _, _)| name == "c2") {
+        wait_for_token(&envoys[index], "acme", "Bearer gen-acme-").await?;
+    }
     // (d): every generated tenant, through Envoy, so each is fetched once and cached.
     let logins_before = standins.calls(Endpoint::Login);
     let started = Instant::now();
@@ -415,7 +431,16 @@ pub async fn run(settings: Settings) -> Result<HitPath, String> {
         })
         .collect();
     for round in 0..settings.rounds {
-        for (envoy, config) in envoys.iter().zip(configs.iter_mut()) {
+        // The order rotates every round, so each configuration runs in every position
+        // (the first run after the light single-connection runs tends to be slower).
+        let order: Vec<usize> = (0..envoys.len())
+            .map(|i| (i + round) % envoys.len())
+            .collect();
+        let mut prewarm = throughput_run(&envoys[order[0]].name);
+        prewarm.duration = Duration::from_secs(1);
+        run_wrk(&script, &envoys[order[0]], &prewarm).await?;
+        for &index in &order {
+            let (envoy, config) = (&envoys[index], &mut configs[index]);
             let pinned_cpu = settings.envoy_cpus.as_deref().unwrap_or("0");
             let cpu_before = cpu_time_us(envoy.pid()).unwrap_or(0);
             let machine_before = cpu_busy_steal_us(pinned_cpu).unwrap_or((0, 0));
@@ -455,7 +480,8 @@ pub async fn run(settings: Settings) -> Result<HitPath, String> {
                 .push(cpu_used as f64 / result.duration_us.max(1) as f64);
             config.throughput.push(result);
         }
-        for (envoy, config) in envoys.iter().zip(configs.iter_mut()) {
+        for &index in &order {
+            let (envoy, config) = (&envoys[index], &mut configs[index]);
             let mut single = throughput_run(&envoy.name);
             single.connections = 1;
             single.duration = settings.latency_duration;

@@ -116,6 +116,20 @@ pub async fn run(
                         .collect();
                     eprintln!("bench:   envoy {i}:\n{}", lines.join("\n"));
                 }
+                for (i, companion) in fleet.companions.iter().enumerate() {
+                    let lines: Vec<String> = companion
+                        .process
+                        .log_text()
+                        .lines()
+                        .filter(|line| {
+                            line.contains(&format!("\"{tenant}\""))
+                                || line.contains(&format!("={tenant} "))
+                                || line.contains(&format!("{tenant}\""))
+                        })
+                        .map(str::to_owned)
+                        .collect();
+                    eprintln!("bench:   companion {i}:\n{}", lines.join("\n"));
+                }
             }
         }
         other.extend(waiters);

@@ -141,7 +141,8 @@ impl HttpContext for Request {
             );
         }
         if ops.set_auth {
-            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "authorization", Some(TOKEN));
+            let _ =
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, "authorization", Some(TOKEN));
         }
         Action::Continue
     }
