@@ -6,34 +6,11 @@ use futures::future::join_all;
 use tokengate_tests::harness::Stack;
 use tokengate_tests::standins::Endpoint;
 
-/// What the echo upstream saw of one request.
-struct Seen {
-    status: u16,
-    authorization: Option<String>,
-}
-
-async fn get(client: &reqwest::Client, stack: &Stack, tenant: &str) -> Seen {
-    let response = client
-        .get(format!("{}/api/conversations", stack.envoy.url()))
-        .header("x-tenant-id", tenant)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("request through Envoy failed: {e}"));
-    let status = response.status().as_u16();
-    let body: serde_json::Value = response.json().await.unwrap_or_default();
-    let authorization = body["headers"]["authorization"].as_str().map(str::to_owned);
-    Seen {
-        status,
-        authorization,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenants_request_reaches_the_upstream_with_the_token_issued_for_it() {
     let stack = Stack::start().await;
-    let client = reqwest::Client::new();
 
-    let seen = get(&client, &stack, "acme").await;
+    let seen = stack.get("/api/conversations", "acme").await;
 
     assert_eq!(seen.status, 200);
     let issued = stack.standins.tokens_issued_to("acme");
@@ -53,10 +30,9 @@ async fn a_tenants_request_reaches_the_upstream_with_the_token_issued_for_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_request_is_served_from_the_cache_without_callouts() {
     let stack = Stack::start().await;
-    let client = reqwest::Client::new();
 
-    let first = get(&client, &stack, "acme").await;
-    let second = get(&client, &stack, "acme").await;
+    let first = stack.get("/api/conversations", "acme").await;
+    let second = stack.get("/api/conversations", "acme").await;
 
     assert_eq!((first.status, second.status), (200, 200));
     assert_eq!(second.authorization, first.authorization);
@@ -67,12 +43,8 @@ async fn a_second_request_is_served_from_the_cache_without_callouts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_concurrent_cold_requests_make_one_oauth_call() {
     let stack = Stack::start().await;
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap_or_default();
 
-    let seen = join_all((0..100).map(|_| get(&client, &stack, "globex"))).await;
+    let seen = join_all((0..100).map(|_| stack.get("/api/conversations", "globex"))).await;
 
     assert_eq!(
         stack.standins.calls(Endpoint::Login),
@@ -100,13 +72,11 @@ async fn a_hundred_concurrent_cold_requests_make_one_oauth_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tenants_never_receive_each_others_token() {
     let stack = Stack::start().await;
-    let client = reqwest::Client::new();
 
     let requests = (0..20).map(|i| {
         let tenant = if i % 2 == 0 { "acme" } else { "initech" };
-        let client = &client;
         let stack = &stack;
-        async move { (tenant, get(client, stack, tenant).await) }
+        async move { (tenant, stack.get("/api/conversations", tenant).await) }
     });
     let seen = join_all(requests).await;
 
