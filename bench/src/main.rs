@@ -134,6 +134,8 @@ pub struct Results {
 }
 
 fn main() -> ExitCode {
+    // Measure what operators run: Envoy and the companion at `info`.
+    tokengate_tests::harness::log_like_an_operator();
     let args = Args::parse();
     match args.command {
         Cmd::Echo { listen } => match echo::serve(listen) {

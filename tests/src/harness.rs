@@ -9,8 +9,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::leak_scan::{LeakScan, receive};
 use crate::standins::{Fixture, StandIns};
 
 /// The workspace root (the folder of the root `Cargo.toml`).
@@ -38,6 +40,55 @@ pub fn wasm_module() -> PathBuf {
 /// The companion binary: `$TOKENGATE_COMPANION`, or the debug build.
 pub fn companion_binary() -> PathBuf {
     artifact("TOKENGATE_COMPANION", "target/debug/tokengate-companion")
+}
+
+/// Whether processes log at an operator's level instead of the tests' (see
+/// [`log_like_an_operator`]).
+static OPERATOR_LOGGING: AtomicBool = AtomicBool::new(false);
+
+/// Envoy's loggers that print secrets at `debug`, kept at `info` even in tests: `http`
+/// and `router` print every header (so the `Authorization` header the filter adds, and
+/// the login callout's `Basic` credentials), `config` prints the whole filter
+/// configuration (so `companion.apiKey`). That is Envoy's own behaviour, not the
+/// filter's; the README tells operators the same.
+const ENVOY_LOGGERS_THAT_PRINT_SECRETS: &str = "http:info,router:info,config:info";
+
+/// From now on, processes this harness starts log at `info`, like an operator runs
+/// them: for the benchmarks and the demo. By default they log as much as they can
+/// (Envoy at `debug`, the companion at `trace`), so that the end-to-end tests' leak
+/// scan ([`crate::leak_scan`]) reads everything. `TOKENGATE_ENVOY_LOG` and
+/// `TOKENGATE_COMPANION_LOG` override both.
+pub fn log_like_an_operator() {
+    OPERATOR_LOGGING.store(true, Ordering::SeqCst);
+}
+
+/// Envoy's `--log-level` and `--component-log-level` arguments (see
+/// [`log_like_an_operator`]), for any Envoy a test starts.
+pub fn envoy_log_args() -> Vec<String> {
+    if let Ok(level) = std::env::var("TOKENGATE_ENVOY_LOG") {
+        return vec!["--log-level".into(), level];
+    }
+    if OPERATOR_LOGGING.load(Ordering::SeqCst) {
+        return vec!["--log-level".into(), "info".into()];
+    }
+    vec![
+        "--log-level".into(),
+        "debug".into(),
+        "--component-log-level".into(),
+        ENVOY_LOGGERS_THAT_PRINT_SECRETS.into(),
+    ]
+}
+
+/// The companion's `RUST_LOG`.
+fn companion_log_filter() -> String {
+    std::env::var("TOKENGATE_COMPANION_LOG").unwrap_or_else(|_| {
+        let level = if OPERATOR_LOGGING.load(Ordering::SeqCst) {
+            "info"
+        } else {
+            "trace"
+        };
+        level.to_owned()
+    })
 }
 
 /// A loopback port nobody listens on right now.
@@ -86,6 +137,24 @@ impl Process {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Sends `signal` (a name `kill -s` knows: `STOP`, `CONT`, `TERM`, ...) to the
+    /// process: `STOP` and `CONT` freeze and thaw it, to test a peer that stops answering.
+    pub fn signal(&self, signal: &str) {
+        let Some(pid) = self.child.as_ref().map(Child::id) else {
+            panic!("{} is not running: cannot send SIG{signal}", self.name);
+        };
+        let sent = Command::new("kill")
+            .args(["-s", signal, &pid.to_string()])
+            .status()
+            .is_ok_and(|status| status.success());
+        assert!(sent, "cannot send SIG{signal} to {} ({pid})", self.name);
+    }
+
+    /// Its process id, until it is killed (to read its memory from `/proc`).
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Whether the process is still running.
@@ -216,6 +285,27 @@ impl Redis {
     pub fn kill(&mut self) {
         self.process.kill();
     }
+
+    /// Runs one command with `redis-cli` and returns its output (`--raw`: one line per
+    /// element), to look at keys or slow Redis down (`CLIENT PAUSE`).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--raw"])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}"));
+        assert!(
+            output.status.success(),
+            "redis-cli {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The process, to freeze it (`signal("STOP")`) or read its log.
+    pub fn process(&self) -> &Process {
+        &self.process
+    }
 }
 
 /// A companion process.
@@ -263,10 +353,7 @@ impl Companion {
                 redis_url,
             ])
             .args(extra_args);
-        command.env(
-            "RUST_LOG",
-            std::env::var("TOKENGATE_COMPANION_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        command.env("RUST_LOG", companion_log_filter());
         let process = Process::spawn(
             "companion",
             command,
@@ -318,6 +405,31 @@ pub struct Envoy {
     pub admin_port: u16,
     /// The process, to read its log or kill it.
     pub process: Process,
+    /// How to start the next epoch; `None` when started with hot restart disabled.
+    hot_restart: Option<HotRestart>,
+}
+
+/// What a hot-restartable Envoy needs to start its next epoch.
+#[derive(Debug)]
+struct HotRestart {
+    /// Where the epochs log.
+    dir: PathBuf,
+    /// The rendered configuration, the same for every epoch.
+    config: PathBuf,
+    /// Worker threads of every epoch.
+    concurrency: u32,
+    /// `--base-id`, shared by the epochs (the first epoch's admin port).
+    base_id: u16,
+    /// The epoch running now.
+    epoch: u32,
+}
+
+impl Drop for HotRestart {
+    fn drop(&mut self) {
+        // Envoy leaves its hot-restart shared memory behind, named after ten times the base id.
+        let name = format!("envoy_shared_memory_{}", u32::from(self.base_id) * 10);
+        let _ = std::fs::remove_file(Path::new("/dev/shm").join(name));
+    }
 }
 
 impl Envoy {
@@ -343,7 +455,91 @@ impl Envoy {
         concurrency: u32,
     ) -> Envoy {
         let (mut process, port, admin_port) =
-            Self::spawn(dir, upstreams, filter_config, concurrency);
+            Self::spawn(dir, upstreams, filter_config, concurrency, None);
+        Self::wait_live(&mut process, admin_port).await;
+        Envoy {
+            port,
+            admin_port,
+            process,
+            hot_restart: None,
+        }
+    }
+
+    /// Starts Envoy like [`Envoy::start`], but as epoch 0 of a hot restart: see
+    /// [`Envoy::hot_restart`].
+    pub async fn start_hot_restartable(
+        dir: &Path,
+        upstreams: &EnvoyUpstreams,
+        filter_config: &serde_json::Value,
+        concurrency: u32,
+    ) -> Envoy {
+        let (mut process, port, admin_port) =
+            Self::spawn(dir, upstreams, filter_config, concurrency, Some(0));
+        Self::wait_live(&mut process, admin_port).await;
+        let hot_restart = HotRestart {
+            dir: dir.to_path_buf(),
+            config: dir.join(format!("envoy-{port}.yaml")),
+            concurrency,
+            base_id: admin_port,
+            epoch: 0,
+        };
+        Envoy {
+            port,
+            admin_port,
+            process,
+            hot_restart: Some(hot_restart),
+        }
+    }
+
+    /// Hot restart: starts the next epoch with the same configuration and waits until it
+    /// serves the listener and the admin port. The previous epoch drains its connections
+    /// for 1 s and is told to exit 3 s after the new one started; it is returned so that
+    /// it keeps running until then (dropping it kills it).
+    pub async fn hot_restart(&mut self) -> Process {
+        let Some(restart) = self.hot_restart.as_mut() else {
+            panic!("this Envoy was started with hot restart disabled");
+        };
+        restart.epoch += 1;
+        let mut command = Self::command(
+            &restart.config,
+            restart.concurrency,
+            restart.base_id,
+            Some(restart.epoch),
+        );
+        command.args(["--drain-time-s", "1", "--parent-shutdown-time-s", "3"]);
+        let log = restart
+            .dir
+            .join(format!("envoy-{}-epoch-{}.log", self.port, restart.epoch));
+        let epoch = restart.epoch;
+        let mut previous = std::mem::replace(
+            &mut self.process,
+            Process::spawn(&format!("envoy epoch {epoch}"), command, log),
+        );
+        let server_info = format!("http://127.0.0.1:{}/server_info", self.admin_port);
+        let serving = format!("\"restart_epoch\": {epoch},");
+        let started = Instant::now();
+        loop {
+            let info = match reqwest::get(&server_info).await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if info.contains(&serving) && info.contains("\"state\": \"LIVE\"") {
+                break;
+            }
+            self.process.assert_running();
+            previous.assert_running();
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "Envoy epoch {epoch} not live after 30 s:\n{}",
+                self.process.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        previous
+    }
+
+    /// Waits until the Envoy just started answers `LIVE` on its admin port (30 s at most).
+    async fn wait_live(process: &mut Process, admin_port: u16) {
         let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
         let started = Instant::now();
         while !answers(
@@ -359,11 +555,6 @@ impl Envoy {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Envoy {
-            port,
-            admin_port,
-            process,
-        }
     }
 
     /// Starts Envoy with a filter configuration it must refuse: waits for Envoy to
@@ -373,7 +564,7 @@ impl Envoy {
         upstreams: &EnvoyUpstreams,
         filter_config: &serde_json::Value,
     ) -> String {
-        let (mut process, _, admin_port) = Self::spawn(dir, upstreams, filter_config, 1);
+        let (mut process, _, admin_port) = Self::spawn(dir, upstreams, filter_config, 1, None);
         let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
         let started = Instant::now();
         while process.is_running() {
@@ -394,13 +585,14 @@ impl Envoy {
         process.log_text()
     }
 
-    /// Renders the configuration and starts the process; returns it with its listener
-    /// and admin ports.
+    /// Renders the configuration and starts the process (as `restart_epoch` of a hot
+    /// restart, or with hot restart disabled); returns it with its listener and admin ports.
     fn spawn(
         dir: &Path,
         upstreams: &EnvoyUpstreams,
         filter_config: &serde_json::Value,
         concurrency: u32,
+        restart_epoch: Option<u32>,
     ) -> (Process, u16, u16) {
         let binary = envoy_binary();
         assert!(
@@ -427,18 +619,32 @@ impl Envoy {
         );
         std::fs::write(&config_path, rendered)
             .unwrap_or_else(|e| panic!("cannot write Envoy config: {e}"));
-        let mut command = Command::new(binary);
-        command.arg("-c").arg(&config_path).args([
+        let command = Self::command(&config_path, concurrency, admin_port, restart_epoch);
+        let process = Process::spawn("envoy", command, dir.join(format!("envoy-{port}.log")));
+        (process, port, admin_port)
+    }
+
+    /// The Envoy command line for a rendered configuration. Envoys on one machine need
+    /// distinct base ids (their admin ports are), the epochs of one hot restart the same.
+    fn command(
+        config_path: &Path,
+        concurrency: u32,
+        base_id: u16,
+        restart_epoch: Option<u32>,
+    ) -> Command {
+        let mut command = Command::new(envoy_binary());
+        command.arg("-c").arg(config_path).args([
             "--concurrency",
             &concurrency.to_string(),
             "--base-id",
-            &admin_port.to_string(),
-            "--log-level",
-            &std::env::var("TOKENGATE_ENVOY_LOG").unwrap_or_else(|_| "info".into()),
-            "--disable-hot-restart",
+            &base_id.to_string(),
         ]);
-        let process = Process::spawn("envoy", command, dir.join(format!("envoy-{port}.log")));
-        (process, port, admin_port)
+        match restart_epoch {
+            Some(epoch) => command.args(["--restart-epoch", &epoch.to_string()]),
+            None => command.arg("--disable-hot-restart"),
+        };
+        command.args(envoy_log_args());
+        command
     }
 
     /// The base URL of the listener.
@@ -526,6 +732,8 @@ pub struct Stack {
     pub companion: Companion,
     /// Redis.
     pub redis: Redis,
+    /// Searches the logs for leaked secrets once the processes above have stopped.
+    pub leak_scan: LeakScan,
     /// Logs and rendered configs; removed when the stack is dropped.
     pub dir: tempfile::TempDir,
 }
@@ -543,6 +751,7 @@ impl Stack {
             mut envoys,
             mut companions,
             redis,
+            leak_scan,
             dir,
         } = Cluster::start(1, concurrency, 1, &filter_config, &[]).await;
         Stack {
@@ -550,6 +759,7 @@ impl Stack {
             envoy: envoys.remove(0),
             companion: companions.remove(0),
             redis,
+            leak_scan,
             dir,
         }
     }
@@ -575,11 +785,11 @@ impl Stack {
             .send()
             .await
             .unwrap_or_else(|e| panic!("request through Envoy failed: {e}"));
-        let status = response.status().as_u16();
-        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let received = receive(response).await;
+        let body = received.json();
         let authorization = body["headers"]["authorization"].as_str().map(str::to_owned);
         Answer {
-            status,
+            status: received.status,
             body,
             authorization,
         }
@@ -607,6 +817,8 @@ pub struct Cluster {
     pub companions: Vec<Companion>,
     /// The one Redis.
     pub redis: Redis,
+    /// Searches the logs for leaked secrets once the processes above have stopped.
+    pub leak_scan: LeakScan,
     /// Logs and rendered configs; removed when the cluster is dropped.
     pub dir: tempfile::TempDir,
 }
@@ -621,11 +833,33 @@ impl Cluster {
         filter_config: &serde_json::Value,
         companion_args: &[&str],
     ) -> Cluster {
+        let fixture = Fixture::default_fixture();
+        Self::start_with_fixture(
+            fixture,
+            envoys,
+            concurrency,
+            companions,
+            filter_config,
+            companion_args,
+        )
+        .await
+    }
+
+    /// Like [`Cluster::start`], with the stand-ins serving `fixture` (e.g. with
+    /// generated tenants, for tests that need many cold ones).
+    pub async fn start_with_fixture(
+        fixture: Fixture,
+        envoys: usize,
+        concurrency: u32,
+        companions: usize,
+        filter_config: &serde_json::Value,
+        companion_args: &[&str],
+    ) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("tokengate-cluster-")
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot create a temporary folder: {e}"));
-        let standins = StandIns::start(Fixture::default_fixture())
+        let standins = StandIns::start(fixture)
             .await
             .unwrap_or_else(|e| panic!("cannot start the stand-ins: {e}"));
         let redis = Redis::start(dir.path()).await;
@@ -656,6 +890,7 @@ impl Cluster {
                 .push(Envoy::start(dir.path(), &upstreams, filter_config, concurrency).await);
         }
         Cluster {
+            leak_scan: LeakScan::new(dir.path(), standins.secrets()),
             standins,
             envoys: started_envoys,
             companions: started_companions,

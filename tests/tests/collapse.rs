@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use serde_json::{Value, json};
 use tokengate_tests::harness::{Cluster, Envoy, eventually};
+use tokengate_tests::leak_scan::receive;
 use tokengate_tests::standins::Endpoint;
 
 /// What one request through Envoy came back with.
@@ -26,9 +27,10 @@ async fn request(client: &reqwest::Client, envoy: &Envoy, tenant: &str) -> Outco
     let latency = started.elapsed();
     match response {
         Ok(response) => {
-            let status = response.status().as_u16();
-            let text = response.text().await.unwrap_or_default();
-            let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            let received = receive(response).await;
+            let status = received.status;
+            let body: Value =
+                serde_json::from_str(&received.text).unwrap_or(Value::String(received.text));
             let authorization = body["headers"]["authorization"].as_str().map(str::to_owned);
             Outcome {
                 status,

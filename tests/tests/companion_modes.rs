@@ -4,6 +4,7 @@
 use futures::future::join_all;
 use serde_json::{Value, json};
 use tokengate_tests::harness::{Cluster, Envoy, EnvoyUpstreams, Stack};
+use tokengate_tests::leak_scan::receive;
 use tokengate_tests::standins::Endpoint;
 
 async fn get(url: &str, tenant: &str) -> (u16, Value) {
@@ -13,8 +14,8 @@ async fn get(url: &str, tenant: &str) -> (u16, Value) {
         .send()
         .await
         .unwrap_or_else(|e| panic!("request failed: {e}"));
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or_default())
+    let received = receive(response).await;
+    (received.status, received.json())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

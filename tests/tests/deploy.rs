@@ -32,9 +32,10 @@ use tokengate::config::{FilterConfig, Mode};
 use tokengate_core::Provider;
 use tokengate_core::regions::GENESYS_REGIONS;
 use tokengate_tests::harness::{
-    Companion, Envoy, EnvoyPorts, EnvoyUpstreams, Process, Redis, envoy_binary, free_port,
-    render_envoy_config, wasm_module, workspace_root,
+    Companion, Envoy, EnvoyPorts, EnvoyUpstreams, Process, Redis, envoy_binary, envoy_log_args,
+    free_port, render_envoy_config, wasm_module, workspace_root,
 };
+use tokengate_tests::leak_scan::{LeakScan, receive};
 use tokengate_tests::standins::{Endpoint, Fixture, Ports, StandIns};
 
 /// Where the shipped configurations load the module from; replaced for validation.
@@ -746,10 +747,9 @@ async fn start_envoy(dir: &Path, config: &Value, admin: u16) -> Process {
         "2",
         "--base-id",
         &admin.to_string(),
-        "--log-level",
-        "info",
         "--disable-hot-restart",
     ]);
+    command.args(envoy_log_args());
     let mut process = Process::spawn("envoy", command, dir.join("envoy.log"));
     let ready = format!("http://127.0.0.1:{admin}/ready");
     let client = reqwest::Client::new();
@@ -781,12 +781,10 @@ async fn send(request: reqwest::RequestBuilder) -> Answer {
         .send()
         .await
         .unwrap_or_else(|e| panic!("request failed: {e}"));
-    let status = response.status().as_u16();
-    let bytes = response.bytes().await.unwrap_or_default();
+    let received = receive(response).await;
     Answer {
-        status,
-        body: serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())),
+        status: received.status,
+        body: serde_json::from_str(&received.text).unwrap_or(Value::String(received.text)),
     }
 }
 
@@ -799,6 +797,8 @@ async fn production_chain_takes_the_tenant_from_the_jwt_end_to_end() {
     let standins = StandIns::start(Fixture::default_fixture())
         .await
         .unwrap_or_else(|e| panic!("cannot start the stand-ins: {e}"));
+    // Declared before the processes: dropped after them, it reads their whole logs.
+    let _leak_scan = LeakScan::new(dir.path(), standins.secrets());
     let redis = Redis::start(dir.path()).await;
     let companion = Companion::start(dir.path(), &redis.url(), &[]).await;
     let ports = (free_port(), free_port(), free_port());

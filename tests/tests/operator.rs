@@ -4,8 +4,9 @@
 //! because they depend on wall-clock timing.)
 
 use futures::future::join_all;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokengate_tests::harness::{Envoy, EnvoyUpstreams, Stack};
+use tokengate_tests::leak_scan::receive;
 use tokengate_tests::standins::Endpoint;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -145,8 +146,8 @@ async fn tenant_ids_that_could_escape_a_key_or_a_path_are_refused_before_any_cal
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let status = response.status().as_u16();
-    let body: Value = response.json().await.unwrap_or_default();
+    let received = receive(response).await;
+    let (status, body) = (received.status, received.json());
     let globex = stack.bearers("globex");
     assert!(globex.is_empty(), "no token was fetched for globex");
     assert!(

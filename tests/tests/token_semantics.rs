@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokengate_tests::harness::{Envoy, Stack};
+use tokengate_tests::leak_scan::receive;
 use tokengate_tests::standins::{Endpoint, Fault};
 
 /// Short timeouts so timeout cases run in well under a second per attempt.
@@ -41,10 +42,10 @@ async fn inject(stack: &Stack, tenant: &str) -> Answer {
         .send()
         .await
         .unwrap_or_else(|e| panic!("request failed: {e}"));
-    let status = response.status().as_u16();
+    let received = receive(response).await;
     Answer {
-        status,
-        body: response.json().await.unwrap_or_default(),
+        status: received.status,
+        body: received.json(),
     }
 }
 
@@ -308,8 +309,9 @@ async fn an_invalid_tenant_id_is_a_400_before_any_callout() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 
-    assert_eq!(response.status().as_u16(), 400);
-    let body: Value = response.json().await.unwrap_or_default();
+    let received = receive(response).await;
+    assert_eq!(received.status, 400);
+    let body: Value = received.json();
     assert_eq!(
         (body["code"].as_str(), body["correlationId"].as_str()),
         (Some("INVALID_REQUEST"), Some("req-bad"))
@@ -333,8 +335,9 @@ async fn a_tenant_header_that_is_not_utf8_is_a_400_and_the_filter_keeps_working(
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(response.status().as_u16(), 400);
-    let body: Value = response.json().await.unwrap_or_default();
+    let received = receive(response).await;
+    assert_eq!(received.status, 400);
+    let body: Value = received.json();
     assert_eq!(body["code"], "INVALID_REQUEST");
 
     let after = inject(&stack, "acme").await;
@@ -441,10 +444,10 @@ mod endpoint_mode {
             .send()
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        let status = response.status().as_u16();
+        let received = receive(response).await;
         Answer {
-            status,
-            body: response.json().await.unwrap_or_default(),
+            status: received.status,
+            body: received.json(),
         }
     }
 
@@ -538,9 +541,10 @@ mod endpoint_mode {
             .send()
             .await
             .unwrap_or_else(|e| panic!("{e}"));
+        let received = receive(response).await;
 
-        assert_eq!(response.status().as_u16(), 200);
-        let body: Value = response.json().await.unwrap_or_default();
+        assert_eq!(received.status, 200);
+        let body: Value = received.json();
         assert_eq!(body["accessToken"], "wa-wonka-token-d3e8");
         assert_eq!(body["source"], "fresh");
     }

@@ -19,6 +19,7 @@ struct Args {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    tokengate_tests::harness::log_like_an_operator();
     println!("Starting Redis, the companion, the stand-ins and Envoy with tokengate.wasm ...");
     let stack = Stack::start().await;
     let url = format!("{}/api/conversations", stack.envoy.url());

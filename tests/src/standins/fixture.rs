@@ -229,6 +229,43 @@ impl Fixture {
         self.clients.iter().find(|c| c.client_id == client_id)
     }
 
+    /// Every secret the fixture holds, each with a label that names it without showing
+    /// it: the Genesys client secrets and their `Basic` headers (which must never leave
+    /// the gateway), and the WhatsApp tokens (which only the upstream may see).
+    pub fn secrets(&self) -> Vec<LabelledSecret> {
+        let mut secrets = Vec::new();
+        for client in &self.clients {
+            secrets.push(LabelledSecret::credential(
+                format!("client secret of {}", client.tenant),
+                &client.client_secret,
+            ));
+            let basic = client.basic_authorization();
+            let encoded = basic.trim_start_matches("Basic ");
+            secrets.push(LabelledSecret::credential(
+                format!("Basic credentials of {}", client.tenant),
+                encoded,
+            ));
+        }
+        for (tenant, answers) in &self.tenants {
+            let Some(raw) = answers.get("whatsapp") else {
+                continue;
+            };
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(raw.get()) else {
+                continue;
+            };
+            let fields = value.get("data").unwrap_or(&value);
+            for field in WHATSAPP_TOKEN_FIELDS {
+                if let Some(token) = fields.get(field).and_then(serde_json::Value::as_str) {
+                    secrets.push(LabelledSecret::token(
+                        format!("WhatsApp token of {tenant}"),
+                        token,
+                    ));
+                }
+            }
+        }
+        secrets
+    }
+
     /// The tenant named by `tenant_or_client`: a tenant id, or a Genesys client id.
     pub fn resolve_tenant<'a>(&'a self, tenant_or_client: &'a str) -> Option<&'a str> {
         if self.has_tenant(tenant_or_client) {
@@ -236,6 +273,50 @@ impl Fixture {
         }
         self.genesys_client_by_id(tenant_or_client)
             .map(|c| c.tenant.as_str())
+    }
+}
+
+/// The fields a WhatsApp answer may carry its token in (FACTS §5).
+const WHATSAPP_TOKEN_FIELDS: [&str; 3] = ["systemUserToken", "accessToken", "token"];
+
+/// Whether a secret may be shown to anyone at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretKind {
+    /// A client credential: only the gateway and the login may ever see it.
+    Credential,
+    /// An access token: the upstream app (and endpoint mode's caller) may see it, no
+    /// log and no error answer may.
+    Token,
+}
+
+/// A secret with a label that names it without showing it ("client secret of acme").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelledSecret {
+    /// What the secret is and whose.
+    pub label: String,
+    /// The secret itself.
+    pub value: String,
+    /// Who may see it.
+    pub kind: SecretKind,
+}
+
+impl LabelledSecret {
+    /// A client credential.
+    pub fn credential(label: String, value: &str) -> LabelledSecret {
+        LabelledSecret {
+            label,
+            value: value.to_owned(),
+            kind: SecretKind::Credential,
+        }
+    }
+
+    /// An access token.
+    pub fn token(label: String, value: &str) -> LabelledSecret {
+        LabelledSecret {
+            label,
+            value: value.to_owned(),
+            kind: SecretKind::Token,
+        }
     }
 }
 

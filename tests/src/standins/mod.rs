@@ -49,7 +49,7 @@ use tokio::task::JoinHandle;
 pub use faults::{Endpoint, Fault};
 pub use fixture::{
     DEFAULT_FIXTURE_JSON, Fixture, FixtureError, GENERATED_TENANT_PREFIX, GenesysClient,
-    default_fixture_path, generated_tenant_id,
+    LabelledSecret, SecretKind, default_fixture_path, generated_tenant_id,
 };
 pub use login::TOKEN_PATH;
 pub use regions::{GENESYS_REGIONS, genesys_domain, genesys_login_host};
@@ -216,6 +216,14 @@ impl StandIns {
             .unwrap_or_default()
     }
 
+    /// A handle on every secret the stand-ins know or will issue, readable after they
+    /// stopped: what the harness's leak scan searches for.
+    pub fn secrets(&self) -> Secrets {
+        Secrets {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
     /// Total tokens the login issued, all tenants.
     pub fn tokens_issued(&self) -> u64 {
         self.shared.tokens_minted.load(Ordering::SeqCst)
@@ -254,6 +262,29 @@ impl StandIns {
 impl Drop for StandIns {
     fn drop(&mut self) {
         self.stop.send_replace(true);
+    }
+}
+
+/// Every secret of one set of stand-ins: the fixture's (client secrets, their `Basic`
+/// headers, WhatsApp tokens) and every token the login issued so far.
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    shared: Arc<Shared>,
+}
+
+impl Secrets {
+    /// The secrets as of now, labelled.
+    pub fn all(&self) -> Vec<LabelledSecret> {
+        let mut secrets = self.shared.fixture.secrets();
+        for (tenant, tokens) in lock(&self.shared.issued).iter() {
+            for (n, token) in tokens.iter().enumerate() {
+                secrets.push(LabelledSecret::token(
+                    format!("access token #{} of {tenant}", n + 1),
+                    token,
+                ));
+            }
+        }
+        secrets
     }
 }
 
