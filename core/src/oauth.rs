@@ -50,7 +50,7 @@ pub enum ExchangeOutcome {
     },
     /// Rate limited: retry after the given delay, or the rate-limit backoff when `None`.
     RateLimited {
-        /// `Retry-After`, in milliseconds, when the IdP sent one.
+        /// `Retry-After`, in milliseconds (saturated), when the IdP sent one.
         retry_after_ms: Option<u64>,
     },
     /// A transient failure (5xx, unusable 200 body): retry with the normal backoff.
@@ -90,7 +90,7 @@ pub fn classify_response(
     match status {
         200 => read_token(body.expose()),
         429 => ExchangeOutcome::RateLimited {
-            retry_after_ms: retry_after_secs.map(|s| s * 1000),
+            retry_after_ms: retry_after_secs.map(|s| s.saturating_mul(1000)),
         },
         400 | 401 | 403 => {
             let error: ErrorDocument = serde_json::from_slice(body.expose()).unwrap_or_default();
@@ -104,7 +104,7 @@ pub fn classify_response(
                 .any(|text| text.to_ascii_lowercase().contains("rate limit exceeded"));
             if rate_limited {
                 ExchangeOutcome::RateLimited {
-                    retry_after_ms: retry_after_secs.map(|s| s * 1000),
+                    retry_after_ms: retry_after_secs.map(|s| s.saturating_mul(1000)),
                 }
             } else if status == 401
                 || matches!(

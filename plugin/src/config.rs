@@ -272,9 +272,10 @@ impl FilterConfig {
         let mut deserializer = serde_json::Deserializer::from_slice(bytes);
         let config: FilterConfig =
             serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-                // serde_path_to_error says `?` where the document itself is unreadable.
+                // serde_path_to_error says `?` where the document itself is unreadable,
+                // and nothing for an unknown field named "" at the top level.
                 let path = match error.path().to_string() {
-                    unknown if unknown == "?" => ".".to_owned(),
+                    unknown if unknown == "?" || unknown.is_empty() => ".".to_owned(),
                     path => path,
                 };
                 ConfigError {

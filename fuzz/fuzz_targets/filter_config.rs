@@ -1,0 +1,92 @@
+//! The filter configuration parser: `FilterConfig::parse`, which the filter's
+//! `on_configure` calls with the raw bytes of Envoy's plugin `configuration`.
+//!
+//! Checks: an accepted configuration satisfies every documented constraint; an error
+//! names a field path and a problem; neither repeats the companion's API key.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tokengate::config::FilterConfig;
+use tokengate_fuzz::{assert_hidden, plant_secret};
+
+fuzz_target!(|document: &[u8]| {
+    check(document);
+    if let Some(planted) = plant_secret(document, &["/companion/apiKey"]) {
+        assert_hidden("the parsed configuration or its error", &check(&planted));
+    }
+});
+
+/// Parses `document`, checks the result and returns what it would show (`Debug` of
+/// the configuration, or the error as logged).
+fn check(document: &[u8]) -> String {
+    match FilterConfig::parse(document) {
+        Ok(config) => {
+            assert_constraints_hold(&config);
+            if document.iter().all(u8::is_ascii_whitespace) {
+                assert_eq!(
+                    FilterConfig::parse(b"{}").as_ref(),
+                    Ok(&config),
+                    "blank means defaults"
+                );
+            }
+            format!("{config:?}")
+        }
+        Err(error) => {
+            assert!(
+                !error.path.is_empty() && !error.problem.is_empty(),
+                "an error names its field and problem: {error:?}"
+            );
+            format!("{error} {error:?}")
+        }
+    }
+}
+
+/// The constraints `FilterConfig::parse` promises for an accepted document.
+fn assert_constraints_hold(config: &FilterConfig) {
+    let header_name = |name: &str| {
+        !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    };
+    assert!(header_name(&config.tenant_header), "{config:?}");
+    assert!(header_name(&config.authorization_header), "{config:?}");
+    let fetch = config.fetch_config();
+    assert!(
+        fetch.deadline_ms > 0
+            && fetch.tenant_service_timeout_ms > 0
+            && fetch.oauth_timeout_ms > 0
+            && config.companion.timeout_ms > 0
+            && config.companion.local_fetches_per_minute > 0,
+        "{config:?}"
+    );
+    assert!(
+        !config.companion.cluster.is_empty()
+            && !config.tenant_service.cluster.is_empty()
+            && !fetch.service_name.is_empty(),
+        "{config:?}"
+    );
+    assert!(config.refresh_ahead.percent <= 100, "{config:?}");
+    assert!(
+        config.refresh_ahead.min_lead_ms > config.expiry_margin_ms,
+        "{config:?}"
+    );
+    assert!(
+        config
+            .purge
+            .statuses
+            .iter()
+            .all(|status| (100..=599).contains(status)),
+        "{config:?}"
+    );
+    if let Some(key) = &config.companion.api_key {
+        assert!(
+            !key.is_empty() && key.expose().bytes().all(|b| b.is_ascii_graphic()),
+            "{config:?}"
+        );
+    }
+    if let Some(region) = &fetch.default_region {
+        assert!(fetch.regions.login_host(region).is_ok(), "{config:?}");
+    }
+}
