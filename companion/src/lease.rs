@@ -179,12 +179,18 @@ impl Service {
             let lease_id = LeaseId(uuid::Uuid::new_v4().to_string());
             let usable_after_ms = self.clock.now_ms().saturating_add(USABLE_MARGIN_MS);
             let usable_after_ms = newer_than_ms.map(|newer_than| newer_than.max(usable_after_ms));
-            match self
+            let unanswered = UnansweredAcquire {
+                store: self.store.clone(),
+                tag: tag.clone(),
+                lease_id: Some(lease_id.clone()),
+            };
+            let acquired = self
                 .store
                 .acquire(&tag, &lease_id, usable_after_ms)
                 .await
-                .map_err(cache_error)?
-            {
+                .map_err(cache_error)?;
+            unanswered.answered();
+            match acquired {
                 Acquire::Hit(token) => {
                     let outcome = if has_waited {
                         LeaseOutcome::WaitedHit
@@ -552,6 +558,55 @@ pub async fn replay_on_recovery(service: Arc<Service>) {
         if healthy {
             service.replay_deferred_invalidations().await;
         }
+    }
+}
+
+/// An acquire whose answer this lease has not seen yet. Redis runs a script it received
+/// even after the lease stopped waiting for the answer (a timeout while Redis is slow), and
+/// a lease whose caller went away is dropped in the middle of its acquire; either way the
+/// lock may be taken for a lease id nobody will commit or abort, and other leases would
+/// wait for it until the lock TTL. Dropped before [`UnansweredAcquire::answered`], it
+/// releases that lock in the background: a compare-and-delete on the lease id, so a lock
+/// this lease never took is left alone, sent on the same connection after the acquire, so
+/// Redis runs it after the acquire.
+struct UnansweredAcquire {
+    store: Store,
+    tag: String,
+    /// `None` once answered.
+    lease_id: Option<LeaseId>,
+}
+
+impl UnansweredAcquire {
+    /// The lease saw the answer: the lock, if taken, is the lease's to hand on.
+    fn answered(mut self) {
+        self.lease_id = None;
+    }
+}
+
+impl Drop for UnansweredAcquire {
+    fn drop(&mut self) {
+        let Some(lease_id) = self.lease_id.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, tag) = (self.store.clone(), std::mem::take(&mut self.tag));
+        runtime.spawn(async move {
+            match store.release(&tag, &lease_id).await {
+                Ok(true) => tracing::info!(
+                    key = %tag,
+                    lease_id = %lease_id.0,
+                    "released a lock taken after its lease had given up on the acquire"
+                ),
+                Ok(false) => {}
+                Err(error) => tracing::debug!(
+                    lease_id = %lease_id.0,
+                    %error,
+                    "could not release the lock of an unanswered acquire; if taken, it expires at the lock TTL"
+                ),
+            }
+        });
     }
 }
 

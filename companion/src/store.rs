@@ -231,19 +231,20 @@ return {held, stored}
 
 /// Compare-and-delete of the lock; wakes the waiters when it released it.
 ///
+/// Sent with its source (`EVAL`), not its digest like the other scripts: a release may be
+/// sent without waiting for its answer (after an acquire whose answer never came), so it
+/// must work on its first attempt, also on a Redis that has not loaded it yet; an
+/// `EVALSHA` would fail there with `NOSCRIPT` and be retried only by a caller still waiting.
+///
 /// KEYS: lock. ARGV: lease id, ready channel. Returns 1 if released, 0 if not held.
-static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+const RELEASE_SCRIPT: &str = r"
 if redis.call('get', KEYS[1]) == ARGV[1] then
   redis.call('del', KEYS[1])
   redis.call('publish', ARGV[2], 'released')
   return 1
 end
 return 0
-",
-    )
-});
+";
 
 /// Deletes the cached value only if it is still exactly `ARGV[1]`: the second half of
 /// an invalidation that named a token. The value was read and decoded (decrypted) in
@@ -616,15 +617,16 @@ impl Store {
 
     /// Releases the lock if `lease_id` holds it (then wakes waiters): `true` if released.
     pub async fn release(&self, tag: &str, lease_id: &LeaseId) -> Result<bool, StoreError> {
-        let mut invocation = RELEASE_SCRIPT.prepare_invoke();
-        invocation
-            .key(lock_key(tag))
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(RELEASE_SCRIPT)
+            .arg(1)
+            .arg(lock_key(tag))
             .arg(&lease_id.0)
             .arg(ready_channel(tag));
         let released: i64 = self
             .query(|mut conn| {
-                let invocation = &invocation;
-                async move { invocation.invoke_async(&mut conn).await }
+                let eval = &eval;
+                async move { eval.query_async(&mut conn).await }
             })
             .await?;
         Ok(released == 1)

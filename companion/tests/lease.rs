@@ -518,3 +518,36 @@ async fn a_lease_asking_for_a_newer_token_fetches_unless_one_is_cached() {
         new_expiry,
     );
 }
+
+#[tokio::test]
+async fn a_lock_redis_takes_after_the_lease_gave_up_on_its_acquire_is_released() {
+    let redis = RedisServer::start();
+    let companion = Companion::start(config(&redis)).await;
+    // Redis knows the acquire script (a fresh one would answer the late EVALSHA NOSCRIPT).
+    companion.lease_fetch("globex").await;
+    let acquires_before = redis.calls("evalsha").await;
+
+    // Frozen Redis: the acquire is sent, its answer does not come within the timeout.
+    redis.pause();
+    let (status, body) = error_of(companion.lease_raw("acme").await).await;
+    assert_eq!((status, body.code), (503, ErrorCode::CacheUnavailable));
+    redis.resume();
+
+    // Thawed, Redis runs the acquire (taking the lock for a lease id nobody will commit
+    // or abort), then the release sent after it, long before the lock's 5 s TTL.
+    redis
+        .wait_until(
+            "the late acquire ran and its lock was released",
+            Duration::from_secs(2),
+            || async {
+                redis.calls("evalsha").await > acquires_before
+                    && redis.calls("eval").await >= 1
+                    && redis.query::<i64>(&["EXISTS", LOCK]).await == 0
+            },
+        )
+        .await;
+    assert!(matches!(
+        companion.lease("acme").await,
+        LeaseResponse::Fetch { .. }
+    ));
+}
