@@ -4,7 +4,8 @@
 //! While Redis is healthy (see [`crate::health`]), a lease is answered, in order:
 //!
 //! 1. `hit` if Redis holds a token that is still usable (valid beyond
-//!    [`USABLE_MARGIN_MS`]);
+//!    [`USABLE_MARGIN_MS`]), answered from this process's copy of it when it has a
+//!    fresh one (see [`crate::hot`]);
 //! 2. `fetch` if the lease takes the key's lock (set if absent, for the lock TTL): the
 //!    caller fetches, then commits or aborts. Steps 1 and 2 are one atomic script, so a commit cannot slip
 //!    between them and cause a second fetch;
@@ -21,8 +22,9 @@
 //! (`hit`), or `503 CACHE_UNAVAILABLE`. Commits and aborts of `local-` leases never
 //! touch Redis; other commits and aborts always go to Redis, since they hold a Redis lock.
 //!
-//! Every lease logs one line with provider, tenant, outcome and time spent, and is
-//! counted in [`Metrics`] by outcome.
+//! Every lease logs one line with provider, tenant, outcome and time spent (at debug for
+//! a plain `hit`, the common case; at info otherwise), and is counted in [`Metrics`] by
+//! outcome.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +39,7 @@ use crate::clock::Clock;
 use crate::degraded::{self, Begin, Degraded, FlightState};
 use crate::error::ApiError;
 use crate::health::Health;
+use crate::hot::HotTokens;
 use crate::metrics::{AbortResult, CommitResult, InvalidateResult, LeaseOutcome, Metrics};
 use crate::store::{self, Acquire, Invalidated, Store, StoreError, USABLE_MARGIN_MS, key_tag};
 use crate::waits::{WaitOutcome, Waits};
@@ -52,6 +55,8 @@ pub struct Service {
     store: Store,
     /// This process's shared waits on held locks.
     waits: Arc<Waits>,
+    /// Copies of the tokens recently read from Redis, to answer hits without it.
+    hot: Arc<HotTokens>,
     /// Flights, limiter and deferred invalidations of degraded mode.
     degraded: Arc<Degraded>,
     /// Counters of outcomes, exposed on `/metrics`.
@@ -78,6 +83,7 @@ impl Service {
         Self {
             store,
             waits,
+            hot: Arc::new(HotTokens::new(Arc::clone(&clock))),
             degraded,
             metrics,
             clock,
@@ -89,6 +95,11 @@ impl Service {
     /// The Redis health verdict the service follows.
     pub fn health(&self) -> &Arc<Health> {
         self.store.health()
+    }
+
+    /// The copies of cached tokens, which the pub/sub subscriber keeps honest.
+    pub fn hot(&self) -> &Arc<HotTokens> {
+        &self.hot
     }
 
     /// The service's metrics.
@@ -125,17 +136,28 @@ impl Service {
         let (provider, tenant) = (key.provider.as_str(), key.tenant_id.as_str());
         let outcome = outcome.as_str();
         match &result {
-            Ok((LeaseResponse::Hit { expires_at_ms, .. }, _)) => {
+            Ok((LeaseResponse::Hit { expires_at_ms, .. }, hit_outcome)) => {
                 let expires_in_ms = expires_at_ms.saturating_sub(self.clock.now_ms());
-                tracing::info!(
-                    provider,
-                    tenant,
-                    force_refresh,
-                    outcome,
-                    waited_ms,
-                    expires_in_ms,
-                    "lease"
-                );
+                macro_rules! hit_line {
+                    ($level:ident) => {
+                        tracing::$level!(
+                            provider,
+                            tenant,
+                            force_refresh,
+                            outcome,
+                            waited_ms,
+                            expires_in_ms,
+                            "lease"
+                        )
+                    };
+                }
+                // A plain hit is the common case; an info line for each was about 15 % of
+                // its cost.
+                if matches!(hit_outcome, LeaseOutcome::Hit) {
+                    hit_line!(debug);
+                } else {
+                    hit_line!(info);
+                }
             }
             Ok((LeaseResponse::Fetch { lease_id, .. }, _)) => {
                 tracing::info!(provider, tenant, force_refresh, outcome, waited_ms, lease_id = %lease_id.0, "lease");
@@ -176,9 +198,13 @@ impl Service {
             if !self.health().is_healthy() {
                 return self.lease_degraded(key, started).await;
             }
-            let lease_id = LeaseId(uuid::Uuid::new_v4().to_string());
             let usable_after_ms = self.clock.now_ms().saturating_add(USABLE_MARGIN_MS);
             let usable_after_ms = newer_than_ms.map(|newer_than| newer_than.max(usable_after_ms));
+            if let Some(token) = usable_after_ms.and_then(|after| self.hot.get(&tag, after)) {
+                return Ok((hit(token), hit_outcome(has_waited)));
+            }
+            let generation = self.hot.generation();
+            let lease_id = LeaseId(uuid::Uuid::new_v4().to_string());
             let unanswered = UnansweredAcquire {
                 store: self.store.clone(),
                 tag: tag.clone(),
@@ -192,12 +218,8 @@ impl Service {
             unanswered.answered();
             match acquired {
                 Acquire::Hit(token) => {
-                    let outcome = if has_waited {
-                        LeaseOutcome::WaitedHit
-                    } else {
-                        LeaseOutcome::Hit
-                    };
-                    return Ok((hit(token), outcome));
+                    self.hot.keep(&tag, &token, generation);
+                    return Ok((hit(token), hit_outcome(has_waited)));
                 }
                 Acquire::Locked => {
                     let lease_ttl_ms = self.store.lock_ttl_ms();
@@ -452,6 +474,8 @@ impl Service {
         let key = TokenKey::new(request.provider, request.tenant_id);
         let (provider, tenant) = (key.provider.as_str(), key.tenant_id.as_str());
         let compared = request.access_token.is_some();
+        // The other companions drop theirs when the deletion's message arrives.
+        self.hot.forget(&key_tag(&key));
 
         if !self.health().is_healthy() {
             if !self.degraded.defer_invalidation(&key, request.access_token) {
@@ -607,6 +631,15 @@ impl Drop for UnansweredAcquire {
                 ),
             }
         });
+    }
+}
+
+/// How a lease answered `hit` is counted: after a wait on another holder, or at once.
+fn hit_outcome(has_waited: bool) -> LeaseOutcome {
+    if has_waited {
+        LeaseOutcome::WaitedHit
+    } else {
+        LeaseOutcome::Hit
     }
 }
 

@@ -33,6 +33,7 @@
 //! - [`lease`]: the lease / commit / abort / invalidate logic, choosing between Redis and
 //!   degraded mode.
 //! - [`waits`]: per-process shared waits on a held lock, woken by Redis pub/sub.
+//! - [`hot`]: in-process copies of recently read tokens, dropped by the same pub/sub.
 //! - [`degraded`]: degraded mode's in-process single flight, limiter and deferred
 //!   invalidations.
 //! - [`health`]: the Redis health verdict and its monitor task.
@@ -49,6 +50,7 @@ pub mod degraded;
 pub mod error;
 pub mod fetch;
 pub mod health;
+pub mod hot;
 pub mod http;
 pub mod keys;
 pub mod lease;
@@ -157,13 +159,6 @@ pub async fn serve(
     )
     .map_err(CompanionError::Redis)?;
     let waits = waits::Waits::new(store.clone(), Arc::clone(&clock), config.recheck_interval());
-    let _subscriber = AbortOnDrop(tokio::spawn(waits::run_subscriber(
-        backend.subscriber_clients(),
-        Arc::clone(&waits),
-        config.redis_timeout(),
-        SUBSCRIBER_KEEPALIVE,
-    )));
-
     let redis = config.redacted_redis_url();
     let cluster = backend.is_cluster();
     match store.server_version().await {
@@ -191,13 +186,20 @@ pub async fn serve(
     let metrics = Arc::new(metrics::Metrics::new());
     let service = Arc::new(lease::Service::new(
         store.clone(),
-        waits,
+        Arc::clone(&waits),
         degraded,
         Arc::clone(&metrics),
         Arc::clone(&clock),
         config.lease_wait(),
         stopping_rx,
     ));
+    let _subscriber = AbortOnDrop(tokio::spawn(waits::run_subscriber(
+        backend.subscriber_clients(),
+        waits,
+        Arc::clone(service.hot()),
+        config.redis_timeout(),
+        SUBSCRIBER_KEEPALIVE,
+    )));
     let _monitor = AbortOnDrop(tokio::spawn(health::run_monitor(
         store,
         config.health_interval(),

@@ -8,7 +8,9 @@
 //! - `tokengate:{p:t}:lock`: the fetch lock: a random lease id, set only if absent
 //!   (`NX`, inside the acquire script) with `PX <lock ttl>`;
 //! - channel `tokengate:{p:t}:ready`: published when the lock holder commits or aborts,
-//!   so waiting companions re-check at once instead of at their next poll.
+//!   so waiting companions re-check at once instead of at their next poll, and when a
+//!   cached token is invalidated, so companions drop their copies of it
+//!   ([`crate::hot`]).
 //!
 //! The `{p:t}` hash tag puts a key's token and lock in the same cluster slot, which a
 //! script touching both requires: the same scripts run on one Redis and on a Redis
@@ -249,10 +251,10 @@ return 0
 /// Deletes the cached value only if it is still exactly `ARGV[1]`: the second half of
 /// an invalidation that named a token. The value was read and decoded (decrypted) in
 /// the companion, which found the named token in it; a value replaced meanwhile (a fresh
-/// token) is kept.
+/// token) is kept. A deletion is announced on the ready channel.
 ///
-/// KEYS: token. ARGV: the raw value read. Returns 1 if deleted, 2 if the value changed,
-/// 0 if no value is cached any more.
+/// KEYS: token. ARGV: the raw value read, ready channel. Returns 1 if deleted, 2 if the
+/// value changed, 0 if no value is cached any more.
 static DELETE_IF_UNCHANGED_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -264,7 +266,23 @@ if raw ~= ARGV[1] then
   return 2
 end
 redis.call('del', KEYS[1])
+redis.call('publish', ARGV[2], 'invalidated')
 return 1
+",
+    )
+});
+
+/// Deletes the cached value, whatever it is, and announces it on the ready channel.
+///
+/// KEYS: token. ARGV: ready channel. Returns 1 if deleted, 0 if nothing was cached.
+static DELETE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local deleted = redis.call('del', KEYS[1])
+if deleted == 1 then
+  redis.call('publish', ARGV[1], 'invalidated')
+end
+return deleted
 ",
     )
 });
@@ -645,12 +663,12 @@ impl Store {
     ) -> Result<Invalidated, StoreError> {
         let key = token_key(tag);
         let Some(access_token) = access_token else {
-            let mut cmd = redis::cmd("DEL");
-            cmd.arg(&key);
+            let mut invocation = DELETE_SCRIPT.prepare_invoke();
+            invocation.key(&key).arg(ready_channel(tag));
             let deleted: i64 = self
                 .query(|mut conn| {
-                    let cmd = &cmd;
-                    async move { cmd.query_async(&mut conn).await }
+                    let invocation = &invocation;
+                    async move { invocation.invoke_async(&mut conn).await }
                 })
                 .await?;
             return Ok(if deleted > 0 {
@@ -678,7 +696,10 @@ impl Store {
             return Ok(Invalidated::Mismatch);
         }
         let mut invocation = DELETE_IF_UNCHANGED_SCRIPT.prepare_invoke();
-        invocation.key(&key).arg(raw.expose());
+        invocation
+            .key(&key)
+            .arg(raw.expose())
+            .arg(ready_channel(tag));
         let found: i64 = self
             .query(|mut conn| {
                 let invocation = &invocation;

@@ -32,6 +32,7 @@ use tokengate_core::CachedToken;
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
+use crate::hot::HotTokens;
 use crate::store::{self, Store, StoreError};
 
 /// How a shared wait ended.
@@ -267,10 +268,13 @@ impl Drop for Joined {
 /// nodes), so the subscription moves to another node when one fails.
 /// Reconnects with backoff when the connection fails; after each (re)subscription it
 /// wakes every wait, since messages sent while it was down are lost. A ping every
-/// `keepalive` detects a connection that died silently. Runs until its task is aborted.
+/// `keepalive` detects a connection that died silently. Each message also drops the
+/// key's copy in `hot`, which is only used while the subscription is up. Runs until its
+/// task is aborted.
 pub async fn run_subscriber(
     clients: Vec<redis::Client>,
     waits: Arc<Waits>,
+    hot: Arc<HotTokens>,
     timeout: Duration,
     keepalive: Duration,
 ) {
@@ -296,8 +300,10 @@ pub async fn run_subscriber(
                 failures = 0;
                 // Stay on the node that works for the next attempt.
                 next = next.wrapping_sub(1);
+                hot.set_live(true);
                 waits.wake_all();
-                let reason = pump(pubsub, &waits, timeout, keepalive).await;
+                let reason = pump(pubsub, &waits, &hot, timeout, keepalive).await;
+                hot.set_live(false);
                 tracing::warn!(
                     reason,
                     "commit notifications lost; waiters fall back to re-checking until resubscribed"
@@ -338,6 +344,7 @@ async fn subscribe(
 async fn pump(
     pubsub: redis::aio::PubSub,
     waits: &Waits,
+    hot: &HotTokens,
     timeout: Duration,
     keepalive: Duration,
 ) -> &'static str {
@@ -348,7 +355,10 @@ async fn pump(
         tokio::select! {
             message = messages.next() => match message {
                 Some(message) => match store::tag_of_ready_channel(message.get_channel_name()) {
-                    Some(tag) => waits.wake(tag),
+                    Some(tag) => {
+                        hot.forget(tag);
+                        waits.wake(tag);
+                    }
                     None => tracing::debug!(channel = message.get_channel_name(), "ignoring message on unexpected channel"),
                 },
                 None => return "connection closed",

@@ -3,11 +3,19 @@
 
 mod common;
 
-use common::{Companion, RedisServer, assert_hit, config, error_of, now_ms};
+use std::time::{Duration, Instant};
+
+use common::{
+    Companion, RedisServer, assert_hit, config, error_of, eventually, now_ms, wait_until_subscribed,
+};
+use tokengate_companion::hot::HOT_TTL_MS;
 use tokengate_core::ErrorCode;
 use tokengate_core::lease::{INVALIDATE_PATH, LeaseResponse};
 
 const TOKEN: &str = "tokengate:{genesys:acme}:token";
+
+/// How long a companion answers from its copy of a cached token at most.
+const HOT_TTL: Duration = Duration::from_millis(HOT_TTL_MS);
 
 /// Fetches and commits `token` for acme; returns its expiry.
 async fn cache(companion: &Companion, token: &str) -> u64 {
@@ -114,4 +122,39 @@ async fn malformed_invalidations_answer_invalid_request() {
         assert!(error.message.contains(mentions), "{}", error.message);
     }
     assert_eq!(redis.query::<i64>(&["EXISTS", TOKEN]).await, 1);
+}
+
+#[tokio::test]
+async fn an_invalidation_on_one_companion_drops_the_copies_the_others_answer_hits_from() {
+    let redis = RedisServer::start();
+    let serving = Companion::start(config(&redis)).await;
+    wait_until_subscribed(&redis).await;
+    let invalidating = Companion::start(config(&redis)).await;
+    let expires_at_ms = cache(&serving, "tok-rejected").await;
+
+    // Once it holds a copy, the serving companion answers hits without Redis.
+    eventually(
+        "hits are answered from the copy",
+        Duration::from_secs(5),
+        || async {
+            assert_hit(&serving.lease("acme").await, "tok-rejected", expires_at_ms);
+            let scripts_before = redis.calls("evalsha").await;
+            assert_hit(&serving.lease("acme").await, "tok-rejected", expires_at_ms);
+            redis.calls("evalsha").await == scripts_before
+        },
+    )
+    .await;
+
+    assert_eq!(
+        invalidating.invalidate("acme", Some("tok-rejected")).await,
+        204
+    );
+
+    // Well within the copy's lifetime: the deletion's message dropped it.
+    let invalidated = Instant::now();
+    eventually("the next lease fetches", HOT_TTL / 2, || async {
+        matches!(serving.lease("acme").await, LeaseResponse::Fetch { .. })
+    })
+    .await;
+    assert!(invalidated.elapsed() < HOT_TTL);
 }
