@@ -4,7 +4,7 @@
 
 #![allow(unsafe_code)] // `#[unsafe(no_mangle)]` on the module's entry point.
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -22,6 +22,7 @@ use tokengate_core::{
 };
 
 use crate::config::{FilterConfig, Mode};
+use crate::hits::HitTally;
 use crate::host::{Callout, Host, Level, Metric};
 use crate::worker::{Decision, Delivery, TokenAsk, Worker};
 
@@ -90,6 +91,21 @@ fn allocate_worker_id() -> u64 {
     (sequence << 30) | (nanos & 0x3FFF_FFFF) | 1
 }
 
+/// Registers this worker's wake queue (named after its id, so unique per Envoy); other
+/// workers enqueue to it when a fetch it waits on ends. Without one it only polls.
+fn register_wake_queue(worker_id: u64) -> Option<u32> {
+    match hostcalls::register_shared_queue(&format!("tokengate.v1.wake.{worker_id}")) {
+        Ok(queue) => Some(queue),
+        Err(status) => {
+            let _ = hostcalls::log(
+                LogLevel::Warn,
+                &format!("no wake queue ({status:?}): waits on other workers are polled"),
+            );
+            None
+        }
+    }
+}
+
 impl Host for ProxyWasmHost {
     fn now_ms(&self) -> u64 {
         hostcalls::get_current_time()
@@ -137,6 +153,23 @@ impl Host for ProxyWasmHost {
         }
     }
 
+    fn shared_get_versioned(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(value), Some(version))) => Some((value, version)),
+            _ => None,
+        }
+    }
+
+    fn shared_replace(&mut self, key: &str, value: &[u8], version: u32) -> bool {
+        hostcalls::set_shared_data(key, Some(value), Some(version)).is_ok()
+    }
+
+    fn wake(&mut self, queue: u32) {
+        // One byte: an empty message may be dequeued as "no message" (and a null
+        // pointer refused).
+        let _ = hostcalls::enqueue_shared_queue(queue, Some(b"w"));
+    }
+
     fn resume_with_header(&mut self, context_id: u32, header: &str, value: &str) -> bool {
         if hostcalls::set_effective_context(context_id).is_err() {
             return false;
@@ -161,9 +194,27 @@ impl Host for ProxyWasmHost {
         let _ = hostcalls::set_tick_period(Duration::from_millis(period_ms));
     }
 
-    fn count(&mut self, metric: Metric) {
+    fn add(&mut self, metric: Metric, amount: u64) {
         if let Some(id) = self.metrics.get(&metric) {
-            let _ = hostcalls::increment_metric(*id, 1);
+            let _ = hostcalls::increment_metric(*id, i64::try_from(amount).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn log_level(&self) -> Level {
+        // Read as a number: the SDK's typed call reads into an enum that has no value
+        // for Envoy's `off` (6).
+        let mut level = 0u32;
+        // SAFETY: the host writes one u32 to the address given, which is valid for it.
+        let status = unsafe { proxy_get_log_level(&mut level) };
+        if status != 0 {
+            // Not answered: keep writing every line, as `log` would.
+            return Level::Debug;
+        }
+        match level {
+            0 | 1 => Level::Debug,
+            2 => Level::Info,
+            3 => Level::Warn,
+            _ => Level::Error,
         }
     }
 
@@ -176,6 +227,14 @@ impl Host for ProxyWasmHost {
         };
         let _ = hostcalls::log(level, message);
     }
+}
+
+#[link(wasm_import_module = "env")]
+#[allow(clashing_extern_declarations)] // the SDK declares it with its own enum
+unsafe extern "C" {
+    /// proxy-wasm ABI 0.2: the level of the host's log for this module (spdlog's
+    /// numbering: 0 trace, 1 debug, 2 info, 3 warn, 4 error, 5 critical, 6 off).
+    fn proxy_get_log_level(return_level: *mut u32) -> u32;
 }
 
 /// A header of `map` as text. Uses the bytes host call: the SDK's text variant panics
@@ -256,7 +315,8 @@ impl RootContext for Root {
         match FilterConfig::parse(&bytes) {
             Ok(config) => {
                 self.metrics = Rc::new(define_metrics());
-                let worker = Worker::new(config, allocate_worker_id());
+                let worker_id = allocate_worker_id();
+                let worker = Worker::new(config, worker_id, register_wake_queue(worker_id));
                 self.worker = Some(Rc::new(RefCell::new(worker)));
                 true
             }
@@ -275,16 +335,29 @@ impl RootContext for Root {
         }
     }
 
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        // The messages carry nothing: being woken is the message.
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        let Some(worker) = &self.worker else { return };
+        let mut host = self.host();
+        if let Ok(mut worker) = worker.try_borrow_mut() {
+            worker.on_wake(&mut host);
+        }
+    }
+
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let worker = self.worker.clone()?;
         let config = Rc::clone(worker.try_borrow().ok()?.config());
+        let hits = Rc::clone(worker.try_borrow().ok()?.hits());
+        hits.request_started();
         Some(Box::new(Request {
             context_id,
             host: self.host(),
             config,
             worker,
+            hits,
             awaiting_body: false,
-            correlation_id: None,
+            correlation_id: OnceCell::new(),
             carried: Carried::Nothing,
         }))
     }
@@ -302,11 +375,14 @@ struct Request {
     /// The worker's configuration, shared without borrowing the worker.
     config: Rc<FilterConfig>,
     worker: Rc<RefCell<Worker>>,
+    /// The worker's cache-hit tally, told when this request ends.
+    hits: Rc<HitTally>,
     /// Set while an endpoint-mode `POST` waits for its body.
     awaiting_body: bool,
-    /// The request's `x-request-id`, read in the header phase (headers cannot be
-    /// read once they have continued).
-    correlation_id: Option<String>,
+    /// The request's `x-request-id`, read when first needed (a cache hit never needs
+    /// it) but always in the header phase: headers cannot be read once they have
+    /// continued, so an endpoint-mode `POST` reads it before waiting for its body.
+    correlation_id: OnceCell<Option<String>>,
     /// The token this request carries upstream, to purge it if the upstream rejects it.
     carried: Carried,
 }
@@ -330,8 +406,15 @@ impl Request {
         header_text(MapType::HttpRequestHeaders, name)
     }
 
+    /// The request's `x-request-id`; only valid in the header phase unless already read.
+    fn correlation_id(&self) -> Option<String> {
+        self.correlation_id
+            .get_or_init(|| header_text(MapType::HttpRequestHeaders, "x-request-id"))
+            .clone()
+    }
+
     fn reject(&self, error: &TokenError, tenant_id: Option<&str>) -> Action {
-        let body = error.to_body(tenant_id, self.correlation_id.as_deref());
+        let body = error.to_body(tenant_id, self.correlation_id().as_deref());
         send_json(error.http_status(), &body.to_json());
         Action::Pause
     }
@@ -345,17 +428,15 @@ impl Request {
                 None,
             );
         };
-        let correlation_id = self.correlation_id.clone();
         let purge_on = !self.config.purge.statuses.is_empty() && delivery == Delivery::Inject;
         let carried_key = purge_on.then(|| key.clone());
         let ask = TokenAsk {
             context_id: self.context_id,
             key,
-            correlation_id,
             delivery,
             force_refresh,
         };
-        match worker.on_request(&mut host, ask) {
+        match worker.on_request(&mut host, ask, || self.correlation_id()) {
             Decision::Cached(token) => match delivery {
                 Delivery::Inject => {
                     let bearer =
@@ -427,6 +508,7 @@ impl Request {
                 None,
             ),
             Some("POST") => {
+                let _ = self.correlation_id();
                 // The body is read in `on_http_request_body`. Pausing here would stop
                 // Envoy from delivering it (proxy-wasm turns a paused header phase into
                 // StopAllIteration), so the headers continue and the body is held; an
@@ -449,7 +531,6 @@ impl Context for Request {}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        self.correlation_id = self.header("x-request-id");
         let config = Rc::clone(&self.config);
         match config.mode {
             Mode::Inject => self.inject(&config),
@@ -501,6 +582,9 @@ impl HttpContext for Request {
 
 impl Drop for Request {
     fn drop(&mut self) {
+        if let Some(hits) = self.hits.request_ended() {
+            self.host.add(Metric::CacheHit, hits);
+        }
         if let Ok(mut worker) = self.worker.try_borrow_mut() {
             worker.on_request_gone(self.context_id);
         }

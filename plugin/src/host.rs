@@ -4,7 +4,7 @@
 use tokengate_core::ErrorCode;
 
 /// Severity of a log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     /// Per-request detail (cache hits).
     Debug,
@@ -117,6 +117,14 @@ pub trait Host {
     fn shared_get(&self, key: &str) -> Option<Vec<u8>>;
     /// Writes a value shared by all workers of this Envoy.
     fn shared_set(&mut self, key: &str, value: &[u8]);
+    /// Reads a shared value with its version, for [`Host::shared_replace`].
+    fn shared_get_versioned(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    /// Writes a shared value only if it is still at `version`; false when another
+    /// worker wrote it since.
+    fn shared_replace(&mut self, key: &str, value: &[u8], version: u32) -> bool;
+    /// Wakes the worker that registered wake queue `queue` (its `on_wake` runs soon, on
+    /// its own thread).
+    fn wake(&mut self, queue: u32);
     /// Sets `header: value` on paused request `context_id` and resumes it.
     /// Returns false when that request is gone.
     fn resume_with_header(&mut self, context_id: u32, header: &str, value: &str) -> bool;
@@ -124,8 +132,14 @@ pub trait Host {
     fn reply_json(&mut self, context_id: u32, status: u16, body: &[u8]) -> bool;
     /// Sets how often the worker's `on_tick` runs; 0 stops it.
     fn set_tick_period_ms(&mut self, period_ms: u64);
+    /// Adds `amount` to a counter.
+    fn add(&mut self, metric: Metric, amount: u64);
     /// Adds one to a counter.
-    fn count(&mut self, metric: Metric);
+    fn count(&mut self, metric: Metric) {
+        self.add(metric, 1);
+    }
+    /// The least severe level the host writes; lines below it are dropped.
+    fn log_level(&self) -> Level;
     /// Writes a log line. Callers never pass secrets.
     fn log(&mut self, level: Level, message: &str);
 }

@@ -8,6 +8,11 @@
 //! companion's lock is the authority. Shared data has no delete either: a finished
 //! fetch leaves the marker released, or holding its error briefly so the waiting
 //! workers answer with it instead of each retrying a failing fetch.
+//!
+//! A waiting worker adds its wake queue (a proxy-wasm shared queue it registered) to
+//! the marker, with a compare-and-swap write; the owner releases the marker the same
+//! way and then wakes every queue it found there, so the waiters resume at once
+//! instead of on their next poll of the shared cache (which stays as the fallback).
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +32,9 @@ pub struct Marker {
     /// The error the fetch ended with, for the workers that waited on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<SharedError>,
+    /// The wake queues of the workers waiting on this fetch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiters: Vec<u32>,
 }
 
 /// A fetch error as stored in the marker.
@@ -61,6 +69,7 @@ impl Marker {
             owner,
             until_ms,
             error: None,
+            waiters: Vec::new(),
         }
     }
 
@@ -73,6 +82,7 @@ impl Marker {
                 code: error.code,
                 message: error.message.clone(),
             }),
+            waiters: Vec::new(),
         }
     }
 
@@ -125,6 +135,17 @@ mod tests {
             Marker::release(5_000, None).peer_state(8, 5_500),
             Peer::Free
         );
+    }
+
+    #[test]
+    fn waiters_survive_the_round_trip_and_a_marker_without_them_reads_as_before() {
+        let mut marker = Marker::claim(7, 1_000);
+        assert_eq!(
+            String::from_utf8(marker.encode()).unwrap(),
+            r#"{"owner":7,"untilMs":1000}"#
+        );
+        marker.waiters = vec![3, 9];
+        assert_eq!(Marker::decode(&marker.encode()), Some(marker));
     }
 
     #[test]

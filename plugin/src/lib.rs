@@ -4,6 +4,7 @@
 //! - [`worker`]: per-worker logic (cache, in-flight fetches, paused requests), host-agnostic.
 //! - [`host`]: the host functions and stats the logic needs, as a trait.
 //! - [`inflight`]: the per-Envoy in-flight marker in shared data (tier 2 of collapsing).
+//! - [`hits`]: cache hits counted per worker, added to their stat in batches.
 //! - `filter` (wasm32 only): the proxy-wasm root and HTTP contexts, thin glue over [`worker`].
 
 #![cfg_attr(
@@ -12,6 +13,7 @@
 )]
 
 pub mod config;
+pub mod hits;
 pub mod host;
 pub mod inflight;
 pub mod worker;

@@ -40,6 +40,7 @@ use tokengate_core::{
 };
 
 use crate::config::{FetchBy, FilterConfig};
+use crate::hits::HitTally;
 use crate::host::{Callout, Host, Level, Metric};
 use crate::inflight::{Marker, Peer, marker_key};
 
@@ -68,8 +69,6 @@ pub struct TokenAsk {
     pub context_id: u32,
     /// The token wanted.
     pub key: TokenKey,
-    /// Its `x-request-id`, for the log line and the error body.
-    pub correlation_id: Option<String>,
     /// How to deliver the token.
     pub delivery: Delivery,
     /// Skip the caches (endpoint mode's `forceRefresh`).
@@ -156,6 +155,9 @@ pub struct Worker {
     fetch_config: FetchConfig,
     /// Names this worker in the per-Envoy in-flight markers; unique per Envoy.
     worker_id: u64,
+    /// This worker's wake queue, which it leaves in the marker of a peer's fetch it
+    /// waits on; `None` when the host registered none (then it only polls).
+    wake_queue: Option<u32>,
     /// In-flight fetches of this worker, one per key.
     fetches: HashMap<TokenKey, Fetch>,
     /// Outstanding callouts: id -> the key and why it was sent.
@@ -172,12 +174,25 @@ pub struct Worker {
     pending_invalidations: Vec<(TokenKey, SecretString)>,
     /// After a failed refresh-ahead, no new one for the key before this moment.
     refresh_retry_at_ms: HashMap<TokenKey, u64>,
+    /// Cache hits not yet added to their stat (shared with the request contexts, which
+    /// report when they end).
+    hits: Rc<HitTally>,
+    /// Whether the host writes debug lines (the per-hit line is only built then), and
+    /// when that was last asked.
+    debug_logging: Option<(bool, u64)>,
 }
 
 /// Tick period while work waits for the root context.
 const KICK_TICK_MS: u64 = 1;
-/// Tick period while waiting for another worker's fetch (polls the shared cache).
-const PEER_POLL_TICK_MS: u64 = 5;
+/// Tick period while waiting for another worker's fetch: polls the shared cache, in
+/// case the wake-up through the marker is missed (the owner gone, a lost race).
+const PEER_POLL_TICK_MS: u64 = 1;
+/// Attempts at a compare-and-swap write of a marker before giving up (waiting) or
+/// writing unconditionally (releasing).
+const MARKER_WRITE_ATTEMPTS: usize = 4;
+/// How long the host's log level is trusted before it is asked again (a level changed
+/// at run time shows in the per-hit lines within this long).
+const LOG_LEVEL_TTL_MS: u64 = 1_000;
 /// Longest tick period while a backoff is pending.
 const MAX_TICK_MS: u64 = 1_000;
 /// Length of the local limiter's window.
@@ -188,13 +203,15 @@ const LOCAL_WINDOWS_PRUNE_AT: usize = 4_096;
 const REFRESH_RETRY_MS: u64 = 5_000;
 
 impl Worker {
-    /// A worker with a validated configuration and an id unique within its Envoy.
-    pub fn new(config: FilterConfig, worker_id: u64) -> Self {
+    /// A worker with a validated configuration, an id unique within its Envoy and the
+    /// wake queue it registered, if any.
+    pub fn new(config: FilterConfig, worker_id: u64, wake_queue: Option<u32>) -> Self {
         let fetch_config = config.fetch_config();
         Self {
             config: Rc::new(config),
             fetch_config,
             worker_id,
+            wake_queue,
             fetches: HashMap::new(),
             callouts: HashMap::new(),
             companion_down_until_ms: 0,
@@ -203,7 +220,14 @@ impl Worker {
             delivered: HashMap::new(),
             pending_invalidations: Vec::new(),
             refresh_retry_at_ms: HashMap::new(),
+            hits: Rc::default(),
+            debug_logging: None,
         }
+    }
+
+    /// The tally of cache hits, for the request contexts to report their end to.
+    pub fn hits(&self) -> &Rc<HitTally> {
+        &self.hits
     }
 
     /// The configuration in force.
@@ -212,7 +236,14 @@ impl Worker {
     }
 
     /// A request for a token arrived: serve it from the cache or pause it on a fetch.
-    pub fn on_request(&mut self, host: &mut impl Host, ask: TokenAsk) -> Decision {
+    /// `correlation_id` reads the request's `x-request-id` (for log lines and error
+    /// bodies), only when needed: on a miss, or for a hit's debug line.
+    pub fn on_request(
+        &mut self,
+        host: &mut impl Host,
+        ask: TokenAsk,
+        correlation_id: impl FnOnce() -> Option<String>,
+    ) -> Decision {
         let now_ms = host.now_ms();
         // A forced refresh is rate-limited like a purge; a refused one is served as usual.
         let force_refresh = ask.force_refresh && {
@@ -226,15 +257,19 @@ impl Worker {
                 if entry.wants_refresh(now_ms) {
                     self.refresh_ahead(host, &ask.key, entry.token.expires_at_ms, now_ms);
                 }
-                host.count(Metric::CacheHit);
-                host.log(
-                    Level::Debug,
-                    &format!(
-                        "token request {} source=cache duration_ms=0 correlation_id={}",
-                        ask.key,
-                        ask.correlation_id.as_deref().unwrap_or("-")
-                    ),
-                );
+                if let Some(hits) = self.hits.hit(now_ms) {
+                    host.add(Metric::CacheHit, hits);
+                }
+                if self.debug_logging(host, now_ms) {
+                    host.log(
+                        Level::Debug,
+                        &format!(
+                            "token request {} source=cache duration_ms=0 correlation_id={}",
+                            ask.key,
+                            correlation_id().as_deref().unwrap_or("-")
+                        ),
+                    );
+                }
                 return Decision::Cached(entry.token);
             }
         }
@@ -242,7 +277,7 @@ impl Worker {
         let waiter = Waiter {
             context_id: ask.context_id,
             delivery: ask.delivery,
-            correlation_id: ask.correlation_id,
+            correlation_id: correlation_id(),
             arrived_ms: now_ms,
         };
         let fetch = self
@@ -258,6 +293,22 @@ impl Worker {
         fetch.waiters.push(waiter);
         self.schedule_tick(host);
         Decision::Pause
+    }
+
+    /// Whether the host writes debug lines, asked at most once per [`LOG_LEVEL_TTL_MS`].
+    fn debug_logging(&mut self, host: &impl Host, now_ms: u64) -> bool {
+        match self.debug_logging {
+            Some((enabled, asked_at_ms))
+                if now_ms.saturating_sub(asked_at_ms) < LOG_LEVEL_TTL_MS =>
+            {
+                enabled
+            }
+            _ => {
+                let enabled = host.log_level() <= Level::Debug;
+                self.debug_logging = Some((enabled, now_ms));
+                enabled
+            }
+        }
     }
 
     /// The request `context_id` ended (answered, reset or finished): forget it.
@@ -338,6 +389,9 @@ impl Worker {
     /// The worker's timer fired: start queued fetches, check on other workers' fetches
     /// and resume due backoffs.
     pub fn on_tick(&mut self, host: &mut impl Host) {
+        if let Some(hits) = self.hits.take() {
+            host.add(Metric::CacheHit, hits);
+        }
         for (key, token) in std::mem::take(&mut self.pending_invalidations) {
             self.send_invalidate(host, key, token);
         }
@@ -362,6 +416,21 @@ impl Worker {
                 Some(Stage::Fetching { .. }) => self.drive(host, &key),
                 _ => {}
             }
+        }
+        self.schedule_tick(host);
+    }
+
+    /// Another worker finished a fetch this one waits on: check now instead of on the
+    /// next poll.
+    pub fn on_wake(&mut self, host: &mut impl Host) {
+        let waiting: Vec<TokenKey> = self
+            .fetches
+            .iter()
+            .filter(|(_, fetch)| matches!(fetch.stage, Stage::WaitingOnPeer))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in waiting {
+            self.check_peer(host, key);
         }
         self.schedule_tick(host);
     }
@@ -525,6 +594,60 @@ impl Worker {
         if let Some(fetch) = self.fetches.get_mut(key) {
             fetch.stage = Stage::WaitingOnPeer;
             host.count(Metric::CollapsedWaiter);
+            self.ask_to_be_woken(host, key);
+        }
+    }
+
+    /// Leaves this worker's wake queue in `key`'s marker while another worker holds it.
+    /// Gives up quietly (the poll remains) when the marker keeps changing or is free.
+    fn ask_to_be_woken(&self, host: &mut impl Host, key: &TokenKey) {
+        let Some(queue) = self.wake_queue else { return };
+        let now_ms = host.now_ms();
+        let marker_key = marker_key(key);
+        for _ in 0..MARKER_WRITE_ATTEMPTS {
+            let Some((bytes, version)) = host.shared_get_versioned(&marker_key) else {
+                return;
+            };
+            let Some(mut marker) = Marker::decode(&bytes) else {
+                return;
+            };
+            if marker.peer_state(self.worker_id, now_ms) != Peer::Busy
+                || marker.waiters.contains(&queue)
+            {
+                return;
+            }
+            marker.waiters.push(queue);
+            if host.shared_replace(&marker_key, &marker.encode(), version) {
+                return;
+            }
+        }
+    }
+
+    /// Writes `released` over `key`'s marker and wakes the workers that asked to be.
+    /// The write only succeeds on the version read, so a waiter that adds itself in
+    /// between is not lost; after repeated races it is written anyway.
+    fn release_marker(&self, host: &mut impl Host, key: &TokenKey, released: &Marker) {
+        let marker_key = marker_key(key);
+        let encoded = released.encode();
+        let mut waiters = Vec::new();
+        let mut written = false;
+        for _ in 0..MARKER_WRITE_ATTEMPTS {
+            let Some((bytes, version)) = host.shared_get_versioned(&marker_key) else {
+                break;
+            };
+            waiters = Marker::decode(&bytes).map_or_else(Vec::new, |marker| marker.waiters);
+            if host.shared_replace(&marker_key, &encoded, version) {
+                written = true;
+                break;
+            }
+        }
+        if !written {
+            host.shared_set(&marker_key, &encoded);
+        }
+        for queue in waiters {
+            if Some(queue) != self.wake_queue {
+                host.wake(queue);
+            }
         }
     }
 
@@ -920,10 +1043,7 @@ impl Worker {
                 };
                 host.shared_set(&shared_data_key(key), &entry.encode());
             }
-            host.shared_set(
-                &marker_key(key),
-                &Marker::release(now_ms, result.as_ref().err()).encode(),
-            );
+            self.release_marker(host, key, &Marker::release(now_ms, result.as_ref().err()));
         }
         let token = match result {
             Ok(token) => {
