@@ -276,14 +276,28 @@ impl Context for Root {
     fn on_http_call_response(
         &mut self,
         token_id: u32,
-        _num_headers: usize,
+        num_headers: usize,
         body_size: usize,
         _num_trailers: usize,
     ) {
         let Some(worker) = &self.worker else { return };
-        let status = header_text(MapType::HttpCallResponseHeaders, ":status")
+        // No headers: Envoy has no answer for the call (it was reset, or its body went
+        // over the async client's buffer limit), and reading its headers would make the
+        // SDK panic on Envoy's BadArgument, aborting the VM.
+        let status = (num_headers > 0)
+            .then(|| header_text(MapType::HttpCallResponseHeaders, ":status"))
+            .flatten()
             .and_then(|status| status.parse::<u16>().ok());
         let result = match status {
+            Some(status) if body_size > MAX_CALLOUT_BODY => {
+                let _ = hostcalls::log(
+                    LogLevel::Warn,
+                    &format!(
+                        "callout answer {status} of {body_size} bytes is larger than {MAX_CALLOUT_BODY}: treated as no answer"
+                    ),
+                );
+                CalloutResult::NoResponse
+            }
             Some(status) => {
                 let retry_after_secs = header_text(MapType::HttpCallResponseHeaders, "retry-after")
                     .and_then(|value| value.trim().parse::<u64>().ok());
@@ -399,6 +413,12 @@ enum Carried {
 
 /// Largest `POST /auth/token` body read.
 const MAX_TOKEN_REQUEST_BODY: usize = 16 * 1024;
+
+/// Largest callout answer read into the VM (the companion's bound on the same answers).
+/// Tenant Service, login and companion answers are a few hundred bytes; a VM that cannot
+/// grow its memory for a huge one aborts, and every later request of its worker fails.
+/// A larger answer is not read and counts as no answer, which the fetch retries.
+const MAX_CALLOUT_BODY: usize = 64 * 1024;
 
 impl Request {
     /// A request header; only valid in the header phase.
