@@ -62,11 +62,20 @@ pub fn plant_secret(document: &[u8], pointers: &[&str]) -> Option<Vec<u8>> {
         }
     }
     let planted_document = serde_json::to_vec(&value).ok()?;
-    let occurrences = planted_document
+    (planted > 0 && occurrences(&planted_document) == planted).then_some(planted_document)
+}
+
+/// Whether fuzzed `bytes` hold the marker already (the fuzzer learns it from the
+/// comparisons in [`assert_hidden`]): an echo of such input proves nothing.
+pub fn holds_secret(bytes: &[u8]) -> bool {
+    occurrences(bytes) > 0
+}
+
+fn occurrences(bytes: &[u8]) -> usize {
+    bytes
         .windows(SECRET.len())
         .filter(|window| *window == SECRET.as_bytes())
-        .count();
-    (planted > 0 && occurrences == planted).then_some(planted_document)
+        .count()
 }
 
 /// Fails when `text` (described by `what`) repeats the planted secret.
