@@ -77,13 +77,11 @@ pub struct Fleet {
     pub envoys: Vec<Envoy>,
     /// Companions.
     pub companions: Vec<Companion>,
-    /// The one Redis (held so it runs as long as the fleet).
-    #[allow(dead_code)]
+    /// The one Redis (the soak restarts it).
     pub redis: Redis,
     /// The stand-in Tenant Service and login (and the stand-in echo, unused).
     pub standins: StandIns,
     /// Logs and configs (removed with the fleet).
-    #[allow(dead_code)]
     pub dir: tempfile::TempDir,
 }
 

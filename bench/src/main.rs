@@ -3,13 +3,15 @@
 //! ```text
 //! tokengate-bench run [--quick] [--out BENCHMARKS.md] [--only hit,stampede,wakeup,rollover,lease,footprint]
 //! tokengate-bench echo --listen 127.0.0.1:PORT     # the fast upstream (started by `run`)
+//! tokengate-bench soak [--minutes 12] [--out SOAK.md]  # the soak (scripts/soak)
 //! ```
 //!
 //! `run` starts everything on loopback (stand-ins in this process; Redis, companions,
 //! Envoys, the echo upstream and wrk as processes), runs the scenarios and writes the
 //! report. It expects release builds: `scripts/bench` builds them and points
 //! `TOKENGATE_COMPANION` at the release companion. See `BENCHMARKS.md` for what each
-//! scenario measures and how.
+//! scenario measures and how. `soak` holds load with short-lived tokens and a fault
+//! every minute and writes `SOAK.md` (see `scenarios::soak`).
 
 mod client;
 mod echo;
@@ -33,7 +35,7 @@ use tokengate_tests::standins::{Endpoint, Fixture};
 use crate::fleet::{EchoProcess, Fleet, FleetSpec};
 use crate::machine::Machine;
 use crate::report::Report;
-use crate::scenarios::{footprint, hit_path, lease, rollover, stampede, wakeup};
+use crate::scenarios::{footprint, hit_path, lease, rollover, soak, stampede, wakeup};
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks of tokengate (scripts/bench)")]
@@ -81,6 +83,39 @@ enum Cmd {
         /// An experiment: another build of tokengate.wasm, measured as (c2) next to (c).
         #[arg(long)]
         alt_wasm: Option<PathBuf>,
+    },
+    /// Holds load with 10 s tokens and a fault every minute; writes the soak report.
+    Soak {
+        /// Minutes of load.
+        #[arg(long, default_value_t = 12.0)]
+        minutes: f64,
+        /// Requests per second, all connections together.
+        #[arg(long, default_value_t = 400)]
+        rate: u32,
+        /// Concurrent connections (loops).
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Genesys tenants.
+        #[arg(long, default_value_t = 20)]
+        tenants: usize,
+        /// Seconds between faults.
+        #[arg(long, default_value_t = 60)]
+        fault_every_secs: u64,
+        /// Seconds of warm-up before memory growth is measured.
+        #[arg(long, default_value_t = 120)]
+        warmup_secs: u64,
+        /// Where to write the report.
+        #[arg(long, default_value = "SOAK.md")]
+        out: PathBuf,
+        /// Where to copy the processes' logs.
+        #[arg(long, default_value = "target/soak-logs")]
+        logs: PathBuf,
+        /// How the run was started, for the report.
+        #[arg(long, default_value = "tokengate-bench soak")]
+        command_line: String,
+        /// A remark for the report, e.g. what else ran on the machine.
+        #[arg(long)]
+        note: Option<String>,
     },
     /// Serves the benchmark's upstream until killed.
     Echo {
@@ -158,15 +193,8 @@ fn main() -> ExitCode {
             rounds,
             alt_wasm,
         } => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    eprintln!("bench: no runtime: {error}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
             };
             let options = Options {
                 quick,
@@ -201,6 +229,70 @@ fn main() -> ExitCode {
                 }
                 ExitCode::FAILURE
             }
+        }
+        Cmd::Soak {
+            minutes,
+            rate,
+            connections,
+            tenants,
+            fault_every_secs,
+            warmup_secs,
+            out,
+            logs,
+            command_line,
+            note,
+        } => {
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            let settings = soak::Settings {
+                duration: Duration::from_secs_f64(minutes.max(0.1) * 60.0),
+                rate: rate.max(1),
+                connections: connections.max(1),
+                tenants: tenants.max(1),
+                fault_every: Duration::from_secs(fault_every_secs),
+                warmup: Duration::from_secs(warmup_secs),
+                logs,
+                command_line,
+                note,
+            };
+            let found = match runtime.block_on(soak::run(settings)) {
+                Ok(found) => found,
+                Err(error) => {
+                    eprintln!("soak: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let text = soak::render(&found);
+            println!("{text}");
+            if let Err(error) = std::fs::write(&out, &text) {
+                eprintln!("soak: cannot write {}: {error}", out.display());
+                return ExitCode::FAILURE;
+            }
+            eprintln!("soak: wrote {}", out.display());
+            let missed: Vec<_> = found.goals().into_iter().filter(|g| !g.met).collect();
+            for goal in &missed {
+                eprintln!("soak: goal missed: {}: {}", goal.name, goal.detail);
+            }
+            if missed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// The multi-threaded runtime the benchmarks run on.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Some(runtime),
+        Err(error) => {
+            eprintln!("bench: no runtime: {error}");
+            None
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::Results;
+use crate::machine::Machine;
 use crate::scenarios::hit_path::{CONTROL, ConfigRuns, HitPath};
 use crate::stats::{Latencies, ms};
 
@@ -12,12 +13,22 @@ const FINDINGS: &str = include_str!("../findings.md");
 /// The report of one run.
 pub struct Report<'a>(pub &'a Results);
 
-fn verdict(ok: bool) -> &'static str {
+pub(crate) fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "**missed**" }
 }
 
-fn kib_mib(kib: u64) -> String {
+pub(crate) fn kib_mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// The head of a "machine" table: CPUs, memory, kernel, Envoy.
+pub(crate) fn machine_rows(out: &mut String, m: &Machine) {
+    let _ = writeln!(out, "| | |\n|---|---|");
+    let _ = writeln!(out, "| CPUs (`nproc`) | {} |", m.cpus);
+    let _ = writeln!(out, "| CPU model | {} |", m.cpu_model);
+    let _ = writeln!(out, "| memory | {} |", kib_mib(m.mem_total_kib));
+    let _ = writeln!(out, "| kernel | {} |", m.kernel);
+    let _ = writeln!(out, "| Envoy | {} |", m.envoy);
 }
 
 fn lat_row(name: &str, l: &Latencies) -> String {
@@ -216,12 +227,7 @@ impl Report<'_> {
         let r = self.0;
         let m = &r.machine;
         let _ = writeln!(out, "## Machine and run\n");
-        let _ = writeln!(out, "| | |\n|---|---|");
-        let _ = writeln!(out, "| CPUs (`nproc`) | {} |", m.cpus);
-        let _ = writeln!(out, "| CPU model | {} |", m.cpu_model);
-        let _ = writeln!(out, "| memory | {} |", kib_mib(m.mem_total_kib));
-        let _ = writeln!(out, "| kernel | {} |", m.kernel);
-        let _ = writeln!(out, "| Envoy | {} |", m.envoy);
+        machine_rows(out, m);
         let _ = writeln!(out, "| wrk | {} |", m.wrk);
         let _ = writeln!(out, "| Redis | {} |", m.redis);
         let _ = writeln!(out, "| command | `{}` |", r.command_line);

@@ -1,8 +1,9 @@
-//! The six scenarios of `BENCHMARKS.md`.
+//! The six scenarios of `BENCHMARKS.md`, and the soak (`SOAK.md`).
 
 pub mod footprint;
 pub mod hit_path;
 pub mod lease;
 pub mod rollover;
+pub mod soak;
 pub mod stampede;
 pub mod wakeup;

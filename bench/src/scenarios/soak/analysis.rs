@@ -1,0 +1,374 @@
+//! What the soak found, put together: the loops' records, the tokens' intervals, the
+//! memory readings and the processes' counters.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tokengate_tests::harness::Companion;
+
+use super::load::LoopRecord;
+use super::{
+    EARLY_TOLERANCE, Extra, Failure, Injected, MemoryRow, MemorySample, Minute, Settings, Tokens,
+};
+use crate::stats::{Latencies, micros};
+
+/// The filter's counters (`tokengate.*`) from an Envoy's admin `/stats`.
+pub async fn envoy_counters(admin_port: u16) -> BTreeMap<String, u64> {
+    let url = format!("http://127.0.0.1:{admin_port}/stats?filter=tokengate");
+    let text = match reqwest::get(&url).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once(": ")?;
+            let name = name.strip_prefix("wasmcustom.").unwrap_or(name);
+            if !name.starts_with("tokengate.") {
+                return None;
+            }
+            Some((name.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// A companion's lease outcomes and Redis health transitions from `/metrics`.
+pub async fn companion_counters(companion: &Companion) -> BTreeMap<String, u64> {
+    let url = format!("http://127.0.0.1:{}/metrics", companion.port);
+    let text = match reqwest::get(&url).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .filter(|line| {
+            line.starts_with("tokengate_companion_leases_total{")
+                || line.starts_with("tokengate_companion_redis_health_transitions_total{")
+        })
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_owned(), value.trim().parse::<f64>().ok()? as u64))
+        })
+        .collect()
+}
+
+pub fn add_counters(total: &mut BTreeMap<String, u64>, more: &BTreeMap<String, u64>) {
+    for (name, value) in more {
+        *total.entry(name.clone()).or_default() += value;
+    }
+}
+
+/// The loops' records together.
+pub struct Merged {
+    /// Per minute.
+    pub minutes: Vec<Minute>,
+    /// Every failure, classified.
+    pub failures: Vec<Failure>,
+    /// Slow requests: when, and how long (microseconds).
+    pub slow: Vec<(Duration, u64)>,
+    /// Requests sent.
+    pub requests: u64,
+}
+
+/// Folds the loops' records into minutes, failures (classified) and slow requests.
+pub fn merge(records: Vec<LoopRecord>, faults: &[Injected]) -> Merged {
+    let mut per_minute: Vec<Vec<u64>> = Vec::new();
+    let mut failures = Vec::new();
+    let mut slow = Vec::new();
+    let mut requests = 0;
+    for record in records {
+        requests += record.sent;
+        if per_minute.len() < record.per_minute.len() {
+            per_minute.resize(record.per_minute.len(), Vec::new());
+        }
+        for (minute, latencies) in record.per_minute.into_iter().enumerate() {
+            per_minute[minute].extend(latencies);
+        }
+        failures.extend(record.failures);
+        slow.extend(record.slow);
+    }
+    for failure in &mut failures {
+        failure.expected = faults.iter().any(|fault| {
+            fault.covers(failure.at) && fault.kind.expected_codes().contains(&failure.code.as_str())
+        });
+    }
+    failures.sort_by_key(|f| f.at);
+    slow.sort_unstable();
+    let minutes = per_minute
+        .iter()
+        .enumerate()
+        .map(|(index, latencies)| {
+            let range =
+                Duration::from_secs(index as u64 * 60)..Duration::from_secs(index as u64 * 60 + 60);
+            Minute {
+                latency: Latencies::of(latencies),
+                failures: failures.iter().filter(|f| range.contains(&f.at)).count(),
+                faults: faults
+                    .iter()
+                    .filter(|f| range.contains(&f.at))
+                    .map(|f| f.kind)
+                    .collect(),
+            }
+        })
+        .collect();
+    Merged {
+        minutes,
+        failures,
+        slow,
+        requests,
+    }
+}
+
+/// Classifies each tenant's tokens. A token succeeds the newest earlier one that has
+/// reached its refresh moment and has no successor yet (older ones without a successor
+/// are superseded then: after two Envoys fetched in parallel, the next refresh of
+/// either one is no extra call); a token with no such predecessor is an extra call.
+/// A tenant's first token (the warm-up's) succeeds nothing.
+pub fn analyse_tokens(
+    times: &[Vec<Instant>],
+    tenants: &[String],
+    epoch: Instant,
+    faults: &[Injected],
+) -> Tokens {
+    let refresh_moment = Settings::refresh_moment();
+    let served_for = Settings::served_for();
+    let mut tokens = Tokens::default();
+    let mut intervals = Vec::new();
+    for (tenant, issued) in tenants.iter().zip(times) {
+        tokens
+            .per_tenant
+            .push(issued.iter().filter(|at| **at >= epoch).count());
+        // Tokens without a successor yet, oldest first.
+        let mut open: Vec<Instant> = Vec::new();
+        for (index, issued_at) in issued.iter().enumerate() {
+            let at = issued_at.saturating_duration_since(epoch);
+            let predecessor = open
+                .iter()
+                .rposition(|earlier| *earlier + refresh_moment <= *issued_at + EARLY_TOLERANCE);
+            match predecessor {
+                Some(position) => {
+                    let after = issued_at.duration_since(open[position]);
+                    intervals.push(micros(after));
+                    if after > served_for + EARLY_TOLERANCE {
+                        tokens.late.push(at);
+                    } else {
+                        tokens.on_time += 1;
+                    }
+                    open.drain(..=position);
+                }
+                None if index > 0 => {
+                    // The latest fault whose wake covers it.
+                    let fault = faults.iter().rposition(|fault| {
+                        fault.covers(at) && fault.kind.extra_tokens_reason().is_some()
+                    });
+                    tokens.extras.push(Extra {
+                        at,
+                        tenant: tenant.clone(),
+                        after: issued_at.duration_since(issued[index - 1]),
+                        fault,
+                    });
+                }
+                None => {}
+            }
+            open.push(*issued_at);
+        }
+    }
+    tokens.intervals = Latencies::of(&intervals);
+    tokens.extras.sort_by_key(|e| e.at);
+    tokens.late.sort_unstable();
+    tokens
+}
+
+/// Groups the readings by process instance and finds each one's baseline.
+pub fn memory_rows(samples: &[MemorySample], warmup: Duration) -> Vec<MemoryRow> {
+    let mut rows: Vec<MemoryRow> = Vec::new();
+    for sample in samples {
+        let reading = (sample.at, sample.rss_kib);
+        match rows
+            .iter_mut()
+            .find(|row| row.process == sample.process && row.pid == sample.pid)
+        {
+            Some(row) => {
+                row.max_kib = row.max_kib.max(sample.rss_kib);
+                row.last = reading;
+            }
+            None => rows.push(MemoryRow {
+                process: sample.process.clone(),
+                pid: sample.pid,
+                first: reading,
+                max_kib: sample.rss_kib,
+                last: reading,
+                baseline: None,
+            }),
+        }
+    }
+    for row in &mut rows {
+        // Processes started before the load have their first reading at 0.
+        let from = row.first.0 + warmup;
+        row.baseline = samples
+            .iter()
+            .filter(|s| s.process == row.process && s.pid == row.pid && s.at >= from)
+            .map(|s| (s.at, s.rss_kib))
+            .next()
+            .filter(|(at, _)| *at < row.last.0);
+    }
+    rows.sort_by(|a, b| a.process.cmp(&b.process).then(a.first.0.cmp(&b.first.0)));
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenarios::soak::{FaultKind, MEMORY_GROWTH_FLOOR_KIB as MEMORY_FLOOR};
+
+    fn at(epoch: Instant, ms: u64) -> Instant {
+        epoch + Duration::from_millis(ms)
+    }
+
+    fn analyse(issued_ms: &[u64], faults: &[Injected]) -> Tokens {
+        let epoch = Instant::now();
+        let times = vec![issued_ms.iter().map(|ms| at(epoch, *ms)).collect()];
+        analyse_tokens(&times, &["acme".to_owned()], epoch, faults)
+    }
+
+    fn fault(kind: FaultKind, at_ms: u64) -> Injected {
+        Injected {
+            kind,
+            at: Duration::from_millis(at_ms),
+            ended: Duration::from_millis(at_ms) + kind.hold(),
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn refreshes_on_the_refresh_moment_are_one_call_per_generation() {
+        let tokens = analyse(&[0, 7_010, 14_030, 21_100], &[]);
+        assert_eq!(tokens.on_time, 3);
+        assert!(tokens.extras.is_empty());
+        assert!(tokens.late.is_empty());
+        assert_eq!(tokens.per_tenant, [4]);
+    }
+
+    #[test]
+    fn a_token_before_the_refresh_moment_is_an_extra_call_explained_only_by_a_fault() {
+        let tokens = analyse(&[0, 3_000], &[]);
+        assert_eq!(tokens.extras.len(), 1);
+        assert_eq!(tokens.extras[0].after, Duration::from_millis(3_000));
+        assert_eq!(tokens.extras[0].fault, None);
+
+        let slow_idp = analyse(&[0, 3_000], &[fault(FaultKind::IdpSlow, 2_000)]);
+        assert_eq!(
+            slow_idp.extras[0].fault, None,
+            "a slow IdP explains no extra call"
+        );
+        let companion = analyse(&[0, 3_000], &[fault(FaultKind::CompanionKill, 2_000)]);
+        assert_eq!(companion.extras[0].fault, Some(0));
+        let long_after = analyse(&[0, 60_000, 63_000], &[fault(FaultKind::CompanionKill, 0)]);
+        assert_eq!(long_after.extras[0].fault, None, "outside the fault's wake");
+    }
+
+    #[test]
+    fn after_a_parallel_fetch_the_next_refresh_succeeds_either_token() {
+        // Two Envoys fetched 50 ms apart (one extra call); then one refresh of the
+        // newer token, then the usual cadence.
+        let tokens = analyse(&[0, 7_000, 7_050, 14_060, 21_070], &[]);
+        assert_eq!(tokens.extras.len(), 1);
+        assert_eq!(tokens.extras[0].at, Duration::from_millis(7_050));
+        assert_eq!(tokens.on_time, 3);
+        // Parallel tokens that then both refresh are two chains: the second refresh is
+        // a further extra call.
+        let both = analyse(&[0, 50, 7_000, 7_050], &[]);
+        assert_eq!(both.extras.len(), 2);
+    }
+
+    #[test]
+    fn a_successor_after_the_end_of_service_is_late() {
+        let tokens = analyse(&[0, 11_000], &[]);
+        assert_eq!(tokens.late, [Duration::from_millis(11_000)]);
+        assert!(tokens.extras.is_empty());
+    }
+
+    #[test]
+    fn allowances_cover_the_degraded_spell() {
+        let period = Settings::refresh_moment();
+        assert_eq!(FaultKind::IdpErrors.extra_tokens_allowed(period), 0);
+        // 5 s down + 5 s of local mode: two refreshes of a 7 s period can fall in it.
+        assert_eq!(FaultKind::CompanionKill.extra_tokens_allowed(period), 2);
+        assert_eq!(FaultKind::RedisRestart.extra_tokens_allowed(period), 1);
+    }
+
+    fn sample(at_secs: u64, process: &str, pid: u32, rss_kib: u64) -> MemorySample {
+        MemorySample {
+            at: Duration::from_secs(at_secs),
+            process: process.to_owned(),
+            pid,
+            rss_kib,
+        }
+    }
+
+    #[test]
+    fn memory_growth_is_measured_from_the_end_of_each_process_warm_up() {
+        let samples = [
+            sample(0, "envoy 0", 10, 90_000),
+            sample(0, "companion 0", 20, 15_000),
+            sample(120, "envoy 0", 10, 100_000),
+            sample(120, "companion 0", 20, 16_000),
+            sample(300, "companion 0", 21, 15_000),
+            sample(420, "companion 0", 21, 18_000),
+            sample(600, "envoy 0", 10, 104_000),
+            sample(600, "companion 0", 21, 22_000),
+        ];
+        let rows = memory_rows(&samples, Duration::from_secs(120));
+        let envoy = rows.iter().find(|r| r.pid == 10).expect("envoy");
+        assert_eq!(envoy.baseline, Some((Duration::from_secs(120), 100_000)));
+        assert_eq!(envoy.growth_kib(), Some(4_000));
+        assert_eq!(envoy.bound_kib(), Some(5_000));
+        assert!(envoy.within());
+        // The restarted companion is judged from 2 minutes after its own start.
+        let restarted = rows.iter().find(|r| r.pid == 21).expect("restarted");
+        assert_eq!(restarted.baseline, Some((Duration::from_secs(420), 18_000)));
+        assert_eq!(restarted.growth_kib(), Some(4_000));
+        assert_eq!(restarted.bound_kib(), Some(MEMORY_FLOOR));
+        assert!(restarted.within());
+        // The first companion lived until 2:00 only: too short to judge.
+        let first = rows.iter().find(|r| r.pid == 20).expect("first");
+        assert_eq!(first.baseline, None);
+        assert!(first.within());
+    }
+
+    #[test]
+    fn only_errors_the_fault_under_way_documents_are_expected() {
+        let failure = |at_ms: u64, code: &str| Failure {
+            at: Duration::from_millis(at_ms),
+            status: 503,
+            code: code.to_owned(),
+            expected: false,
+        };
+        let record = LoopRecord {
+            per_minute: vec![vec![1_000; 3], vec![2_000]],
+            failures: vec![
+                failure(61_000, "CACHE_UNAVAILABLE"),
+                failure(61_500, "COMPANION_UNAVAILABLE"),
+                failure(200_000, "CACHE_UNAVAILABLE"),
+            ],
+            slow: Vec::new(),
+            sent: 7,
+        };
+        let merged = merge(vec![record], &[fault(FaultKind::RedisPause, 60_000)]);
+        let expected: Vec<bool> = merged.failures.iter().map(|f| f.expected).collect();
+        assert_eq!(expected, [true, false, false]);
+        assert_eq!(merged.requests, 7);
+        assert_eq!(merged.minutes.len(), 2);
+        assert_eq!(merged.minutes[1].failures, 2);
+        assert_eq!(merged.minutes[1].faults, [FaultKind::RedisPause]);
+    }
+
+    #[test]
+    fn growth_beyond_the_bound_is_caught() {
+        let samples = [
+            sample(0, "envoy 1", 7, 100_000),
+            sample(120, "envoy 1", 7, 100_000),
+            sample(600, "envoy 1", 7, 106_000),
+        ];
+        let rows = memory_rows(&samples, Duration::from_secs(120));
+        assert!(!rows[0].within());
+    }
+}
