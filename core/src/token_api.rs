@@ -42,6 +42,13 @@ pub struct TokenRequest {
 impl TokenRequest {
     /// Reads a `POST /auth/token` body: `{"tenantId","type","forceRefresh"}`.
     pub fn from_json(body: &[u8]) -> Result<Self, TokenError> {
+        // serde would also take the fields in order from an array.
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return Err(TokenError::new(
+                ErrorCode::InvalidRequest,
+                "the body is not a token request: expected a JSON object",
+            ));
+        }
         let body: TokenRequestBody = serde_json::from_slice(body).map_err(|error| {
             TokenError::new(
                 ErrorCode::InvalidRequest,
@@ -155,6 +162,8 @@ mod tests {
             br#"{"tenantId":"acme","type":"slack"}"#,
             br#"{"tenantId":"a/b","type":"genesys"}"#,
             br#"{"tenantId":"acme","type":"genesys","forceRefresh":"yes"}"#,
+            br#"["acme","genesys"]"#,
+            b"",
         ] {
             let error = TokenRequest::from_json(body).unwrap_err();
             assert_eq!(

@@ -235,7 +235,19 @@ unsafe extern "C" {
     /// proxy-wasm ABI 0.2: the level of the host's log for this module (spdlog's
     /// numbering: 0 trace, 1 debug, 2 info, 3 warn, 4 error, 5 critical, 6 off).
     fn proxy_get_log_level(return_level: *mut u32) -> u32;
+    /// proxy-wasm ABI 0.2: sets a header (map 0: the request headers). Declared here
+    /// because the SDK's wrapper panics, aborting the VM, when the host refuses.
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
 }
+
+/// proxy-wasm's number for the request header map.
+const REQUEST_HEADER_MAP: u32 = 0;
 
 /// A header of `map` as text. Uses the bytes host call: the SDK's text variant panics
 /// (aborting the VM) on a value that is not UTF-8; here such bytes become U+FFFD, which
@@ -247,13 +259,57 @@ fn header_text(map: MapType, name: &str) -> Option<String> {
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// The request header that marks the filter's own answers for Envoy's
+/// `local_reply_config` (see `envoy/local.yaml.tmpl`): those pass unchanged, while
+/// Envoy's own refusals of bad requests get the same JSON shape.
+const REPLY_MARKER_HEADER: &str = "x-tokengate-reply";
+
 fn send_json(status: u16, body: &[u8]) -> bool {
+    // Best effort: once a request's headers went on (endpoint mode's POST), Envoy
+    // refuses changes to them; `Request::endpoint` marks those requests up front.
+    mark_reply_as_the_filters();
     hostcalls::send_http_response(
         u32::from(status),
         vec![("content-type", "application/json")],
         Some(body),
     )
     .is_ok()
+}
+
+/// A request header that names one thing (the tenant, the credential type) as text;
+/// an error when the request carries it more than once, since Envoy would hand the
+/// filter only the first value while the app may read another.
+fn single_request_header(name: &str) -> Result<Option<String>, TokenError> {
+    let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+    let mut values = headers
+        .into_iter()
+        .filter(|(header, _)| header == name)
+        .map(|(_, value)| String::from_utf8_lossy(&value).into_owned());
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(TokenError::new(
+            ErrorCode::InvalidRequest,
+            format!("the request carries {name} more than once"),
+        ));
+    }
+    Ok(first)
+}
+
+/// Sets [`REPLY_MARKER_HEADER`] on the current request; false if Envoy refused.
+fn mark_reply_as_the_filters() -> bool {
+    let (name, value) = (REPLY_MARKER_HEADER.as_bytes(), b"1");
+    // SAFETY: both pointers are valid for the lengths given for the whole call; the
+    // host copies them.
+    let status = unsafe {
+        proxy_replace_header_map_value(
+            REQUEST_HEADER_MAP,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    };
+    status == 0
 }
 
 /// One per worker: owns the worker state once the configuration is accepted.
@@ -493,7 +549,10 @@ impl Request {
     }
 
     fn inject(&mut self, config: &FilterConfig) -> Action {
-        let tenant = self.header(&config.tenant_header).unwrap_or_default();
+        let tenant = match single_request_header(&config.tenant_header) {
+            Ok(tenant) => tenant.unwrap_or_default(),
+            Err(error) => return self.reject(&error, None),
+        };
         match TenantId::parse(&tenant) {
             Ok(tenant_id) => self.ask(
                 TokenKey::new(config.provider, tenant_id),
@@ -516,8 +575,13 @@ impl Request {
         }
         match self.header(":method").as_deref() {
             Some("GET") => {
-                let tenant = self.header(&config.tenant_header);
-                let credential_type = self.header(CREDENTIAL_TYPE_HEADER);
+                let headers = single_request_header(&config.tenant_header).and_then(|tenant| {
+                    Ok((tenant, single_request_header(CREDENTIAL_TYPE_HEADER)?))
+                });
+                let (tenant, credential_type) = match headers {
+                    Ok(headers) => headers,
+                    Err(error) => return self.reject(&error, None),
+                };
                 match TokenRequest::from_headers(tenant.as_deref(), credential_type.as_deref()) {
                     Ok(request) => self.ask(request.key, Delivery::Respond, request.force_refresh),
                     Err(error) => self.reject(&error, None),
@@ -529,6 +593,9 @@ impl Request {
             ),
             Some("POST") => {
                 let _ = self.correlation_id();
+                // The answer comes after the headers went on, when they can no longer
+                // be marked: mark them now.
+                mark_reply_as_the_filters();
                 // The body is read in `on_http_request_body`. Pausing here would stop
                 // Envoy from delivering it (proxy-wasm turns a paused header phase into
                 // StopAllIteration), so the headers continue and the body is held; an

@@ -55,18 +55,23 @@ pub async fn receive(response: reqwest::Response) -> Received {
     let headers = response.headers().clone();
     let bytes = response.bytes().await.unwrap_or_default();
     let text = String::from_utf8_lossy(&bytes).into_owned();
-    SEEN_BODIES
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(SeenBody {
-            status,
-            text: text.clone(),
-        });
+    record_body(status, &text);
     Received {
         status,
         headers,
         text,
     }
+}
+
+/// Records a body read some other way (a raw socket, say) for the leak scan.
+pub fn record_body(status: u16, text: &str) {
+    SEEN_BODIES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(SeenBody {
+            status,
+            text: text.to_owned(),
+        });
 }
 
 /// Searches the logs in a folder and the bodies seen for leaked secrets when dropped
