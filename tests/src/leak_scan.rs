@@ -163,3 +163,48 @@ impl Drop for LeakScan {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::standins::{Fixture, StandIns};
+
+    #[tokio::test]
+    async fn the_scan_finds_planted_secrets_and_tokens_and_spares_the_echo_report() {
+        let standins = StandIns::start(Fixture::default_fixture())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let scan = LeakScan::new(dir.path(), standins.secrets());
+        let log = dir.path().join("envoy-1.log");
+        std::fs::write(
+            &log,
+            "a clean line\nclient_secret=acme-secret-7f3a9c sent\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        record_body(502, r#"{"code":"X","message":"wa-hooli-token-6f19"}"#);
+        record_body(200, r#"{"accessToken":"wa-hooli-token-6f19"}"#);
+        record_body(
+            401,
+            r#"{"method":"GET","path":"/","headers":{"authorization":"Bearer wa-hooli-token-6f19"}}"#,
+        );
+
+        let leaks = scan.leaks();
+
+        assert_eq!(
+            leaks,
+            [
+                "envoy-1.log:2: the client secret of acme: client_secret=<secret> sent",
+                "a 502 answer's body holds the WhatsApp token of hooli",
+            ],
+            "the log hit names file, line and secret; only the gateway's error body counts"
+        );
+        // Clean up what was planted, so that the scan passes when dropped.
+        std::fs::remove_file(&log).unwrap_or_else(|e| panic!("{e}"));
+        SEEN_BODIES
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        assert!(scan.leaks().is_empty());
+    }
+}
