@@ -301,11 +301,6 @@ impl Redis {
         );
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
-
-    /// The process, to freeze it (`signal("STOP")`) or read its log.
-    pub fn process(&self) -> &Process {
-        &self.process
-    }
 }
 
 /// A companion process.
@@ -492,9 +487,9 @@ impl Envoy {
     }
 
     /// Hot restart: starts the next epoch with the same configuration and waits until it
-    /// serves the listener and the admin port. The previous epoch drains its connections
-    /// for 1 s and is told to exit 3 s after the new one started; it is returned so that
-    /// it keeps running until then (dropping it kills it).
+    /// serves the listener and the admin port. The previous epoch drains for 1 s, closing
+    /// each connection after its next response, and exits 3 s after the new one started;
+    /// it is returned so that it keeps running until then (dropping it kills it).
     pub async fn hot_restart(&mut self) -> Process {
         let Some(restart) = self.hot_restart.as_mut() else {
             panic!("this Envoy was started with hot restart disabled");
@@ -506,7 +501,6 @@ impl Envoy {
             restart.base_id,
             Some(restart.epoch),
         );
-        command.args(["--drain-time-s", "1", "--parent-shutdown-time-s", "3"]);
         let log = restart
             .dir
             .join(format!("envoy-{}-epoch-{}.log", self.port, restart.epoch));
@@ -640,7 +634,19 @@ impl Envoy {
             &base_id.to_string(),
         ]);
         match restart_epoch {
-            Some(epoch) => command.args(["--restart-epoch", &epoch.to_string()]),
+            // Each epoch drains as the parent of the next: for 1 s, closing every HTTP/1
+            // connection after its next response (`immediate`), so clients move to the
+            // new epoch before it tells this one to exit (3 s after it started).
+            Some(epoch) => command.args([
+                "--restart-epoch",
+                &epoch.to_string(),
+                "--drain-time-s",
+                "1",
+                "--drain-strategy",
+                "immediate",
+                "--parent-shutdown-time-s",
+                "3",
+            ]),
             None => command.arg("--disable-hot-restart"),
         };
         command.args(envoy_log_args());
