@@ -495,7 +495,7 @@ impl Envoy {
             panic!("this Envoy was started with hot restart disabled");
         };
         restart.epoch += 1;
-        let mut command = Self::command(
+        let command = Self::command(
             &restart.config,
             restart.concurrency,
             restart.base_id,
