@@ -251,6 +251,95 @@ impl Default for WhatsappConfig {
     }
 }
 
+/// The byte offset of serde_json's error position (1-based line, byte column).
+fn offset_of(document: &[u8], line: usize, column: usize) -> usize {
+    let line_start = if line <= 1 {
+        0
+    } else {
+        document
+            .iter()
+            .enumerate()
+            .filter(|(_, byte)| **byte == b'\n')
+            .nth(line - 2)
+            .map_or(document.len(), |(newline, _)| newline + 1)
+    };
+    line_start.saturating_add(column).min(document.len())
+}
+
+/// The field path (`companion.timeoutMs`, `purge.statuses[1]`; `.` for the document
+/// itself) of byte `offset` of a JSON document, found by following its objects, keys
+/// and arrays up to there. serde_json reports an error right after the key or value it
+/// refused, so this names that field, as a path-tracking deserializer would, without
+/// the code size of one (each configuration type deserialized twice).
+fn path_at(document: &[u8], offset: usize) -> String {
+    enum Level {
+        Object { key: Option<String>, in_key: bool },
+        Array { index: usize },
+    }
+    let prefix = document.get(..offset).unwrap_or(document);
+    let mut levels = Vec::new();
+    let mut at = 0;
+    while let Some(&byte) = prefix.get(at) {
+        match byte {
+            b'{' => levels.push(Level::Object {
+                key: None,
+                in_key: true,
+            }),
+            b'[' => levels.push(Level::Array { index: 0 }),
+            b'}' | b']' => {
+                levels.pop();
+            }
+            b',' => match levels.last_mut() {
+                Some(Level::Object { key, in_key }) => (*key, *in_key) = (None, true),
+                Some(Level::Array { index }) => *index += 1,
+                None => {}
+            },
+            b':' => {
+                if let Some(Level::Object { in_key, .. }) = levels.last_mut() {
+                    *in_key = false;
+                }
+            }
+            b'"' => {
+                let start = at + 1;
+                let mut end = start;
+                let mut escaped = false;
+                while let Some(&byte) = prefix.get(end) {
+                    if byte == b'"' && !escaped {
+                        break;
+                    }
+                    escaped = byte == b'\\' && !escaped;
+                    end += 1;
+                }
+                if let Some(Level::Object { key, in_key: true }) = levels.last_mut() {
+                    let text = prefix.get(start..end).unwrap_or_default();
+                    *key = Some(String::from_utf8_lossy(text).into_owned());
+                }
+                at = end;
+            }
+            _ => {}
+        }
+        at += 1;
+    }
+    let mut path = String::new();
+    for level in &levels {
+        match level {
+            Level::Object { key: Some(key), .. } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+            }
+            Level::Object { key: None, .. } => {}
+            Level::Array { index } => path.push_str(&format!("[{index}]")),
+        }
+    }
+    if path.is_empty() {
+        ".".to_owned()
+    } else {
+        path
+    }
+}
+
 /// A configuration the filter refuses to start with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid tokengate configuration at '{path}': {problem}")]
@@ -269,20 +358,10 @@ impl FilterConfig {
         } else {
             bytes
         };
-        let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-        let config: FilterConfig =
-            serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-                // serde_path_to_error says `?` where the document itself is unreadable,
-                // and nothing for an unknown field named "" at the top level.
-                let path = match error.path().to_string() {
-                    unknown if unknown == "?" || unknown.is_empty() => ".".to_owned(),
-                    path => path,
-                };
-                ConfigError {
-                    path,
-                    problem: error.into_inner().to_string(),
-                }
-            })?;
+        let config: FilterConfig = serde_json::from_slice(bytes).map_err(|error| ConfigError {
+            path: path_at(bytes, offset_of(bytes, error.line(), error.column())),
+            problem: error.to_string(),
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -421,8 +500,29 @@ mod tests {
     }
 
     #[test]
+    fn paths_follow_nested_objects_arrays_and_lines() {
+        for (document, path) in [
+            (r#"{"purge":{"statuses":[401,"x"]}}"#, "purge.statuses[1]"),
+            (
+                "{\n  \"mode\": \"inject\",\n  \"companion\": {\n    \"timeoutMs\": \"soon\"\n  }\n}",
+                "companion.timeoutMs",
+            ),
+            (r#"{"genesys":{"loginHost":{}}}"#, "genesys.loginHost"),
+            (
+                r#"{"genesys":{"loginHosts":{"a,b":"x","eu":7}}}"#,
+                "genesys.loginHosts.eu",
+            ),
+            (r#"{"tenantHeader":"x-t","companion":7}"#, "companion"),
+        ] {
+            let error = FilterConfig::parse(document.as_bytes()).unwrap_err();
+            assert_eq!(error.path, path, "{document}: {error}");
+        }
+    }
+
+    #[test]
     fn an_unknown_field_is_rejected_by_name() {
         let error = FilterConfig::parse(br#"{"tenantHeadr":"x"}"#).unwrap_err();
+        assert_eq!(error.path, "tenantHeadr");
         assert!(
             error.problem.contains("unknown field `tenantHeadr`"),
             "{error}"

@@ -13,8 +13,9 @@
 //! the marker, with a compare-and-swap write; the owner releases the marker the same
 //! way and then wakes every queue it found there, so the waiters resume at once
 //! instead of on their next poll of the shared cache (which stays as the fallback).
-
-use serde::{Deserialize, Serialize};
+//!
+//! The marker is stored in a compact binary form (see [`Marker::encode`]), like the
+//! gateway cache's entries.
 
 use tokengate_core::{ErrorCode, TokenError, TokenKey};
 
@@ -22,23 +23,24 @@ use tokengate_core::{ErrorCode, TokenError, TokenKey};
 pub const ERROR_SHARE_MS: u64 = 1_000;
 
 /// The state of one key's fetch on this Envoy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Marker {
     /// The worker fetching (0 when released).
     pub owner: u64,
     /// The claim, or the shared error, is void after this moment.
     pub until_ms: u64,
     /// The error the fetch ended with, for the workers that waited on it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<SharedError>,
-    /// The wake queues of the workers waiting on this fetch.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// The wake queues of the workers waiting on this fetch (at most
+    /// [`MAX_WAITERS`]; beyond, a worker only polls).
     pub waiters: Vec<u32>,
 }
 
+/// The most wake queues a marker holds (one per waiting worker).
+pub const MAX_WAITERS: usize = 255;
+
 /// A fetch error as stored in the marker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedError {
     /// The error code.
     pub code: ErrorCode,
@@ -86,14 +88,54 @@ impl Marker {
         }
     }
 
-    /// Encodes for shared data.
+    /// Encodes for shared data: owner and expiry (8 bytes each, big-endian), the number
+    /// of waiters (1 byte) and their queues (4 bytes each), then, if the fetch failed,
+    /// its error code's place in [`ErrorCode::ALL`] (1 byte) and its message.
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        let waiters = self.waiters.get(..MAX_WAITERS).unwrap_or(&self.waiters);
+        let mut bytes = Vec::with_capacity(17 + 4 * waiters.len());
+        bytes.extend_from_slice(&self.owner.to_be_bytes());
+        bytes.extend_from_slice(&self.until_ms.to_be_bytes());
+        bytes.push(u8::try_from(waiters.len()).unwrap_or(u8::MAX));
+        for queue in waiters {
+            bytes.extend_from_slice(&queue.to_be_bytes());
+        }
+        if let Some(error) = &self.error {
+            let code = ErrorCode::ALL
+                .iter()
+                .position(|code| *code == error.code)
+                .and_then(|place| u8::try_from(place).ok())
+                .unwrap_or(u8::MAX);
+            bytes.push(code);
+            bytes.extend_from_slice(error.message.as_bytes());
+        }
+        bytes
     }
 
-    /// Decodes shared data; anything unreadable counts as no marker.
+    /// Decodes [`Marker::encode`]'s output; anything unreadable counts as no marker.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        serde_json::from_slice(bytes).ok()
+        let (owner, rest) = bytes.split_first_chunk::<8>()?;
+        let (until_ms, rest) = rest.split_first_chunk::<8>()?;
+        let (&count, mut rest) = rest.split_first()?;
+        let mut waiters = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let (queue, after) = rest.split_first_chunk::<4>()?;
+            waiters.push(u32::from_be_bytes(*queue));
+            rest = after;
+        }
+        let error = match rest.split_first() {
+            None => None,
+            Some((&code, message)) => Some(SharedError {
+                code: *ErrorCode::ALL.get(usize::from(code))?,
+                message: String::from_utf8(message.to_vec()).ok()?,
+            }),
+        };
+        Some(Self {
+            owner: u64::from_be_bytes(*owner),
+            until_ms: u64::from_be_bytes(*until_ms),
+            error,
+            waiters,
+        })
     }
 
     /// What this marker means to worker `me` at `now_ms`.
@@ -138,19 +180,34 @@ mod tests {
     }
 
     #[test]
-    fn waiters_survive_the_round_trip_and_a_marker_without_them_reads_as_before() {
+    fn markers_survive_the_round_trip() {
         let mut marker = Marker::claim(7, 1_000);
-        assert_eq!(
-            String::from_utf8(marker.encode()).unwrap(),
-            r#"{"owner":7,"untilMs":1000}"#
-        );
-        marker.waiters = vec![3, 9];
+        assert_eq!(Marker::decode(&marker.encode()), Some(marker.clone()));
+        marker.waiters = vec![3, u32::MAX];
         assert_eq!(Marker::decode(&marker.encode()), Some(marker));
+        let error = TokenError::new(ErrorCode::CompanionUnavailable, "no companion: é");
+        let released = Marker::release(9_000, Some(&error));
+        assert_eq!(Marker::decode(&released.encode()), Some(released));
+    }
+
+    #[test]
+    fn a_marker_holds_at_most_max_waiters() {
+        let mut marker = Marker::claim(7, 1_000);
+        marker.waiters = (0..300).collect();
+        let decoded = Marker::decode(&marker.encode()).unwrap();
+        assert_eq!(decoded.waiters.len(), MAX_WAITERS);
     }
 
     #[test]
     fn unreadable_markers_decode_to_nothing() {
         assert_eq!(Marker::decode(b""), None);
         assert_eq!(Marker::decode(b"{\"owner\":1}"), None);
+        let mut cut = Marker::claim(7, 1_000);
+        cut.waiters = vec![3];
+        let bytes = cut.encode();
+        assert_eq!(Marker::decode(&bytes[..bytes.len() - 1]), None);
+        let mut bad_code = Marker::claim(7, 1_000).encode();
+        bad_code.push(u8::MAX);
+        assert_eq!(Marker::decode(&bad_code), None);
     }
 }

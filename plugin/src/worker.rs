@@ -25,6 +25,8 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use serde::Serialize;
+
 use tokengate_core::cache::{
     CachedToken, GatewayEntry, PurgeRecord, refresh_moment, shared_data_key,
 };
@@ -36,13 +38,13 @@ use tokengate_core::lease::{
 use tokengate_core::token_api::{TOKEN_PATH, TokenResponse, TokenSource};
 use tokengate_core::{
     CalloutResult, Destination, ErrorBody, ErrorCode, FetchConfig, FetchFlow, FetchedToken,
-    OutboundRequest, SecretBytes, SecretString, Step, TokenError, TokenKey,
+    OutboundRequest, Provider, SecretBytes, SecretString, Step, TenantId, TokenError, TokenKey,
 };
 
 use crate::config::{FetchBy, FilterConfig};
 use crate::hits::HitTally;
 use crate::host::{Callout, Host, Level, Metric};
-use crate::inflight::{Marker, Peer, marker_key};
+use crate::inflight::{MAX_WAITERS, Marker, Peer, marker_key};
 
 /// What the request context does after asking for a token.
 #[derive(Debug)]
@@ -613,6 +615,7 @@ impl Worker {
             };
             if marker.peer_state(self.worker_id, now_ms) != Peer::Busy
                 || marker.waiters.contains(&queue)
+                || marker.waiters.len() >= MAX_WAITERS
             {
                 return;
             }
@@ -736,13 +739,13 @@ impl Worker {
         force_refresh: bool,
         min_expires_at_ms: Option<u64>,
     ) {
-        let body = serde_json::json!({
-            "tenantId": key.tenant_id,
-            "type": key.provider,
-            "forceRefresh": force_refresh,
-            "minExpiresAtMs": min_expires_at_ms,
-        });
-        let body = serde_json::to_vec(&body).unwrap_or_default();
+        let body = serde_json::to_vec(&CompanionTokenRequest {
+            tenant_id: &key.tenant_id,
+            provider: key.provider,
+            force_refresh,
+            min_expires_at_ms,
+        })
+        .unwrap_or_default();
         let timeout_ms = self.config.companion.timeout_ms;
         match host.dispatch(self.companion_callout(TOKEN_PATH, &body, timeout_ms)) {
             Ok(callout_id) => {
@@ -1222,6 +1225,17 @@ impl Worker {
             host.set_tick_period_ms(wanted);
         }
     }
+}
+
+/// The body of a `fetch: companion` request to the companion's `/auth/token`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CompanionTokenRequest<'a> {
+    tenant_id: &'a TenantId,
+    #[serde(rename = "type")]
+    provider: Provider,
+    force_refresh: bool,
+    min_expires_at_ms: Option<u64>,
 }
 
 /// The header carrying the companion's internal API key.
