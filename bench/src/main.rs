@@ -80,9 +80,10 @@ enum Cmd {
         /// Rounds of the hit path (default 12; quick: 1).
         #[arg(long)]
         rounds: Option<usize>,
-        /// An experiment: another build of tokengate.wasm, measured as (c2) next to (c).
+        /// An experiment: other builds of tokengate.wasm, measured as (c2), (c3), ... next
+        /// to (c).
         #[arg(long)]
-        alt_wasm: Option<PathBuf>,
+        alt_wasm: Vec<PathBuf>,
     },
     /// Holds load with 10 s tokens and a fault every minute; writes the soak report.
     Soak {
@@ -305,7 +306,7 @@ struct Options {
     floor_wasm: Option<PathBuf>,
     floor_ops: Vec<(String, String)>,
     rounds: Option<usize>,
-    alt_wasm: Option<PathBuf>,
+    alt_wasm: Vec<PathBuf>,
 }
 
 impl Options {
@@ -337,7 +338,7 @@ async fn run(options: &Options) -> Results {
 
     if options.wants("footprint") {
         eprintln!("bench: footprint");
-        match footprint::run(&wasm_module(), &std::env::temp_dir()) {
+        match footprint::run(&wasm_module()) {
             Ok(found) => results.footprint = Some(found),
             Err(error) => results.failures.push(("footprint".into(), error)),
         }
@@ -356,7 +357,7 @@ async fn run(options: &Options) -> Results {
             profile: options.profile,
             floor_module: options.floor_wasm.clone(),
             floor_ops: options.floor_ops.clone(),
-            alt_module: options.alt_wasm.clone(),
+            alt_modules: options.alt_wasm.clone(),
         };
         match hit_path::run(settings).await {
             Ok(found) => results.hit_path = Some(found),

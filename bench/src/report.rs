@@ -274,10 +274,12 @@ impl Report<'_> {
              logging in as acme at the stand-in login (measured once its token was injected); \
              (c) tokengate with acme's token warm; (d) tokengate with {} tenants `bench-0..` \
              warm, requested round-robin. (e) to (g), to split tokengate's cost: the minimal \
-             proxy-wasm filter of `bench/wasm-floor` (same SDK, toolchain and profile as \
-             tokengate) making no host call (e), reading `x-tenant-id` and setting \
-             `authorization` (f), or making exactly the 8 host calls of tokengate's hit path \
-             without any of its logic (g). Every run uses the same wrk Lua script \
+             proxy-wasm filter of `bench/wasm-floor` (same SDK, toolchain and build settings \
+             as tokengate, without wasm-opt) making no host call (e), reading `x-tenant-id` \
+             and setting `authorization` (f), or making exactly the 5 host calls of \
+             tokengate's hit path (those two, the clock and the shared cache before the \
+             request goes upstream, `:status` on its response) without any of its logic (g). \
+             Every run uses the same wrk Lua script \
              (`bench/wrk/tenants.lua`, requests built once in `init`) and the same request \
              (`GET /api/conversations` with `x-tenant-id`).\n",
             if s.envoy_cpus.is_some() {
@@ -359,8 +361,8 @@ impl Report<'_> {
         for (x, y) in [(c, a), (c, b), (d, c), (b, a), (d, a), (control, a)] {
             let _ = writeln!(out, "{}", ratio(x, y));
         }
-        if let Some(c2) = hit.find("c2") {
-            let _ = writeln!(out, "{}", ratio(c2, c));
+        for other in (2..).map_while(|number| hit.find(&format!("c{number}"))) {
+            let _ = writeln!(out, "{}", ratio(other, c));
         }
         if let (Some(e), Some(f), Some(g)) = (hit.find("e"), hit.find("f"), hit.find("g")) {
             for (x, y) in [(e, a), (f, e), (g, f), (c, g), (f, b)] {
@@ -571,7 +573,8 @@ impl Report<'_> {
              moment it had the token (the filter sends the commit, then resumes its own paused \
              requests). A request answered by another Envoy was woken through the companion \
              (commit -> Redis `PUBLISH` -> the waiting lease re-reads Redis and answers `hit`) or, \
-             on an Envoy's second worker, by the 5 ms shared-data poll; its wake-up latency is \
+             on an Envoy's second worker, by the worker that leased, through the shared queue it \
+             registered (a 1 ms poll of shared data is the fallback); its wake-up latency is \
              its answer time minus the holder's first answer. Both include the same upstream \
              and client legs, which cancel out; what remains is the commit, Redis, the pub/sub \
              wake-up, the lease answer and the resume. Trials where more than one Envoy fetched \
@@ -664,8 +667,11 @@ impl Report<'_> {
              {} times each after {} warm-up rounds. The lease is `POST /v1/lease \
              {{\"provider\":\"genesys\",\"tenantId\":\"acme\"}}` answered `hit` from Redis; the \
              Redis call is `GET {}` on the same Redis. The companion is the release build, as \
-             the harness starts it (log level info: one line per lease); a second companion on \
-             the same Redis logs at warn; `/healthz` answers without Redis.\n",
+             the harness starts it (log level info; a plain `hit` logs at debug); a second \
+             companion on the same Redis logs at warn; `/healthz` answers without Redis. Both \
+             companions answer the repeated lease from their in-process copy of the token: \
+             only the first lease, and then one a second when the copy has aged out, goes to \
+             Redis.\n",
             lease.iterations,
             lease.iterations / 10,
             lease.key
@@ -745,27 +751,14 @@ impl Report<'_> {
                 }
                 let _ = writeln!(out);
             }
-            if foot.wasm_opt.is_empty() {
-                let _ = writeln!(out, "wasm-opt: {}.\n", foot.wasm_opt_note);
-            } else {
-                let _ = writeln!(
-                    out,
-                    "The same module through `wasm-opt` ({}), not loaded into Envoy by this run:\n",
-                    foot.wasm_opt_note
-                );
-                let _ = writeln!(
-                    out,
-                    "| wasm-opt flags | bytes | of the original |\n|---|---:|---:|"
-                );
-                for (flags, size) in &foot.wasm_opt {
-                    let _ = writeln!(
-                        out,
-                        "| `{flags}` | {size} | {:.0}% |",
-                        100.0 * *size as f64 / foot.bytes as f64
-                    );
-                }
-                let _ = writeln!(out);
-            }
+            let _ = writeln!(
+                out,
+                "Built by `scripts/build-wasm`: the workspace's `wasm` profile (`opt-level = \"z\"`, \
+                 LTO, one codegen unit, symbols stripped), `panic=immediate-abort` where std is \
+                 compiled from source (Debian's `rustc-web`), then `wasm-opt -Oz` when binaryen \
+                 is installed (here: {}).\n",
+                foot.wasm_opt_note
+            );
         }
         if let Some(hit) = &r.hit_path {
             let _ = writeln!(

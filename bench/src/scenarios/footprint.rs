@@ -1,6 +1,6 @@
 //! Scenario 6, footprint (module part): the size of `tokengate.wasm`, what its
-//! sections hold, and what `wasm-opt` (binaryen) would make of it when installed. The
-//! memory part comes from the hit-path Envoys.
+//! sections hold, and whether `scripts/build-wasm` could run `wasm-opt` (binaryen) on it.
+//! The memory part comes from the hit-path Envoys.
 
 use std::path::Path;
 use std::process::Command;
@@ -23,9 +23,7 @@ pub struct Footprint {
     pub bytes: u64,
     /// Its sections, largest first.
     pub sections: Vec<Section>,
-    /// `wasm-opt` results: (flags, size), when wasm-opt is installed.
-    pub wasm_opt: Vec<(String, u64)>,
-    /// wasm-opt's version, or why it was not run.
+    /// wasm-opt's version, or that it is not installed.
     pub wasm_opt_note: String,
     /// Code bytes by crate (from the function names in the `name` section), largest
     /// first; empty when the module has no `name` section.
@@ -34,8 +32,8 @@ pub struct Footprint {
     pub largest_functions: Vec<(String, String, usize)>,
 }
 
-/// Measures the module at `path`; optimised copies go to `scratch`.
-pub fn run(path: &Path, scratch: &Path) -> Result<Footprint, String> {
+/// Measures the module at `path`.
+pub fn run(path: &Path) -> Result<Footprint, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut sections = sections(&bytes)?;
     sections.sort_by_key(|section| std::cmp::Reverse(section.bytes));
@@ -59,38 +57,16 @@ pub fn run(path: &Path, scratch: &Path) -> Result<Footprint, String> {
         .take(12)
         .map(|(name, size)| (crate_of(name), readable(name), *size))
         .collect();
-    let mut wasm_opt = Vec::new();
     let wasm_opt_note = match Command::new("wasm-opt").arg("--version").output() {
         Ok(output) if output.status.success() => {
-            for flags in [
-                vec!["-Oz", "--strip-debug", "--strip-producers"],
-                vec!["-O3", "--strip-debug", "--strip-producers"],
-                vec!["--strip-debug", "--strip-producers"],
-            ] {
-                let out = scratch.join("tokengate.opt.wasm");
-                let status = Command::new("wasm-opt")
-                    .args(&flags)
-                    .arg(path)
-                    .arg("-o")
-                    .arg(&out)
-                    .output();
-                if let Ok(result) = status {
-                    if result.status.success() {
-                        let size = std::fs::metadata(&out).map_or(0, |m| m.len());
-                        wasm_opt.push((flags.join(" "), size));
-                    }
-                }
-                let _ = std::fs::remove_file(&out);
-            }
             String::from_utf8_lossy(&output.stdout).trim().to_owned()
         }
-        _ => "wasm-opt not installed (Debian package `binaryen`)".to_owned(),
+        _ => "not installed (Debian package `binaryen`)".to_owned(),
     };
     Ok(Footprint {
         path: path.display().to_string(),
         bytes: bytes.len() as u64,
         sections,
-        wasm_opt,
         wasm_opt_note,
         code_by_crate,
         largest_functions,

@@ -42,8 +42,8 @@ pub struct Settings {
     /// `(name, comma-separated host calls)` (an experiment: which host call costs what).
     pub floor_ops: Vec<(String, String)>,
     /// Another build of tokengate (an experiment, e.g. a size-optimised module): adds
-    /// (c2), tokengate with one warm tenant from this module.
-    pub alt_module: Option<std::path::PathBuf>,
+    /// (c2), (c3), ...: tokengate with one warm tenant from each of these modules.
+    pub alt_modules: Vec<std::path::PathBuf>,
 }
 
 /// One configuration's runs.
@@ -251,8 +251,8 @@ const FLOOR: [(&str, &str, &str); 3] = [
     ),
     (
         "g",
-        "minimal proxy-wasm filter: tokengate's 8 host calls, no logic",
-        "get_request_id,get_tenant,time,shared_get,metric,log,set_auth,get_status",
+        "minimal proxy-wasm filter: tokengate's 5 host calls, no logic",
+        "get_tenant,time,shared_get,set_auth,get_status",
     ),
 ];
 
@@ -334,9 +334,9 @@ pub async fn run(settings: Settings) -> Result<HitPath, String> {
             ));
         }
     }
-    if let Some(module) = &settings.alt_module {
+    for (number, module) in (2..).zip(&settings.alt_modules) {
         plan.push((
-            "c2".into(),
+            format!("c{number}"),
             format!("tokengate, 1 warm tenant, module {}", module.display()),
             Filter::OtherWasm {
                 module: module.clone(),
@@ -369,8 +369,10 @@ pub async fn run(settings: Settings) -> Result<HitPath, String> {
     wait_for_token(&envoys[1], "acme", "Bearer gen-acme-").await?;
     // (c): one tenant.
     wait_for_token(&envoys[2], "acme", "Bearer gen-acme-").await?;
-    if let Some(index) = plan.iter().position(|(name, _, _)| name == "c2") {
-        wait_for_token(&envoys[index], "acme", "Bearer gen-acme-").await?;
+    for (index, (name, _, _)) in plan.iter().enumerate() {
+        if name.len() > 1 && name.starts_with('c') {
+            wait_for_token(&envoys[index], "acme", "Bearer gen-acme-").await?;
+        }
     }
     // (d): every generated tenant, through Envoy, so each is fetched once and cached.
     let logins_before = standins.calls(Endpoint::Login);

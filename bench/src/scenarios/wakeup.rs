@@ -6,7 +6,7 @@
 //! moment the holder had the token (it resumes its own requests right after sending
 //! the commit). Every request answered by another Envoy was woken through the
 //! companion (commit -> Redis -> pub/sub -> lease answered) or, on a second worker of
-//! an Envoy, by polling shared data; its wake-up latency is its answer time minus the
+//! an Envoy, by the worker that leased (through its shared queue); its wake-up latency is its answer time minus the
 //! holder's first answer. Both include the same upstream and client legs, which cancel.
 
 use std::net::SocketAddr;
@@ -34,7 +34,7 @@ pub struct WakeUp {
     /// below 0 count as 0).
     pub other_envoys: Latencies,
     /// Answer time of the holder Envoy's other requests after its first (its second
-    /// worker polls shared data).
+    /// worker is woken through its shared queue).
     pub holder_envoy_others: Latencies,
     /// Failed requests.
     pub failures: usize,

@@ -16,8 +16,9 @@
 //! | `set_auth` | set `authorization: Bearer <constant>` |
 //! | `get_status` | read `:status` of the response headers |
 //!
-//! An empty configuration makes no host call at all. tokengate's hit path makes all
-//! eight, in this order (see plugin/src/filter.rs and worker.rs).
+//! An empty configuration makes no host call at all. tokengate's hit path makes
+//! `get_tenant,time,shared_get,set_auth,get_status` (see plugin/src/filter.rs and
+//! worker.rs); it made all eight, in this order, before the other three were cut.
 //!
 //! Not a workspace member (it only builds for wasm32): `scripts/bench` builds it into
 //! `target/wasm-floor/`.
