@@ -583,12 +583,16 @@ impl Worker {
             // Another worker claimed it at the same moment and wrote last: it fetches.
             return self.wait_on_peer(host, &key);
         }
+        // The companion hands out any token it holds that is still valid; ask for one
+        // that outlives `expiryMarginMs`, which this gateway would inject.
+        let usable_after = now_ms.saturating_add(self.config.expiry_margin_ms);
+        let min_expires_at_ms = newer_than.max(Some(usable_after));
         if self.config.fetch == FetchBy::Companion {
-            self.send_token_request(host, key, force_refresh, newer_than);
+            self.send_token_request(host, key, force_refresh, min_expires_at_ms);
         } else if now_ms < self.companion_down_until_ms {
             self.fetch_locally(host, key);
         } else {
-            self.send_lease(host, key, force_refresh, newer_than);
+            self.send_lease(host, key, force_refresh, min_expires_at_ms);
         }
     }
 

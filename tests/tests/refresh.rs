@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use serde_json::json;
-use tokengate_tests::harness::{Envoy, Stack, eventually};
+use tokengate_tests::harness::{Cluster, Envoy, Stack, eventually};
+use tokengate_tests::leak_scan::receive;
 use tokengate_tests::standins::Endpoint;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -82,4 +83,36 @@ async fn an_expired_token_is_never_injected() {
     assert_eq!(first.authorization.as_deref(), Some(issued[0].as_str()));
     assert_eq!(issued.len(), 2, "the expired token was replaced");
     assert_eq!(later.authorization.as_deref(), Some(issued[1].as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_the_companion_holds_inside_the_expiry_margin_is_not_injected() {
+    let config = Envoy::filter_config_with(json!({
+        "expiryMarginMs": 3000,
+        "refreshAhead": { "percent": 0, "minLeadMs": 3001 }
+    }));
+    let cluster = Cluster::start(2, 1, 1, &config, &[]).await;
+    // Tokens live 2 s: any cached one is inside the 3 s margin.
+    cluster.standins.set_expires_in(2);
+    let get = async |envoy: &Envoy| {
+        let response = reqwest::Client::new()
+            .get(format!("{}/api", envoy.url()))
+            .header("x-tenant-id", "acme")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        receive(response).await.json()["headers"]["authorization"]
+            .as_str()
+            .map(str::to_owned)
+    };
+
+    let first = get(&cluster.envoys[0]).await;
+    // The companion now holds that token, valid for 2 s more, which it would hand out;
+    // the second Envoy must ask for one that outlives its margin instead.
+    let second = get(&cluster.envoys[1]).await;
+
+    let issued = cluster.standins.tokens_issued_to("acme");
+    assert_eq!(issued.len(), 2, "the second Envoy had a new token fetched");
+    assert_eq!(first, Some(format!("Bearer {}", issued[0])));
+    assert_eq!(second, Some(format!("Bearer {}", issued[1])));
 }
