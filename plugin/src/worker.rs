@@ -143,6 +143,20 @@ enum Purpose {
     Invalidate,
 }
 
+/// A commit or abort of a lease: kept until answered, so that one lost to a companion
+/// restart is sent once more instead of leaving the lock held until its TTL (other
+/// gateways would wait that long).
+#[derive(Debug)]
+struct LeaseEnd {
+    key: TokenKey,
+    purpose: Purpose,
+    path: &'static str,
+    /// The request body (a commit carries the token).
+    body: SecretBytes,
+    /// Whether this is already the second attempt.
+    retried: bool,
+}
+
 /// Local-mode fetches of one key in the current one-minute window.
 #[derive(Debug, Clone, Copy)]
 struct LocalWindow {
@@ -176,6 +190,10 @@ pub struct Worker {
     pending_invalidations: Vec<(TokenKey, SecretString)>,
     /// After a failed refresh-ahead, no new one for the key before this moment.
     refresh_retry_at_ms: HashMap<TokenKey, u64>,
+    /// Commits and aborts in flight, by callout id, to send once more if lost.
+    lease_ends: HashMap<u32, LeaseEnd>,
+    /// Lost commits and aborts, each sent once more at its moment.
+    lease_end_retries: Vec<(u64, LeaseEnd)>,
     /// Cache hits not yet added to their stat (shared with the request contexts, which
     /// report when they end).
     hits: Rc<HitTally>,
@@ -222,6 +240,8 @@ impl Worker {
             delivered: HashMap::new(),
             pending_invalidations: Vec::new(),
             refresh_retry_at_ms: HashMap::new(),
+            lease_ends: HashMap::new(),
+            lease_end_retries: Vec::new(),
             hits: Rc::default(),
             debug_logging: None,
         }
@@ -398,6 +418,13 @@ impl Worker {
             self.send_invalidate(host, key, token);
         }
         let now_ms = host.now_ms();
+        let (due, later) = std::mem::take(&mut self.lease_end_retries)
+            .into_iter()
+            .partition(|(at_ms, _)| *at_ms <= now_ms);
+        self.lease_end_retries = later;
+        for (_, lease_end) in due {
+            self.send_lease_end(host, lease_end);
+        }
         let ready: Vec<TokenKey> = self
             .fetches
             .iter()
@@ -460,7 +487,10 @@ impl Worker {
                     self.drive(host, &key);
                 }
             }
-            Purpose::Commit | Purpose::Abort | Purpose::Invalidate => {
+            Purpose::Commit | Purpose::Abort => {
+                self.on_lease_end_response(host, callout_id, &result);
+            }
+            Purpose::Invalidate => {
                 if !matches!(
                     result,
                     CalloutResult::Response {
@@ -468,14 +498,12 @@ impl Worker {
                         ..
                     }
                 ) {
-                    let what = match purpose {
-                        Purpose::Commit => "commit",
-                        Purpose::Abort => "abort",
-                        _ => "invalidate",
-                    };
                     host.log(
                         Level::Warn,
-                        &format!("companion {what} for {key} failed: {}", describe(&result)),
+                        &format!(
+                            "companion invalidate for {key} failed: {}",
+                            describe(&result)
+                        ),
                     );
                 }
             }
@@ -1186,21 +1214,81 @@ impl Worker {
                 }),
             ),
         };
-        let body = SecretBytes::new(body.unwrap_or_default());
-        match host.dispatch(self.companion_callout(
+        let lease_end = LeaseEnd {
+            key: key.clone(),
+            purpose,
             path,
-            body.expose(),
+            body: SecretBytes::new(body.unwrap_or_default()),
+            retried: false,
+        };
+        self.send_lease_end(host, lease_end);
+    }
+
+    fn send_lease_end(&mut self, host: &mut impl Host, lease_end: LeaseEnd) {
+        let sent = host.dispatch(self.companion_callout(
+            lease_end.path,
+            lease_end.body.expose(),
             self.config.tenant_service.timeout_ms,
-        )) {
+        ));
+        match sent {
             Ok(callout_id) => {
-                self.callouts.insert(callout_id, (key.clone(), purpose));
+                self.callouts
+                    .insert(callout_id, (lease_end.key.clone(), lease_end.purpose));
+                self.lease_ends.insert(callout_id, lease_end);
             }
-            Err(reason) => {
-                host.log(
-                    Level::Warn,
-                    &format!("companion {path} for {key} could not be sent: {reason}"),
-                );
+            Err(reason) => self.lease_end_lost(host, lease_end, &reason),
+        }
+    }
+
+    /// A commit or abort was answered: done unless the companion never saw it (no
+    /// answer, or a 5xx of a companion going away).
+    fn on_lease_end_response(
+        &mut self,
+        host: &mut impl Host,
+        callout_id: u32,
+        result: &CalloutResult,
+    ) {
+        let Some(lease_end) = self.lease_ends.remove(&callout_id) else {
+            return;
+        };
+        match result {
+            CalloutResult::Response {
+                status: 200..=299, ..
+            } => {}
+            CalloutResult::Response {
+                status: 500..=599, ..
             }
+            | CalloutResult::NoResponse => self.lease_end_lost(host, lease_end, &describe(result)),
+            CalloutResult::Response { .. } => host.log(
+                Level::Warn,
+                &format!(
+                    "companion {} for {} refused: {}",
+                    lease_end.path,
+                    lease_end.key,
+                    describe(result)
+                ),
+            ),
+        }
+    }
+
+    /// Schedules the one retry of a lost commit or abort, after `companion.retryAfterMs`.
+    fn lease_end_lost(&mut self, host: &mut impl Host, mut lease_end: LeaseEnd, reason: &str) {
+        let retry = !lease_end.retried;
+        host.log(
+            Level::Warn,
+            &format!(
+                "companion {} for {} failed: {reason}{}",
+                lease_end.path,
+                lease_end.key,
+                if retry { "; sending it once more" } else { "" }
+            ),
+        );
+        if retry {
+            lease_end.retried = true;
+            let at_ms = host
+                .now_ms()
+                .saturating_add(self.config.companion.retry_after_ms);
+            self.lease_end_retries.push((at_ms, lease_end));
         }
     }
 
@@ -1221,6 +1309,11 @@ impl Worker {
                 } => Some(at.saturating_sub(now_ms).clamp(KICK_TICK_MS, MAX_TICK_MS)),
                 _ => None,
             })
+            .chain(self.lease_end_retries.iter().map(|(at_ms, _)| {
+                at_ms
+                    .saturating_sub(now_ms)
+                    .clamp(KICK_TICK_MS, MAX_TICK_MS)
+            }))
             .min()
             .or((!self.pending_invalidations.is_empty()).then_some(KICK_TICK_MS))
             .unwrap_or(0);

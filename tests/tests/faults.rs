@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use serde_json::{Value, json};
 use tokengate_tests::harness::{Cluster, Envoy, EnvoyUpstreams, Redis, eventually, wait_until};
+use tokengate_tests::leak_scan::receive;
 use tokengate_tests::standins::{Endpoint, Fault, Fixture, generated_tenant_id};
 
 /// How long a released lock may take to disappear: the abort or commit follows the
@@ -51,11 +52,10 @@ async fn send(client: &reqwest::Client, envoy_url: &str, tenant: &str) -> Outcom
         .await;
     let (status, body) = match response {
         Ok(response) => {
-            let status = response.status().as_u16();
-            let text = response.text().await.unwrap_or_default();
+            let received = receive(response).await;
             (
-                status,
-                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                received.status,
+                serde_json::from_str(&received.text).unwrap_or(Value::String(received.text)),
             )
         }
         Err(error) => (0, Value::String(format!("{error:?}"))),
@@ -798,6 +798,44 @@ async fn a_companion_killed_while_it_fetches_under_its_lock_costs_one_lock_ttl()
     );
     assert_eq!(cluster.standins.calls(Endpoint::Login), 2);
     assert_no_lock_left(&cluster.redis, LOCK_RELEASE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_lost_to_a_companion_restart_is_sent_again_and_frees_the_lock() {
+    let config = Envoy::filter_config_with(json!({ "companion": { "retryAfterMs": 3000 } }));
+    let mut cluster = Cluster::start(2, 1, 1, &config, &[]).await;
+    cluster
+        .standins
+        .set_latency(Endpoint::Login, Duration::from_millis(600));
+    let client = reqwest::Client::new();
+
+    let first = tokio::spawn({
+        let (client, url) = (client.clone(), cluster.envoys[0].url());
+        async move { send(&client, &url, "acme").await }
+    });
+    // The lease is held and the fetch waits on the login: take the companion away, so
+    // that the commit finds nobody.
+    eventually(
+        "the gateway calls the login",
+        Duration::from_secs(5),
+        async || cluster.standins.calls(Endpoint::Login) == 1,
+    )
+    .await;
+    cluster.companions[0].kill();
+    let first = first.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_token_or(&cluster, &first, &[]);
+    assert_eq!(held_locks(&cluster.redis).len(), 1, "the commit was lost");
+    cluster.companions[0].restart().await;
+
+    // The filter sends the commit once more (after companion.retryAfterMs): the lock is
+    // freed and the token cached, long before the lock's 30 s TTL.
+    assert_no_lock_left(&cluster.redis, Duration::from_secs(8)).await;
+    let second = send(&client, &cluster.envoys[1].url(), "acme").await;
+    assert_eq!(
+        second.authorization, first.authorization,
+        "the other Envoy is served the committed token"
+    );
+    assert_eq!(cluster.standins.calls(Endpoint::Login), 1);
 }
 
 /// Sends requests for `tenants` round-robin from `workers` concurrent loops until
