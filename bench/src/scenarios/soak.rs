@@ -69,6 +69,8 @@ const ENVOYS: usize = 2;
 const WORKERS: u32 = 2;
 const COMPANIONS: usize = 2;
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+/// How often a burst waiting for its first call looks at the stand-in's count.
+const WATCH_EVERY: Duration = Duration::from_millis(10);
 /// How long after a fault ends its effects may still show: two token lifetimes plus
 /// the filter's `companion.retryAfterMs` (5 s).
 const SETTLE: Duration = Duration::from_secs(2 * LIFETIME_SECS + 5);
@@ -407,10 +409,11 @@ pub async fn run(settings: Settings) -> Result<Soak, String> {
         .iter()
         .map(|kind| kind.hold())
         .max()
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .max(faults::MEET_WITHIN + Duration::from_secs(2));
     if settings.fault_every < longest + Duration::from_secs(5) {
         return Err(format!(
-            "the fault period must exceed the longest fault ({} s) by 5 s",
+            "the fault period must exceed the longest fault ({} s, with a burst's wait for its first call) by 5 s",
             longest.as_secs()
         ));
     }
@@ -571,6 +574,21 @@ fn relative(path: &Path) -> String {
         .to_string()
 }
 
+/// Where the cycle of faults is.
+enum Phase {
+    /// No fault under way.
+    Idle,
+    /// A fault that strikes during a fetch waits for the next OAuth call.
+    Waiting {
+        kind: FaultKind,
+        occurrence: usize,
+        since: Instant,
+        calls_before: u64,
+    },
+    /// A fault under way, and when it began after the start of the load.
+    Active(Active, Duration),
+}
+
 /// Injects the faults and samples memory while the load runs.
 struct Controller<'a> {
     envoys: &'a mut [Envoy],
@@ -592,56 +610,91 @@ impl Controller<'_> {
             .checked_sub(settings.fault_every / 2)
             .unwrap_or(self.epoch);
         let mut begun = 0;
-        let mut active: Option<(Active, Instant, Duration)> = None;
+        let mut phase = Phase::Idle;
         loop {
             let mut next = next_sample.min(end);
-            match &active {
-                Some((_, ends, _)) => next = next.min(*ends),
-                None if next_fault <= last_fault => next = next.min(next_fault),
-                None => {}
+            match &mut phase {
+                Phase::Active(fault, _) => {
+                    self.targets.watch(fault);
+                    // A burst waiting for its first call is watched every 10 ms.
+                    next = next.min(fault.ends().unwrap_or_else(|| Instant::now() + WATCH_EVERY));
+                }
+                Phase::Waiting { .. } => next = next.min(Instant::now() + WATCH_EVERY),
+                Phase::Idle if next_fault <= last_fault => next = next.min(next_fault),
+                Phase::Idle => {}
             }
             tokio::time::sleep_until(next.into()).await;
             let now = Instant::now();
-            if let Some((fault, _, at)) = active.take_if(|(_, ends, _)| now >= *ends) {
-                let detail = self.targets.end(&fault).await;
-                self.down = None;
-                self.faults.push(Injected {
-                    kind: fault.kind,
-                    at,
-                    ended: self.since_epoch(),
-                    detail,
-                });
-            }
-            if active.is_none() && now >= next_fault && next_fault <= last_fault {
-                let kind = FaultKind::CYCLE[begun % FaultKind::CYCLE.len()];
-                let occurrence = begun / FaultKind::CYCLE.len();
-                let at = self.since_epoch();
-                eprintln!(
-                    "soak: {:>5.1} min: {}",
-                    at.as_secs_f64() / 60.0,
-                    kind.describe()
-                );
-                match self.targets.begin(kind, occurrence).await {
-                    Ok(fault) => {
-                        self.down = fault.companion;
-                        active = Some((fault, Instant::now() + kind.hold(), at));
-                    }
-                    Err(error) => self
-                        .incidents
-                        .push(format!("{} could not be injected: {error}", kind.name())),
+            phase = match phase {
+                Phase::Active(fault, at) if fault.ends().is_some_and(|ends| now >= ends) => {
+                    let detail = self.targets.end(&fault).await;
+                    self.down = None;
+                    self.faults.push(Injected {
+                        kind: fault.kind,
+                        at,
+                        ended: self.since_epoch(),
+                        detail,
+                    });
+                    Phase::Idle
                 }
-                begun += 1;
-                next_fault += settings.fault_every;
-            }
+                Phase::Idle if now >= next_fault && next_fault <= last_fault => {
+                    let kind = FaultKind::CYCLE[begun % FaultKind::CYCLE.len()];
+                    let occurrence = begun / FaultKind::CYCLE.len();
+                    begun += 1;
+                    next_fault += settings.fault_every;
+                    if kind.strikes_during_a_fetch() {
+                        Phase::Waiting {
+                            kind,
+                            occurrence,
+                            since: now,
+                            calls_before: self.targets.standins.calls(Endpoint::Login),
+                        }
+                    } else {
+                        self.strike(kind, occurrence).await
+                    }
+                }
+                Phase::Waiting {
+                    kind,
+                    occurrence,
+                    since,
+                    calls_before,
+                } if self.targets.standins.calls(Endpoint::Login) > calls_before
+                    || since.elapsed() >= faults::MEET_WITHIN =>
+                {
+                    self.strike(kind, occurrence).await
+                }
+                unchanged => unchanged,
+            };
             if now >= next_sample {
                 self.sample();
                 next_sample += SAMPLE_EVERY;
             }
-            if now >= end && active.is_none() {
+            if now >= end && matches!(phase, Phase::Idle) {
                 break;
             }
         }
         self.sample();
+    }
+
+    /// Injects fault `kind`.
+    async fn strike(&mut self, kind: FaultKind, occurrence: usize) -> Phase {
+        let at = self.since_epoch();
+        eprintln!(
+            "soak: {:>5.1} min: {}",
+            at.as_secs_f64() / 60.0,
+            kind.describe()
+        );
+        match self.targets.begin(kind, occurrence).await {
+            Ok(fault) => {
+                self.down = fault.companion;
+                Phase::Active(fault, at)
+            }
+            Err(error) => {
+                self.incidents
+                    .push(format!("{} could not be injected: {error}", kind.name()));
+                Phase::Idle
+            }
+        }
     }
 
     fn since_epoch(&self) -> Duration {

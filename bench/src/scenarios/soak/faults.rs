@@ -11,6 +11,9 @@ use tokengate_tests::standins::{Endpoint, Fault, StandIns};
 const QUEUED_FAULTS: usize = 10_000;
 /// `Retry-After` of the IdP's 429s.
 const RETRY_AFTER_SECS: u64 = 1;
+/// How long a burst waits for the first call to meet it, or a fault that strikes during
+/// a fetch for the next OAuth call, before going ahead without.
+pub const MEET_WITHIN: Duration = Duration::from_secs(20);
 /// The filter's default `companion.retryAfterMs`.
 const COMPANION_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Latency of the IdP during its slow spell.
@@ -87,30 +90,55 @@ impl FaultKind {
             .div_ceil(refresh_period.as_millis().max(1)) as usize
     }
 
+    /// The stand-in whose calls meet this fault, for a burst: it is held from the first
+    /// call that meets it (a burst that meets no call would test nothing).
+    fn met_at(self) -> Option<Endpoint> {
+        match self {
+            FaultKind::IdpErrors | FaultKind::IdpRateLimited => Some(Endpoint::Login),
+            FaultKind::TenantServiceErrors => Some(Endpoint::TenantService),
+            _ => None,
+        }
+    }
+
+    /// Whether it waits for the next OAuth call to strike: Redis and companion faults
+    /// are injected while a refresh is under way (its lease taken, its commit to come),
+    /// not in a quiet moment between refreshes where they would meet nothing.
+    pub fn strikes_during_a_fetch(self) -> bool {
+        matches!(
+            self,
+            FaultKind::RedisRestart | FaultKind::CompanionKill | FaultKind::RedisPause
+        )
+    }
+
     /// What is done, for the report.
     pub fn describe(self) -> String {
         let held = self.hold().as_secs();
         match self {
-            FaultKind::IdpErrors => format!("every OAuth call answers 503 for {held} s"),
+            FaultKind::IdpErrors => {
+                format!("every OAuth call answers 503 for {held} s from the first")
+            }
             FaultKind::IdpRateLimited => format!(
-                "every OAuth call answers 429 `Retry-After: {RETRY_AFTER_SECS}` for {held} s"
+                "every OAuth call answers 429 `Retry-After: {RETRY_AFTER_SECS}` for {held} s \
+                 from the first"
             ),
             FaultKind::IdpSlow => format!(
                 "every OAuth call answers after {} ms for {held} s",
                 IDP_SLOW.as_millis()
             ),
             FaultKind::TenantServiceErrors => {
-                format!("every Tenant Service call answers 503 for {held} s")
+                format!("every Tenant Service call answers 503 for {held} s from the first")
             }
             FaultKind::RedisRestart => format!(
-                "Redis killed (SIGKILL), started again {held} s later on the same port, empty"
+                "Redis killed (SIGKILL) at the next OAuth call, started again {held} s later on \
+                 the same port, empty"
             ),
             FaultKind::CompanionKill => format!(
-                "a companion killed (SIGKILL), started again {held} s later on the same port"
+                "a companion killed (SIGKILL) at the next OAuth call, started again {held} s \
+                 later on the same port"
             ),
             FaultKind::RedisPause => {
                 format!(
-                    "`CLIENT PAUSE {} ALL`: Redis answers nobody for {held} s",
+                    "`CLIENT PAUSE {} ALL` at the next OAuth call: Redis answers nobody for {held} s",
                     self.hold().as_millis()
                 )
             }
@@ -158,10 +186,28 @@ pub struct Active {
     pub kind: FaultKind,
     /// When it began.
     pub began: Instant,
-    /// OAuth calls before it began.
+    /// Calls to the stand-in it acts on (the login, or the Tenant Service) before it began.
     calls_before: u64,
+    /// When the first call met it (bursts only).
+    met: Option<Instant>,
     /// The companion killed, if any.
     pub companion: Option<usize>,
+}
+
+impl Active {
+    /// When to end it: its hold after it began, or for a burst after the first call met
+    /// it (or [`MEET_WITHIN`] after it began, when none came); `None` while a burst waits.
+    pub fn ends(&self) -> Option<Instant> {
+        let hold = self.kind.hold();
+        match (self.kind.met_at(), self.met) {
+            (None, _) => Some(self.began + hold),
+            (Some(_), Some(met)) => Some(met + hold),
+            (Some(_), None) if self.began.elapsed() >= MEET_WITHIN => {
+                Some(self.began + MEET_WITHIN)
+            }
+            (Some(_), None) => None,
+        }
+    }
 }
 
 /// Everything a fault acts on.
@@ -181,7 +227,9 @@ impl Targets<'_> {
     /// Starts fault `kind`; `occurrence` counts earlier faults of the same kind (the
     /// companion killed alternates).
     pub async fn begin(&mut self, kind: FaultKind, occurrence: usize) -> Result<Active, String> {
-        let calls_before = self.standins.calls(Endpoint::Login);
+        let calls_before = self
+            .standins
+            .calls(kind.met_at().unwrap_or(Endpoint::Login));
         let mut companion = None;
         match kind {
             FaultKind::IdpErrors => self.queue(Endpoint::Login, &Fault::Status(503)),
@@ -213,21 +261,39 @@ impl Targets<'_> {
             kind,
             began: Instant::now(),
             calls_before,
+            met: None,
             companion,
         })
+    }
+
+    /// Notes when the first call meets a burst.
+    pub fn watch(&self, active: &mut Active) {
+        if let (Some(endpoint), None) = (active.kind.met_at(), active.met) {
+            if self.standins.calls(endpoint) > active.calls_before {
+                active.met = Some(Instant::now());
+            }
+        }
     }
 
     /// Ends a fault; returns what happened, for the report.
     pub async fn end(&mut self, active: &Active) -> String {
         let held = active.began.elapsed().as_secs_f64();
         match active.kind {
-            FaultKind::IdpErrors | FaultKind::IdpRateLimited => {
-                let faulted = self.drain(Endpoint::Login);
-                format!("{faulted} OAuth calls got the fault in {held:.1} s")
-            }
-            FaultKind::TenantServiceErrors => {
-                let faulted = self.drain(Endpoint::TenantService);
-                format!("{faulted} Tenant Service calls got the fault in {held:.1} s")
+            FaultKind::IdpErrors | FaultKind::IdpRateLimited | FaultKind::TenantServiceErrors => {
+                let endpoint = active.kind.met_at().unwrap_or(Endpoint::Login);
+                let faulted = self.drain(endpoint);
+                let calls = match endpoint {
+                    Endpoint::TenantService => "Tenant Service calls",
+                    _ => "OAuth calls",
+                };
+                match active.met {
+                    Some(met) => format!(
+                        "{faulted} {calls} got the fault in {:.1} s from the first, {:.1} s after the start",
+                        met.elapsed().as_secs_f64(),
+                        met.duration_since(active.began).as_secs_f64()
+                    ),
+                    None => format!("no {calls} within {} s", MEET_WITHIN.as_secs()),
+                }
             }
             FaultKind::IdpSlow => {
                 self.standins.set_latency(Endpoint::Login, Duration::ZERO);
@@ -268,5 +334,36 @@ impl Targets<'_> {
         let taken = QUEUED_FAULTS - self.standins.pending_faults(endpoint);
         self.standins.clear_faults(endpoint);
         taken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn active(kind: FaultKind, began_ago: Duration, met_ago: Option<Duration>) -> Active {
+        let now = Instant::now();
+        let ago = |d: Duration| now.checked_sub(d).expect("the clock is past boot");
+        Active {
+            kind,
+            began: ago(began_ago),
+            calls_before: 0,
+            met: met_ago.map(ago),
+            companion: None,
+        }
+    }
+
+    #[test]
+    fn a_burst_is_held_from_the_first_call_that_meets_it() {
+        let second = Duration::from_secs(1);
+        let waiting = active(FaultKind::IdpErrors, 5 * second, None);
+        assert_eq!(waiting.ends(), None);
+        let met = active(FaultKind::TenantServiceErrors, 5 * second, Some(second));
+        assert_eq!(met.ends(), met.met.map(|at| at + 2 * second));
+        let nobody = active(FaultKind::IdpRateLimited, MEET_WITHIN + second, None);
+        assert_eq!(nobody.ends(), Some(nobody.began + MEET_WITHIN));
+        // Other faults are held from their start.
+        let kill = active(FaultKind::CompanionKill, second, None);
+        assert_eq!(kill.ends(), Some(kill.began + 5 * second));
     }
 }

@@ -154,8 +154,11 @@ impl LoadLoop {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut conn = None;
         let mut record = LoopRecord::default();
-        while Instant::now() < self.end {
+        loop {
             ticker.tick().await;
+            if Instant::now() >= self.end {
+                break;
+            }
             let tenant = Arc::clone(&self.tenants);
             let tenant = &tenant[self.next_tenant % tenant.len()];
             self.next_tenant += 1;

@@ -117,6 +117,13 @@ fn expectations(out: &mut String) {
     let _ = writeln!(out, "## Faults and what a client may see\n");
     let _ = writeln!(
         out,
+        "The IdP and Tenant Service bursts are held from the first call that meets them; \
+         the Redis and companion faults strike at the next OAuth call, while a refresh is \
+         under way (its lease taken, its commit to come), not in a quiet moment between \
+         refreshes.\n"
+    );
+    let _ = writeln!(
+        out,
         "A failure is any answer but a 200 whose upstream saw a token of the request's own \
          tenant that had not expired (by the issue time the tracker saw), and any request \
          without an answer. It is *expected* only when the README documents it for a fault \
@@ -158,7 +165,10 @@ fn expectations(out: &mut String) {
          issue; the token then missing is fetched after the fault (the filter's retries, \
          500 ms x 2^n or `Retry-After`, bridge the rest). A slow IdP delays refreshes by \
          {} ms, inside the {} between the refresh moment and the end of service. A companion \
-         that does not answer sends the filter to local mode (README, \"Degraded modes\"). \
+         that does not answer sends the filter to local mode (README, \"Degraded modes\"); \
+         a fetch whose commit finds its companion gone leaves the lock in Redis until \
+         `--lock-ttl-ms` (README, \"Shutdown\"), so other leases of that tenant may wait that \
+         long: slow requests, no errors. \
          `CACHE_UNAVAILABLE` is documented for Redis: \"Until the threshold is reached, \
          requests that need Redis answer 503 CACHE_UNAVAILABLE\". Extra OAuth calls are \
          allowed per tenant once for every refresh (one each {}) that can fall into the \
