@@ -364,7 +364,9 @@ async fn pump(
                 None => return "connection closed",
             },
             _ = ping.tick() => {
-                match tokio::time::timeout(timeout, sink.ping::<String>()).await {
+                // Any answer will do: in subscribed mode Redis answers PING with the array
+                // `["pong", ""]`, not `+PONG`, so a typed answer would fail every ping.
+                match tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(_)) => return "ping failed",
                     Err(_) => return "ping timed out",
@@ -441,6 +443,42 @@ mod tests {
             Duration::from_secs(30),
         );
         (redis, store, waits)
+    }
+
+    #[tokio::test]
+    async fn the_subscription_outlives_its_keepalive_pings() {
+        let (_redis, port) = start_redis();
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let health = Arc::new(crate::health::Health::new(3));
+        let backend = store::Backend::Single(client.clone());
+        let codec = crate::codec::Codec::Plain;
+        let store = Store::new(&backend, Duration::from_secs(1), 10_000, health, codec).unwrap();
+        let waits = Waits::new(store, Arc::new(SystemClock), Duration::from_secs(30));
+        let hot = Arc::new(HotTokens::new(Arc::new(SystemClock)));
+        let keepalive = Duration::from_millis(20);
+        let subscriber = tokio::spawn(run_subscriber(
+            vec![client],
+            waits,
+            Arc::clone(&hot),
+            Duration::from_secs(1),
+            keepalive,
+        ));
+        // Every change of the subscription's state moves the generation: 1 once it is up.
+        for _ in 0..500 {
+            if hot.generation() > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let up = hot.generation();
+        assert_eq!(up, 1, "the subscription did not come up");
+        tokio::time::sleep(keepalive * 15).await;
+        assert_eq!(
+            hot.generation(),
+            up,
+            "the subscription was dropped and made again: a keepalive ping failed"
+        );
+        subscriber.abort();
     }
 
     async fn still_waiting(joined: &mut Joined) -> bool {
