@@ -290,6 +290,21 @@ pub struct Soak {
     pub companion_metrics: BTreeMap<String, u64>,
     /// Processes that died unasked, faults that could not be injected.
     pub incidents: Vec<String>,
+    /// Warn and error lines of the Envoy and companion logs.
+    pub log_warnings: Vec<LogLines>,
+}
+
+/// Warn or error lines of one kind of process that say the same thing.
+#[derive(Debug, Clone)]
+pub struct LogLines {
+    /// `Envoy` or `companion`.
+    pub process: &'static str,
+    /// `warn` or `error`.
+    pub level: &'static str,
+    /// The message, numbers replaced by `#`.
+    pub message: String,
+    /// How many lines.
+    pub count: usize,
 }
 
 /// A goal and whether it was met.
@@ -518,6 +533,7 @@ pub async fn run(settings: Settings) -> Result<Soak, String> {
     let login_calls = fleet.standins.calls(Endpoint::Login) - login_before;
     let tenant_service_calls =
         fleet.standins.calls(Endpoint::TenantService) - tenant_service_before;
+    let log_warnings = analysis::log_warnings(fleet.dir.path());
     copy_logs(fleet.dir.path(), &settings.logs);
     drop(fleet);
 
@@ -562,6 +578,7 @@ pub async fn run(settings: Settings) -> Result<Soak, String> {
         envoy_stats,
         companion_metrics,
         incidents,
+        log_warnings,
         settings,
     })
 }

@@ -2,13 +2,15 @@
 //! memory readings and the processes' counters.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tokengate_tests::harness::Companion;
 
 use super::load::LoopRecord;
 use super::{
-    EARLY_TOLERANCE, Extra, Failure, Injected, MemoryRow, MemorySample, Minute, Settings, Tokens,
+    EARLY_TOLERANCE, Extra, Failure, Injected, LogLines, MemoryRow, MemorySample, Minute, Settings,
+    Tokens,
 };
 use crate::stats::{Latencies, micros};
 
@@ -214,6 +216,92 @@ pub fn memory_rows(samples: &[MemorySample], warmup: Duration) -> Vec<MemoryRow>
     rows
 }
 
+/// Warn and error lines of the Envoy and companion logs in `dir`, grouped by process
+/// kind, level and message; the most frequent first.
+pub fn log_warnings(dir: &Path) -> Vec<LogLines> {
+    let mut groups: BTreeMap<(&'static str, &'static str, String), usize> = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let process = if name.starts_with("envoy-") {
+            "Envoy"
+        } else if name.starts_with("companion-") {
+            "companion"
+        } else {
+            continue;
+        };
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for (level, message) in text.lines().filter_map(warning) {
+            *groups.entry((process, level, message)).or_default() += 1;
+        }
+    }
+    let mut lines: Vec<LogLines> = groups
+        .into_iter()
+        .map(|((process, level, message), count)| LogLines {
+            process,
+            level,
+            message,
+            count,
+        })
+        .collect();
+    lines.sort_by_key(|lines| std::cmp::Reverse(lines.count));
+    lines
+}
+
+/// A log line's level and message, if it is a warning or an error, with what varies
+/// between repeats taken out: the companion's request span and fields, numbers.
+/// Envoy: `[date][thread][level][logger] [file:line] message`; the companion:
+/// `<time>  LEVEL [span: ]target: message key=value ...`.
+fn warning(line: &str) -> Option<(&'static str, String)> {
+    if line.starts_with('[') {
+        let level = if line.contains("][warning][") {
+            "warn"
+        } else if line.contains("][error][") || line.contains("][critical][") {
+            "error"
+        } else {
+            return None;
+        };
+        let (_, message) = line.split_once("] [")?.1.split_once("] ")?;
+        return Some((level, without_numbers(message)));
+    }
+    let mut words = line.split_whitespace();
+    let _time = words.next()?;
+    let level = match words.next()? {
+        "WARN" => "warn",
+        "ERROR" => "error",
+        _ => return None,
+    };
+    let rest = line
+        .split_once(if level == "warn" { "WARN " } else { "ERROR " })?
+        .1;
+    let rest = match rest.strip_prefix("request{") {
+        Some(span) => span.split_once("}: ")?.1,
+        None => rest,
+    };
+    let message: Vec<&str> = rest
+        .split(' ')
+        .take_while(|word| !word.contains('='))
+        .collect();
+    Some((level, without_numbers(&message.join(" "))))
+}
+
+/// `text` with every run of digits replaced by `#`, at most 160 characters.
+fn without_numbers(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars().take(160) {
+        if c.is_ascii_digit() {
+            if !out.ends_with('#') {
+                out.push('#');
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +447,40 @@ mod tests {
         assert_eq!(merged.minutes.len(), 2);
         assert_eq!(merged.minutes[1].failures, 2);
         assert_eq!(merged.minutes[1].faults, [FaultKind::RedisPause]);
+    }
+
+    #[test]
+    fn warnings_group_without_their_varying_parts() {
+        let envoy = "[2026-11-22 21:18:17.455][21221][warning][wasm] [source/extensions/common/wasm/context.cc:1154] wasm log tokengate tokengate: fetch for genesys:bench-7 backs off 500 ms: login answered 503";
+        assert_eq!(
+            warning(envoy),
+            Some((
+                "warn",
+                "wasm log tokengate tokengate: fetch for genesys:bench-# backs off # ms: login answered #".to_owned()
+            ))
+        );
+        let companion = "2026-11-22T21:17:24.511542Z  WARN request{request_id=fabd0986 method=POST path=/v1/lease}: tokengate_companion::lease: lease provider=\"genesys\" tenant=\"bench-3\" outcome=\"error\"";
+        assert_eq!(
+            warning(companion),
+            Some(("warn", "tokengate_companion::lease: lease".to_owned()))
+        );
+        let plain = "2026-11-22T21:17:24.511542Z  WARN tokengate_companion::waits: commit notifications lost; waiters fall back reason=\"ping failed\"";
+        assert_eq!(
+            warning(plain),
+            Some((
+                "warn",
+                "tokengate_companion::waits: commit notifications lost; waiters fall back"
+                    .to_owned()
+            ))
+        );
+        assert_eq!(
+            warning("2026-11-22T21:17:24.511542Z  INFO tokengate_companion: listening"),
+            None
+        );
+        assert_eq!(
+            warning("[2026-11-22 21:18:17.455][1][info][main] [a.cc:1] up"),
+            None
+        );
     }
 
     #[test]

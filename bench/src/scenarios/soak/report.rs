@@ -65,6 +65,7 @@ pub fn render(soak: &Soak) -> String {
     tokens(&mut out, soak);
     memory(&mut out, soak);
     counters(&mut out, soak);
+    log_warnings(&mut out, soak);
     out
 }
 
@@ -505,9 +506,43 @@ fn counters(out: &mut String, soak: &Soak) {
         }
     }
     let _ = writeln!(out);
+}
+
+/// Lines of the same message shown at most.
+const LOG_GROUPS: usize = 15;
+
+fn log_warnings(out: &mut String, soak: &Soak) {
     let _ = writeln!(
         out,
-        "The processes' logs of the last run are in `{}`.",
+        "## Warnings and errors in the logs
+"
+    );
+    let total: usize = soak.log_warnings.iter().map(|lines| lines.count).sum();
+    let _ = writeln!(
+        out,
+        "{total} lines at warn or error in the Envoy and companion logs (Envoy and the \
+         companions at info), grouped by message with numbers replaced by `#`; the {} most \
+         frequent. Most belong to the faults; a message that repeats without one is worth a \
+         look. The logs of the last run are in `{}`.\n",
+        LOG_GROUPS.min(soak.log_warnings.len()),
         soak.settings.logs.display()
     );
+    if soak.log_warnings.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "| process | level | lines | message |\n|---|---|---:|---|"
+    );
+    for lines in soak.log_warnings.iter().take(LOG_GROUPS) {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | `{}` |",
+            lines.process,
+            lines.level,
+            lines.count,
+            lines.message.replace('|', "/").replace('`', "'")
+        );
+    }
+    let _ = writeln!(out);
 }
