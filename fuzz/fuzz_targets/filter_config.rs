@@ -2,12 +2,14 @@
 //! `on_configure` calls with the raw bytes of Envoy's plugin `configuration`.
 //!
 //! Checks: an accepted configuration satisfies every documented constraint; an error
-//! names a field path and a problem; neither repeats the companion's API key.
+//! names a field path and a problem, and for a well-formed JSON document that path
+//! leads to a field of it; neither repeats the companion's API key.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tokengate::config::FilterConfig;
+use serde_json::Value;
+use tokengate::config::{ConfigError, FilterConfig};
 use tokengate_fuzz::{assert_hidden, plant_secret};
 
 fuzz_target!(|document: &[u8]| {
@@ -37,8 +39,51 @@ fn check(document: &[u8]) -> String {
                 !error.path.is_empty() && !error.problem.is_empty(),
                 "an error names its field and problem: {error:?}"
             );
+            assert_path_leads_to_a_field(document, &error);
             format!("{error} {error:?}")
         }
+    }
+}
+
+/// A document that is JSON but not a configuration is refused at a field it has.
+/// Skipped where the path cannot be followed unambiguously: keys with escapes, `.`
+/// or brackets, and errors of the validation after parsing (their paths are fixed,
+/// the field may be a default).
+fn assert_path_leads_to_a_field(document: &[u8], error: &ConfigError) {
+    let Ok(value) = serde_json::from_slice::<Value>(document) else {
+        return;
+    };
+    if document.contains(&b'\\') || !error.problem.contains(" at line ") || !plain_keys(&value) {
+        return;
+    }
+    let mut at = &value;
+    if error.path != "." {
+        for part in error.path.split('.') {
+            let (key, indexes) = part.split_once('[').unwrap_or((part, ""));
+            // `[0]` alone: an element of an array (serde reads a struct from one too).
+            if !(key.is_empty() && at.is_array()) {
+                at = at
+                    .get(key)
+                    .unwrap_or_else(|| panic!("{error} names no field"));
+            }
+            for index in indexes.split('[').filter(|index| !index.is_empty()) {
+                let index: usize = index.trim_end_matches(']').parse().expect("an index");
+                at = at
+                    .get(index)
+                    .unwrap_or_else(|| panic!("{error} names no element"));
+            }
+        }
+    }
+}
+
+/// Whether no key of `value` holds a character that a path uses as a separator.
+fn plain_keys(value: &Value) -> bool {
+    match value {
+        Value::Object(fields) => fields
+            .iter()
+            .all(|(key, field)| !key.contains(['.', '[', ']']) && plain_keys(field)),
+        Value::Array(items) => items.iter().all(plain_keys),
+        _ => true,
     }
 }
 

@@ -358,9 +358,17 @@ impl FilterConfig {
         } else {
             bytes
         };
-        let config: FilterConfig = serde_json::from_slice(bytes).map_err(|error| ConfigError {
-            path: path_at(bytes, offset_of(bytes, error.line(), error.column())),
-            problem: error.to_string(),
+        let config: FilterConfig = serde_json::from_slice(bytes).map_err(|error| {
+            // A syntax error's position takes in the character it refused (the start of
+            // the value it refused); any other error's ends just before the value.
+            let mut offset = offset_of(bytes, error.line(), error.column());
+            if error.classify() == serde_json::error::Category::Syntax {
+                offset = offset.saturating_sub(1);
+            }
+            ConfigError {
+                path: path_at(bytes, offset),
+                problem: error.to_string(),
+            }
         })?;
         config.validate()?;
         Ok(config)
