@@ -8,7 +8,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+use std::collections::HashSet;
+use std::fmt;
 use tokengate::config::{ConfigError, FilterConfig};
 use tokengate_fuzz::{assert_hidden, plant_secret};
 
@@ -47,13 +50,17 @@ fn check(document: &[u8]) -> String {
 
 /// A document that is JSON but not a configuration is refused at a field it has.
 /// Skipped where the path cannot be followed unambiguously: keys with escapes, `.`
-/// or brackets, and errors of the validation after parsing (their paths are fixed,
-/// the field may be a default).
+/// or brackets, repeated keys (`Value` keeps the last one only), and errors of the
+/// validation after parsing (their paths are fixed, the field may be a default).
 fn assert_path_leads_to_a_field(document: &[u8], error: &ConfigError) {
     let Ok(value) = serde_json::from_slice::<Value>(document) else {
         return;
     };
-    if document.contains(&b'\\') || !error.problem.contains(" at line ") || !plain_keys(&value) {
+    if document.contains(&b'\\')
+        || !error.problem.contains(" at line ")
+        || !plain_keys(&value)
+        || serde_json::from_slice::<UniqueKeys>(document).is_err()
+    {
         return;
     }
     let mut at = &value;
@@ -84,6 +91,65 @@ fn plain_keys(value: &Value) -> bool {
             .all(|(key, field)| !key.contains(['.', '[', ']']) && plain_keys(field)),
         Value::Array(items) => items.iter().all(plain_keys),
         _ => true,
+    }
+}
+
+/// Any JSON value whose objects repeat no key.
+struct UniqueKeys;
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueKeysVisitor)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> Visitor<'de> for UniqueKeysVisitor {
+    type Value = UniqueKeys;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_unit<E>(self) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<UniqueKeys, A::Error> {
+        while items.next_element::<UniqueKeys>()?.is_some() {}
+        Ok(UniqueKeys)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut fields: A) -> Result<UniqueKeys, A::Error> {
+        let mut keys = HashSet::new();
+        while let Some(key) = fields.next_key::<String>()? {
+            if !keys.insert(key) {
+                return Err(A::Error::custom("a repeated key"));
+            }
+            fields.next_value::<UniqueKeys>()?;
+        }
+        Ok(UniqueKeys)
     }
 }
 
