@@ -287,10 +287,10 @@ fn warning(line: &str) -> Option<(&'static str, String)> {
     Some((level, without_numbers(&message.join(" "))))
 }
 
-/// `text` with every run of digits replaced by `#`, at most 160 characters.
+/// `text` with every run of digits replaced by `#`, then cut to 160 characters.
 fn without_numbers(text: &str) -> String {
     let mut out = String::new();
-    for c in text.chars().take(160) {
+    for c in text.chars() {
         if c.is_ascii_digit() {
             if !out.ends_with('#') {
                 out.push('#');
@@ -299,7 +299,7 @@ fn without_numbers(text: &str) -> String {
             out.push(c);
         }
     }
-    out
+    out.chars().take(160).collect()
 }
 
 #[cfg(test)]
