@@ -157,11 +157,24 @@ struct LeaseEnd {
     retried: bool,
 }
 
-/// Local-mode fetches of one key in the current one-minute window.
-#[derive(Debug, Clone, Copy)]
-struct LocalWindow {
-    started_ms: u64,
-    fetches: u32,
+/// What a worker remembers of a key between its fetches (one map for both, as each map
+/// type costs the module its own hash-table code).
+#[derive(Debug, Clone, Copy, Default)]
+struct KeyHistory {
+    /// When the current one-minute window of local-mode fetches started.
+    local_window_started_ms: u64,
+    /// Local-mode fetches in that window, for the local limiter.
+    local_fetches: u32,
+    /// After a failed refresh-ahead, no new one for the key before this moment.
+    refresh_retry_at_ms: u64,
+}
+
+impl KeyHistory {
+    /// Whether it still matters at `now_ms` (a live window or a pending retry).
+    fn is_current(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.local_window_started_ms) < LOCAL_WINDOW_MS
+            || self.refresh_retry_at_ms > now_ms
+    }
 }
 
 /// One worker's filter state; see the module documentation.
@@ -180,16 +193,14 @@ pub struct Worker {
     callouts: HashMap<u32, (TokenKey, Purpose)>,
     /// The companion failed to answer: until then, fetch in local mode.
     companion_down_until_ms: u64,
-    /// Local-mode fetches per key, for the local limiter.
-    local_windows: HashMap<TokenKey, LocalWindow>,
+    /// Local-mode windows and refresh-ahead retries, per key.
+    history: HashMap<TokenKey, KeyHistory>,
     /// The tick period last asked of the host, to avoid resetting the timer needlessly.
     tick_period_ms: u64,
     /// The token each resumed request carried, to purge it if the upstream rejects it.
     delivered: HashMap<u32, (TokenKey, CachedToken)>,
     /// Tokens the upstream rejected, to invalidate at the companion on the next tick.
     pending_invalidations: Vec<(TokenKey, SecretString)>,
-    /// After a failed refresh-ahead, no new one for the key before this moment.
-    refresh_retry_at_ms: HashMap<TokenKey, u64>,
     /// Commits and aborts in flight, by callout id, to send once more if lost.
     lease_ends: HashMap<u32, LeaseEnd>,
     /// Lost commits and aborts, each sent once more at its moment.
@@ -217,8 +228,8 @@ const LOG_LEVEL_TTL_MS: u64 = 1_000;
 const MAX_TICK_MS: u64 = 1_000;
 /// Length of the local limiter's window.
 const LOCAL_WINDOW_MS: u64 = 60_000;
-/// Beyond this many tracked keys, windows that have ended are dropped.
-const LOCAL_WINDOWS_PRUNE_AT: usize = 4_096;
+/// Beyond this many keys in the history, the entries no longer current are dropped.
+const HISTORY_PRUNE_AT: usize = 4_096;
 /// Pause after a failed refresh-ahead before the next one for the same key.
 const REFRESH_RETRY_MS: u64 = 5_000;
 
@@ -235,11 +246,10 @@ impl Worker {
             fetches: HashMap::new(),
             callouts: HashMap::new(),
             companion_down_until_ms: 0,
-            local_windows: HashMap::new(),
+            history: HashMap::new(),
             tick_period_ms: 0,
             delivered: HashMap::new(),
             pending_invalidations: Vec::new(),
-            refresh_retry_at_ms: HashMap::new(),
             lease_ends: HashMap::new(),
             lease_end_retries: Vec::new(),
             hits: Rc::default(),
@@ -538,9 +548,9 @@ impl Worker {
     ) {
         if self.fetches.contains_key(key)
             || self
-                .refresh_retry_at_ms
+                .history
                 .get(key)
-                .is_some_and(|at| now_ms < *at)
+                .is_some_and(|history| now_ms < history.refresh_retry_at_ms)
             || self.peer_state(host, key, now_ms) == Peer::Busy
         {
             return;
@@ -900,36 +910,33 @@ impl Worker {
     /// Local mode: fetch without the companion, within the local limiter.
     fn fetch_locally(&mut self, host: &mut impl Host, key: TokenKey) {
         let now_ms = host.now_ms();
-        if self.local_windows.len() >= LOCAL_WINDOWS_PRUNE_AT {
-            self.local_windows
-                .retain(|_, window| now_ms.saturating_sub(window.started_ms) < LOCAL_WINDOW_MS);
+        let limit = self.config.companion.local_fetches_per_minute;
+        let history = self.history_of(&key, now_ms);
+        if now_ms.saturating_sub(history.local_window_started_ms) >= LOCAL_WINDOW_MS {
+            history.local_window_started_ms = now_ms;
+            history.local_fetches = 0;
         }
-        let window = self
-            .local_windows
-            .entry(key.clone())
-            .or_insert(LocalWindow {
-                started_ms: now_ms,
-                fetches: 0,
-            });
-        if now_ms.saturating_sub(window.started_ms) >= LOCAL_WINDOW_MS {
-            *window = LocalWindow {
-                started_ms: now_ms,
-                fetches: 0,
-            };
-        }
-        if window.fetches >= self.config.companion.local_fetches_per_minute {
+        if history.local_fetches >= limit {
             let error = TokenError::new(
                 ErrorCode::CompanionUnavailable,
                 format!(
-                    "the token companion is unreachable and the local limit of {} fetches per minute for {key} is reached",
-                    self.config.companion.local_fetches_per_minute
+                    "the token companion is unreachable and the local limit of {limit} fetches per minute for {key} is reached"
                 ),
             );
             return self.finish(host, &key, Err(error), TokenSource::Fresh);
         }
-        window.fetches += 1;
+        history.local_fetches += 1;
         host.count(Metric::CompanionFallback);
         self.begin_fetch(host, key, None);
+    }
+
+    /// `key`'s history, created if new; when the history is large, the entries no
+    /// longer current are dropped first.
+    fn history_of(&mut self, key: &TokenKey, now_ms: u64) -> &mut KeyHistory {
+        if self.history.len() >= HISTORY_PRUNE_AT {
+            self.history.retain(|_, history| history.is_current(now_ms));
+        }
+        self.history.entry(key.clone()).or_default()
     }
 
     fn begin_fetch(&mut self, host: &mut impl Host, key: TokenKey, lease_id: Option<LeaseId>) {
@@ -1091,11 +1098,8 @@ impl Worker {
                 host.count(Metric::FetchFailed(error.code));
                 if fetch.min_expires_at_ms.is_some() {
                     // A failed refresh-ahead: the cached token still serves; try again later.
-                    if self.refresh_retry_at_ms.len() >= LOCAL_WINDOWS_PRUNE_AT {
-                        self.refresh_retry_at_ms.retain(|_, at| *at > now_ms);
-                    }
-                    self.refresh_retry_at_ms
-                        .insert(key.clone(), now_ms.saturating_add(REFRESH_RETRY_MS));
+                    self.history_of(key, now_ms).refresh_retry_at_ms =
+                        now_ms.saturating_add(REFRESH_RETRY_MS);
                 }
                 host.log(
                     Level::Error,
