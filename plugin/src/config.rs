@@ -358,6 +358,13 @@ impl FilterConfig {
         } else {
             bytes
         };
+        // serde would also read the fields, in order, from an array.
+        if bytes.trim_ascii_start().first() != Some(&b'{') {
+            return Err(ConfigError {
+                path: ".".to_owned(),
+                problem: "the configuration must be a JSON object".to_owned(),
+            });
+        }
         let config: FilterConfig = serde_json::from_slice(bytes).map_err(|error| {
             // A syntax error's position takes in the character it refused (the start of
             // the value it refused); any other error's ends just before the value.
@@ -489,6 +496,14 @@ impl FilterConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_configuration_that_is_not_an_object_is_refused() {
+        for text in ["[]", "[\"endpoint\"]", "\"inject\"", "42", "null"] {
+            let error = FilterConfig::parse(text.as_bytes()).unwrap_err();
+            assert_eq!(error.path, ".", "{text}");
+        }
+    }
 
     #[test]
     fn an_empty_document_means_all_defaults() {

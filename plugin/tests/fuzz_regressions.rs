@@ -17,7 +17,8 @@ fn a_refused_array_is_named_itself_not_its_first_element() {
     // `[[]]` was refused at '[0][0]', an element that does not exist: a syntax error's
     // position takes in the `[` that opens the refused value.
     for (document, path) in [
-        ("[[]]", "[0]"),
+        // Not an object at all: the document itself.
+        ("[[]]", "."),
         (r#"{"mode":["inject"]}"#, "mode"),
         (r#"{"genesys":{"loginHosts":[]}}"#, "genesys.loginHosts"),
         (r#"{"purge":{"statuses":[[]]}}"#, "purge.statuses[0]"),
