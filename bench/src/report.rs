@@ -10,6 +10,20 @@ use crate::stats::{Latencies, ms};
 
 const FINDINGS: &str = include_str!("../findings.md");
 
+/// `path` relative to the checkout the benchmark runs in (its working directory), so the
+/// report names no directory of the machine it ran on.
+fn in_checkout(path: &str) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|dir| {
+            std::path::Path::new(path)
+                .strip_prefix(dir)
+                .ok()
+                .map(|relative| relative.display().to_string())
+        })
+        .unwrap_or_else(|| path.to_owned())
+}
+
 /// The report of one run.
 pub struct Report<'a>(pub &'a Results);
 
@@ -256,7 +270,7 @@ impl Report<'_> {
             }
         }
         for (what, path) in &r.binaries {
-            let _ = writeln!(out, "| {what} | `{path}` |");
+            let _ = writeln!(out, "| {what} | `{}` |", in_checkout(path));
         }
         let _ = writeln!(out);
     }
@@ -711,7 +725,7 @@ impl Report<'_> {
             let _ = writeln!(
                 out,
                 "`{}`: {} bytes ({:.0} KB). Its sections:\n",
-                foot.path,
+                in_checkout(&foot.path),
                 foot.bytes,
                 foot.bytes as f64 / 1000.0
             );
@@ -754,9 +768,9 @@ impl Report<'_> {
             let _ = writeln!(
                 out,
                 "Built by `scripts/build-wasm`: the workspace's `wasm` profile (`opt-level = \"z\"`, \
-                 LTO, one codegen unit, symbols stripped), `panic=immediate-abort` where std is \
-                 compiled from source (Debian's `rustc-web`), then `wasm-opt -Oz` when binaryen \
-                 is installed (here: {}).\n",
+                 LTO, one codegen unit, symbols stripped), `panic=immediate-abort` and no panic \
+                 locations where std is compiled from source (Debian's `rustc-web`), then \
+                 `wasm-opt -Oz --converge` when binaryen is installed (here: {}).\n",
                 foot.wasm_opt_note
             );
         }
