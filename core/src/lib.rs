@@ -11,6 +11,7 @@
 //! - [`flow`]: one token fetch as a state machine, with the retry and backoff policy.
 //! - [`cache`]: the cached form of a token, expiry inside.
 //! - [`lease`]: the companion's internal lease / commit / abort API.
+//! - [`limit`]: the fetch limiter and the purge / forced-refresh throttle.
 //! - [`token_api`]: the original service's `/auth/token` request and response.
 //! - [`error`]: error codes, their HTTP statuses and the JSON error body.
 //! - [`secret`]: zeroizing, redacted secret types.
@@ -20,6 +21,7 @@ pub mod credentials;
 pub mod error;
 pub mod flow;
 pub mod lease;
+pub mod limit;
 pub mod oauth;
 pub mod provider;
 pub mod regions;

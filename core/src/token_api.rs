@@ -4,8 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::credentials::format_rfc3339_ms;
+use crate::credentials::{format_rfc3339_ms, parse_rfc3339_ms};
 use crate::error::{ErrorCode, TokenError};
+use crate::flow::FetchedToken;
 use crate::provider::{Provider, TenantId, TokenKey};
 use crate::secret::SecretString;
 
@@ -132,6 +133,23 @@ impl TokenResponse {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
+
+    /// The token this response hands out, as the result of a fetch received at
+    /// `now_ms`: expiring at `expiresAt` (or, if that cannot be read, `expiresIn` from
+    /// now), and cacheable only while it has life left (a WhatsApp token inside its
+    /// safety buffer is served once, never cached).
+    pub fn into_fetched(self, now_ms: u64) -> FetchedToken {
+        let expires_at_ms = parse_rfc3339_ms(&self.expires_at).unwrap_or_else(|| {
+            let expires_in_ms = self.expires_in.max(0).unsigned_abs().saturating_mul(1000);
+            now_ms.saturating_add(expires_in_ms)
+        });
+        FetchedToken {
+            access_token: self.access_token,
+            expires_in_secs: self.expires_in,
+            expires_at_ms,
+            cacheable: self.expires_in > 0,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -188,6 +206,35 @@ mod tests {
         assert_eq!(
             TokenRequest::from_headers(None, None).unwrap_err().code,
             ErrorCode::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn a_response_becomes_the_token_it_hands_out() {
+        let response = TokenResponse::new(
+            SecretString::from("t"),
+            1_893_456_000_000,
+            1_893_455_000_000,
+            TokenSource::Cache,
+        );
+        let token = response.into_fetched(1_893_455_000_500);
+        assert_eq!(token.access_token.expose(), "t");
+        assert_eq!(token.expires_at_ms, 1_893_456_000_000, "from expiresAt");
+        assert!(token.cacheable);
+
+        let mut unreadable = TokenResponse::new(SecretString::from("t"), 0, 0, TokenSource::Fresh);
+        unreadable.expires_at = "soon".to_owned();
+        unreadable.expires_in = 30;
+        assert_eq!(
+            unreadable.into_fetched(1_000).expires_at_ms,
+            31_000,
+            "from expiresIn"
+        );
+
+        let spent = TokenResponse::new(SecretString::from("t"), 1_000, 2_000, TokenSource::Fresh);
+        assert!(
+            !spent.into_fetched(2_000).cacheable,
+            "no life left: served, not cached"
         );
     }
 
