@@ -27,6 +27,10 @@ pub struct GatewayEntry {
     pub refresh_at_ms: u64,
 }
 
+/// After a refresh-ahead failed, the old token still serves and no new refresh of that
+/// key starts for this long (an IdP outage must not turn every request into a fetch).
+pub const REFRESH_RETRY_MS: u64 = 5_000;
+
 /// When to start refreshing a token that lives from `now_ms` to `expires_at_ms`: in
 /// the last `percent` of its life, but at least `min_lead_ms` before it expires.
 pub fn refresh_moment(now_ms: u64, expires_at_ms: u64, percent: u8, min_lead_ms: u64) -> u64 {

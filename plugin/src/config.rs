@@ -9,6 +9,7 @@
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
+use tokengate_core::limit::{self, RefreshThrottle};
 use tokengate_core::{FetchConfig, Provider, RegionTable, SecretString};
 
 /// The whole filter configuration.
@@ -95,7 +96,7 @@ impl Default for PurgeConfig {
     fn default() -> Self {
         Self {
             statuses: vec![401],
-            min_interval_ms: 10_000,
+            min_interval_ms: limit::DEFAULT_MIN_REFRESH_INTERVAL_MS,
         }
     }
 }
@@ -209,7 +210,7 @@ impl Default for CompanionConfig {
             authority: "tokengate-companion".to_owned(),
             timeout_ms: 40_000,
             retry_after_ms: 5_000,
-            local_fetches_per_minute: 6,
+            local_fetches_per_minute: limit::DEFAULT_FETCHES_PER_MINUTE,
             api_key: None,
         }
     }
@@ -474,6 +475,13 @@ impl FilterConfig {
         self.genesys
             .login_cluster_pattern
             .replace("{region}", region)
+    }
+
+    /// The limit on purges and forced refreshes per key.
+    pub fn refresh_throttle(&self) -> RefreshThrottle {
+        RefreshThrottle {
+            min_interval_ms: self.purge.min_interval_ms,
+        }
     }
 
     /// The core fetch settings this configuration implies.

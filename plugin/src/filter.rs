@@ -1,6 +1,9 @@
 //! The proxy-wasm glue: one root context per Envoy worker owning a [`Worker`], and a
-//! thin HTTP context per request. Nothing here decides anything; it translates
-//! between proxy-wasm calls and the worker.
+//! thin HTTP context per request. Nothing here decides anything: it translates
+//! proxy-wasm callbacks into the worker's events and implements [`Host`] with
+//! proxy-wasm host calls. What it does itself is read the request (tenant header,
+//! endpoint-mode body) into a validated ask, and apply the worker's decision on a
+//! cache hit, which takes no worker state.
 
 #![allow(unsafe_code)] // `#[unsafe(no_mangle)]` on the module's entry point.
 
@@ -12,15 +15,13 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
-use tokengate_core::token_api::{
-    CREDENTIAL_TYPE_HEADER, TOKEN_PATH, TokenRequest, TokenResponse, TokenSource,
-};
+use tokengate_core::token_api::{CREDENTIAL_TYPE_HEADER, TOKEN_PATH, TokenRequest, TokenSource};
 use tokengate_core::{
-    CachedToken, CalloutResult, ErrorCode, SecretBytes, SecretString, TenantId, TokenError,
-    TokenKey,
+    CachedToken, CalloutResult, ErrorCode, SecretBytes, TenantId, TokenError, TokenKey,
 };
 
 use crate::config::{FilterConfig, Mode};
+use crate::delivery;
 use crate::hits::HitTally;
 use crate::host::{Callout, Host, Level, Metric};
 use crate::worker::{Decision, Delivery, TokenAsk, Worker};
@@ -515,13 +516,11 @@ impl Request {
         match worker.on_request(&mut host, ask, || self.correlation_id()) {
             Decision::Cached(token) => match delivery {
                 Delivery::Inject => {
-                    let bearer =
-                        SecretString::new(format!("Bearer {}", token.access_token.expose()));
                     let header = &self.config.authorization_header;
                     let _ = hostcalls::set_map_value(
                         MapType::HttpRequestHeaders,
                         header,
-                        Some(bearer.expose()),
+                        Some(delivery::bearer(&token).expose()),
                     );
                     if let Some(key) = carried_key {
                         self.carried = Carried::Cached(key, token);
@@ -529,13 +528,8 @@ impl Request {
                     Action::Continue
                 }
                 Delivery::Respond => {
-                    let response = TokenResponse::new(
-                        token.access_token,
-                        token.expires_at_ms,
-                        host.now_ms(),
-                        TokenSource::Cache,
-                    );
-                    send_json(200, SecretBytes::new(response.to_json()).expose());
+                    let body = delivery::token_response(&token, host.now_ms(), TokenSource::Cache);
+                    send_json(200, body.expose());
                     Action::Pause
                 }
             },

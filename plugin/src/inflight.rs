@@ -19,6 +19,8 @@
 
 use tokengate_core::{ErrorCode, TokenError, TokenKey};
 
+use crate::host::Host;
+
 /// How long a failed fetch's error is handed to the workers that waited on it.
 pub const ERROR_SHARE_MS: u64 = 1_000;
 
@@ -35,6 +37,10 @@ pub struct Marker {
     /// [`MAX_WAITERS`]; beyond, a worker only polls).
     pub waiters: Vec<u32>,
 }
+
+/// Attempts at a compare-and-swap write of a marker before giving up (waiting) or
+/// writing unconditionally (releasing).
+const WRITE_ATTEMPTS: usize = 4;
 
 /// The most wake queues a marker holds (one per waiting worker).
 pub const MAX_WAITERS: usize = 255;
@@ -147,6 +153,73 @@ impl Marker {
             Some(error) => Peer::Failed(TokenError::new(error.code, error.message.clone())),
             None if self.owner != 0 && self.owner != me => Peer::Busy,
             None => Peer::Free,
+        }
+    }
+}
+
+/// What `key`'s marker means to worker `me` at `now_ms`.
+pub fn peer_state(host: &impl Host, key: &TokenKey, me: u64, now_ms: u64) -> Peer {
+    host.shared_get(&marker_key(key))
+        .and_then(|bytes| Marker::decode(&bytes))
+        .map_or(Peer::Free, |marker| marker.peer_state(me, now_ms))
+}
+
+/// Claims `key` for worker `me` from `now_ms` until `until_ms`; false when another
+/// worker claimed it at the same moment and wrote last (then that one fetches).
+pub fn claim(host: &mut impl Host, key: &TokenKey, me: u64, now_ms: u64, until_ms: u64) -> bool {
+    host.shared_set(&marker_key(key), &Marker::claim(me, until_ms).encode());
+    peer_state(host, key, me, now_ms) != Peer::Busy
+}
+
+/// Leaves wake queue `queue` of worker `me` in `key`'s marker while another worker
+/// holds it. Gives up quietly (the poll remains) when the marker keeps changing or is
+/// free.
+pub fn ask_to_be_woken(host: &mut impl Host, key: &TokenKey, me: u64, queue: u32, now_ms: u64) {
+    let marker_key = marker_key(key);
+    for _ in 0..WRITE_ATTEMPTS {
+        let Some((bytes, version)) = host.shared_get_versioned(&marker_key) else {
+            return;
+        };
+        let Some(mut marker) = Marker::decode(&bytes) else {
+            return;
+        };
+        if marker.peer_state(me, now_ms) != Peer::Busy
+            || marker.waiters.contains(&queue)
+            || marker.waiters.len() >= MAX_WAITERS
+        {
+            return;
+        }
+        marker.waiters.push(queue);
+        if host.shared_replace(&marker_key, &marker.encode(), version) {
+            return;
+        }
+    }
+}
+
+/// Writes `released` over `key`'s marker and wakes the workers that asked to be
+/// (except `own_queue`). The write only succeeds on the version read, so a waiter that
+/// adds itself in between is not lost; after repeated races it is written anyway.
+pub fn release(host: &mut impl Host, key: &TokenKey, released: &Marker, own_queue: Option<u32>) {
+    let marker_key = marker_key(key);
+    let encoded = released.encode();
+    let mut waiters = Vec::new();
+    let mut written = false;
+    for _ in 0..WRITE_ATTEMPTS {
+        let Some((bytes, version)) = host.shared_get_versioned(&marker_key) else {
+            break;
+        };
+        waiters = Marker::decode(&bytes).map_or_else(Vec::new, |marker| marker.waiters);
+        if host.shared_replace(&marker_key, &encoded, version) {
+            written = true;
+            break;
+        }
+    }
+    if !written {
+        host.shared_set(&marker_key, &encoded);
+    }
+    for queue in waiters {
+        if Some(queue) != own_queue {
+            host.wake(queue);
         }
     }
 }

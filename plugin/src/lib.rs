@@ -3,6 +3,9 @@
 //! - [`config`]: the filter's JSON configuration, validated at load.
 //! - [`worker`]: per-worker logic (cache, in-flight fetches, paused requests), host-agnostic.
 //! - [`host`]: the host functions and stats the logic needs, as a trait.
+//! - `fake` (native builds only): a recording [`host::Host`] with a driven clock, for
+//!   tests of the worker that run in microseconds.
+//! - [`delivery`]: the header value and the body a token is delivered as.
 //! - [`inflight`]: the per-Envoy in-flight marker in shared data (tier 2 of collapsing).
 //! - [`hits`]: cache hits counted per worker, added to their stat in batches.
 //! - `filter` (wasm32 only): the proxy-wasm root and HTTP contexts, thin glue over [`worker`].
@@ -13,6 +16,9 @@
 )]
 
 pub mod config;
+pub mod delivery;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod fake;
 pub mod hits;
 pub mod host;
 pub mod inflight;

@@ -658,21 +658,25 @@ impl Envoy {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// The value of counter `name` in `/stats` (0 when absent). The filter's own stats
-    /// are named without the `wasmcustom.` prefix that `/stats` shows them with.
+    /// The value of counter `name` in `/stats`; panics when Envoy has no such stat. The
+    /// filter's own stats are named without the `wasmcustom.` prefix `/stats` shows.
     pub async fn stat(&self, name: &str) -> u64 {
         let url = format!("http://127.0.0.1:{}/stats?filter={}", self.admin_port, name);
         let text = match reqwest::get(&url).await {
             Ok(response) => response.text().await.unwrap_or_default(),
             Err(error) => panic!("Envoy admin {url}: {error}"),
         };
-        text.lines()
-            .find_map(|line| {
-                let line = line.strip_prefix("wasmcustom.").unwrap_or(line);
-                line.strip_prefix(&format!("{name}: "))
-            })
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or(0)
+        let value = text.lines().find_map(|line| {
+            let line = line.strip_prefix("wasmcustom.").unwrap_or(line);
+            line.strip_prefix(&format!("{name}: "))
+        });
+        match value.map(|value| value.trim().parse()) {
+            Some(Ok(value)) => value,
+            Some(Err(error)) => panic!("Envoy stat {name} is not a number: {error}"),
+            // The filter defines every stat at load, so a missing one is a typo in the
+            // test (or a stat the filter lost): never read it as 0.
+            None => panic!("Envoy has no stat {name}; it has:\n{text}"),
+        }
     }
 }
 

@@ -1,0 +1,821 @@
+//! The worker's rules on the recording fake host: every callout it sends is answered
+//! by the test, the clock only moves when the test moves it, and each test asserts what
+//! the requests, the companion and the stats would see. Nothing here sleeps.
+
+use serde_json::{Value, json};
+
+use tokengate::config::FilterConfig;
+use tokengate::fake::{FakeEnvoy, FakeHost, SentCallout};
+use tokengate::host::{Level, Metric};
+use tokengate::worker::{Decision, Delivery, TokenAsk, Worker};
+use tokengate_core::cache::{GatewayEntry, REFRESH_RETRY_MS, shared_data_key};
+use tokengate_core::limit::WINDOW_MS;
+use tokengate_core::{
+    CachedToken, CalloutResult, ErrorCode, Provider, SecretBytes, TenantId, TokenKey,
+};
+
+const START_MS: u64 = 1_700_000_000_000;
+const COMPANION: &str = "tokengate_companion";
+const TENANT_SERVICE: &str = "tenant_service";
+const LOGIN: &str = "genesys_eu-west-1";
+const CREDENTIALS: &str = r#"{"clientId":"id-1","clientSecret":"s3cret","region":"eu-west-1"}"#;
+/// An Envoy local reply for a callout to a cluster nobody listens on.
+const ENVOY_CONNECT_FAILURE: &str = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: Connection refused";
+
+fn key(tenant: &str) -> TokenKey {
+    TokenKey::new(Provider::Genesys, TenantId::parse(tenant).unwrap())
+}
+
+fn response(status: u16, body: &str) -> CalloutResult {
+    CalloutResult::Response {
+        status,
+        body: SecretBytes::new(body.as_bytes().to_vec()),
+        retry_after_secs: None,
+    }
+}
+
+fn login_answer(token: &str, expires_in_secs: u64) -> String {
+    json!({"access_token": token, "token_type": "bearer", "expires_in": expires_in_secs})
+        .to_string()
+}
+
+fn lease_granted(lease_id: &str) -> String {
+    json!({"outcome": "fetch", "leaseId": lease_id, "leaseTtlMs": 30_000}).to_string()
+}
+
+/// One worker of a fake Envoy, with the calls a host makes, shortened.
+struct Rig {
+    worker: Worker,
+    host: FakeHost,
+}
+
+impl Rig {
+    fn new(overrides: Value) -> Self {
+        Self::on(&FakeEnvoy::starting_at(START_MS), overrides, 1)
+    }
+
+    /// Worker number `id` (also its wake queue) of `envoy`.
+    fn on(envoy: &FakeEnvoy, overrides: Value, id: u32) -> Self {
+        let config = FilterConfig::parse(overrides.to_string().as_bytes()).unwrap();
+        Self {
+            worker: Worker::new(config, u64::from(id), Some(id)),
+            host: envoy.host(),
+        }
+    }
+
+    fn ask(&mut self, context_id: u32, tenant: &str) -> Decision {
+        self.ask_for(context_id, tenant, Delivery::Inject, false)
+    }
+
+    fn ask_for(
+        &mut self,
+        context_id: u32,
+        tenant: &str,
+        delivery: Delivery,
+        force_refresh: bool,
+    ) -> Decision {
+        let ask = TokenAsk {
+            context_id,
+            key: key(tenant),
+            delivery,
+            force_refresh,
+        };
+        let correlation_id = format!("req-{context_id}");
+        self.worker
+            .on_request(&mut self.host, ask, || Some(correlation_id))
+    }
+
+    fn tick(&mut self) {
+        self.worker.on_tick(&mut self.host);
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.host.envoy().advance(ms);
+    }
+
+    fn answer(&mut self, callout: &SentCallout, result: CalloutResult) {
+        self.worker
+            .on_callout_response(&mut self.host, callout.id, result);
+    }
+
+    /// The one callout sent since the last look, checked to go to `cluster` `path`.
+    fn sent_one(&mut self, cluster: &str, path: &str) -> SentCallout {
+        let mut sent = self.host.take_sent();
+        assert_eq!(
+            sent.len(),
+            1,
+            "expected one callout to {cluster} {path}: {sent:#?}"
+        );
+        let callout = sent.remove(0);
+        assert_eq!(
+            (callout.cluster.as_str(), callout.path.as_str()),
+            (cluster, path)
+        );
+        callout
+    }
+
+    fn nothing_sent(&mut self) {
+        let sent = self.host.take_sent();
+        assert!(sent.is_empty(), "expected no callout: {sent:#?}");
+    }
+
+    /// Runs a fetch of `tenant` from its lease on: the companion grants the lease, the
+    /// Tenant Service and the login answer, and `token` is issued for `lifetime_secs`.
+    fn fetch_with_lease(&mut self, tenant: &str, token: &str, lifetime_secs: u64) {
+        self.tick();
+        let lease = self.sent_one(COMPANION, "/v1/lease");
+        assert_eq!(lease.json()["tenantId"], tenant);
+        self.answer(&lease, response(200, &lease_granted("lease-1")));
+        self.fetch_from_tenant_service(tenant, token, lifetime_secs);
+    }
+
+    /// The Tenant Service and login steps of a fetch already under way.
+    fn fetch_from_tenant_service(&mut self, tenant: &str, token: &str, lifetime_secs: u64) {
+        let credentials = self.sent_one(
+            TENANT_SERVICE,
+            &format!("/tenants/{tenant}/credentials/genesys"),
+        );
+        self.answer(&credentials, response(200, CREDENTIALS));
+        let login = self.sent_one(LOGIN, "/oauth/token");
+        assert_eq!(login.authority, "login.mypurecloud.ie");
+        self.answer(&login, response(200, &login_answer(token, lifetime_secs)));
+    }
+
+    /// The contexts resumed with `Bearer <token>`, in order.
+    fn resumed_with(&self, token: &str) -> Vec<u32> {
+        self.host
+            .resumed
+            .iter()
+            .filter(|resumed| {
+                resumed.header == "authorization" && resumed.value == format!("Bearer {token}")
+            })
+            .map(|resumed| resumed.context_id)
+            .collect()
+    }
+
+    fn cached_entry(&self, tenant: &str) -> Option<GatewayEntry> {
+        let bytes = self
+            .host
+            .envoy()
+            .shared_value(&shared_data_key(&key(tenant)))?;
+        GatewayEntry::decode(&bytes)
+    }
+}
+
+fn cached_token(decision: Decision) -> CachedToken {
+    match decision {
+        Decision::Cached(token) => token,
+        Decision::Pause => panic!("expected a cache hit, the request was paused"),
+    }
+}
+
+// --- Tier 1: one fetch per key per worker ---------------------------------------------
+
+#[test]
+fn requests_that_miss_together_share_one_fetch_and_all_get_its_token() {
+    let mut rig = Rig::new(json!({}));
+    for context_id in [1, 2, 3] {
+        assert!(matches!(rig.ask(context_id, "acme"), Decision::Pause));
+    }
+    assert_eq!(
+        rig.host.tick_period_ms, 1,
+        "the fetch starts on the next tick"
+    );
+    rig.nothing_sent();
+
+    rig.fetch_with_lease("acme", "tok-acme", 3_600);
+
+    assert_eq!(rig.resumed_with("tok-acme"), [1, 2, 3]);
+    let commit = rig.sent_one(COMPANION, "/v1/commit");
+    assert_eq!(commit.json()["leaseId"], "lease-1");
+    assert_eq!(commit.json()["accessToken"], "tok-acme");
+    assert_eq!(rig.host.stat(Metric::CacheMiss), 3);
+    assert_eq!(rig.host.stat(Metric::CollapsedWaiter), 2);
+    assert_eq!(rig.host.stat(Metric::FetchStarted), 1);
+    assert_eq!(rig.host.stat(Metric::FetchSucceeded), 1);
+    let entry = rig
+        .cached_entry("acme")
+        .expect("cached for the other workers");
+    assert_eq!(entry.token.expires_at_ms, START_MS + 3_600_000);
+    assert_eq!(rig.host.tick_period_ms, 0, "idle: no timer");
+}
+
+#[test]
+fn a_fetched_token_is_logged_once_for_all_its_waiters() {
+    let mut rig = Rig::new(json!({}));
+    for context_id in [7, 8, 9] {
+        let _ = rig.ask(context_id, "acme");
+    }
+    rig.fetch_with_lease("acme", "tok-acme", 3_600);
+
+    let lines = rig.host.logs_at(Level::Info);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].starts_with("token request genesys:acme source=fresh")
+            && lines[0].contains("waiters=3")
+            && lines[0].contains("correlation_id=req-7"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        rig.host
+            .logs
+            .iter()
+            .all(|(_, line)| !line.contains("tok-acme") && !line.contains("s3cret")),
+        "no token or secret in a log line"
+    );
+}
+
+#[test]
+fn a_cached_token_is_served_without_callouts() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-acme", 3_600);
+    let _ = rig.host.take_sent();
+
+    rig.advance(60_000);
+    let token = cached_token(rig.ask(2, "acme"));
+
+    assert_eq!(token.access_token.expose(), "tok-acme");
+    rig.tick();
+    rig.nothing_sent();
+    assert_eq!(rig.host.stat(Metric::CacheHit), 1);
+}
+
+#[test]
+fn two_tenants_never_share_a_token() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-acme", 3_600);
+    let _ = rig.host.take_sent();
+    let _ = rig.ask(2, "globex");
+    rig.fetch_with_lease("globex", "tok-globex", 3_600);
+
+    assert_eq!(rig.resumed_with("tok-acme"), [1]);
+    assert_eq!(rig.resumed_with("tok-globex"), [2]);
+    assert_eq!(
+        cached_token(rig.ask(3, "globex")).access_token.expose(),
+        "tok-globex"
+    );
+}
+
+#[test]
+fn an_expired_token_is_never_served() {
+    let mut rig = Rig::new(
+        json!({"expiryMarginMs": 5_000, "refreshAhead": {"percent": 0, "minLeadMs": 6_000}}),
+    );
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-acme", 60);
+    let _ = rig.host.take_sent();
+
+    rig.advance(60_000 - 5_000);
+    assert!(
+        matches!(rig.ask(2, "acme"), Decision::Pause),
+        "inside the expiry margin the token is not injected"
+    );
+}
+
+#[test]
+fn a_request_that_left_is_not_resumed_and_the_fetch_goes_on() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    let _ = rig.ask(2, "acme");
+    rig.worker.on_request_gone(1);
+
+    rig.fetch_with_lease("acme", "tok-acme", 3_600);
+
+    assert_eq!(rig.resumed_with("tok-acme"), [2]);
+    assert!(rig.cached_entry("acme").is_some());
+}
+
+// --- Tier 2: one fetch per key per Envoy ----------------------------------------------
+
+#[test]
+fn a_worker_waits_for_the_peer_that_fetches_and_is_woken_with_its_token() {
+    let envoy = FakeEnvoy::starting_at(START_MS);
+    let mut first = Rig::on(&envoy, json!({}), 1);
+    let mut second = Rig::on(&envoy, json!({}), 2);
+    let _ = first.ask(1, "acme");
+    first.tick();
+    let lease = first.sent_one(COMPANION, "/v1/lease");
+
+    let _ = second.ask(1, "acme");
+    second.tick();
+    second.nothing_sent();
+    assert_eq!(second.host.stat(Metric::CollapsedWaiter), 1);
+
+    first.answer(&lease, response(200, &lease_granted("lease-1")));
+    first.fetch_from_tenant_service("acme", "tok-acme", 3_600);
+    assert_eq!(
+        envoy.take_woken(),
+        [2],
+        "the waiting worker's queue is woken"
+    );
+
+    second.worker.on_wake(&mut second.host);
+    assert_eq!(second.resumed_with("tok-acme"), [1]);
+    second.nothing_sent();
+    assert_eq!(second.host.stat(Metric::FetchStarted), 0);
+}
+
+#[test]
+fn a_peer_that_never_finishes_is_taken_over_when_its_claim_runs_out() {
+    let envoy = FakeEnvoy::starting_at(START_MS);
+    let overrides = json!({"companion": {"timeoutMs": 2_000}, "fetchDeadlineMs": 3_000});
+    let mut first = Rig::on(&envoy, overrides.clone(), 1);
+    let mut second = Rig::on(&envoy, overrides, 2);
+    let _ = first.ask(1, "acme");
+    first.tick();
+    let _lost = first.sent_one(COMPANION, "/v1/lease");
+    let _ = second.ask(1, "acme");
+    second.tick();
+    second.nothing_sent();
+
+    envoy.advance(4_999);
+    second.tick();
+    second.nothing_sent();
+    envoy.advance(1);
+    second.tick();
+
+    let lease = second.sent_one(COMPANION, "/v1/lease");
+    second.answer(&lease, response(200, &lease_granted("lease-2")));
+    second.fetch_from_tenant_service("acme", "tok-acme", 3_600);
+    assert_eq!(second.resumed_with("tok-acme"), [1]);
+}
+
+#[test]
+fn a_peers_failure_is_answered_to_the_workers_that_waited_on_it() {
+    let envoy = FakeEnvoy::starting_at(START_MS);
+    let mut first = Rig::on(&envoy, json!({}), 1);
+    let mut second = Rig::on(&envoy, json!({}), 2);
+    let _ = first.ask(1, "acme");
+    first.tick();
+    let lease = first.sent_one(COMPANION, "/v1/lease");
+    let _ = second.ask(5, "acme");
+    second.tick();
+
+    first.answer(&lease, response(200, &lease_granted("lease-1")));
+    let credentials = first.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
+    first.answer(&credentials, response(404, "{}"));
+    second.worker.on_wake(&mut second.host);
+
+    for rig in [&first, &second] {
+        let reply = rig.host.replies.last().expect("answered");
+        assert_eq!(
+            (reply.status, reply.body["code"].as_str()),
+            (404, Some("CREDENTIALS_NOT_FOUND"))
+        );
+    }
+    assert_eq!(second.host.replies[0].body["correlationId"], "req-5");
+    second.nothing_sent();
+    let abort = first.sent_one(COMPANION, "/v1/abort");
+    assert_eq!(abort.json()["leaseId"], "lease-1");
+}
+
+// --- Tier 3 answers: the companion's cache, its errors, and its absence -----------------
+
+#[test]
+fn a_token_from_the_cluster_cache_is_used_without_fetching() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    let hit =
+        json!({"outcome": "hit", "accessToken": "tok-cluster", "expiresAtMs": START_MS + 600_000});
+    rig.answer(&lease, response(200, &hit.to_string()));
+
+    assert_eq!(rig.resumed_with("tok-cluster"), [1]);
+    rig.nothing_sent();
+    assert_eq!(rig.host.stat(Metric::ClusterCacheHit), 1);
+    assert_eq!(rig.host.stat(Metric::FetchStarted), 0);
+    assert!(
+        rig.cached_entry("acme").is_some(),
+        "kept for the other workers"
+    );
+}
+
+#[test]
+fn the_companions_own_error_reaches_the_client_and_a_refused_key_is_the_gateways_fault() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    let busy = json!({"code": "LOCK_ACQUISITION_FAILED", "message": "lock held too long"});
+    rig.answer(&lease, response(503, &busy.to_string()));
+    assert_eq!(rig.host.replies[0].body["code"], "LOCK_ACQUISITION_FAILED");
+
+    let _ = rig.ask(2, "acme");
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    let refused = json!({"code": "UNAUTHORIZED", "message": "bad key"});
+    rig.answer(&lease, response(401, &refused.to_string()));
+    assert_eq!(
+        (
+            rig.host.replies[1].status,
+            rig.host.replies[1].body["code"].as_str()
+        ),
+        (503, Some("COMPANION_UNAVAILABLE"))
+    );
+    assert_eq!(
+        rig.host.stat(Metric::CompanionFallback),
+        0,
+        "an answering companion is up"
+    );
+}
+
+#[test]
+fn without_an_answering_companion_the_worker_fetches_locally_then_tries_it_again() {
+    let mut rig = Rig::new(json!({"companion": {"retryAfterMs": 5_000}}));
+    let _ = rig.ask(1, "acme");
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    rig.answer(&lease, response(503, ENVOY_CONNECT_FAILURE));
+
+    rig.fetch_from_tenant_service("acme", "tok-acme", 3_600);
+    assert_eq!(rig.resumed_with("tok-acme"), [1]);
+    assert_eq!(rig.host.stat(Metric::CompanionFallback), 1);
+    rig.nothing_sent(); // no commit: there is no lease
+    let warning = rig.host.logs_at(Level::Warn).join("\n");
+    assert!(
+        warning.contains("companion unreachable (connection refused)"),
+        "{warning}"
+    );
+
+    let _ = rig.ask(2, "globex");
+    rig.tick();
+    let credentials = rig.sent_one(TENANT_SERVICE, "/tenants/globex/credentials/genesys");
+    rig.answer(&credentials, response(200, CREDENTIALS));
+    let _login = rig.sent_one(LOGIN, "/oauth/token");
+
+    rig.advance(5_000);
+    let _ = rig.ask(3, "initech");
+    rig.tick();
+    let _lease = rig.sent_one(COMPANION, "/v1/lease");
+}
+
+#[test]
+fn local_mode_admits_a_limited_number_of_fetches_per_key_per_rolling_minute() {
+    let mut rig =
+        Rig::new(json!({"companion": {"localFetchesPerMinute": 2, "retryAfterMs": 600_000}}));
+    rig.host.refused_clusters.insert(COMPANION.to_owned());
+    for (context_id, at) in [(1, 0), (2, 10_000)] {
+        rig.advance(at);
+        let _ = rig.ask(context_id, "acme");
+        rig.tick();
+        let credentials = rig.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
+        rig.answer(&credentials, response(404, "{}"));
+    }
+
+    rig.advance(30_000);
+    let _ = rig.ask(3, "acme");
+    rig.tick();
+    rig.nothing_sent();
+    let refused = &rig.host.replies[2];
+    assert_eq!(
+        (refused.status, refused.body["code"].as_str()),
+        (503, Some("COMPANION_UNAVAILABLE"))
+    );
+    assert!(
+        refused.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("next is allowed in 20 s"),
+        "{}",
+        refused.body
+    );
+    let _ = rig.ask(4, "globex");
+    rig.tick();
+    let _ = rig.sent_one(TENANT_SERVICE, "/tenants/globex/credentials/genesys");
+
+    rig.advance(WINDOW_MS - 40_000);
+    let _ = rig.ask(5, "acme");
+    rig.tick();
+    let _ = rig.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
+    assert_eq!(rig.host.stat(Metric::CompanionFallback), 4);
+}
+
+// --- Fetch stages driven by core's flow -----------------------------------------------
+
+#[test]
+fn a_backoff_sets_the_timer_to_its_end_and_retries_then() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    rig.answer(&lease, response(200, &lease_granted("lease-1")));
+    let credentials = rig.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
+    rig.answer(&credentials, response(503, ""));
+    assert_eq!(rig.host.tick_period_ms, 500, "the seed's first backoff");
+
+    rig.advance(499);
+    rig.tick();
+    rig.nothing_sent();
+    rig.advance(1);
+    rig.tick();
+    rig.fetch_from_tenant_service("acme", "tok-acme", 3_600);
+    assert_eq!(rig.resumed_with("tok-acme"), [1]);
+}
+
+#[test]
+fn a_callout_the_host_refuses_counts_as_no_answer_and_is_retried() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    rig.host.refused_clusters.insert(TENANT_SERVICE.to_owned());
+    rig.answer(&lease, response(200, &lease_granted("lease-1")));
+    rig.nothing_sent();
+    assert!(rig.host.logs_at(Level::Error)[0].contains("could not be sent"));
+
+    rig.host.refused_clusters.clear();
+    rig.advance(500);
+    rig.tick();
+    rig.fetch_from_tenant_service("acme", "tok-acme", 3_600);
+    assert_eq!(rig.resumed_with("tok-acme"), [1]);
+}
+
+#[test]
+fn a_fetch_that_cannot_finish_before_its_deadline_fails_instead_of_retrying() {
+    let mut rig = Rig::new(json!({"fetchDeadlineMs": 1_000}));
+    let _ = rig.ask(1, "acme");
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    rig.answer(&lease, response(200, &lease_granted("lease-1")));
+    let credentials = rig.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
+    assert!(
+        credentials.timeout_ms <= 1_000,
+        "an attempt never outlives the deadline"
+    );
+    rig.advance(600);
+    rig.answer(&credentials, CalloutResult::NoResponse);
+
+    let reply = &rig.host.replies[0];
+    assert_eq!(
+        (reply.status, reply.body["code"].as_str()),
+        (503, Some("TENANT_SERVICE_UNAVAILABLE"))
+    );
+    let _abort = rig.sent_one(COMPANION, "/v1/abort");
+}
+
+// --- Lease ends ----------------------------------------------------------------------
+
+#[test]
+fn a_commit_lost_to_a_companion_restart_is_sent_once_more() {
+    let mut rig = Rig::new(json!({"companion": {"retryAfterMs": 2_000}}));
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-acme", 3_600);
+    let commit = rig.sent_one(COMPANION, "/v1/commit");
+    rig.answer(&commit, CalloutResult::NoResponse);
+    assert_eq!(rig.host.tick_period_ms, 1_000, "a timer runs for the retry");
+
+    rig.advance(1_999);
+    rig.tick();
+    rig.nothing_sent();
+    rig.advance(1);
+    rig.tick();
+    let again = rig.sent_one(COMPANION, "/v1/commit");
+    assert_eq!(again.body, commit.body, "the same commit");
+
+    rig.answer(&again, response(502, ""));
+    rig.advance(10_000);
+    rig.tick();
+    rig.nothing_sent();
+    assert_eq!(rig.host.tick_period_ms, 0, "sent once more, not forever");
+}
+
+#[test]
+fn an_abort_the_companion_answered_is_not_sent_again() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    rig.answer(&lease, response(200, &lease_granted("lease-9")));
+    let credentials = rig.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
+    rig.answer(&credentials, response(400, "{}"));
+    let abort = rig.sent_one(COMPANION, "/v1/abort");
+    rig.answer(&abort, response(200, "{}"));
+
+    rig.advance(60_000);
+    rig.tick();
+    rig.nothing_sent();
+}
+
+// --- Refresh-ahead -------------------------------------------------------------------
+
+#[test]
+fn a_token_near_expiry_is_served_at_once_while_one_refresh_runs() {
+    let mut rig = Rig::new(json!({"refreshAhead": {"percent": 10, "minLeadMs": 30_000}}));
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-old", 3_600);
+    let _ = rig.host.take_sent();
+    let old_expiry = START_MS + 3_600_000;
+
+    rig.advance(3_600_000 - 360_000);
+    for context_id in [2, 3, 4] {
+        assert_eq!(
+            cached_token(rig.ask(context_id, "acme"))
+                .access_token
+                .expose(),
+            "tok-old"
+        );
+    }
+    assert_eq!(rig.host.stat(Metric::RefreshAhead), 1);
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    assert_eq!(
+        lease.json()["minExpiresAtMs"],
+        old_expiry,
+        "a newer token is asked for"
+    );
+    rig.answer(&lease, response(200, &lease_granted("lease-2")));
+    rig.fetch_from_tenant_service("acme", "tok-new", 3_600);
+
+    assert_eq!(
+        cached_token(rig.ask(5, "acme")).access_token.expose(),
+        "tok-new"
+    );
+}
+
+#[test]
+fn after_a_failed_refresh_the_old_token_serves_and_the_next_refresh_waits() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-old", 3_600);
+    let _ = rig.host.take_sent();
+    rig.advance(3_600_000 - 360_000);
+
+    let _ = cached_token(rig.ask(2, "acme"));
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    rig.answer(&lease, response(200, &lease_granted("lease-2")));
+    let credentials = rig.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
+    rig.answer(&credentials, response(400, "{}"));
+    let _abort = rig.sent_one(COMPANION, "/v1/abort");
+    assert!(rig.host.replies.is_empty(), "nobody waited on the refresh");
+
+    rig.advance(REFRESH_RETRY_MS - 1);
+    let _ = cached_token(rig.ask(3, "acme"));
+    rig.tick();
+    rig.nothing_sent();
+    rig.advance(1);
+    let _ = cached_token(rig.ask(4, "acme"));
+    rig.tick();
+    let _lease = rig.sent_one(COMPANION, "/v1/lease");
+    assert_eq!(rig.host.stat(Metric::RefreshAhead), 2);
+}
+
+// --- Purge and forced refresh --------------------------------------------------------
+
+#[test]
+fn an_upstream_rejection_purges_the_token_here_and_at_the_companion_once_per_interval() {
+    let mut rig = Rig::new(json!({"purge": {"statuses": [401], "minIntervalMs": 10_000}}));
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-acme", 3_600);
+    let _ = rig.host.take_sent();
+    let token = cached_token(rig.ask(2, "acme"));
+
+    rig.worker
+        .on_upstream_status(&mut rig.host, 2, Some((key("acme"), token.clone())), 401);
+    assert!(
+        rig.cached_entry("acme").is_none(),
+        "dropped from the gateway cache"
+    );
+    rig.tick();
+    let invalidate = rig.sent_one(COMPANION, "/v1/invalidate");
+    assert_eq!(invalidate.json()["accessToken"], "tok-acme");
+    assert_eq!(rig.host.stat(Metric::Purge), 1);
+
+    rig.worker
+        .on_upstream_status(&mut rig.host, 3, Some((key("acme"), token.clone())), 401);
+    rig.tick();
+    rig.nothing_sent();
+    assert_eq!(rig.host.stat(Metric::PurgeSuppressed), 1);
+
+    let _ = rig.ask(4, "acme");
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    assert_eq!(
+        lease.json()["minExpiresAtMs"],
+        token.expires_at_ms,
+        "the replacement must be newer than the rejected token"
+    );
+}
+
+#[test]
+fn a_request_the_worker_resumed_is_purged_when_its_upstream_rejects_it() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-acme", 3_600);
+    let _ = rig.host.take_sent();
+
+    rig.worker.on_upstream_status(&mut rig.host, 1, None, 200);
+    rig.worker.on_upstream_status(&mut rig.host, 1, None, 401);
+    assert_eq!(
+        rig.host.stat(Metric::Purge),
+        0,
+        "its token was forgotten at its answer"
+    );
+
+    let _ = rig.ask(2, "globex");
+    rig.fetch_with_lease("globex", "tok-globex", 3_600);
+    rig.worker.on_upstream_status(&mut rig.host, 2, None, 401);
+    assert_eq!(rig.host.stat(Metric::Purge), 1);
+    assert!(rig.cached_entry("globex").is_none());
+}
+
+#[test]
+fn forced_refreshes_skip_the_caches_once_per_interval() {
+    let mut rig = Rig::new(json!({"mode": "endpoint"}));
+    let _ = rig.ask_for(1, "acme", Delivery::Respond, false);
+    rig.fetch_with_lease("acme", "tok-1", 3_600);
+    let _ = rig.host.take_sent();
+
+    assert!(matches!(
+        rig.ask_for(2, "acme", Delivery::Respond, true),
+        Decision::Pause
+    ));
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    assert_eq!(lease.json()["forceRefresh"], true);
+
+    let decision = rig.ask_for(3, "acme", Delivery::Respond, true);
+    assert_eq!(
+        cached_token(decision).access_token.expose(),
+        "tok-1",
+        "throttled: served as usual"
+    );
+    assert_eq!(rig.host.stat(Metric::PurgeSuppressed), 1);
+}
+
+// --- Delivery -------------------------------------------------------------------------
+
+#[test]
+fn endpoint_mode_answers_the_token_response_and_errors_as_json() {
+    let mut rig = Rig::new(json!({"mode": "endpoint"}));
+    let _ = rig.ask_for(1, "acme", Delivery::Respond, false);
+    rig.fetch_with_lease("acme", "tok-acme", 3_600);
+
+    let reply = &rig.host.replies[0];
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body["accessToken"], "tok-acme");
+    assert_eq!(reply.body["tokenType"], "Bearer");
+    assert_eq!(reply.body["source"], "fresh");
+    assert_eq!(reply.body["expiresIn"], 3_600);
+    assert!(rig.host.resumed.is_empty());
+    let _commit = rig.sent_one(COMPANION, "/v1/commit");
+
+    let _ = rig.ask_for(2, "globex", Delivery::Respond, false);
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    rig.answer(&lease, response(200, &lease_granted("lease-2")));
+    let credentials = rig.sent_one(TENANT_SERVICE, "/tenants/globex/credentials/genesys");
+    rig.answer(&credentials, response(200, CREDENTIALS));
+    let login = rig.sent_one(LOGIN, "/oauth/token");
+    rig.answer(&login, response(401, r#"{"error":"invalid_client"}"#));
+    let error = &rig.host.replies[1];
+    assert_eq!(error.status, 502);
+    assert_eq!(
+        error.body,
+        json!({
+            "code": "OAUTH_INVALID_GRANT",
+            "message": error.body["message"],
+            "tenantId": "globex",
+            "correlationId": "req-2"
+        })
+    );
+    assert_eq!(
+        rig.host
+            .stat(Metric::FetchFailed(ErrorCode::OauthInvalidGrant)),
+        1
+    );
+}
+
+#[test]
+fn fetch_by_companion_asks_its_token_api_and_keeps_no_secret() {
+    let mut rig = Rig::new(json!({"fetch": "companion", "companion": {"apiKey": "key-1"}}));
+    let _ = rig.ask(1, "acme");
+    rig.tick();
+    let request = rig.sent_one(COMPANION, "/auth/token");
+    assert_eq!(request.header("x-tokengate-key"), Some("key-1"));
+    assert_eq!(request.json()["tenantId"], "acme");
+    let answer = json!({
+        "accessToken": "tok-acme", "expiresIn": 600, "tokenType": "Bearer",
+        "source": "fresh", "expiresAt": "2023-11-14T22:23:20.000Z"
+    });
+    rig.answer(&request, response(200, &answer.to_string()));
+
+    assert_eq!(rig.resumed_with("tok-acme"), [1]);
+    let entry = rig.cached_entry("acme").unwrap();
+    assert_eq!(
+        entry.token.expires_at_ms, 1_700_000_600_000,
+        "from expiresAt"
+    );
+    rig.nothing_sent();
+
+    let _ = rig.ask(2, "globex");
+    rig.tick();
+    let request = rig.sent_one(COMPANION, "/auth/token");
+    rig.answer(&request, CalloutResult::NoResponse);
+    assert_eq!(rig.host.replies[0].body["code"], "COMPANION_UNAVAILABLE");
+    assert_eq!(rig.host.stat(Metric::CompanionFallback), 0, "no local mode");
+}
