@@ -15,16 +15,15 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
-use tokengate_core::token_api::{CREDENTIAL_TYPE_HEADER, TOKEN_PATH, TokenRequest, TokenSource};
-use tokengate_core::{
-    CachedToken, CalloutResult, ErrorCode, SecretBytes, TenantId, TokenError, TokenKey,
-};
+use tokengate_core::token_api::TokenSource;
+use tokengate_core::{CachedToken, CalloutResult, ErrorCode, SecretBytes, TokenError, TokenKey};
 
-use crate::config::{FilterConfig, Mode};
+use crate::ask::{self, Ask, RequestHeaders, Wanted};
+use crate::config::FilterConfig;
 use crate::delivery;
 use crate::hits::HitTally;
 use crate::host::{Callout, Host, Level, Metric};
-use crate::worker::{Decision, Delivery, TokenAsk, Worker};
+use crate::worker::{Decision, Delivery, Worker};
 
 /// The entry point Envoy calls when it loads the module.
 #[unsafe(no_mangle)]
@@ -277,23 +276,22 @@ fn send_json(status: u16, body: &[u8]) -> bool {
     .is_ok()
 }
 
-/// A request header that names one thing (the tenant, the credential type) as text;
-/// an error when the request carries it more than once, since Envoy would hand the
-/// filter only the first value while the app may read another.
-fn single_request_header(name: &str) -> Result<Option<String>, TokenError> {
-    let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
-    let mut values = headers
-        .into_iter()
-        .filter(|(header, _)| header == name)
-        .map(|(_, value)| String::from_utf8_lossy(&value).into_owned());
-    let first = values.next();
-    if values.next().is_some() {
-        return Err(TokenError::new(
-            ErrorCode::InvalidRequest,
-            format!("the request carries {name} more than once"),
-        ));
+/// The request's headers in the header phase, for [`ask`].
+struct HeaderPhase;
+
+impl RequestHeaders for HeaderPhase {
+    fn get(&self, name: &str) -> Option<String> {
+        header_text(MapType::HttpRequestHeaders, name)
     }
-    Ok(first)
+
+    fn values(&self, name: &str) -> Vec<String> {
+        hostcalls::get_map_bytes(MapType::HttpRequestHeaders)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(header, _)| header == name)
+            .map(|(_, value)| String::from_utf8_lossy(&value).into_owned())
+            .collect()
+    }
 }
 
 /// Sets [`REPLY_MARKER_HEADER`] on the current request; false if Envoy refused.
@@ -468,9 +466,6 @@ enum Carried {
     FromWorker,
 }
 
-/// Largest `POST /auth/token` body read.
-const MAX_TOKEN_REQUEST_BODY: usize = 16 * 1024;
-
 /// Largest callout answer read into the VM (the companion's bound on the same answers).
 /// Tenant Service, login and companion answers are a few hundred bytes; a VM that cannot
 /// grow its memory for a huge one aborts, and every later request of its worker fails.
@@ -478,11 +473,6 @@ const MAX_TOKEN_REQUEST_BODY: usize = 16 * 1024;
 const MAX_CALLOUT_BODY: usize = 64 * 1024;
 
 impl Request {
-    /// A request header; only valid in the header phase.
-    fn header(&self, name: &str) -> Option<String> {
-        header_text(MapType::HttpRequestHeaders, name)
-    }
-
     /// The request's `x-request-id`; only valid in the header phase unless already read.
     fn correlation_id(&self) -> Option<String> {
         self.correlation_id
@@ -497,7 +487,7 @@ impl Request {
     }
 
     /// Hands a validated request to the worker and applies its decision.
-    fn ask(&mut self, key: TokenKey, delivery: Delivery, force_refresh: bool) -> Action {
+    fn ask(&mut self, wanted: Wanted) -> Action {
         let mut host = self.host.clone();
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
             return self.reject(
@@ -505,14 +495,10 @@ impl Request {
                 None,
             );
         };
+        let delivery = wanted.delivery;
         let purge_on = !self.config.purge.statuses.is_empty() && delivery == Delivery::Inject;
-        let carried_key = purge_on.then(|| key.clone());
-        let ask = TokenAsk {
-            context_id: self.context_id,
-            key,
-            delivery,
-            force_refresh,
-        };
+        let carried_key = purge_on.then(|| wanted.key.clone());
+        let ask = wanted.of(self.context_id);
         match worker.on_request(&mut host, ask, || self.correlation_id()) {
             Decision::Cached(token) => match delivery {
                 Delivery::Inject => {
@@ -541,51 +527,16 @@ impl Request {
             }
         }
     }
+}
 
-    fn inject(&mut self, config: &FilterConfig) -> Action {
-        let tenant = match single_request_header(&config.tenant_header) {
-            Ok(tenant) => tenant.unwrap_or_default(),
-            Err(error) => return self.reject(&error, None),
-        };
-        match TenantId::parse(&tenant) {
-            Ok(tenant_id) => self.ask(
-                TokenKey::new(config.provider, tenant_id),
-                Delivery::Inject,
-                false,
-            ),
-            Err(error) => self.reject(&error, None),
-        }
-    }
+impl Context for Request {}
 
-    /// Endpoint mode: `GET /auth/token` is answered from the headers, `POST` once its body is in.
-    fn endpoint(&mut self, config: &FilterConfig, end_of_stream: bool) -> Action {
-        let path = self.header(":path").unwrap_or_default();
-        let path = path.split('?').next().unwrap_or_default();
-        if path != TOKEN_PATH {
-            return self.reject(
-                &TokenError::new(ErrorCode::NotFound, format!("no route {TOKEN_PATH} here")),
-                None,
-            );
-        }
-        match self.header(":method").as_deref() {
-            Some("GET") => {
-                let headers = single_request_header(&config.tenant_header).and_then(|tenant| {
-                    Ok((tenant, single_request_header(CREDENTIAL_TYPE_HEADER)?))
-                });
-                let (tenant, credential_type) = match headers {
-                    Ok(headers) => headers,
-                    Err(error) => return self.reject(&error, None),
-                };
-                match TokenRequest::from_headers(tenant.as_deref(), credential_type.as_deref()) {
-                    Ok(request) => self.ask(request.key, Delivery::Respond, request.force_refresh),
-                    Err(error) => self.reject(&error, None),
-                }
-            }
-            Some("POST") if end_of_stream => self.reject(
-                &TokenError::new(ErrorCode::InvalidRequest, "the token request has no body"),
-                None,
-            ),
-            Some("POST") => {
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        match ask::from_headers(&self.config, &HeaderPhase, end_of_stream) {
+            Ask::Token(wanted) => self.ask(wanted),
+            Ask::Refuse(error) => self.reject(&error, None),
+            Ask::ReadBody => {
                 let _ = self.correlation_id();
                 // The answer comes after the headers went on, when they can no longer
                 // be marked: mark them now.
@@ -597,25 +548,6 @@ impl Request {
                 self.awaiting_body = true;
                 Action::Continue
             }
-            _ => self.reject(
-                &TokenError::new(
-                    ErrorCode::MethodNotAllowed,
-                    format!("{TOKEN_PATH} takes GET or POST"),
-                ),
-                None,
-            ),
-        }
-    }
-}
-
-impl Context for Request {}
-
-impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let config = Rc::clone(&self.config);
-        match config.mode {
-            Mode::Inject => self.inject(&config),
-            Mode::Endpoint => self.endpoint(&config, end_of_stream),
         }
     }
 
@@ -638,12 +570,8 @@ impl HttpContext for Request {
         if !self.awaiting_body {
             return Action::Continue;
         }
-        if body_size > MAX_TOKEN_REQUEST_BODY {
+        if let Some(error) = ask::refuse_body_of(body_size) {
             self.awaiting_body = false;
-            let error = TokenError::new(
-                ErrorCode::InvalidRequest,
-                format!("the token request body is larger than {MAX_TOKEN_REQUEST_BODY} bytes"),
-            );
             return self.reject(&error, None);
         }
         if !end_of_stream {
@@ -654,9 +582,10 @@ impl HttpContext for Request {
             .ok()
             .flatten()
             .unwrap_or_default();
-        match TokenRequest::from_json(&body) {
-            Ok(request) => self.ask(request.key, Delivery::Respond, request.force_refresh),
-            Err(error) => self.reject(&error, None),
+        match ask::from_body(&body) {
+            Ask::Token(wanted) => self.ask(wanted),
+            Ask::Refuse(error) => self.reject(&error, None),
+            Ask::ReadBody => Action::Continue,
         }
     }
 }

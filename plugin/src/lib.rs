@@ -1,6 +1,7 @@
 //! tokengate's proxy-wasm filter: injects each tenant's provider token into requests.
 //!
 //! - [`config`]: the filter's JSON configuration, validated at load.
+//! - [`ask`]: what a request asks for, read from its headers or body and validated.
 //! - [`worker`]: per-worker logic (cache, in-flight fetches, paused requests), host-agnostic.
 //! - [`host`]: the host functions and stats the logic needs, as a trait.
 //! - `fake` (native builds only): a recording [`host::Host`] with a driven clock, for
@@ -15,6 +16,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod ask;
 pub mod config;
 pub mod delivery;
 #[cfg(not(target_arch = "wasm32"))]
