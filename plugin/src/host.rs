@@ -1,5 +1,6 @@
-//! What the filter logic needs from its host, as a trait: the real implementation
-//! calls proxy-wasm host functions (see `filter`), the tests use a recording fake.
+//! What the filter logic needs from its host, as a trait: proxy-wasm's host functions
+//! implement it in `filter`, and the tests use the recording fake in `fake`, whose
+//! clock they drive. Every effect of the worker goes through it.
 
 use tokengate_core::ErrorCode;
 

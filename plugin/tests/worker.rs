@@ -290,18 +290,24 @@ fn a_request_that_left_is_not_resumed_and_the_fetch_goes_on() {
 
 // --- Tier 2: one fetch per key per Envoy ----------------------------------------------
 
-#[test]
-fn a_worker_waits_for_the_peer_that_fetches_and_is_woken_with_its_token() {
+/// Two workers of one Envoy, both asked for acme's token: the first (request 1) claims
+/// the key and sends the lease returned; the second (request 2) waits on it.
+fn one_leases_the_other_waits(overrides: Value) -> (FakeEnvoy, Rig, Rig, SentCallout) {
     let envoy = FakeEnvoy::starting_at(START_MS);
-    let mut first = Rig::on(&envoy, json!({}), 1);
-    let mut second = Rig::on(&envoy, json!({}), 2);
+    let mut first = Rig::on(&envoy, overrides.clone(), 1);
+    let mut second = Rig::on(&envoy, overrides, 2);
     let _ = first.ask(1, "acme");
     first.tick();
     let lease = first.sent_one(COMPANION, "/v1/lease");
-
-    let _ = second.ask(1, "acme");
+    let _ = second.ask(2, "acme");
     second.tick();
     second.nothing_sent();
+    (envoy, first, second, lease)
+}
+
+#[test]
+fn a_worker_waits_for_the_peer_that_fetches_and_is_woken_with_its_token() {
+    let (envoy, mut first, mut second, lease) = one_leases_the_other_waits(json!({}));
     assert_eq!(second.host.stat(Metric::CollapsedWaiter), 1);
 
     first.answer(&lease, response(200, &lease_granted("lease-1")));
@@ -313,23 +319,15 @@ fn a_worker_waits_for_the_peer_that_fetches_and_is_woken_with_its_token() {
     );
 
     second.worker.on_wake(&mut second.host);
-    assert_eq!(second.resumed_with("tok-acme"), [1]);
+    assert_eq!(second.resumed_with("tok-acme"), [2]);
     second.nothing_sent();
     assert_eq!(second.host.stat(Metric::FetchStarted), 0);
 }
 
 #[test]
 fn a_peer_that_never_finishes_is_taken_over_when_its_claim_runs_out() {
-    let envoy = FakeEnvoy::starting_at(START_MS);
     let overrides = json!({"companion": {"timeoutMs": 2_000}, "fetchDeadlineMs": 3_000});
-    let mut first = Rig::on(&envoy, overrides.clone(), 1);
-    let mut second = Rig::on(&envoy, overrides, 2);
-    let _ = first.ask(1, "acme");
-    first.tick();
-    let _lost = first.sent_one(COMPANION, "/v1/lease");
-    let _ = second.ask(1, "acme");
-    second.tick();
-    second.nothing_sent();
+    let (envoy, _first, mut second, _lost) = one_leases_the_other_waits(overrides);
 
     envoy.advance(4_999);
     second.tick();
@@ -340,19 +338,12 @@ fn a_peer_that_never_finishes_is_taken_over_when_its_claim_runs_out() {
     let lease = second.sent_one(COMPANION, "/v1/lease");
     second.answer(&lease, response(200, &lease_granted("lease-2")));
     second.fetch_from_tenant_service("acme", "tok-acme", 3_600);
-    assert_eq!(second.resumed_with("tok-acme"), [1]);
+    assert_eq!(second.resumed_with("tok-acme"), [2]);
 }
 
 #[test]
 fn a_peers_failure_is_answered_to_the_workers_that_waited_on_it() {
-    let envoy = FakeEnvoy::starting_at(START_MS);
-    let mut first = Rig::on(&envoy, json!({}), 1);
-    let mut second = Rig::on(&envoy, json!({}), 2);
-    let _ = first.ask(1, "acme");
-    first.tick();
-    let lease = first.sent_one(COMPANION, "/v1/lease");
-    let _ = second.ask(5, "acme");
-    second.tick();
+    let (_envoy, mut first, mut second, lease) = one_leases_the_other_waits(json!({}));
 
     first.answer(&lease, response(200, &lease_granted("lease-1")));
     let credentials = first.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
@@ -366,7 +357,7 @@ fn a_peers_failure_is_answered_to_the_workers_that_waited_on_it() {
             (404, Some("CREDENTIALS_NOT_FOUND"))
         );
     }
-    assert_eq!(second.host.replies[0].body["correlationId"], "req-5");
+    assert_eq!(second.host.replies[0].body["correlationId"], "req-2");
     second.nothing_sent();
     let abort = first.sent_one(COMPANION, "/v1/abort");
     assert_eq!(abort.json()["leaseId"], "lease-1");
