@@ -31,14 +31,56 @@ pub struct GatewayEntry {
 /// key starts for this long (an IdP outage must not turn every request into a fetch).
 pub const REFRESH_RETRY_MS: u64 = 5_000;
 
-/// When to start refreshing a token that lives from `now_ms` to `expires_at_ms`: in
-/// the last `percent` of its life, but at least `min_lead_ms` before it expires.
-pub fn refresh_moment(now_ms: u64, expires_at_ms: u64, percent: u8, min_lead_ms: u64) -> u64 {
+/// When to start refreshing `key`'s token that lives from `now_ms` to `expires_at_ms`.
+///
+/// The refresh window is the last `percent` of its life, but at least `min_lead_ms`
+/// before it expires. The refresh starts in the first half of that window, at a moment
+/// spread by a jitter derived from the key and the token's expiry: every worker and
+/// every Envoy holding the token agree on it, and tokens fetched in the same second
+/// (after an outage, at start-up) do not all come due in the same second again, so
+/// the IdP never sees a synchronized burst. Half the lead is always left for the
+/// refresh itself.
+pub fn refresh_moment(
+    key: &TokenKey,
+    now_ms: u64,
+    expires_at_ms: u64,
+    percent: u8,
+    min_lead_ms: u64,
+) -> u64 {
     let lifetime_ms = expires_at_ms.saturating_sub(now_ms);
     let lead_ms = (lifetime_ms / 100)
         .saturating_mul(u64::from(percent.min(100)))
         .max(min_lead_ms);
-    expires_at_ms.saturating_sub(lead_ms)
+    // The same fraction of the spread for every holder: Envoys that received the token
+    // a moment apart (so with leads a little apart) still refresh moments apart.
+    let spread_ms = u128::from(lead_ms / 2);
+    let fraction = u128::from(jitter_seed(key, expires_at_ms) >> 32);
+    let jitter_ms = u64::try_from((spread_ms * fraction) >> 32).unwrap_or(0);
+    expires_at_ms
+        .saturating_sub(lead_ms)
+        .saturating_add(jitter_ms)
+}
+
+/// A well-mixed number from a key and a token's expiry (FNV-1a, then a final mix):
+/// the same on every worker and Envoy, different for each token of each key.
+fn jitter_seed(key: &TokenKey, expires_at_ms: u64) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let bytes = key
+        .provider
+        .as_str()
+        .bytes()
+        .chain([b':'])
+        .chain(key.tenant_id.as_str().bytes())
+        .chain(expires_at_ms.to_be_bytes());
+    let hash = bytes.fold(OFFSET, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+    });
+    // FNV's low bits mix poorly for inputs that differ only at the end: finish like
+    // splitmix64.
+    let hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
 }
 
 impl CachedToken {
@@ -176,17 +218,62 @@ mod tests {
         assert!(!token.is_fresh(20_000, 0));
     }
 
-    #[test]
-    fn refresh_starts_in_the_last_part_of_the_life_but_never_late() {
-        // A 24 h token refreshes in its last 10 %: 2.4 h before expiry.
-        let day = 86_400_000;
-        assert_eq!(refresh_moment(0, day, 10, 60_000), day - day / 10);
-        // A 10 s token refreshes at least 2 s before expiry.
-        assert_eq!(refresh_moment(0, 10_000, 10, 2_000), 8_000);
-        assert!(token(10_000, 8_000).wants_refresh(8_000));
-        assert!(!token(10_000, 8_000).wants_refresh(7_999));
+    fn acme() -> TokenKey {
+        TokenKey::new(Provider::Genesys, TenantId::parse("acme").unwrap())
     }
 
+    #[test]
+    fn refresh_starts_in_the_first_half_of_the_last_part_of_the_life() {
+        // A 24 h token's window is its last 10 %, 2.4 h; it refreshes in the first 1.2 h of it.
+        let day = 86_400_000;
+        let at = refresh_moment(&acme(), 0, day, 10, 60_000);
+        assert!((day - day / 10..=day - day / 20).contains(&at), "{at}");
+        // A 10 s token's window is at least its last 2 s.
+        let at = refresh_moment(&acme(), 0, 10_000, 10, 2_000);
+        assert!((8_000..=9_000).contains(&at), "{at}");
+        assert!(token(10_000, at).wants_refresh(at));
+        assert!(!token(10_000, at).wants_refresh(at - 1));
+    }
+
+    #[test]
+    fn every_holder_of_a_token_agrees_on_its_refresh_moment() {
+        let first = refresh_moment(&acme(), 1_000, 3_600_000, 10, 30_000);
+        assert_eq!(first, refresh_moment(&acme(), 1_000, 3_600_000, 10, 30_000));
+        // Another Envoy that got the token a second later (its lead is 0.1 s shorter).
+        let later = refresh_moment(&acme(), 2_000, 3_600_000, 10, 30_000);
+        assert!(first.abs_diff(later) <= 100, "{first} vs {later}");
+        let next_token = refresh_moment(&acme(), 1_000, 3_600_001, 10, 30_000);
+        assert!(first.abs_diff(next_token) > 1_000, "each token has its own moment");
+    }
+
+    #[test]
+    fn tokens_fetched_in_the_same_second_refresh_spread_over_the_window() {
+        // 1,000 tenants whose one-hour tokens were all fetched at once: the window is the
+        // last 6 minutes, the refreshes start in its first 3.
+        let issued_ms = 1_700_000_000_000;
+        let expires_at_ms = issued_ms + 3_600_000;
+        let mut per_second = std::collections::BTreeMap::new();
+        for tenant in 0..1_000 {
+            let key = TokenKey::new(
+                Provider::Genesys,
+                TenantId::parse(&format!("tenant-{tenant}")).unwrap(),
+            );
+            let at = refresh_moment(&key, issued_ms, expires_at_ms, 10, 30_000);
+            let window_start = expires_at_ms - 360_000;
+            assert!((window_start..window_start + 180_000).contains(&at));
+            *per_second.entry((at - window_start) / 1_000).or_insert(0) += 1;
+        }
+        let busiest = per_second.values().max().copied().unwrap_or_default();
+        assert!(
+            per_second.len() > 150,
+            "spread over {} of 180 seconds",
+            per_second.len()
+        );
+        assert!(
+            busiest <= 20,
+            "at most 20 refreshes in one second, not 1,000: {busiest}"
+        );
+    }
     #[test]
     fn purge_records_round_trip() {
         let record = PurgeRecord {

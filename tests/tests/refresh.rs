@@ -13,10 +13,11 @@ use tokengate_tests::standins::Endpoint;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_in_the_refresh_window_is_served_at_once_and_starts_one_refresh() {
-    // The refresh window is the last minute of a token's life: a one-minute token is in
-    // it from the moment it is issued, so no test time passes waiting for it.
+    // The refresh window is the last two minutes of a token's life and its refresh
+    // starts in the first half of it: a one-minute token is due from the moment it is
+    // issued, so no test time passes waiting for it.
     let config = Envoy::filter_config_with(json!({
-        "refreshAhead": { "percent": 0, "minLeadMs": 60_000 }
+        "refreshAhead": { "percent": 0, "minLeadMs": 120_000 }
     }));
     let stack = Stack::start_with(config, 2).await;
     stack.standins.set_expires_in(60);

@@ -123,8 +123,7 @@ impl Worker {
     }
 
     /// Starts one background refresh of `key`, whose cached token expires at
-    /// `expires_at_ms`, unless one already runs on this worker or this Envoy, or one
-    /// failed too recently.
+    /// `expires_at_ms`, unless one already runs on this worker or this Envoy.
     pub(super) fn refresh_ahead(
         &mut self,
         host: &mut impl Host,
@@ -133,10 +132,6 @@ impl Worker {
         now_ms: u64,
     ) {
         if self.fetches.contains_key(key)
-            || self
-                .history
-                .get(key)
-                .is_some_and(|history| now_ms < history.refresh_retry_at_ms)
             || inflight::peer_state(host, key, self.worker_id, now_ms) == Peer::Busy
         {
             return;
@@ -275,8 +270,7 @@ impl Worker {
         let now_ms = host.now_ms();
         let per_minute = self.config.companion.local_fetches_per_minute;
         let admission = self
-            .history_of(&key, now_ms)
-            .local_fetches
+            .local_fetches_of(&key, now_ms)
             .admit(now_ms, per_minute);
         if let Admission::Refused { retry_after_ms } = admission {
             let error = TokenError::new(
@@ -452,6 +446,7 @@ impl Worker {
                         expires_at_ms: token.expires_at_ms,
                     },
                     refresh_at_ms: refresh_moment(
+                        key,
                         now_ms,
                         token.expires_at_ms,
                         refresh.percent,
@@ -472,10 +467,11 @@ impl Worker {
             Ok(token) => token,
             Err(error) => {
                 host.count(Metric::FetchFailed(error.code));
-                if fetch.min_expires_at_ms.is_some() {
-                    // A failed refresh-ahead: the cached token still serves; try again later.
-                    self.history_of(key, now_ms).refresh_retry_at_ms =
-                        now_ms.saturating_add(REFRESH_RETRY_MS);
+                if let Some(stale_expires_at_ms) = fetch.min_expires_at_ms {
+                    // A failed refresh-ahead: the cached token still serves; every worker
+                    // tries again at the same later moment.
+                    let retry_at_ms = now_ms.saturating_add(REFRESH_RETRY_MS);
+                    postpone_refresh(host, key, stale_expires_at_ms, retry_at_ms);
                 }
                 host.log(
                     Level::Error,
@@ -550,6 +546,37 @@ impl Worker {
         }
     }
 }
+
+/// Moves the refresh moment of `key`'s cached token, which expires at
+/// `stale_expires_at_ms`, to `retry_at_ms`, in the shared entry that every worker of
+/// this Envoy reads, so they all wait for the same retry. Nothing is written when the
+/// entry holds another token by now (purged, or replaced by a newer one).
+fn postpone_refresh(
+    host: &mut impl Host,
+    key: &TokenKey,
+    stale_expires_at_ms: u64,
+    retry_at_ms: u64,
+) {
+    let entry_key = shared_data_key(key);
+    for _ in 0..ENTRY_WRITE_ATTEMPTS {
+        let Some((bytes, version)) = host.shared_get_versioned(&entry_key) else {
+            return;
+        };
+        let Some(mut entry) = GatewayEntry::decode(&bytes) else {
+            return;
+        };
+        if entry.token.expires_at_ms != stale_expires_at_ms {
+            return;
+        }
+        entry.refresh_at_ms = retry_at_ms;
+        if host.shared_replace(&entry_key, &entry.encode(), version) {
+            return;
+        }
+    }
+}
+
+/// Attempts at a compare-and-swap write of a cache entry before giving up.
+const ENTRY_WRITE_ATTEMPTS: usize = 4;
 
 /// A cached token as the result of a fetch, its lifetime counted from `now_ms`.
 pub(super) fn token_of(token: CachedToken, now_ms: u64) -> FetchedToken {

@@ -88,23 +88,6 @@ pub struct TokenAsk {
     pub force_refresh: bool,
 }
 
-/// What a worker remembers of a key between its fetches (one map for both, as each map
-/// type costs the module its own hash-table code).
-#[derive(Debug, Clone, Default)]
-struct KeyHistory {
-    /// Local-mode fetches in the last minute, for the local limiter.
-    local_fetches: FetchLog,
-    /// After a failed refresh-ahead, no new one for the key before this moment.
-    refresh_retry_at_ms: u64,
-}
-
-impl KeyHistory {
-    /// Whether it still matters at `now_ms` (a live limiter log or a pending retry).
-    fn is_current(&self, now_ms: u64) -> bool {
-        !self.local_fetches.is_idle(now_ms) || self.refresh_retry_at_ms > now_ms
-    }
-}
-
 /// One worker's filter state; see the module documentation.
 #[derive(Debug)]
 pub struct Worker {
@@ -121,8 +104,8 @@ pub struct Worker {
     callouts: HashMap<u32, (TokenKey, Purpose)>,
     /// The companion failed to answer: until then, fetch in local mode.
     companion_down_until_ms: u64,
-    /// Local-mode limiter logs and refresh-ahead retries, per key.
-    history: HashMap<TokenKey, KeyHistory>,
+    /// Local-mode fetches in the last minute, per key, for the local limiter.
+    local_fetches: HashMap<TokenKey, FetchLog>,
     /// The tick period last asked of the host, to avoid resetting the timer needlessly.
     tick_period_ms: u64,
     /// The token each resumed request carried, to purge it if the upstream rejects it.
@@ -151,8 +134,8 @@ const PEER_POLL_TICK_MS: u64 = 1;
 const LOG_LEVEL_TTL_MS: u64 = 1_000;
 /// Longest tick period while a backoff is pending.
 const MAX_TICK_MS: u64 = 1_000;
-/// Beyond this many keys in the history, the entries no longer current are dropped.
-const HISTORY_PRUNE_AT: usize = 4_096;
+/// Beyond this many keys in the local limiter, the idle ones are dropped.
+const LOCAL_FETCHES_PRUNE_AT: usize = 4_096;
 
 impl Worker {
     /// A worker with a validated configuration, an id unique within its Envoy and the
@@ -167,7 +150,7 @@ impl Worker {
             fetches: HashMap::new(),
             callouts: HashMap::new(),
             companion_down_until_ms: 0,
-            history: HashMap::new(),
+            local_fetches: HashMap::new(),
             tick_period_ms: 0,
             delivered: HashMap::new(),
             pending_invalidations: Vec::new(),
@@ -298,13 +281,13 @@ impl Worker {
         self.schedule_tick(host);
     }
 
-    /// `key`'s history, created if new; when the history is large, the entries no
-    /// longer current are dropped first.
-    fn history_of(&mut self, key: &TokenKey, now_ms: u64) -> &mut KeyHistory {
-        if self.history.len() >= HISTORY_PRUNE_AT {
-            self.history.retain(|_, history| history.is_current(now_ms));
+    /// `key`'s local-mode fetch log, created if new; when the limiter holds many keys,
+    /// the idle ones are dropped first.
+    fn local_fetches_of(&mut self, key: &TokenKey, now_ms: u64) -> &mut FetchLog {
+        if self.local_fetches.len() >= LOCAL_FETCHES_PRUNE_AT {
+            self.local_fetches.retain(|_, log| !log.is_idle(now_ms));
         }
-        self.history.entry(key.clone()).or_default()
+        self.local_fetches.entry(key.clone()).or_default()
     }
 
     /// Keeps the tick period at what the pending work needs: 1 ms while a fetch waits
