@@ -13,7 +13,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokengate_core::limit::DEFAULT_FETCHES_PER_MINUTE;
+use tokengate_core::limit::{DEFAULT_FETCHES_PER_MINUTE, DEFAULT_MIN_REFRESH_INTERVAL_MS};
 use tokengate_core::regions::OAUTH_TOKEN_PATH;
 use tokengate_core::{FetchConfig, RegionTable, SecretString};
 
@@ -137,6 +137,14 @@ pub struct Config {
     #[arg(long, env = "TOKENGATE_DEGRADED_FETCHES_PER_MINUTE", default_value_t = DEFAULT_FETCHES_PER_MINUTE,
           value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_DEGRADED_FETCHES_PER_MINUTE)))]
     pub degraded_fetches_per_minute: u32,
+
+    /// At most one forced refresh (`"forceRefresh": true` on /auth/token) per (provider,
+    /// tenant) and process in this many milliseconds, so a client looping forced
+    /// refreshes cannot cause one OAuth call per request. A forced refresh sooner than
+    /// that after the last one admitted is served as a normal request (from the cache
+    /// when a token is cached). 0 admits every forced refresh.
+    #[arg(long, env = "TOKENGATE_MIN_REFRESH_INTERVAL_MS", default_value_t = DEFAULT_MIN_REFRESH_INTERVAL_MS)]
+    pub min_refresh_interval_ms: u64,
 
     /// Base URL of the Tenant Service (e.g. `http://tenant-service:8080`), asked
     /// `GET /tenants/{tenant}/credentials/{type}` by the token API. Without it the token
@@ -592,6 +600,17 @@ mod tests {
             "--fetch-deadline-ms (30000) must be below --lock-ttl-ms (30000): the lock must \
              outlive the token API's fetch"
         );
+    }
+
+    #[test]
+    fn the_forced_refresh_interval_defaults_to_core_and_may_be_zero() {
+        assert_eq!(
+            Config::default().min_refresh_interval_ms,
+            DEFAULT_MIN_REFRESH_INTERVAL_MS
+        );
+        let config = parse(&["--min-refresh-interval-ms", "0"]).unwrap();
+        assert_eq!(config.min_refresh_interval_ms, 0);
+        assert!(parse(&["--min-refresh-interval-ms", "-1"]).is_err());
     }
 
     #[test]

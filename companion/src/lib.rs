@@ -73,7 +73,7 @@ use tokio::time::Instant;
 
 use crate::codec::Codec;
 use crate::keys::Secrets;
-use crate::token_api::{TaskCounter, TokenApi};
+use crate::token_api::{ForcedRefreshes, TaskCounter, TokenApi};
 
 /// How often the pub/sub connection is pinged, to notice one that died silently.
 const SUBSCRIBER_KEEPALIVE: Duration = Duration::from_secs(15);
@@ -219,6 +219,7 @@ pub async fn serve(
                 metrics,
                 cancel_rx,
                 tasks.clone(),
+                ForcedRefreshes::new(config.min_refresh_interval_ms),
             ))
         });
     let guarded = secrets.internal_api_key.is_some();
@@ -257,6 +258,7 @@ pub async fn serve(
         health_interval_ms = config.health_interval_ms,
         health_failure_threshold = config.health_failure_threshold,
         degraded_fetches_per_minute = config.degraded_fetches_per_minute,
+        min_refresh_interval_ms = config.min_refresh_interval_ms,
         shutdown_timeout_ms = config.shutdown_timeout_ms,
         "tokengate companion listening"
     );
