@@ -154,7 +154,7 @@ pub async fn serve(
         &backend,
         config.redis_timeout(),
         config.lock_ttl_ms,
-        Arc::clone(&health),
+        Arc::clone(&health) as Arc<dyn store::Observer>,
         codec,
     )
     .map_err(CompanionError::Redis)?;
@@ -186,6 +186,7 @@ pub async fn serve(
     let metrics = Arc::new(metrics::Metrics::new());
     let service = Arc::new(lease::Service::new(
         store.clone(),
+        health,
         Arc::clone(&waits),
         degraded,
         Arc::clone(&metrics),

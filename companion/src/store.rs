@@ -16,7 +16,7 @@
 //! script touching both requires: the same scripts run on one Redis and on a Redis
 //! Cluster ([`Backend`]). Every operation is bounded by the configured Redis
 //! timeout, so a hung Redis turns into [`StoreError::Timeout`], not a hung request, and
-//! every operation's outcome is reported to the [`Health`] verdict.
+//! every operation's outcome is reported to an [`Observer`] (the health verdict).
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
@@ -30,9 +30,8 @@ use std::time::Duration;
 use tokengate_core::lease::LeaseId;
 use tokengate_core::{CachedToken, SecretBytes, SecretString, TokenKey};
 
-use crate::codec::Codec;
+use crate::codec::{Codec, CodecError};
 use crate::config::{Config, redact_url};
-use crate::health::Health;
 
 /// A cached token is only handed out if it stays valid at least this long, so a caller
 /// does not receive a token that expires while its request is in flight.
@@ -141,7 +140,7 @@ pub enum StoreError {
     Timeout(Duration),
     /// A value could not be encoded for Redis.
     #[error("could not encode the cached value: {0}")]
-    Encode(String),
+    Encode(#[from] CodecError),
     /// The Redis client could not be set up from the configuration.
     #[error("{0}")]
     Setup(String),
@@ -419,6 +418,17 @@ impl ConnectionLike for Connection {
     }
 }
 
+/// Told whether Redis could be used, after every operation: the health verdict
+/// ([`crate::health::Health`]) listens, so real traffic feeds it.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    /// Redis answered.
+    fn answered(&self);
+    /// Redis could not be reached or used: an unavailability failure of a request's
+    /// operation ([`StoreError::is_unavailability`]), or any failure of the monitor's
+    /// `PING`.
+    fn unavailable(&self, error: &StoreError);
+}
+
 /// The companion's handle on Redis: cheap to clone, reconnects by itself.
 #[derive(Clone)]
 pub struct Store {
@@ -431,7 +441,7 @@ pub struct Store {
     /// The `PX` of every lock taken; also told to the lease holder.
     lock_ttl_ms: u64,
     /// Told the outcome of every operation, so real traffic feeds the health verdict.
-    health: Arc<Health>,
+    observer: Arc<dyn Observer>,
 }
 
 impl std::fmt::Debug for Store {
@@ -447,12 +457,12 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Creates the store for `backend` without connecting yet: the first operation
     /// connects, so the companion starts while Redis is down. Every operation's outcome
-    /// is reported to `health`; values are written and read with `codec`.
+    /// is reported to `observer`; values are written and read with `codec`.
     pub fn new(
         backend: &Backend,
         timeout: Duration,
         lock_ttl_ms: u64,
-        health: Arc<Health>,
+        observer: Arc<dyn Observer>,
         codec: Codec,
     ) -> Result<Self, StoreError> {
         let conn = match backend {
@@ -479,13 +489,8 @@ impl Store {
             codec: Arc::new(codec),
             timeout,
             lock_ttl_ms,
-            health,
+            observer,
         })
-    }
-
-    /// The health verdict this store reports to.
-    pub fn health(&self) -> &Arc<Health> {
-        &self.health
     }
 
     /// The health monitor's probe: `PING`. Unlike a request's operation, any failure
@@ -500,11 +505,11 @@ impl Store {
             .await;
         match result {
             Ok(_) => {
-                self.health.record_success();
+                self.observer.answered();
                 Ok(())
             }
             Err(error) => {
-                self.health.record_failure(&error);
+                self.observer.unavailable(&error);
                 Err(error)
             }
         }
@@ -713,14 +718,20 @@ impl Store {
         })
     }
 
-    /// [`Store::attempt`], with the outcome reported to the health verdict.
+    /// [`Store::attempt`], with the outcome reported to the observer: a success, an
+    /// unavailability failure, or (an error reply, which is no evidence either way)
+    /// nothing.
     async fn query<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
     where
         F: Fn(Connection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let result = self.attempt(operation).await;
-        self.health.observe(&result);
+        match &result {
+            Ok(_) => self.observer.answered(),
+            Err(error) if error.is_unavailability() => self.observer.unavailable(error),
+            Err(_) => {}
+        }
         result
     }
 
@@ -755,6 +766,14 @@ impl Store {
 mod tests {
     use super::*;
     use tokengate_core::{Provider, TenantId};
+
+    #[test]
+    fn only_unavailability_counts_against_health() {
+        let reply: RedisError = (redis::ErrorKind::UnexpectedReturnType, "bad").into();
+        assert!(!StoreError::Redis(reply).is_unavailability());
+        assert!(!StoreError::Encode(CodecError::Encrypt).is_unavailability());
+        assert!(StoreError::Timeout(Duration::from_millis(5)).is_unavailability());
+    }
 
     fn key() -> TokenKey {
         TokenKey::new(Provider::Genesys, TenantId::parse("acme").unwrap())
