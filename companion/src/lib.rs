@@ -144,7 +144,11 @@ pub async fn serve(
     install_crypto_provider();
     let secrets = Secrets::load(&config)?;
     let backend = store::Backend::from_config(&config).map_err(CompanionError::Redis)?;
-    let health = Arc::new(health::Health::new(config.health_failure_threshold));
+    let metrics = Arc::new(metrics::Metrics::new());
+    let health = Arc::new(health::Health::new(
+        config.health_failure_threshold,
+        metrics.redis_health(),
+    ));
     let codec = secrets
         .keyring
         .clone()
@@ -183,7 +187,6 @@ pub async fn serve(
         config.degraded_fetches_per_minute,
         config.lock_ttl(),
     ));
-    let metrics = Arc::new(metrics::Metrics::new());
     let service = Arc::new(lease::Service::new(
         store.clone(),
         health,
