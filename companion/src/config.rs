@@ -2,8 +2,10 @@
 //! `TOKENGATE_…` environment variable, and the checks that stop a bad start-up.
 //!
 //! Every flag has a default, so `tokengate-companion` with no flag serves the internal
-//! API on `127.0.0.1:7070` against a local Redis. [`Config::validate`] checks what a
-//! single flag cannot (relations between flags, URL shapes); the key files named by
+//! API on `127.0.0.1:7070` against a local Redis; the fetch defaults are core's
+//! (`FetchConfig::default()`, `limit::DEFAULT_*`). Ranges are checked by the flags'
+//! value parsers (a bad value exits 2 naming the flag); [`Config::validate`] checks
+//! what a single flag cannot (relations between flags, URL shapes); the key files named by
 //! `--internal-api-key-file` and `--encryption-key-file` are read and checked by
 //! [`crate::keys`] when the companion starts. Either failure stops start-up with a
 //! message naming the flag.
