@@ -24,7 +24,17 @@ use tokengate_core::{CachedToken, SecretBytes, SecretString};
 use zeroize::Zeroizing;
 
 use crate::keys::Keyring;
-use crate::store::StoreError;
+
+/// A token that could not be turned into a stored value.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CodecError {
+    /// The AES-GCM encryption failed.
+    #[error("AES-GCM encryption failed")]
+    Encrypt,
+    /// The value could not be serialized.
+    #[error("the value could not be serialized: {0}")]
+    Serialize(String),
+}
 
 /// Version of the encrypted layout.
 const ENCRYPTED_VERSION: u32 = 1;
@@ -77,7 +87,7 @@ impl Codec {
     }
 
     /// The value stored for `token` under the key of hash tag `tag`, in a wiped buffer.
-    pub fn encode(&self, tag: &str, token: &CachedToken) -> Result<SecretBytes, StoreError> {
+    pub fn encode(&self, tag: &str, token: &CachedToken) -> Result<SecretBytes, CodecError> {
         let encoded = match self {
             Codec::Plain => serde_json::to_vec(&PlainValue {
                 access_token: &token.access_token,
@@ -96,7 +106,7 @@ impl Codec {
                             aad: aad.as_bytes(),
                         },
                     )
-                    .map_err(|_| StoreError::Encode("AES-GCM encryption failed".to_owned()))?;
+                    .map_err(|_| CodecError::Encrypt)?;
                 serde_json::to_vec(&EncryptedValue {
                     v: ENCRYPTED_VERSION,
                     kid: &key.id,
@@ -108,7 +118,7 @@ impl Codec {
         };
         encoded
             .map(SecretBytes::new)
-            .map_err(|e| StoreError::Encode(e.to_string()))
+            .map_err(|e| CodecError::Serialize(e.to_string()))
     }
 
     /// Reads a value stored under hash tag `tag`; `None` (a miss, logged) when it cannot.

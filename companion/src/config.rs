@@ -2,17 +2,20 @@
 //! `TOKENGATE_…` environment variable, and the checks that stop a bad start-up.
 //!
 //! Every flag has a default, so `tokengate-companion` with no flag serves the internal
-//! API on `127.0.0.1:7070` against a local Redis. [`Config::validate`] checks what a
-//! single flag cannot (relations between flags, URL shapes); the key files named by
+//! API on `127.0.0.1:7070` against a local Redis; the fetch defaults are core's
+//! (`FetchConfig::default()`, `limit::DEFAULT_*`). Ranges are checked by the flags'
+//! value parsers (a bad value exits 2 naming the flag); [`Config::validate`] checks
+//! what a single flag cannot (relations between flags, URL shapes); the key files named by
 //! `--internal-api-key-file` and `--encryption-key-file` are read and checked by
 //! [`crate::keys`] when the companion starts. Either failure stops start-up with a
 //! message naming the flag.
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use tokengate_core::limit::{DEFAULT_FETCHES_PER_MINUTE, DEFAULT_MIN_REFRESH_INTERVAL_MS};
 use tokengate_core::regions::OAUTH_TOKEN_PATH;
 use tokengate_core::{FetchConfig, RegionTable, SecretString};
 
@@ -32,29 +35,11 @@ pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 1_000;
 pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 1_000;
 /// Default `--health-failure-threshold`.
 pub const DEFAULT_HEALTH_FAILURE_THRESHOLD: u32 = 3;
-/// Default `--degraded-fetches-per-minute`.
-pub const DEFAULT_DEGRADED_FETCHES_PER_MINUTE: u32 = 6;
 /// Largest `--degraded-fetches-per-minute`: the limiter keeps one timestamp per
 /// admitted fetch and key, so the limit bounds its memory.
 pub const MAX_DEGRADED_FETCHES_PER_MINUTE: u32 = 10_000;
 /// Default `--genesys-login-url-template`: the region's login host over HTTPS.
 pub const DEFAULT_LOGIN_URL_TEMPLATE: &str = "https://{host}";
-/// Default `--service-name`.
-pub const DEFAULT_SERVICE_NAME: &str = "tokengate";
-/// Default `--tenant-service-timeout-ms` (core's [`FetchConfig`] default).
-pub const DEFAULT_TENANT_SERVICE_TIMEOUT_MS: u64 = 5_000;
-/// Default `--tenant-service-retries`.
-pub const DEFAULT_TENANT_SERVICE_RETRIES: u32 = 2;
-/// Default `--oauth-timeout-ms`.
-pub const DEFAULT_OAUTH_TIMEOUT_MS: u64 = 10_000;
-/// Default `--oauth-retries`.
-pub const DEFAULT_OAUTH_RETRIES: u32 = 2;
-/// Default `--fetch-deadline-ms`.
-pub const DEFAULT_FETCH_DEADLINE_MS: u64 = 25_000;
-/// Default `--whatsapp-safety-buffer-secs`.
-pub const DEFAULT_WHATSAPP_SAFETY_BUFFER_SECS: u64 = 300;
-/// Default `--whatsapp-default-ttl-secs`.
-pub const DEFAULT_WHATSAPP_DEFAULT_TTL_SECS: u64 = 3_600;
 /// Default `--shutdown-timeout-ms`.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
 /// Most retries `--tenant-service-retries` and `--oauth-retries` accept.
@@ -78,7 +63,7 @@ pub enum LogFormat {
 /// It owns the Redis token cache and the per-(provider, tenant) fetch lock, and serves
 /// the filter's lease / commit / abort / invalidate API. While Redis is unhealthy it
 /// serves leases in degraded mode (no cache, no lock, an in-memory limit per key).
-#[derive(Clone, PartialEq, Eq, Parser)]
+#[derive(Debug, Clone, PartialEq, Eq, Parser)]
 #[command(name = "tokengate-companion", version)]
 pub struct Config {
     /// Address the HTTP API listens on (internal API, probes, metrics, and the token API
@@ -97,7 +82,7 @@ pub struct Config {
     /// `redis+unix:///path`. Several comma-separated URLs name the seed nodes of a
     /// Redis Cluster.
     #[arg(long, env = "TOKENGATE_REDIS_URL", default_value = DEFAULT_REDIS_URL)]
-    pub redis_url: String,
+    pub redis_url: RedactedUrl,
 
     /// Talk to Redis as a Redis Cluster (implied when --redis-url lists several nodes).
     #[arg(long, env = "TOKENGATE_REDIS_CLUSTER")]
@@ -151,15 +136,23 @@ pub struct Config {
     /// In degraded mode, how many fetches per (provider, tenant) this process grants in
     /// any rolling minute (a sliding window); further leases get 503 CACHE_UNAVAILABLE.
     /// 0 refuses every lease while Redis is unhealthy.
-    #[arg(long, env = "TOKENGATE_DEGRADED_FETCHES_PER_MINUTE", default_value_t = DEFAULT_DEGRADED_FETCHES_PER_MINUTE,
+    #[arg(long, env = "TOKENGATE_DEGRADED_FETCHES_PER_MINUTE", default_value_t = DEFAULT_FETCHES_PER_MINUTE,
           value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_DEGRADED_FETCHES_PER_MINUTE)))]
     pub degraded_fetches_per_minute: u32,
+
+    /// At most one forced refresh (`"forceRefresh": true` on /auth/token) per (provider,
+    /// tenant) and process in this many milliseconds, so a client looping forced
+    /// refreshes cannot cause one OAuth call per request. A forced refresh sooner than
+    /// that after the last one admitted is served as a normal request (from the cache
+    /// when a token is cached). 0 admits every forced refresh.
+    #[arg(long, env = "TOKENGATE_MIN_REFRESH_INTERVAL_MS", default_value_t = DEFAULT_MIN_REFRESH_INTERVAL_MS)]
+    pub min_refresh_interval_ms: u64,
 
     /// Base URL of the Tenant Service (e.g. `http://tenant-service:8080`), asked
     /// `GET /tenants/{tenant}/credentials/{type}` by the token API. Without it the token
     /// API is off (`/auth/token` answers 404).
     #[arg(long, env = "TOKENGATE_TENANT_SERVICE_URL")]
-    pub tenant_service_url: Option<String>,
+    pub tenant_service_url: Option<RedactedUrl>,
 
     /// Where the token API sends a region's OAuth exchange: `{host}` is replaced by the
     /// region's login host (e.g. `login.mypurecloud.ie`) and `{region}` by the region;
@@ -179,43 +172,43 @@ pub struct Config {
     pub genesys_default_region: Option<String>,
 
     /// Sent to the Tenant Service as `X-Service-Name`.
-    #[arg(long, env = "TOKENGATE_SERVICE_NAME", default_value = DEFAULT_SERVICE_NAME)]
+    #[arg(long, env = "TOKENGATE_SERVICE_NAME", default_value_t = FetchConfig::default().service_name)]
     pub service_name: String,
 
     /// Per-attempt timeout of a Tenant Service call, in milliseconds.
-    #[arg(long, env = "TOKENGATE_TENANT_SERVICE_TIMEOUT_MS", default_value_t = DEFAULT_TENANT_SERVICE_TIMEOUT_MS,
+    #[arg(long, env = "TOKENGATE_TENANT_SERVICE_TIMEOUT_MS", default_value_t = FetchConfig::default().tenant_service_timeout_ms,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub tenant_service_timeout_ms: u64,
 
     /// Retries after the first Tenant Service attempt (on 5xx, 429 or no answer; backoff
     /// 500 ms x 2^n, at most 4 s).
-    #[arg(long, env = "TOKENGATE_TENANT_SERVICE_RETRIES", default_value_t = DEFAULT_TENANT_SERVICE_RETRIES,
+    #[arg(long, env = "TOKENGATE_TENANT_SERVICE_RETRIES", default_value_t = FetchConfig::default().tenant_service_retries,
           value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_RETRIES)))]
     pub tenant_service_retries: u32,
 
     /// Per-attempt timeout of an OAuth exchange, in milliseconds.
-    #[arg(long, env = "TOKENGATE_OAUTH_TIMEOUT_MS", default_value_t = DEFAULT_OAUTH_TIMEOUT_MS,
+    #[arg(long, env = "TOKENGATE_OAUTH_TIMEOUT_MS", default_value_t = FetchConfig::default().oauth_timeout_ms,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub oauth_timeout_ms: u64,
 
     /// Retries after the first OAuth attempt (on 5xx, unusable answers, rate limiting or
     /// no answer); rejected credentials are never retried.
-    #[arg(long, env = "TOKENGATE_OAUTH_RETRIES", default_value_t = DEFAULT_OAUTH_RETRIES,
+    #[arg(long, env = "TOKENGATE_OAUTH_RETRIES", default_value_t = FetchConfig::default().oauth_retries,
           value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_RETRIES)))]
     pub oauth_retries: u32,
 
     /// The whole fetch of the token API (every attempt, timeout and backoff) ends within
     /// this many milliseconds. Must be below --lock-ttl-ms, so the lock outlives it.
-    #[arg(long, env = "TOKENGATE_FETCH_DEADLINE_MS", default_value_t = DEFAULT_FETCH_DEADLINE_MS,
+    #[arg(long, env = "TOKENGATE_FETCH_DEADLINE_MS", default_value_t = FetchConfig::default().deadline_ms,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub fetch_deadline_ms: u64,
 
     /// A WhatsApp token is treated as expired this many seconds before its `expiresAt`.
-    #[arg(long, env = "TOKENGATE_WHATSAPP_SAFETY_BUFFER_SECS", default_value_t = DEFAULT_WHATSAPP_SAFETY_BUFFER_SECS)]
+    #[arg(long, env = "TOKENGATE_WHATSAPP_SAFETY_BUFFER_SECS", default_value_t = FetchConfig::default().whatsapp_safety_buffer_secs)]
     pub whatsapp_safety_buffer_secs: u64,
 
     /// Lifetime, in seconds, given to a WhatsApp token without `expiresAt`.
-    #[arg(long, env = "TOKENGATE_WHATSAPP_DEFAULT_TTL_SECS", default_value_t = DEFAULT_WHATSAPP_DEFAULT_TTL_SECS,
+    #[arg(long, env = "TOKENGATE_WHATSAPP_DEFAULT_TTL_SECS", default_value_t = FetchConfig::default().whatsapp_default_ttl_secs,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub whatsapp_default_ttl_secs: u64,
 
@@ -252,6 +245,52 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// A URL, or a comma-separated list of them, that may carry a password in its user-info
+/// (`scheme://user:pass@host`): wiped when dropped, and shown by `Debug` and `Display`
+/// with every user-info replaced by `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedactedUrl(SecretString);
+
+impl RedactedUrl {
+    /// The URL itself, credentials included. Keep the borrow short and never log it.
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+}
+
+impl From<String> for RedactedUrl {
+    fn from(url: String) -> Self {
+        Self(SecretString::new(url))
+    }
+}
+
+impl From<&str> for RedactedUrl {
+    fn from(url: &str) -> Self {
+        Self(SecretString::from(url))
+    }
+}
+
+impl std::str::FromStr for RedactedUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        Ok(Self::from(url))
+    }
+}
+
+impl fmt::Debug for RedactedUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.to_string(), f)
+    }
+}
+
+impl fmt::Display for RedactedUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted: Vec<String> = self.expose().split(',').map(redact_url).collect();
+        f.write_str(&redacted.join(","))
+    }
+}
+
 /// Parses `REGION=HOST` of `--genesys-login-host`.
 fn parse_region_host(value: &str) -> Result<(String, String), String> {
     let (region, host) = value
@@ -282,52 +321,11 @@ fn parse_secret(value: &str) -> Result<SecretString, String> {
 impl Config {
     /// Checks the rules a single flag cannot express. The message names the flags.
     pub fn validate(&self) -> Result<(), String> {
-        let nonzero = [
-            ("--lock-ttl-ms", self.lock_ttl_ms),
-            ("--lease-wait-ms", self.lease_wait_ms),
-            ("--recheck-interval-ms", self.recheck_interval_ms),
-            ("--redis-timeout-ms", self.redis_timeout_ms),
-            ("--health-interval-ms", self.health_interval_ms),
-            (
-                "--health-failure-threshold",
-                u64::from(self.health_failure_threshold),
-            ),
-            (
-                "--tenant-service-timeout-ms",
-                self.tenant_service_timeout_ms,
-            ),
-            ("--oauth-timeout-ms", self.oauth_timeout_ms),
-            ("--fetch-deadline-ms", self.fetch_deadline_ms),
-            (
-                "--whatsapp-default-ttl-secs",
-                self.whatsapp_default_ttl_secs,
-            ),
-            ("--shutdown-timeout-ms", self.shutdown_timeout_ms),
-        ];
-        for (flag, value) in nonzero {
-            if value == 0 {
-                return Err(format!("{flag} must be greater than 0"));
-            }
-        }
         if self.recheck_interval_ms > self.lease_wait_ms {
             return Err(format!(
                 "--recheck-interval-ms ({}) must not exceed --lease-wait-ms ({})",
                 self.recheck_interval_ms, self.lease_wait_ms
             ));
-        }
-        if self.degraded_fetches_per_minute > MAX_DEGRADED_FETCHES_PER_MINUTE {
-            return Err(format!(
-                "--degraded-fetches-per-minute ({}) must be at most {MAX_DEGRADED_FETCHES_PER_MINUTE}",
-                self.degraded_fetches_per_minute
-            ));
-        }
-        for (flag, retries) in [
-            ("--tenant-service-retries", self.tenant_service_retries),
-            ("--oauth-retries", self.oauth_retries),
-        ] {
-            if retries > MAX_RETRIES {
-                return Err(format!("{flag} ({retries}) must be at most {MAX_RETRIES}"));
-            }
         }
         self.validate_redis()?;
         self.validate_token_api()?;
@@ -387,7 +385,7 @@ impl Config {
                 self.listen
             ));
         }
-        check_http_url("--tenant-service-url", tenant_service_url)?;
+        check_http_url("--tenant-service-url", tenant_service_url.expose())?;
         let template = &self.genesys_login_url_template;
         let sample = expand_login_template(template, "login.mypurecloud.ie", "eu-west-1");
         check_http_url("--genesys-login-url-template", &sample).map_err(|error| {
@@ -400,7 +398,8 @@ impl Config {
         }
         if self.fetch_deadline_ms >= self.lock_ttl_ms {
             return Err(format!(
-                "--fetch-deadline-ms ({}) must be below --lock-ttl-ms ({}): the lock must outlive                  the token API's fetch",
+                "--fetch-deadline-ms ({}) must be below --lock-ttl-ms ({}): the lock must outlive \
+                 the token API's fetch",
                 self.fetch_deadline_ms, self.lock_ttl_ms
             ));
         }
@@ -410,6 +409,7 @@ impl Config {
     /// The Redis URLs of --redis-url (one, or a cluster's seed nodes).
     pub fn redis_urls(&self) -> Vec<&str> {
         self.redis_url
+            .expose()
             .split(',')
             .map(str::trim)
             .filter(|url| !url.is_empty())
@@ -485,7 +485,7 @@ impl Config {
 
     /// The Tenant Service URL with any user and password replaced, safe to log.
     pub fn redacted_tenant_service_url(&self) -> Option<String> {
-        self.tenant_service_url.as_deref().map(redact_url)
+        self.tenant_service_url.as_ref().map(RedactedUrl::to_string)
     }
 }
 
@@ -514,85 +514,13 @@ fn check_http_url(flag: &str, url: &str) -> Result<(), String> {
 }
 
 impl Default for Config {
-    /// The same values the command line defaults to.
+    /// The command line's defaults, without reading the environment.
     fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
-            token_api_listen: None,
-            redis_url: DEFAULT_REDIS_URL.to_owned(),
-            redis_cluster: false,
-            redis_ca_file: None,
-            lock_ttl_ms: DEFAULT_LOCK_TTL_MS,
-            lease_wait_ms: DEFAULT_LEASE_WAIT_MS,
-            recheck_interval_ms: DEFAULT_RECHECK_INTERVAL_MS,
-            redis_timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
-            health_interval_ms: DEFAULT_HEALTH_INTERVAL_MS,
-            health_failure_threshold: DEFAULT_HEALTH_FAILURE_THRESHOLD,
-            degraded_fetches_per_minute: DEFAULT_DEGRADED_FETCHES_PER_MINUTE,
-            tenant_service_url: None,
-            genesys_login_url_template: DEFAULT_LOGIN_URL_TEMPLATE.to_owned(),
-            genesys_login_hosts: Vec::new(),
-            genesys_default_region: None,
-            service_name: DEFAULT_SERVICE_NAME.to_owned(),
-            tenant_service_timeout_ms: DEFAULT_TENANT_SERVICE_TIMEOUT_MS,
-            tenant_service_retries: DEFAULT_TENANT_SERVICE_RETRIES,
-            oauth_timeout_ms: DEFAULT_OAUTH_TIMEOUT_MS,
-            oauth_retries: DEFAULT_OAUTH_RETRIES,
-            fetch_deadline_ms: DEFAULT_FETCH_DEADLINE_MS,
-            whatsapp_safety_buffer_secs: DEFAULT_WHATSAPP_SAFETY_BUFFER_SECS,
-            whatsapp_default_ttl_secs: DEFAULT_WHATSAPP_DEFAULT_TTL_SECS,
-            internal_api_key_file: None,
-            internal_api_key: None,
-            encryption_key_file: None,
-            shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
-            log_format: LogFormat::Text,
-        }
-    }
-}
-
-impl fmt::Debug for Config {
-    /// Like a derived `Debug`, but URL credentials and the internal API key are redacted.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("listen", &self.listen)
-            .field("token_api_listen", &self.token_api_listen)
-            .field("redis_url", &self.redacted_redis_url())
-            .field("redis_cluster", &self.redis_cluster)
-            .field("redis_ca_file", &self.redis_ca_file)
-            .field("lock_ttl_ms", &self.lock_ttl_ms)
-            .field("lease_wait_ms", &self.lease_wait_ms)
-            .field("recheck_interval_ms", &self.recheck_interval_ms)
-            .field("redis_timeout_ms", &self.redis_timeout_ms)
-            .field("health_interval_ms", &self.health_interval_ms)
-            .field("health_failure_threshold", &self.health_failure_threshold)
-            .field(
-                "degraded_fetches_per_minute",
-                &self.degraded_fetches_per_minute,
-            )
-            .field("tenant_service_url", &self.redacted_tenant_service_url())
-            .field(
-                "genesys_login_url_template",
-                &self.genesys_login_url_template,
-            )
-            .field("genesys_login_hosts", &self.genesys_login_hosts)
-            .field("genesys_default_region", &self.genesys_default_region)
-            .field("service_name", &self.service_name)
-            .field("tenant_service_timeout_ms", &self.tenant_service_timeout_ms)
-            .field("tenant_service_retries", &self.tenant_service_retries)
-            .field("oauth_timeout_ms", &self.oauth_timeout_ms)
-            .field("oauth_retries", &self.oauth_retries)
-            .field("fetch_deadline_ms", &self.fetch_deadline_ms)
-            .field(
-                "whatsapp_safety_buffer_secs",
-                &self.whatsapp_safety_buffer_secs,
-            )
-            .field("whatsapp_default_ttl_secs", &self.whatsapp_default_ttl_secs)
-            .field("internal_api_key_file", &self.internal_api_key_file)
-            .field("internal_api_key", &self.internal_api_key)
-            .field("encryption_key_file", &self.encryption_key_file)
-            .field("shutdown_timeout_ms", &self.shutdown_timeout_ms)
-            .field("log_format", &self.log_format)
-            .finish()
+        let command = Self::command().mut_args(|arg| arg.env(None::<&'static str>));
+        command
+            .try_get_matches_from(["tokengate-companion"])
+            .and_then(|matches| Self::from_arg_matches(&matches))
+            .expect("every flag's default parses (see the unit tests)")
     }
 }
 
@@ -631,8 +559,18 @@ mod tests {
             "--redis-timeout-ms",
             "--health-interval-ms",
             "--health-failure-threshold",
+            "--tenant-service-timeout-ms",
+            "--oauth-timeout-ms",
+            "--fetch-deadline-ms",
+            "--whatsapp-default-ttl-secs",
+            "--shutdown-timeout-ms",
         ] {
-            assert!(parse(&[flag, "0"]).is_err(), "{flag} 0 was accepted");
+            let error = parse(&[flag, "0"]).expect_err(flag);
+            assert!(error.to_string().contains(flag), "{error}");
+        }
+        for flag in ["--tenant-service-retries", "--oauth-retries"] {
+            assert!(parse(&[flag, "10"]).is_ok());
+            assert!(parse(&[flag, "11"]).is_err(), "{flag} 11 was accepted");
         }
     }
 
@@ -644,17 +582,37 @@ mod tests {
                 .degraded_fetches_per_minute,
             0
         );
-        assert!(parse(&["--degraded-fetches-per-minute", "10001"]).is_err());
-        let config = Config {
-            degraded_fetches_per_minute: 10_001,
-            ..Config::default()
-        };
+        let error = parse(&["--degraded-fetches-per-minute", "10001"]).unwrap_err();
         assert!(
-            config
-                .validate()
-                .unwrap_err()
-                .contains("--degraded-fetches-per-minute")
+            error.to_string().contains("--degraded-fetches-per-minute"),
+            "{error}"
         );
+        assert_eq!(
+            Config::default().degraded_fetches_per_minute,
+            DEFAULT_FETCHES_PER_MINUTE,
+            "core's limit"
+        );
+    }
+
+    #[test]
+    fn a_fetch_deadline_beyond_the_lock_ttl_is_refused_in_one_sentence() {
+        let message = token_api(&["--fetch-deadline-ms", "30000"]).unwrap_err();
+        assert_eq!(
+            message,
+            "--fetch-deadline-ms (30000) must be below --lock-ttl-ms (30000): the lock must \
+             outlive the token API's fetch"
+        );
+    }
+
+    #[test]
+    fn the_forced_refresh_interval_defaults_to_core_and_may_be_zero() {
+        assert_eq!(
+            Config::default().min_refresh_interval_ms,
+            DEFAULT_MIN_REFRESH_INTERVAL_MS
+        );
+        let config = parse(&["--min-refresh-interval-ms", "0"]).unwrap();
+        assert_eq!(config.min_refresh_interval_ms, 0);
+        assert!(parse(&["--min-refresh-interval-ms", "-1"]).is_err());
     }
 
     #[test]
@@ -853,12 +811,17 @@ mod tests {
     #[test]
     fn debug_redacts_redis_credentials() {
         let config = Config {
-            redis_url: "redis://user:s3cret@redis:6379/0".into(),
+            redis_url: "redis://user:s3cret@redis:6379/0,redis://:s3cret2@redis-2:6379".into(),
+            tenant_service_url: Some("http://svc:s3cret3@tenants:8080".into()),
             ..Config::default()
         };
         let shown = format!("{config:?}");
-        assert!(shown.contains("redis://[redacted]@redis:6379/0"), "{shown}");
-        assert!(!shown.contains("s3cret"));
+        assert!(
+            shown.contains("redis://[redacted]@redis:6379/0,redis://[redacted]@redis-2:6379"),
+            "{shown}"
+        );
+        assert!(shown.contains("http://[redacted]@tenants:8080"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
         assert_eq!(
             redact_url("redis://127.0.0.1:6379"),
             "redis://127.0.0.1:6379"

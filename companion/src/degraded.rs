@@ -1,21 +1,23 @@
 //! Degraded mode: how leases are answered while Redis is unhealthy (see
 //! [`crate::health`]), without the cluster cache and without the cluster-wide lock.
 //!
-//! Three pieces of in-process state, all behind one mutex and all driven by an `now`
-//! the caller passes in (so the rules are tested without sleeping):
+//! Three pieces of in-process state, all behind one mutex and all driven by a tokio
+//! `now` the caller passes in (so the rules are tested without sleeping); core's
+//! limiter reads it as milliseconds since this state was made.
 //!
 //! - **In-flight fetches** (single flight per process): the first lease of a key gets
 //!   `fetch` with a lease id starting with [`LOCAL_LEASE_PREFIX`]; later leases of the
 //!   same key [join](Begin::Join) it and are answered by its commit, so an outage still
 //!   costs one OAuth call per key per companion, not one per caller. A flight that is
 //!   neither committed nor aborted ends at the lock TTL, like a Redis lock.
-//! - **The limiter**: a sliding-window log per (provider, tenant). A new flight is
-//!   admitted only if fewer than `--degraded-fetches-per-minute` flights of that key
-//!   started in the last 60 s; otherwise the lease is refused (`503 CACHE_UNAVAILABLE`)
-//!   and told when the oldest admission leaves the window. Unlike a fixed window, it
-//!   never admits more than the limit within any 60 s, and unlike a token bucket it has
-//!   no burst on top of the rate. Joining a flight costs nothing (it causes no fetch).
-//!   The log survives recoveries, so a flapping Redis cannot multiply the fetches.
+//! - **The limiter**: core's sliding log ([`FetchLog`]) per (provider, tenant), the
+//!   same rule the filter applies without its companion. A new flight is admitted only
+//!   if fewer than `--degraded-fetches-per-minute` flights of that key started in the
+//!   last [`WINDOW_MS`]; otherwise the lease is refused (`503 CACHE_UNAVAILABLE`) and
+//!   told when the oldest admission leaves the window. Joining a flight costs nothing
+//!   (it causes no fetch). The logs survive recoveries, so a flapping Redis cannot
+//!   multiply the fetches; logs with no admission left in the window are swept once per
+//!   window, so the map holds only recently fetched keys.
 //! - **Deferred invalidations**: an invalidation received while Redis is unhealthy is
 //!   remembered and applied once Redis is healthy again, so a token an upstream
 //!   rejected during the outage does not come back from the cluster cache after it.
@@ -23,11 +25,12 @@
 //! Commits and aborts of local leases never touch Redis: a commit answers the flight's
 //! waiters and is not stored anywhere.
 
+use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokengate_core::lease::LeaseId;
+use tokengate_core::limit::{Admission, FetchLog, WINDOW_MS};
 use tokengate_core::{CachedToken, SecretString, TokenKey};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -36,8 +39,8 @@ use tokio::time::Instant;
 /// skips Redis.
 pub const LOCAL_LEASE_PREFIX: &str = "local-";
 
-/// The limiter's window.
-pub const WINDOW: Duration = Duration::from_secs(60);
+/// The limiter's window (core's [`WINDOW_MS`]).
+pub const WINDOW: Duration = Duration::from_millis(WINDOW_MS);
 
 /// Most invalidations remembered while Redis is down (one per key); beyond it, new
 /// keys' invalidations are dropped with a warning.
@@ -97,10 +100,10 @@ struct Flight {
 struct State {
     /// In-flight local fetches, one per key at most.
     flights: HashMap<TokenKey, Flight>,
-    /// Start times of each key's admitted flights within the last window, oldest first.
-    admissions: HashMap<TokenKey, VecDeque<Instant>>,
-    /// When `admissions` was last purged of keys with no recent admission.
-    last_sweep: Instant,
+    /// Each key's admitted flights within the last window.
+    admissions: HashMap<TokenKey, FetchLog>,
+    /// When `admissions` was last purged of keys with no recent admission (limiter ms).
+    last_sweep_ms: u64,
     /// Invalidations waiting for Redis: key -> the token to drop (`None`: any).
     deferred: HashMap<TokenKey, Option<SecretString>>,
 }
@@ -110,6 +113,8 @@ struct State {
 pub struct Degraded {
     /// Flights, limiter log and deferred invalidations.
     state: Mutex<State>,
+    /// Time zero of the limiter's milliseconds (core's rules take `now_ms`).
+    origin: Instant,
     /// Flights admitted per key in any window; 0 refuses every degraded fetch.
     per_minute: u32,
     /// How long a flight lives without commit or abort (the lock TTL).
@@ -120,13 +125,15 @@ impl Degraded {
     /// Degraded mode admitting `per_minute` fetches per key per rolling minute, with
     /// flights abandoned after `flight_ttl`.
     pub fn new(per_minute: u32, flight_ttl: Duration) -> Self {
+        let origin = Instant::now();
         Self {
             state: Mutex::new(State {
                 flights: HashMap::new(),
                 admissions: HashMap::new(),
-                last_sweep: Instant::now(),
+                last_sweep_ms: 0,
                 deferred: HashMap::new(),
             }),
+            origin,
             per_minute,
             flight_ttl,
         }
@@ -139,8 +146,9 @@ impl Degraded {
 
     /// Decides what a degraded lease of `key` arriving at `now` does (see [`Begin`]).
     pub fn begin(&self, key: &TokenKey, now: Instant) -> Begin {
+        let now_ms = self.millis(now);
         let mut state = self.lock();
-        state.sweep(now);
+        state.sweep(now_ms);
         if let Some(flight) = state.flights.get(key) {
             if flight.expires_at > now {
                 return Begin::Join {
@@ -157,17 +165,12 @@ impl Degraded {
             state.flights.remove(key);
         }
 
-        let window = state.admissions.entry(key.clone()).or_default();
-        while window.front().is_some_and(|&at| at + WINDOW <= now) {
-            window.pop_front();
+        let log = state.admissions.entry(key.clone()).or_default();
+        if let Admission::Refused { retry_after_ms } = log.admit(now_ms, self.per_minute) {
+            return Begin::Refused {
+                retry_after: Duration::from_millis(retry_after_ms),
+            };
         }
-        if window.len() >= usize::try_from(self.per_minute).unwrap_or(usize::MAX) {
-            let retry_after = window.front().map_or(WINDOW, |&oldest| {
-                (oldest + WINDOW).saturating_duration_since(now)
-            });
-            return Begin::Refused { retry_after };
-        }
-        window.push_back(now);
 
         let lease_id = LeaseId(format!("{LOCAL_LEASE_PREFIX}{}", uuid::Uuid::new_v4()));
         state.flights.insert(
@@ -230,6 +233,11 @@ impl Degraded {
         self.lock().deferred.len()
     }
 
+    /// `now` as the limiter's milliseconds: since this state was made (0 before it).
+    fn millis(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.origin).as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every update leaves the maps consistent, so a panic elsewhere cannot corrupt them.
         self.state
@@ -241,13 +249,12 @@ impl Degraded {
 impl State {
     /// Once per window, drops the limiter logs of keys with no admission in the last
     /// window, so the map holds only recently fetched keys.
-    fn sweep(&mut self, now: Instant) {
-        if now.saturating_duration_since(self.last_sweep) < WINDOW {
+    fn sweep(&mut self, now_ms: u64) {
+        if now_ms.saturating_sub(self.last_sweep_ms) < WINDOW_MS {
             return;
         }
-        self.last_sweep = now;
-        self.admissions
-            .retain(|_, window| window.back().is_some_and(|&at| at + WINDOW > now));
+        self.last_sweep_ms = now_ms;
+        self.admissions.retain(|_, log| !log.is_idle(now_ms));
     }
 }
 

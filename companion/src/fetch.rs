@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use crate::clock::Clock;
-use crate::config::{self, Config};
+use crate::config::{self, Config, RedactedUrl};
 use crate::metrics::{CalloutOutcome, Metrics, Upstream};
 
 /// Largest upstream answer read; real ones are a few hundred bytes.
@@ -44,7 +44,7 @@ pub struct Fetcher {
     /// Shared connection pool for every upstream.
     http: reqwest::Client,
     /// Base URL of the Tenant Service, without a trailing slash.
-    tenant_service_url: String,
+    tenant_service_url: RedactedUrl,
     /// `--genesys-login-url-template`.
     login_url_template: String,
     /// Timeouts, retries, regions: what core's flow needs.
@@ -58,10 +58,7 @@ pub struct Fetcher {
 impl std::fmt::Debug for Fetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fetcher")
-            .field(
-                "tenant_service_url",
-                &config::redact_url(&self.tenant_service_url),
-            )
+            .field("tenant_service_url", &self.tenant_service_url)
             .field("login_url_template", &self.login_url_template)
             .finish_non_exhaustive()
     }
@@ -91,7 +88,9 @@ impl Fetcher {
             .build()?;
         Ok(Some(Self {
             http,
-            tenant_service_url: tenant_service_url.trim_end_matches('/').to_owned(),
+            tenant_service_url: RedactedUrl::from(
+                tenant_service_url.expose().trim_end_matches('/'),
+            ),
             login_url_template: config.genesys_login_url_template.clone(),
             config: config.fetch_config(),
             metrics,
@@ -129,7 +128,7 @@ impl Fetcher {
         let (upstream, url, host) = match &request.destination {
             Destination::TenantService => (
                 Upstream::TenantService,
-                format!("{}{}", self.tenant_service_url, request.path),
+                format!("{}{}", self.tenant_service_url.expose(), request.path),
                 None,
             ),
             Destination::GenesysLogin { region, host } => (

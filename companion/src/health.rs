@@ -10,16 +10,21 @@
 //!   `READONLY`, ...) is no evidence either way and is ignored;
 //! - any success.
 //!
+//! The store reports them through its [`Observer`] trait, which [`Health`] implements;
+//! `lib.rs` hands the store its `Health`, so the store does not know this module.
+//!
 //! `--health-failure-threshold` consecutive failures make Redis unhealthy; a single
 //! success makes it healthy again. Each transition is logged once (warn going down,
-//! info coming back) and announced on a [`watch`] channel.
+//! info coming back), announced on a [`watch`] channel, counted, and sets the
+//! `tokengate_companion_redis_healthy` gauge ([`RedisHealthMetrics`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
-use crate::store::{Store, StoreError};
+use crate::metrics::{HealthState, RedisHealthMetrics};
+use crate::store::{Observer, Store, StoreError};
 
 /// The Redis health verdict and its counters.
 #[derive(Debug)]
@@ -30,24 +35,22 @@ pub struct Health {
     failures: AtomicU32,
     /// Consecutive failures that make Redis unhealthy (at least 1).
     threshold: u32,
-    /// Transitions to unhealthy so far, for the metrics.
-    to_unhealthy: AtomicU64,
-    /// Transitions to healthy so far, for the metrics.
-    to_healthy: AtomicU64,
+    /// The healthy gauge and the transition counters on `/metrics`.
+    metrics: RedisHealthMetrics,
     /// Announces every transition (the new verdict), e.g. to replay deferred work.
     changes: watch::Sender<bool>,
 }
 
 impl Health {
     /// A healthy verdict that turns unhealthy after `threshold` failures in a row
-    /// (a threshold of 0 is treated as 1).
-    pub fn new(threshold: u32) -> Self {
+    /// (a threshold of 0 is treated as 1), kept in `metrics` too.
+    pub fn new(threshold: u32, metrics: RedisHealthMetrics) -> Self {
+        metrics.set_healthy(true);
         Self {
             healthy: AtomicBool::new(true),
             failures: AtomicU32::new(0),
             threshold: threshold.max(1),
-            to_unhealthy: AtomicU64::new(0),
-            to_healthy: AtomicU64::new(0),
+            metrics,
             changes: watch::Sender::new(true),
         }
     }
@@ -60,8 +63,8 @@ impl Health {
     /// Transitions so far: `(to unhealthy, to healthy)`.
     pub fn transitions(&self) -> (u64, u64) {
         (
-            self.to_unhealthy.load(Ordering::Relaxed),
-            self.to_healthy.load(Ordering::Relaxed),
+            self.metrics.transitions(HealthState::Unhealthy),
+            self.metrics.transitions(HealthState::Healthy),
         )
     }
 
@@ -76,7 +79,8 @@ impl Health {
         self.failures.store(0, Ordering::SeqCst);
         // `swap` makes exactly one caller see the transition, so it is logged once.
         if !self.healthy.swap(true, Ordering::SeqCst) {
-            self.to_healthy.fetch_add(1, Ordering::Relaxed);
+            self.metrics.set_healthy(true);
+            self.metrics.transition(HealthState::Healthy);
             tracing::info!("redis is healthy again: leases use the cluster cache and lock");
             self.changes.send_replace(true);
         }
@@ -94,7 +98,8 @@ impl Health {
             return;
         }
         if self.healthy.swap(false, Ordering::SeqCst) {
-            self.to_unhealthy.fetch_add(1, Ordering::Relaxed);
+            self.metrics.set_healthy(false);
+            self.metrics.transition(HealthState::Unhealthy);
             tracing::warn!(
                 %error, failures,
                 "redis is unhealthy: leases are served in degraded mode (no cluster cache, \
@@ -103,15 +108,15 @@ impl Health {
             self.changes.send_replace(false);
         }
     }
+}
 
-    /// Feeds the outcome of a request's Redis operation: success, an unavailability
-    /// failure, or (an error reply) nothing.
-    pub fn observe<T>(&self, result: &Result<T, StoreError>) {
-        match result {
-            Ok(_) => self.record_success(),
-            Err(error) if error.is_unavailability() => self.record_failure(error),
-            Err(_) => {}
-        }
+impl Observer for Health {
+    fn answered(&self) {
+        self.record_success();
+    }
+
+    fn unavailable(&self, error: &StoreError) {
+        self.record_failure(error);
     }
 }
 
@@ -122,7 +127,8 @@ impl Health {
 /// A PING that hangs is cut off by the store's timeout; the next one starts an
 /// interval after the previous one ended.
 pub async fn run_monitor(store: Store, interval: Duration) {
-    let mut ticks = tokio::time::interval(interval);
+    // A zero period would panic; the flag's parser refuses 0, a `Config` built in code may not.
+    let mut ticks = tokio::time::interval(interval.max(Duration::from_millis(1)));
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate
     loop {
@@ -142,7 +148,7 @@ mod tests {
 
     #[test]
     fn the_threshold_th_failure_in_a_row_makes_redis_unhealthy_once() {
-        let health = Health::new(3);
+        let health = Health::new(3, RedisHealthMetrics::default());
         let mut changes = health.subscribe();
         health.record_failure(&down());
         health.record_failure(&down());
@@ -159,7 +165,7 @@ mod tests {
 
     #[test]
     fn a_success_ends_the_streak_and_recovers_at_once() {
-        let health = Health::new(2);
+        let health = Health::new(2, RedisHealthMetrics::default());
         health.record_failure(&down());
         health.record_success();
         health.record_failure(&down());
@@ -174,19 +180,5 @@ mod tests {
         health.record_success();
         assert!(health.is_healthy());
         assert_eq!(health.transitions(), (1, 1));
-    }
-
-    #[test]
-    fn error_replies_are_no_evidence_but_timeouts_are() {
-        let health = Health::new(1);
-        let reply: redis::RedisError = (redis::ErrorKind::UnexpectedReturnType, "bad").into();
-        health.observe::<()>(&Err(StoreError::Redis(reply)));
-        health.observe::<()>(&Err(StoreError::Encode("x".into())));
-        assert!(health.is_healthy());
-
-        health.observe::<()>(&Err(down()));
-        assert!(!health.is_healthy());
-        health.observe(&Ok(()));
-        assert!(health.is_healthy());
     }
 }

@@ -195,7 +195,7 @@ async fn ready(State(service): State<Arc<Service>>) -> (StatusCode, Json<serde_j
 
 /// The Prometheus text exposition.
 async fn metrics(State(service): State<Arc<Service>>) -> impl IntoResponse {
-    let text = service.metrics().render(service.health());
+    let text = service.metrics().render();
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text)
 }
 

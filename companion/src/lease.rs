@@ -53,6 +53,8 @@ pub const MAX_EXPIRES_AT_MS: u64 = 1 << 53;
 pub struct Service {
     /// The cluster-wide cache and lock; also carries the Redis health verdict.
     store: Store,
+    /// The Redis health verdict: healthy leases use Redis, unhealthy ones degraded mode.
+    health: Arc<Health>,
     /// This process's shared waits on held locks.
     waits: Arc<Waits>,
     /// Copies of the tokens recently read from Redis, to answer hits without it.
@@ -71,8 +73,10 @@ pub struct Service {
 
 impl Service {
     /// Creates the service.
+    #[allow(clippy::too_many_arguments)] // each a collaborator wired once, in `lib.rs`
     pub fn new(
         store: Store,
+        health: Arc<Health>,
         waits: Arc<Waits>,
         degraded: Arc<Degraded>,
         metrics: Arc<Metrics>,
@@ -82,6 +86,7 @@ impl Service {
     ) -> Self {
         Self {
             store,
+            health,
             waits,
             hot: Arc::new(HotTokens::new(Arc::clone(&clock))),
             degraded,
@@ -94,7 +99,7 @@ impl Service {
 
     /// The Redis health verdict the service follows.
     pub fn health(&self) -> &Arc<Health> {
-        self.store.health()
+        &self.health
     }
 
     /// The copies of cached tokens, which the pub/sub subscriber keeps honest.

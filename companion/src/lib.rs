@@ -21,26 +21,33 @@
 //!   Ctrl-C or SIGTERM.
 //! - [`run`] / [`serve`] (here): wires the pieces below together, serves until
 //!   `shutdown`, then shuts down gracefully within `--shutdown-timeout-ms`.
-//! - [`config`]: the command-line / environment configuration and its checks.
+//! - [`config`]: the command-line / environment configuration and its checks; fetch
+//!   defaults come from core's `FetchConfig::default()`, limits from core's `limit`.
 //! - [`keys`]: the internal API key and the encryption keys, read from their files.
 //! - [`http`]: routes and handlers; the internal API's key check; JSON rejections
 //!   become core's error body.
 //! - [`correlation`]: the per-request span and `x-request-id`.
-//! - [`token_api`]: `/auth/token`, on top of the lease logic; [`fetch`] drives core's
-//!   fetch flow with reqwest and tokio timers.
+//! - [`token_api`]: `/auth/token`, on top of the lease logic, with the forced-refresh
+//!   throttle (core's `RefreshThrottle`); [`fetch`] drives core's fetch flow with
+//!   reqwest and tokio timers.
 //! - [`error`]: [`ApiError`] (one request, mapped once to a response) and
 //!   [`CompanionError`] (the process).
 //! - [`lease`]: the lease / commit / abort / invalidate logic, choosing between Redis and
 //!   degraded mode.
 //! - [`waits`]: per-process shared waits on a held lock, woken by Redis pub/sub.
 //! - [`hot`]: in-process copies of recently read tokens, dropped by the same pub/sub.
-//! - [`degraded`]: degraded mode's in-process single flight, limiter and deferred
-//!   invalidations.
-//! - [`health`]: the Redis health verdict and its monitor task.
-//! - [`metrics`]: counters and the Prometheus text exposition.
-//! - [`store`]: everything Redis: one server or a cluster, key names, lock, Lua scripts;
+//! - [`degraded`]: degraded mode's in-process single flight, limiter (core's
+//!   `FetchLog`) and deferred invalidations.
+//! - [`health`]: the Redis health verdict, fed by the store through its
+//!   [`store::Observer`] trait, and its monitor task.
+//! - [`metrics`]: the `prometheus-client` registry and its Prometheus text exposition.
+//! - [`store`]: everything Redis: [`store::keys`] (names), [`store::scripts`] (Lua),
+//!   [`store::backend`] (one server or a cluster), [`store::ops`] (the operations);
 //!   [`codec`]: the stored value, in clear or AES-256-GCM encrypted.
 //! - [`clock`]: the wall clock, behind a trait.
+//!
+//! Dependencies point one way: `codec` <- `store` <- `health`; `metrics` depends on
+//! none of them; this file wires the health verdict into the store.
 
 pub mod clock;
 pub mod codec;
@@ -73,7 +80,7 @@ use tokio::time::Instant;
 
 use crate::codec::Codec;
 use crate::keys::Secrets;
-use crate::token_api::{TaskCounter, TokenApi};
+use crate::token_api::{ForcedRefreshes, TaskCounter, TokenApi};
 
 /// How often the pub/sub connection is pinged, to notice one that died silently.
 const SUBSCRIBER_KEEPALIVE: Duration = Duration::from_secs(15);
@@ -144,7 +151,11 @@ pub async fn serve(
     install_crypto_provider();
     let secrets = Secrets::load(&config)?;
     let backend = store::Backend::from_config(&config).map_err(CompanionError::Redis)?;
-    let health = Arc::new(health::Health::new(config.health_failure_threshold));
+    let metrics = Arc::new(metrics::Metrics::new());
+    let health = Arc::new(health::Health::new(
+        config.health_failure_threshold,
+        metrics.redis_health(),
+    ));
     let codec = secrets
         .keyring
         .clone()
@@ -154,7 +165,7 @@ pub async fn serve(
         &backend,
         config.redis_timeout(),
         config.lock_ttl_ms,
-        Arc::clone(&health),
+        Arc::clone(&health) as Arc<dyn store::Observer>,
         codec,
     )
     .map_err(CompanionError::Redis)?;
@@ -183,9 +194,9 @@ pub async fn serve(
         config.degraded_fetches_per_minute,
         config.lock_ttl(),
     ));
-    let metrics = Arc::new(metrics::Metrics::new());
     let service = Arc::new(lease::Service::new(
         store.clone(),
+        health,
         Arc::clone(&waits),
         degraded,
         Arc::clone(&metrics),
@@ -219,6 +230,7 @@ pub async fn serve(
                 metrics,
                 cancel_rx,
                 tasks.clone(),
+                ForcedRefreshes::new(config.min_refresh_interval_ms),
             ))
         });
     let guarded = secrets.internal_api_key.is_some();
@@ -257,6 +269,7 @@ pub async fn serve(
         health_interval_ms = config.health_interval_ms,
         health_failure_threshold = config.health_failure_threshold,
         degraded_fetches_per_minute = config.degraded_fetches_per_minute,
+        min_refresh_interval_ms = config.min_refresh_interval_ms,
         shutdown_timeout_ms = config.shutdown_timeout_ms,
         "tokengate companion listening"
     );

@@ -1,5 +1,6 @@
-//! The companion's Prometheus metrics: plain atomics updated on the request paths and a
-//! hand-written text exposition (format 0.0.4) served on `GET /metrics`.
+//! The companion's Prometheus metrics: a `prometheus-client` registry updated on the
+//! request paths (and by the health verdict, [`RedisHealthMetrics`]), served on
+//! `GET /metrics` in the Prometheus text format 0.0.4 ([`CONTENT_TYPE`]).
 //!
 //! Every label takes a value from a fixed list (an outcome, a result, a direction):
 //! tenant ids, lease ids and tokens are never labels, so the number of series is fixed.
@@ -20,20 +21,23 @@
 //! | `tokengate_companion_upstream_request_seconds` | histogram | `upstream`, `outcome` |
 //! | `tokengate_companion_unauthorized_total` | counter | |
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use std::time::Duration;
 
-use crate::health::Health;
-
-/// The `Content-Type` of the exposition.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The `Content-Type` of the exposition: the Prometheus text format 0.0.4, which the
+/// encoder ([`prometheus_client::encoding::prometheus_text`]) writes.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Declares a label enum: its variants, their label values, and the list of all of them.
 macro_rules! label_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $label:literal,)+ }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum $name {
             $($(#[$vmeta])* $variant,)+
         }
@@ -49,8 +53,11 @@ macro_rules! label_enum {
                 }
             }
 
-            fn index(self) -> usize {
-                self as usize
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+                EncodeLabelValue::encode(&self.as_str(), encoder)
             }
         }
     };
@@ -141,6 +148,16 @@ label_enum! {
 }
 
 label_enum! {
+    /// The Redis health verdict a transition changed to.
+    HealthState {
+        /// Redis answers again: leases use the cluster cache and lock.
+        Healthy => "healthy",
+        /// Too many failures in a row: leases are served in degraded mode.
+        Unhealthy => "unhealthy",
+    }
+}
+
+label_enum! {
     /// The upstreams the token API calls.
     Upstream {
         /// The Tenant Service (credentials).
@@ -175,113 +192,105 @@ impl CalloutOutcome {
     }
 }
 
-/// Upper bounds of the lease wait histogram's buckets, in milliseconds: from a cache
-/// hit (about a millisecond) to the longest wait budgets.
-const WAIT_BUCKETS_MS: [u64; 13] = [
-    1, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000,
+/// Upper bounds of the lease wait histogram's buckets, in seconds: from a cache hit
+/// (about a millisecond) to the longest wait budgets.
+const WAIT_BUCKETS: [f64; 13] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0,
 ];
 
-/// Upper bounds of the upstream call histogram's buckets, in milliseconds: from a
-/// loopback answer to the longest per-attempt timeouts.
-const CALLOUT_BUCKETS_MS: [u64; 12] = [
-    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000,
+/// Upper bounds of the upstream call histogram's buckets, in seconds: from a loopback
+/// answer to the longest per-attempt timeouts.
+const CALLOUT_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// A histogram with fixed bucket bounds, in the Prometheus shape (cumulative buckets,
-/// sum, count).
-#[derive(Debug)]
-struct Histogram {
-    /// Upper bounds of the buckets, in milliseconds; `+Inf` is implied.
-    bounds_ms: &'static [u64],
-    /// Per-bucket (not cumulative) counts; one more than `bounds_ms`, the last `+Inf`.
-    buckets: Vec<AtomicU64>,
-    /// Sum of the observations, in microseconds.
-    sum_us: AtomicU64,
-    /// Number of observations.
-    count: AtomicU64,
+/// A family of counters with one label, `[(name, value)]`.
+type Counters<T> = Family<[(&'static str, T); 1], Counter>;
+
+/// The `outcome` label set.
+fn outcome_label<T>(value: T) -> [(&'static str, T); 1] {
+    [("outcome", value)]
 }
 
-impl Histogram {
-    fn new(bounds_ms: &'static [u64]) -> Self {
-        Self {
-            bounds_ms,
-            buckets: (0..=bounds_ms.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_us: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
+/// The `result` label set.
+fn result_label<T>(value: T) -> [(&'static str, T); 1] {
+    [("result", value)]
+}
+
+/// The `to` label set of the health transitions.
+fn to_label(value: HealthState) -> [(&'static str, HealthState); 1] {
+    [("to", value)]
+}
+
+/// The labels of an upstream call, in exposition order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CalloutLabels {
+    upstream: Upstream,
+    outcome: CalloutOutcome,
+}
+
+/// A histogram of upstream call durations.
+fn callout_histogram() -> Histogram {
+    Histogram::new(CALLOUT_BUCKETS)
+}
+
+/// The metrics the health verdict keeps; clones share the same series.
+#[derive(Debug, Clone, Default)]
+pub struct RedisHealthMetrics {
+    /// `tokengate_companion_redis_healthy`: 1 while Redis is healthy, 0 while not.
+    healthy: Gauge,
+    /// `tokengate_companion_redis_health_transitions_total`, by the state changed to.
+    transitions: Counters<HealthState>,
+}
+
+impl RedisHealthMetrics {
+    /// Sets the healthy gauge.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.set(i64::from(healthy));
     }
 
-    fn observe(&self, took: Duration) {
-        let took_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let bucket = self
-            .bounds_ms
-            .iter()
-            .position(|&le_ms| took_us <= le_ms * 1_000)
-            .unwrap_or(self.bounds_ms.len());
-        if let Some(counter) = self.buckets.get(bucket) {
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-        self.sum_us.fetch_add(took_us, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+    /// Counts a transition to `to`.
+    pub fn transition(&self, to: HealthState) {
+        self.transitions.get_or_create(&to_label(to)).inc();
     }
 
-    /// Writes the bucket, sum and count lines of `name` with `labels` (`k="v",…`, or empty).
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let with = |extra: &str| match (labels.is_empty(), extra.is_empty()) {
-            (true, true) => String::new(),
-            (true, false) => format!("{{{extra}}}"),
-            (false, true) => format!("{{{labels}}}"),
-            (false, false) => format!("{{{labels},{extra}}}"),
-        };
-        let mut cumulative = 0;
-        for (bucket, le_ms) in self.bounds_ms.iter().enumerate() {
-            cumulative += self.buckets[bucket].load(Ordering::Relaxed);
-            let le = format_seconds(le_ms * 1_000);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{} {cumulative}",
-                with(&format!("le=\"{le}\""))
-            );
-        }
-        cumulative += self.buckets[self.bounds_ms.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{} {cumulative}", with("le=\"+Inf\""));
-        let sum = format_seconds(self.sum_us.load(Ordering::Relaxed));
-        let _ = writeln!(out, "{name}_sum{} {sum}", with(""));
-        let _ = writeln!(
-            out,
-            "{name}_count{} {}",
-            with(""),
-            self.count.load(Ordering::Relaxed)
-        );
+    /// Transitions so far to `to`.
+    pub fn transitions(&self, to: HealthState) -> u64 {
+        self.transitions.get_or_create(&to_label(to)).get()
     }
 }
 
-/// The counters, gauges and histogram of one companion process.
+/// The counters, gauges and histograms of one companion process, and the registry that
+/// exposes them.
 #[derive(Debug)]
 pub struct Metrics {
-    /// Leases answered, indexed by [`LeaseOutcome`].
-    leases: [AtomicU64; LeaseOutcome::ALL.len()],
-    /// Commits, indexed by [`CommitResult`].
-    commits: [AtomicU64; CommitResult::ALL.len()],
-    /// Aborts, indexed by [`AbortResult`].
-    aborts: [AtomicU64; AbortResult::ALL.len()],
-    /// Invalidations, indexed by [`InvalidateResult`].
-    invalidations: [AtomicU64; InvalidateResult::ALL.len()],
+    /// Every family below, in exposition order.
+    registry: Registry,
+    /// Leases answered, by [`LeaseOutcome`].
+    leases: Counters<LeaseOutcome>,
+    /// Commits, by [`CommitResult`].
+    commits: Counters<CommitResult>,
+    /// Aborts, by [`AbortResult`].
+    aborts: Counters<AbortResult>,
+    /// Invalidations, by [`InvalidateResult`].
+    invalidations: Counters<InvalidateResult>,
+    /// The health verdict's gauge and transitions.
+    redis_health: RedisHealthMetrics,
     /// Leases waiting right now (for a Redis holder or an in-process degraded fetch);
     /// also lets tests know a lease is parked before they release it.
-    waiting: AtomicI64,
+    waiting: Gauge,
     /// Time from receiving a lease to answering it.
     lease_wait: Histogram,
-    /// Token API requests, indexed by [`TokenOutcome`].
-    token_requests: [AtomicU64; TokenOutcome::ALL.len()],
+    /// Token API requests, by [`TokenOutcome`].
+    token_requests: Counters<TokenOutcome>,
     /// Time from receiving a token API request to answering it.
     token_latency: Histogram,
-    /// Upstream calls, indexed by [`Upstream`] then [`CalloutOutcome`].
-    callouts: [[AtomicU64; CalloutOutcome::ALL.len()]; Upstream::ALL.len()],
-    /// Upstream call durations, indexed like `callouts`.
-    callout_latency: Vec<Vec<Histogram>>,
+    /// Upstream calls, by [`Upstream`] and [`CalloutOutcome`].
+    callouts: Family<CalloutLabels, Counter>,
+    /// Upstream call durations, labelled like `callouts`.
+    callout_latency: Family<CalloutLabels, Histogram, fn() -> Histogram>,
     /// Internal API requests refused for a missing or wrong key.
-    unauthorized: AtomicU64,
+    unauthorized: Counter,
 }
 
 impl Default for Metrics {
@@ -291,305 +300,203 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// All zero.
+    /// All zero, every label value present; Redis healthy.
     pub fn new() -> Self {
-        Self {
-            leases: Default::default(),
-            commits: Default::default(),
-            aborts: Default::default(),
-            invalidations: Default::default(),
-            waiting: AtomicI64::new(0),
-            lease_wait: Histogram::new(&WAIT_BUCKETS_MS),
-            token_requests: Default::default(),
-            token_latency: Histogram::new(&WAIT_BUCKETS_MS),
-            callouts: Default::default(),
-            callout_latency: Upstream::ALL
-                .iter()
-                .map(|_| {
-                    CalloutOutcome::ALL
-                        .iter()
-                        .map(|_| Histogram::new(&CALLOUT_BUCKETS_MS))
-                        .collect()
-                })
-                .collect(),
-            unauthorized: AtomicU64::new(0),
+        let metrics = Self {
+            registry: Registry::default(),
+            leases: Family::default(),
+            commits: Family::default(),
+            aborts: Family::default(),
+            invalidations: Family::default(),
+            redis_health: RedisHealthMetrics::default(),
+            waiting: Gauge::default(),
+            lease_wait: Histogram::new(WAIT_BUCKETS),
+            token_requests: Family::default(),
+            token_latency: Histogram::new(WAIT_BUCKETS),
+            callouts: Family::default(),
+            callout_latency: Family::new_with_constructor(callout_histogram),
+            unauthorized: Counter::default(),
+        };
+        // Every label value is created at zero, so every series is exposed from the start.
+        for &outcome in LeaseOutcome::ALL {
+            let _ = metrics.leases.get_or_create(&outcome_label(outcome));
         }
+        for &result in CommitResult::ALL {
+            let _ = metrics.commits.get_or_create(&result_label(result));
+        }
+        for &result in AbortResult::ALL {
+            let _ = metrics.aborts.get_or_create(&result_label(result));
+        }
+        for &result in InvalidateResult::ALL {
+            let _ = metrics.invalidations.get_or_create(&result_label(result));
+        }
+        for &to in HealthState::ALL {
+            let _ = metrics
+                .redis_health
+                .transitions
+                .get_or_create(&to_label(to));
+        }
+        metrics.redis_health.set_healthy(true);
+        for &outcome in TokenOutcome::ALL {
+            let _ = metrics
+                .token_requests
+                .get_or_create(&outcome_label(outcome));
+        }
+        for &upstream in Upstream::ALL {
+            for &outcome in CalloutOutcome::ALL {
+                let labels = CalloutLabels { upstream, outcome };
+                let _ = metrics.callouts.get_or_create(&labels);
+                let _ = metrics.callout_latency.get_or_create(&labels);
+            }
+        }
+        metrics.registered()
+    }
+
+    /// Registers every family under its exposed name (counters get `_total` from the
+    /// encoder, which also ends each help text with a period).
+    fn registered(mut self) -> Self {
+        let registry = &mut self.registry;
+        registry.register(
+            "tokengate_companion_leases",
+            "Leases answered, by outcome",
+            self.leases.clone(),
+        );
+        registry.register(
+            "tokengate_companion_commits",
+            "Commits, by result",
+            self.commits.clone(),
+        );
+        registry.register(
+            "tokengate_companion_aborts",
+            "Aborts, by result",
+            self.aborts.clone(),
+        );
+        registry.register(
+            "tokengate_companion_invalidations",
+            "Invalidations, by result",
+            self.invalidations.clone(),
+        );
+        registry.register(
+            "tokengate_companion_redis_healthy",
+            "1 while Redis is healthy, 0 while leases are served in degraded mode",
+            self.redis_health.healthy.clone(),
+        );
+        registry.register(
+            "tokengate_companion_redis_health_transitions",
+            "Changes of the Redis health verdict, by the state changed to",
+            self.redis_health.transitions.clone(),
+        );
+        registry.register(
+            "tokengate_companion_leases_waiting",
+            "Leases waiting for another holder's fetch right now",
+            self.waiting.clone(),
+        );
+        registry.register(
+            "tokengate_companion_lease_wait_seconds",
+            "Time from receiving a lease to answering it",
+            self.lease_wait.clone(),
+        );
+        registry.register(
+            "tokengate_companion_token_requests",
+            "Token API (/auth/token) requests, by outcome",
+            self.token_requests.clone(),
+        );
+        registry.register(
+            "tokengate_companion_token_request_seconds",
+            "Time from receiving a token API request to answering it",
+            self.token_latency.clone(),
+        );
+        registry.register(
+            "tokengate_companion_upstream_requests",
+            "Calls of the token API to the Tenant Service and the OAuth login, by outcome",
+            self.callouts.clone(),
+        );
+        registry.register(
+            "tokengate_companion_upstream_request_seconds",
+            "Duration of the token API's upstream calls, by upstream and outcome",
+            self.callout_latency.clone(),
+        );
+        registry.register(
+            "tokengate_companion_unauthorized",
+            "Internal API requests refused for a missing or wrong x-tokengate-key",
+            self.unauthorized.clone(),
+        );
+        self
+    }
+
+    /// The health verdict's metrics, for [`crate::health::Health`] to keep.
+    pub fn redis_health(&self) -> RedisHealthMetrics {
+        self.redis_health.clone()
     }
 
     /// Counts a lease's outcome and how long it took to answer.
     pub fn lease(&self, outcome: LeaseOutcome, took: Duration) {
-        self.leases[outcome.index()].fetch_add(1, Ordering::Relaxed);
-        self.lease_wait.observe(took);
+        self.leases.get_or_create(&outcome_label(outcome)).inc();
+        self.lease_wait.observe(took.as_secs_f64());
     }
 
     /// Counts a token API request's outcome and how long it took to answer.
     pub fn token_request(&self, outcome: TokenOutcome, took: Duration) {
-        self.token_requests[outcome.index()].fetch_add(1, Ordering::Relaxed);
-        self.token_latency.observe(took);
+        self.token_requests
+            .get_or_create(&outcome_label(outcome))
+            .inc();
+        self.token_latency.observe(took.as_secs_f64());
     }
 
     /// Counts one upstream call of the token API and its duration.
     pub fn callout(&self, upstream: Upstream, outcome: CalloutOutcome, took: Duration) {
-        self.callouts[upstream.index()][outcome.index()].fetch_add(1, Ordering::Relaxed);
-        if let Some(histogram) = self
-            .callout_latency
-            .get(upstream.index())
-            .and_then(|by_outcome| by_outcome.get(outcome.index()))
-        {
-            histogram.observe(took);
-        }
+        let labels = CalloutLabels { upstream, outcome };
+        self.callouts.get_or_create(&labels).inc();
+        self.callout_latency
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
     }
 
     /// Counts an internal API request refused for its key.
     pub fn unauthorized(&self) {
-        self.unauthorized.fetch_add(1, Ordering::Relaxed);
+        self.unauthorized.inc();
     }
 
     /// Counts a commit.
     pub fn commit(&self, result: CommitResult) {
-        self.commits[result.index()].fetch_add(1, Ordering::Relaxed);
+        self.commits.get_or_create(&result_label(result)).inc();
     }
 
     /// Counts an abort.
     pub fn abort(&self, result: AbortResult) {
-        self.aborts[result.index()].fetch_add(1, Ordering::Relaxed);
+        self.aborts.get_or_create(&result_label(result)).inc();
     }
 
     /// Counts an invalidation.
     pub fn invalidate(&self, result: InvalidateResult) {
-        self.invalidations[result.index()].fetch_add(1, Ordering::Relaxed);
+        self.invalidations
+            .get_or_create(&result_label(result))
+            .inc();
     }
 
     /// Counts a lease as waiting until the returned guard is dropped.
     pub fn waiting(&self) -> WaitingGuard<'_> {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
+        self.waiting.inc();
         WaitingGuard(&self.waiting)
     }
 
-    /// The text exposition of these metrics and of `health`'s state.
-    pub fn render(&self, health: &Health) -> String {
-        let mut out = String::with_capacity(4096);
-        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-
-        family(
-            &mut out,
-            "tokengate_companion_leases_total",
-            "counter",
-            "Leases answered, by outcome.",
-        );
-        for outcome in LeaseOutcome::ALL {
-            sample(
-                &mut out,
-                "tokengate_companion_leases_total",
-                Some(("outcome", outcome.as_str())),
-                load(&self.leases[outcome.index()]),
-            );
-        }
-
-        family(
-            &mut out,
-            "tokengate_companion_commits_total",
-            "counter",
-            "Commits, by result.",
-        );
-        for result in CommitResult::ALL {
-            sample(
-                &mut out,
-                "tokengate_companion_commits_total",
-                Some(("result", result.as_str())),
-                load(&self.commits[result.index()]),
-            );
-        }
-
-        family(
-            &mut out,
-            "tokengate_companion_aborts_total",
-            "counter",
-            "Aborts, by result.",
-        );
-        for result in AbortResult::ALL {
-            sample(
-                &mut out,
-                "tokengate_companion_aborts_total",
-                Some(("result", result.as_str())),
-                load(&self.aborts[result.index()]),
-            );
-        }
-
-        family(
-            &mut out,
-            "tokengate_companion_invalidations_total",
-            "counter",
-            "Invalidations, by result.",
-        );
-        for result in InvalidateResult::ALL {
-            sample(
-                &mut out,
-                "tokengate_companion_invalidations_total",
-                Some(("result", result.as_str())),
-                load(&self.invalidations[result.index()]),
-            );
-        }
-
-        family(
-            &mut out,
-            "tokengate_companion_redis_healthy",
-            "gauge",
-            "1 while Redis is healthy, 0 while leases are served in degraded mode.",
-        );
-        sample(
-            &mut out,
-            "tokengate_companion_redis_healthy",
-            None,
-            u64::from(health.is_healthy()),
-        );
-
-        let (to_unhealthy, to_healthy) = health.transitions();
-        family(
-            &mut out,
-            "tokengate_companion_redis_health_transitions_total",
-            "counter",
-            "Changes of the Redis health verdict, by the state changed to.",
-        );
-        for (to, count) in [("healthy", to_healthy), ("unhealthy", to_unhealthy)] {
-            sample(
-                &mut out,
-                "tokengate_companion_redis_health_transitions_total",
-                Some(("to", to)),
-                count,
-            );
-        }
-
-        family(
-            &mut out,
-            "tokengate_companion_leases_waiting",
-            "gauge",
-            "Leases waiting for another holder's fetch right now.",
-        );
-        let waiting = self.waiting.load(Ordering::Relaxed).max(0);
-        sample(
-            &mut out,
-            "tokengate_companion_leases_waiting",
-            None,
-            waiting.unsigned_abs(),
-        );
-
-        let name = "tokengate_companion_lease_wait_seconds";
-        family(
-            &mut out,
-            name,
-            "histogram",
-            "Time from receiving a lease to answering it.",
-        );
-        self.lease_wait.render(&mut out, name, "");
-
-        let name = "tokengate_companion_token_requests_total";
-        family(
-            &mut out,
-            name,
-            "counter",
-            "Token API (/auth/token) requests, by outcome.",
-        );
-        for outcome in TokenOutcome::ALL {
-            let value = load(&self.token_requests[outcome.index()]);
-            sample(&mut out, name, Some(("outcome", outcome.as_str())), value);
-        }
-        let name = "tokengate_companion_token_request_seconds";
-        family(
-            &mut out,
-            name,
-            "histogram",
-            "Time from receiving a token API request to answering it.",
-        );
-        self.token_latency.render(&mut out, name, "");
-
-        let name = "tokengate_companion_upstream_requests_total";
-        family(
-            &mut out,
-            name,
-            "counter",
-            "Calls of the token API to the Tenant Service and the OAuth login, by outcome.",
-        );
-        for upstream in Upstream::ALL {
-            for outcome in CalloutOutcome::ALL {
-                let value = load(&self.callouts[upstream.index()][outcome.index()]);
-                let _ = writeln!(
-                    out,
-                    "{name}{{upstream=\"{}\",outcome=\"{}\"}} {value}",
-                    upstream.as_str(),
-                    outcome.as_str()
-                );
-            }
-        }
-        let name = "tokengate_companion_upstream_request_seconds";
-        family(
-            &mut out,
-            name,
-            "histogram",
-            "Duration of the token API's upstream calls, by upstream and outcome.",
-        );
-        for upstream in Upstream::ALL {
-            for outcome in CalloutOutcome::ALL {
-                if let Some(histogram) = self
-                    .callout_latency
-                    .get(upstream.index())
-                    .and_then(|by_outcome| by_outcome.get(outcome.index()))
-                {
-                    let labels = format!(
-                        "upstream=\"{}\",outcome=\"{}\"",
-                        upstream.as_str(),
-                        outcome.as_str()
-                    );
-                    histogram.render(&mut out, name, &labels);
-                }
-            }
-        }
-
-        let name = "tokengate_companion_unauthorized_total";
-        family(
-            &mut out,
-            name,
-            "counter",
-            "Internal API requests refused for a missing or wrong x-tokengate-key.",
-        );
-        sample(&mut out, name, None, load(&self.unauthorized));
+    /// The text exposition (Prometheus text format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
     }
 }
 
 /// Keeps a lease counted in `tokengate_companion_leases_waiting` while alive.
 #[derive(Debug)]
-pub struct WaitingGuard<'a>(&'a AtomicI64);
+pub struct WaitingGuard<'a>(&'a Gauge);
 
 impl Drop for WaitingGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
-}
-
-/// Writes a family's `# HELP` and `# TYPE` lines.
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    // Writing to a String cannot fail.
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// Writes one sample line. Label values here are fixed identifiers: nothing to escape.
-fn sample(out: &mut String, name: &str, label: Option<(&str, &str)>, value: u64) {
-    let _ = match label {
-        Some((label, label_value)) => writeln!(out, "{name}{{{label}=\"{label_value}\"}} {value}"),
-        None => writeln!(out, "{name} {value}"),
-    };
-}
-
-/// Microseconds as decimal seconds without float rounding (`1500` -> `0.0015`).
-fn format_seconds(us: u64) -> String {
-    let (whole, frac) = (us / 1_000_000, us % 1_000_000);
-    if frac == 0 {
-        return whole.to_string();
-    }
-    let frac = format!("{frac:06}");
-    format!("{whole}.{}", frac.trim_end_matches('0'))
 }
 
 #[cfg(test)]
@@ -603,22 +510,13 @@ mod tests {
     }
 
     #[test]
-    fn seconds_are_printed_exactly() {
-        assert_eq!(format_seconds(0), "0");
-        assert_eq!(format_seconds(1_000), "0.001");
-        assert_eq!(format_seconds(1_500), "0.0015");
-        assert_eq!(format_seconds(2_500_000), "2.5");
-        assert_eq!(format_seconds(25_000_000), "25");
-    }
-
-    #[test]
     fn every_outcome_is_exposed_and_counted() {
         let metrics = Metrics::new();
         metrics.lease(LeaseOutcome::Hit, Duration::from_micros(800));
         metrics.lease(LeaseOutcome::Hit, Duration::from_millis(3));
         metrics.lease(LeaseOutcome::DegradedRefused, Duration::from_secs(60));
         metrics.commit(CommitResult::Local);
-        let text = metrics.render(&Health::new(3));
+        let text = metrics.render();
 
         for outcome in LeaseOutcome::ALL {
             let series = format!(
@@ -651,7 +549,7 @@ mod tests {
         metrics.lease(LeaseOutcome::Hit, Duration::from_micros(500));
         metrics.lease(LeaseOutcome::WaitedHit, Duration::from_millis(40));
         metrics.lease(LeaseOutcome::LockTimeout, Duration::from_secs(30));
-        let text = metrics.render(&Health::new(3));
+        let text = metrics.render();
         let bucket = |le: &str| {
             value_of(
                 &text,
@@ -664,10 +562,11 @@ mod tests {
         assert_eq!(bucket("0.05").as_deref(), Some("2"));
         assert_eq!(bucket("25").as_deref(), Some("2"));
         assert_eq!(bucket("+Inf").as_deref(), Some("3"));
-        assert_eq!(
-            value_of(&text, "tokengate_companion_lease_wait_seconds_sum").as_deref(),
-            Some("30.0405")
-        );
+        let sum: f64 = value_of(&text, "tokengate_companion_lease_wait_seconds_sum")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((sum - 30.0405).abs() < 1e-9, "{sum}");
         assert_eq!(
             value_of(&text, "tokengate_companion_lease_wait_seconds_count").as_deref(),
             Some("3")
@@ -677,18 +576,17 @@ mod tests {
     #[test]
     fn the_waiting_gauge_follows_its_guards() {
         let metrics = Metrics::new();
-        let health = Health::new(3);
         let first = metrics.waiting();
         let second = metrics.waiting();
         assert!(
             metrics
-                .render(&health)
+                .render()
                 .contains("\ntokengate_companion_leases_waiting 2\n")
         );
         drop((first, second));
         assert!(
             metrics
-                .render(&health)
+                .render()
                 .contains("\ntokengate_companion_leases_waiting 0\n")
         );
     }
@@ -707,7 +605,7 @@ mod tests {
             Duration::from_secs(60),
         );
         metrics.token_request(TokenOutcome::Fresh, Duration::from_millis(9));
-        let text = metrics.render(&Health::new(3));
+        let text = metrics.render();
         let series = |s: &str| value_of(&text, s);
         assert_eq!(
             series(
@@ -723,8 +621,8 @@ mod tests {
         );
         assert_eq!(
             series("tokengate_companion_upstream_request_seconds_sum{upstream=\"oauth\",outcome=\"ok\"}")
-                .as_deref(),
-            Some("0.007")
+                .and_then(|sum| sum.parse::<f64>().ok()),
+            Some(0.007)
         );
         assert_eq!(
             series("tokengate_companion_upstream_request_seconds_bucket{upstream=\"tenant_service\",outcome=\"no_response\",le=\"30\"}")
@@ -742,5 +640,80 @@ mod tests {
         );
         assert_eq!(CalloutOutcome::of_status(404), CalloutOutcome::ClientError);
         assert_eq!(CalloutOutcome::of_status(302), CalloutOutcome::ServerError);
+    }
+}
+
+#[cfg(test)]
+mod exposition {
+    use super::*;
+
+    /// Every family's `# HELP` / `# TYPE` lines, as operators' scrapers have seen them.
+    const FAMILIES: [(&str, &str); 13] = [
+        ("tokengate_companion_leases_total", "counter"),
+        ("tokengate_companion_commits_total", "counter"),
+        ("tokengate_companion_aborts_total", "counter"),
+        ("tokengate_companion_invalidations_total", "counter"),
+        ("tokengate_companion_redis_healthy", "gauge"),
+        (
+            "tokengate_companion_redis_health_transitions_total",
+            "counter",
+        ),
+        ("tokengate_companion_leases_waiting", "gauge"),
+        ("tokengate_companion_lease_wait_seconds", "histogram"),
+        ("tokengate_companion_token_requests_total", "counter"),
+        ("tokengate_companion_token_request_seconds", "histogram"),
+        ("tokengate_companion_upstream_requests_total", "counter"),
+        ("tokengate_companion_upstream_request_seconds", "histogram"),
+        ("tokengate_companion_unauthorized_total", "counter"),
+    ];
+
+    #[test]
+    fn names_types_and_help_lines_are_the_ones_operators_scrape() {
+        let text = Metrics::new().render();
+        for (name, kind) in FAMILIES {
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name} {kind}"
+            );
+            let help = text
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("# HELP {name} ")))
+                .unwrap_or_else(|| panic!("no help for {name}"));
+            assert!(help.ends_with('.') && !help.ends_with(".."), "{help}");
+        }
+        assert_eq!(text.matches("# TYPE ").count(), FAMILIES.len());
+        assert!(
+            !text.contains("# EOF"),
+            "the 0.0.4 text format has no EOF marker"
+        );
+        assert!(text.contains("\ntokengate_companion_unauthorized_total 0\n"));
+        assert!(
+            text.contains("tokengate_companion_redis_health_transitions_total{to=\"healthy\"} 0\n")
+        );
+        assert!(text.contains("tokengate_companion_lease_wait_seconds_bucket{le=\"25\"} 0\n"));
+        assert!(text.contains("tokengate_companion_lease_wait_seconds_bucket{le=\"0.001\"} 0\n"));
+    }
+
+    #[test]
+    fn the_content_type_is_prometheus_text_0_0_4() {
+        assert_eq!(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8");
+    }
+
+    #[test]
+    fn the_health_verdict_sets_the_healthy_gauge_and_counts_transitions() {
+        let metrics = Metrics::new();
+        let health = metrics.redis_health();
+        health.set_healthy(false);
+        health.transition(HealthState::Unhealthy);
+        let text = metrics.render();
+        assert!(
+            text.contains("\ntokengate_companion_redis_healthy 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "tokengate_companion_redis_health_transitions_total{to=\"unhealthy\"} 1\n"
+            )
+        );
     }
 }

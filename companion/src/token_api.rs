@@ -15,7 +15,11 @@
 //!   the fetch's error.
 //!
 //! `forceRefresh` skips the cached token (the lease then fetches, or waits for a fetch
-//! already running and takes its newer token).
+//! already running and takes its newer token), at most once per
+//! `--min-refresh-interval-ms` per (provider, tenant): core's [`RefreshThrottle`], the
+//! filter's rule, over the companion's clock. A forced refresh sooner than that after
+//! the last admitted one is served as a normal request (from the cache when a token is
+//! cached), so a client looping `forceRefresh` cannot cause one OAuth call per request.
 //!
 //! The fetch runs in a task of its own: a client that goes away does not cancel it, so
 //! the lock always ends in a commit or an abort. At shutdown, fetches still running
@@ -27,8 +31,10 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use tokengate_core::lease::{AbortRequest, CommitRequest, LeaseId, LeaseResponse};
+use tokengate_core::limit::RefreshThrottle;
 use tokengate_core::token_api::{
     CREDENTIAL_TYPE_HEADER, TOKEN_PATH, TokenRequest, TokenResponse, TokenSource,
 };
@@ -46,6 +52,64 @@ use crate::metrics::{Metrics, TokenOutcome};
 /// Header naming the tenant in the legacy `GET /auth/token`.
 pub const TENANT_HEADER: &str = "x-tenant-id";
 
+/// Most keys whose last forced refresh is remembered; when a new key finds the map
+/// full, entries older than the interval are dropped (and all of them if that is not
+/// enough, which at worst admits one more forced refresh per key).
+pub const MAX_REFRESH_KEYS: usize = 10_000;
+
+/// The forced-refresh throttle's state: when each key's last forced refresh was admitted.
+#[derive(Debug)]
+pub struct ForcedRefreshes {
+    /// Core's rule: one forced refresh per key per `min_interval_ms`.
+    throttle: RefreshThrottle,
+    /// Key -> wall-clock time (ms) of its last admitted forced refresh.
+    last_ms: Mutex<HashMap<TokenKey, u64>>,
+}
+
+impl ForcedRefreshes {
+    /// Admits one forced refresh per key per `min_interval_ms` (0 admits every one).
+    pub fn new(min_interval_ms: u64) -> Self {
+        Self {
+            throttle: RefreshThrottle { min_interval_ms },
+            last_ms: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether a forced refresh of `key` at `now_ms` may skip the cache; if so, it is
+    /// recorded as the key's last.
+    pub fn admit(&self, key: &TokenKey, now_ms: u64) -> bool {
+        // Every update leaves the map consistent, so a panic elsewhere cannot corrupt it.
+        let mut last_ms = self
+            .last_ms
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !self.throttle.admits(last_ms.get(key).copied(), now_ms) {
+            return false;
+        }
+        if last_ms.len() >= MAX_REFRESH_KEYS && !last_ms.contains_key(key) {
+            last_ms.retain(|_, last| !self.throttle.admits(Some(*last), now_ms));
+            if last_ms.len() >= MAX_REFRESH_KEYS {
+                last_ms.clear();
+            }
+        }
+        last_ms.insert(key.clone(), now_ms);
+        true
+    }
+
+    /// How many keys are remembered.
+    pub fn len(&self) -> usize {
+        self.last_ms
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
+    }
+
+    /// Whether no key is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Serves `/auth/token`.
 #[derive(Debug)]
 pub struct TokenApi {
@@ -62,6 +126,8 @@ pub struct TokenApi {
     cancel: watch::Receiver<bool>,
     /// Counts the fetch tasks still running, so shutdown can wait for them.
     tasks: TaskCounter,
+    /// Lets one forced refresh per key per `--min-refresh-interval-ms` skip the cache.
+    refreshes: ForcedRefreshes,
 }
 
 impl TokenApi {
@@ -73,6 +139,7 @@ impl TokenApi {
         metrics: Arc<Metrics>,
         cancel: watch::Receiver<bool>,
         tasks: TaskCounter,
+        refreshes: ForcedRefreshes,
     ) -> Self {
         Self {
             service,
@@ -81,6 +148,7 @@ impl TokenApi {
             metrics,
             cancel,
             tasks,
+            refreshes,
         }
     }
 
@@ -128,13 +196,18 @@ impl TokenApi {
 
     async fn serve(self: &Arc<Self>, request: TokenRequest) -> Result<TokenResponse, ApiError> {
         let key = request.key;
+        let force_refresh =
+            request.force_refresh && self.refreshes.admit(&key, self.clock.now_ms());
+        if request.force_refresh && !force_refresh {
+            tracing::info!(
+                provider = key.provider.as_str(),
+                tenant = key.tenant_id.as_str(),
+                "forced refresh within --min-refresh-interval-ms of the last one: served as a normal request"
+            );
+        }
         match self
             .service
-            .lease(
-                key.clone(),
-                request.force_refresh,
-                request.min_expires_at_ms,
-            )
+            .lease(key.clone(), force_refresh, request.min_expires_at_ms)
             .await?
         {
             LeaseResponse::Hit {
@@ -336,5 +409,59 @@ impl Drop for TaskGuard {
     fn drop(&mut self) {
         self.0
             .send_modify(|running| *running = running.saturating_sub(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokengate_core::{Provider, TenantId};
+
+    fn key(tenant: &str) -> TokenKey {
+        TokenKey::new(Provider::Genesys, TenantId::parse(tenant).unwrap())
+    }
+
+    #[test]
+    fn one_forced_refresh_per_key_per_interval() {
+        let refreshes = ForcedRefreshes::new(10_000);
+        let (acme, globex) = (key("acme"), key("globex"));
+        assert!(refreshes.admit(&acme, 1_000));
+        assert!(!refreshes.admit(&acme, 10_999), "within the interval");
+        assert!(refreshes.admit(&globex, 10_999), "another key");
+        assert!(
+            refreshes.admit(&acme, 11_000),
+            "a refused one does not count"
+        );
+        assert!(!refreshes.admit(&acme, 20_999));
+
+        let unthrottled = ForcedRefreshes::new(0);
+        assert!(unthrottled.admit(&acme, 5));
+        assert!(unthrottled.admit(&acme, 5));
+    }
+
+    #[test]
+    fn the_map_stays_bounded() {
+        let refreshes = ForcedRefreshes::new(10_000);
+        for n in 0..MAX_REFRESH_KEYS {
+            assert!(refreshes.admit(&key(&format!("old-{n}")), 0));
+        }
+        assert_eq!(refreshes.len(), MAX_REFRESH_KEYS);
+        let late = key("late");
+        assert!(refreshes.admit(&late, 10_000));
+        assert_eq!(
+            refreshes.len(),
+            1,
+            "entries older than the interval dropped"
+        );
+
+        for n in 1..MAX_REFRESH_KEYS {
+            assert!(refreshes.admit(&key(&format!("busy-{n}")), 10_000));
+        }
+        assert!(refreshes.admit(&key("one-more"), 10_001));
+        assert_eq!(refreshes.len(), 1, "all recent: the map is emptied");
+        assert!(
+            refreshes.admit(&late, 10_002),
+            "the worst case: one more refresh"
+        );
     }
 }

@@ -429,7 +429,7 @@ mod tests {
     async fn held(holder: &LeaseId) -> (Redis, Store, Arc<Waits>) {
         let (redis, port) = start_redis();
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-        let health = Arc::new(crate::health::Health::new(3));
+        let health = Arc::new(crate::health::Health::new(3, Default::default()));
         let backend = store::Backend::Single(client);
         let codec = crate::codec::Codec::Plain;
         let store = Store::new(&backend, Duration::from_secs(1), 10_000, health, codec).unwrap();
@@ -449,7 +449,7 @@ mod tests {
     async fn the_subscription_outlives_its_keepalive_pings() {
         let (_redis, port) = start_redis();
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-        let health = Arc::new(crate::health::Health::new(3));
+        let health = Arc::new(crate::health::Health::new(3, Default::default()));
         let backend = store::Backend::Single(client.clone());
         let codec = crate::codec::Codec::Plain;
         let store = Store::new(&backend, Duration::from_secs(1), 10_000, health, codec).unwrap();

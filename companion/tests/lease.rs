@@ -3,9 +3,11 @@
 
 mod common;
 
-use common::{Companion, RedisServer, assert_hit, config, error_of, now_ms, wait_until_subscribed};
+use common::{
+    Companion, ManualClock, RedisServer, assert_hit, config, error_of, now_ms,
+    wait_until_subscribed,
+};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokengate_companion::{Clock, Config};
 use tokengate_core::ErrorCode;
@@ -306,20 +308,10 @@ async fn an_already_expired_token_is_not_stored_and_frees_the_lock() {
     assert_ne!(second, first);
 }
 
-/// A wall clock the test moves by hand.
-#[derive(Debug)]
-struct ManualClock(AtomicU64);
-
-impl Clock for ManualClock {
-    fn now_ms(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
 #[tokio::test]
 async fn a_token_about_to_expire_on_the_companions_clock_is_refetched() {
     let redis = RedisServer::start();
-    let clock = Arc::new(ManualClock(AtomicU64::new(now_ms())));
+    let clock = ManualClock::at(now_ms());
     let companion = Companion::start_with(config(&redis), Some(clock.clone())).await;
 
     let lease_id = companion.lease_fetch("acme").await;
@@ -333,7 +325,7 @@ async fn a_token_about_to_expire_on_the_companions_clock_is_refetched() {
     assert_hit(&companion.lease("acme").await, "tok-1", expires_at_ms);
 
     // 59.5 s later (for the companion) the token has less than the 1 s margin left.
-    clock.0.fetch_add(59_500, Ordering::SeqCst);
+    clock.advance(59_500);
     assert!(matches!(
         companion.lease("acme").await,
         LeaseResponse::Fetch { .. }

@@ -85,3 +85,23 @@ async fn metrics_count_lease_outcomes_commits_aborts_and_invalidations() {
         assert!(!metrics.text.contains(secret), "{secret} in /metrics");
     }
 }
+
+#[tokio::test]
+async fn metrics_are_served_as_prometheus_text_0_0_4() {
+    let redis = RedisServer::start();
+    let companion = Companion::start(config(&redis)).await;
+    let response = companion
+        .http
+        .get(format!("{}/metrics", companion.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = response.text().await.unwrap();
+    assert!(text.contains("# TYPE tokengate_companion_leases_total counter\n"));
+    assert!(text.contains("\ntokengate_companion_redis_healthy 1\n"));
+}

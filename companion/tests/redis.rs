@@ -363,7 +363,7 @@ async fn a_redis_cluster_serves_leases_waits_and_the_token_api() {
         recheck_interval_ms: 10_000,
         lease_wait_ms: 20_000,
         lock_ttl_ms: 30_000,
-        tenant_service_url: Some(format!("http://{}", standins.tenant_service)),
+        tenant_service_url: Some(format!("http://{}", standins.tenant_service).into()),
         genesys_login_url_template: format!("http://{}", standins.login),
         ..config_for(cluster.url())
     };

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{Companion, RedisServer, error_of, standins, token_api_config, token_of};
+use common::{
+    Companion, ManualClock, RedisServer, error_of, now_ms, standins, token_api_config, token_of,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use tokengate_companion::{Config, Listeners, SystemClock};
@@ -69,6 +71,55 @@ async fn force_refresh_fetches_a_new_token_that_replaces_the_cached_one() {
     let cached = token_of(companion.token("acme", "genesys", false).await).await;
     assert_eq!(cached.source, TokenSource::Cache);
     assert_eq!(cached.access_token, forced.access_token);
+}
+
+#[tokio::test]
+async fn a_client_looping_force_refresh_causes_one_login_call_per_interval() {
+    let redis = RedisServer::start();
+    let standins = standins().await;
+    let clock = ManualClock::at(now_ms());
+    let config = Config {
+        min_refresh_interval_ms: 10_000,
+        ..token_api_config(&redis, &standins)
+    };
+    let companion = Companion::start_with(config, Some(clock.clone())).await;
+    let first = token_of(companion.token("acme", "genesys", false).await).await;
+    assert_eq!(standins.calls(Endpoint::Login), 1);
+
+    let mut answers = Vec::new();
+    for _ in 0..10 {
+        answers.push(token_of(companion.token("acme", "genesys", true).await).await);
+        clock.advance(500);
+    }
+    assert_eq!(
+        standins.calls(Endpoint::Login),
+        2,
+        "one fetch beyond the first"
+    );
+    assert_eq!(answers[0].source, TokenSource::Fresh);
+    assert_ne!(answers[0].access_token, first.access_token);
+    for answer in &answers[1..] {
+        assert_eq!(
+            answer.source,
+            TokenSource::Cache,
+            "served as a normal request"
+        );
+        assert_eq!(answer.access_token, answers[0].access_token);
+    }
+    // Another tenant has its own interval.
+    let globex = token_of(companion.token("globex", "genesys", true).await).await;
+    assert_eq!(globex.source, TokenSource::Fresh);
+    assert_eq!(standins.calls(Endpoint::Login), 3);
+
+    // 10 s after the admitted one (5 s went by in the loop), one more is admitted.
+    clock.advance(4_999);
+    let early = token_of(companion.token("acme", "genesys", true).await).await;
+    assert_eq!(early.source, TokenSource::Cache);
+    clock.advance(1);
+    let later = token_of(companion.token("acme", "genesys", true).await).await;
+    assert_eq!(later.source, TokenSource::Fresh);
+    assert_ne!(later.access_token, answers[0].access_token);
+    assert_eq!(standins.calls(Endpoint::Login), 4);
 }
 
 #[tokio::test]

@@ -184,7 +184,7 @@ pub fn config(redis: &RedisServer) -> Config {
 /// A test configuration for the Redis at `redis_url`.
 pub fn config_for(redis_url: String) -> Config {
     Config {
-        redis_url,
+        redis_url: redis_url.into(),
         lock_ttl_ms: 5_000,
         lease_wait_ms: 3_000,
         recheck_interval_ms: 50,
@@ -199,6 +199,28 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
+}
+
+/// A wall clock the test moves by hand.
+#[derive(Debug)]
+pub struct ManualClock(pub std::sync::atomic::AtomicU64);
+
+impl ManualClock {
+    /// A clock reading `now_ms`.
+    pub fn at(now_ms: u64) -> Arc<Self> {
+        Arc::new(Self(std::sync::atomic::AtomicU64::new(now_ms)))
+    }
+
+    /// Moves the clock forward by `ms`.
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// The companion, served by the library's `run` on a free port; stopped when dropped.
@@ -512,7 +534,7 @@ pub fn token_api_config(
     standins: &tokengate_tests::standins::StandIns,
 ) -> Config {
     Config {
-        tenant_service_url: Some(format!("http://{}", standins.tenant_service)),
+        tenant_service_url: Some(format!("http://{}", standins.tenant_service).into()),
         genesys_login_url_template: format!("http://{}", standins.login),
         fetch_deadline_ms: 4_000,
         tenant_service_timeout_ms: 1_000,
