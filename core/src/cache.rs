@@ -2,7 +2,7 @@
 //! travel inside the value, because the caches it lives in (Envoy shared data) have no
 //! TTL of their own.
 
-use crate::provider::TokenKey;
+use crate::provider::{TokenKey, mix};
 use crate::secret::SecretString;
 
 /// Format version of [`CachedToken::encode`]; bump when the layout changes.
@@ -61,26 +61,10 @@ pub fn refresh_moment(
         .saturating_add(jitter_ms)
 }
 
-/// A well-mixed number from a key and a token's expiry (FNV-1a, then a final mix):
-/// the same on every worker and Envoy, different for each token of each key.
+/// A well-mixed number from a key and a token's expiry: the same on every worker and
+/// Envoy, different for each token of each key.
 fn jitter_seed(key: &TokenKey, expires_at_ms: u64) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let bytes = key
-        .provider
-        .as_str()
-        .bytes()
-        .chain([b':'])
-        .chain(key.tenant_id.as_str().bytes())
-        .chain(expires_at_ms.to_be_bytes());
-    let hash = bytes.fold(OFFSET, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
-    });
-    // FNV's low bits mix poorly for inputs that differ only at the end: finish like
-    // splitmix64.
-    let hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    let hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    hash ^ (hash >> 31)
+    mix(key.stable_hash() ^ expires_at_ms)
 }
 
 impl CachedToken {
@@ -128,14 +112,6 @@ impl GatewayEntry {
     }
 }
 
-/// The key under which a token is cached in Envoy shared data.
-pub fn shared_data_key(key: &TokenKey) -> String {
-    format!(
-        "tokengate.v{FORMAT_VERSION}.token.{}.{}",
-        key.provider, key.tenant_id
-    )
-}
-
 /// The last purge of a key's token (an upstream rejected it): limits purges per key,
 /// and makes the next fetch insist on a token newer than the purged one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,14 +139,6 @@ impl PurgeRecord {
             purged_at_ms: u64::from_be_bytes(purged.try_into().ok()?),
             stale_expires_at_ms: u64::from_be_bytes(stale.try_into().ok()?),
         })
-    }
-
-    /// The shared-data key of `key`'s purge record.
-    pub fn shared_data_key(key: &TokenKey) -> String {
-        format!(
-            "tokengate.v{FORMAT_VERSION}.purge.{}.{}",
-            key.provider, key.tenant_id
-        )
     }
 }
 
@@ -243,7 +211,10 @@ mod tests {
         let later = refresh_moment(&acme(), 2_000, 3_600_000, 10, 30_000);
         assert!(first.abs_diff(later) <= 100, "{first} vs {later}");
         let next_token = refresh_moment(&acme(), 1_000, 3_600_001, 10, 30_000);
-        assert!(first.abs_diff(next_token) > 1_000, "each token has its own moment");
+        assert!(
+            first.abs_diff(next_token) > 1_000,
+            "each token has its own moment"
+        );
     }
 
     #[test]
@@ -282,15 +253,5 @@ mod tests {
         };
         assert_eq!(PurgeRecord::decode(&record.encode()), Some(record));
         assert_eq!(PurgeRecord::decode(b"short"), None);
-    }
-
-    #[test]
-    fn keys_name_provider_and_tenant() {
-        let key = TokenKey::new(Provider::Genesys, TenantId::parse("acme").unwrap());
-        assert_eq!(shared_data_key(&key), "tokengate.v2.token.genesys.acme");
-        assert_eq!(
-            PurgeRecord::shared_data_key(&key),
-            "tokengate.v2.purge.genesys.acme"
-        );
     }
 }

@@ -119,6 +119,30 @@ impl TokenKey {
             tenant_id,
         }
     }
+
+    /// A well-mixed hash of the key, the same in every process, build and version (FNV-1a
+    /// of `provider:tenant`, then splitmix64's finaliser): places keys in a bounded cache
+    /// and spreads their refresh moments.
+    pub fn stable_hash(&self) -> u64 {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let bytes = self
+            .provider
+            .as_str()
+            .bytes()
+            .chain([b':'])
+            .chain(self.tenant_id.as_str().bytes());
+        mix(bytes.fold(OFFSET, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+        }))
+    }
+}
+
+/// splitmix64's finaliser: every input bit affects every output bit.
+pub(crate) fn mix(hash: u64) -> u64 {
+    let hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
 }
 
 impl fmt::Display for TokenKey {

@@ -9,6 +9,7 @@
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
+use crate::slots::Slots;
 use tokengate_core::limit::{self, RefreshThrottle};
 use tokengate_core::{FetchConfig, Provider, RegionTable, SecretString};
 
@@ -56,7 +57,31 @@ pub struct FilterConfig {
     /// Dropping a token the upstream rejected.
     #[serde(default)]
     pub purge: PurgeConfig,
+    /// The gateway cache's bound.
+    #[serde(default)]
+    pub cache: CacheConfig,
 }
+
+/// The gateway cache (Envoy shared data): a fixed number of slots per kind of record,
+/// reused as tenants come and go (see `slots`), so its memory is bounded whatever the
+/// churn. A tenant pushed out is served from the companion's cache, without an OAuth call.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Tokens this Envoy keeps (and in-flight fetches and purge records it tracks).
+    pub max_tenants: u32,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_tenants: 100_000,
+        }
+    }
+}
+
+/// The most slots a table may have: ten million tokens of ~600 bytes is already 6 GB.
+const MAX_TENANTS_LIMIT: u32 = 10_000_000;
 
 /// Refresh-ahead: a token in the last part of its life is still served while one
 /// background refresh per Envoy fetches its successor, so no request waits at expiry.
@@ -427,6 +452,7 @@ impl FilterConfig {
                 "companion.localFetchesPerMinute",
                 u64::from(self.companion.local_fetches_per_minute),
             ),
+            ("cache.maxTenants", u64::from(self.cache.max_tenants)),
         ] {
             if value == 0 {
                 return fail(path, "must be greater than 0");
@@ -438,6 +464,12 @@ impl FilterConfig {
             return fail(
                 "companion.apiKey",
                 "must be printable ASCII without spaces, and not empty",
+            );
+        }
+        if self.cache.max_tenants > MAX_TENANTS_LIMIT {
+            return fail(
+                "cache.maxTenants",
+                &format!("must be at most {MAX_TENANTS_LIMIT}"),
             );
         }
         if self.refresh_ahead.percent > 100 {
@@ -475,6 +507,11 @@ impl FilterConfig {
         self.genesys
             .login_cluster_pattern
             .replace("{region}", region)
+    }
+
+    /// The slot tables of the gateway cache.
+    pub fn slots(&self) -> Slots {
+        Slots::new(self.cache.max_tenants)
     }
 
     /// The limit on purges and forced refreshes per key.

@@ -81,6 +81,11 @@ impl FakeEnvoy {
             .map(|(value, _)| value.clone())
     }
 
+    /// How many keys shared data holds (Envoy never frees one).
+    pub fn shared_len(&self) -> usize {
+        self.shared.borrow().data.len()
+    }
+
     /// The wake queues enqueued to since the last call, in order.
     pub fn take_woken(&self) -> Vec<u32> {
         std::mem::take(&mut self.shared.borrow_mut().woken)

@@ -5,7 +5,8 @@
 //! Shared data has no atomic create (FACTS §3: two workers racing to create a missing
 //! key both succeed), so a worker claims the marker, reads it back and only proceeds
 //! when it still names it. A rare double claim costs nothing but a second lease: the
-//! companion's lock is the authority. Shared data has no delete either: a finished
+//! companion's lock is the authority. Markers live in a bounded table of slots
+//! ([`crate::slots`]), as shared data has no delete: a finished
 //! fetch leaves the marker released, or holding its error briefly so the waiting
 //! workers answer with it instead of each retrying a failing fetch.
 //!
@@ -20,6 +21,7 @@
 use tokengate_core::{ErrorCode, TokenError, TokenKey};
 
 use crate::host::Host;
+use crate::slots::{Eviction, Slots, Table};
 
 /// How long a failed fetch's error is handed to the workers that waited on it.
 pub const ERROR_SHARE_MS: u64 = 1_000;
@@ -63,11 +65,6 @@ pub enum Peer {
     Busy,
     /// Another worker's fetch just failed with this error.
     Failed(TokenError),
-}
-
-/// The shared-data key of `key`'s marker.
-pub fn marker_key(key: &TokenKey) -> String {
-    format!("tokengate.v1.inflight.{}.{}", key.provider, key.tenant_id)
 }
 
 impl Marker {
@@ -158,29 +155,63 @@ impl Marker {
 }
 
 /// What `key`'s marker means to worker `me` at `now_ms`.
-pub fn peer_state(host: &impl Host, key: &TokenKey, me: u64, now_ms: u64) -> Peer {
-    host.shared_get(&marker_key(key))
-        .and_then(|bytes| Marker::decode(&bytes))
+pub fn peer_state(host: &impl Host, slots: &Slots, key: &TokenKey, me: u64, now_ms: u64) -> Peer {
+    slots
+        .find(host, Table::Markers, key)
+        .and_then(|found| Marker::decode(&found.record))
         .map_or(Peer::Free, |marker| marker.peer_state(me, now_ms))
 }
 
 /// Claims `key` for worker `me` from `now_ms` until `until_ms`; false when another
-/// worker claimed it at the same moment and wrote last (then that one fetches).
-pub fn claim(host: &mut impl Host, key: &TokenKey, me: u64, now_ms: u64, until_ms: u64) -> bool {
-    host.shared_set(&marker_key(key), &Marker::claim(me, until_ms).encode());
-    peer_state(host, key, me, now_ms) != Peer::Busy
+/// worker claimed it at the same moment and wrote last (then that one fetches). When
+/// every one of the key's marker slots holds another key's live claim, nothing is written and
+/// the claim succeeds: the fetch runs without tier 2 (the companion still collapses it).
+pub fn claim(
+    host: &mut impl Host,
+    slots: &Slots,
+    key: &TokenKey,
+    me: u64,
+    now_ms: u64,
+    until_ms: u64,
+) -> bool {
+    let claim = Marker::claim(me, until_ms).encode();
+    let spent = |record: &[u8]| {
+        let live = Marker::decode(record)
+            .is_some_and(|marker| marker.peer_state(me, now_ms) != Peer::Free);
+        u64::from(live)
+    };
+    if slots
+        .put(
+            host,
+            Table::Markers,
+            key,
+            &claim,
+            spent,
+            Eviction::SpentOnly,
+        )
+        .is_none()
+    {
+        return true;
+    }
+    peer_state(host, slots, key, me, now_ms) != Peer::Busy
 }
 
 /// Leaves wake queue `queue` of worker `me` in `key`'s marker while another worker
 /// holds it. Gives up quietly (the poll remains) when the marker keeps changing or is
 /// free.
-pub fn ask_to_be_woken(host: &mut impl Host, key: &TokenKey, me: u64, queue: u32, now_ms: u64) {
-    let marker_key = marker_key(key);
+pub fn ask_to_be_woken(
+    host: &mut impl Host,
+    slots: &Slots,
+    key: &TokenKey,
+    me: u64,
+    queue: u32,
+    now_ms: u64,
+) {
     for _ in 0..WRITE_ATTEMPTS {
-        let Some((bytes, version)) = host.shared_get_versioned(&marker_key) else {
+        let Some(found) = slots.find(host, Table::Markers, key) else {
             return;
         };
-        let Some(mut marker) = Marker::decode(&bytes) else {
+        let Some(mut marker) = Marker::decode(&found.record) else {
             return;
         };
         if marker.peer_state(me, now_ms) != Peer::Busy
@@ -190,7 +221,7 @@ pub fn ask_to_be_woken(host: &mut impl Host, key: &TokenKey, me: u64, queue: u32
             return;
         }
         marker.waiters.push(queue);
-        if host.shared_replace(&marker_key, &marker.encode(), version) {
+        if slots.replace(host, &found, key, &marker.encode()) {
             return;
         }
     }
@@ -199,23 +230,38 @@ pub fn ask_to_be_woken(host: &mut impl Host, key: &TokenKey, me: u64, queue: u32
 /// Writes `released` over `key`'s marker and wakes the workers that asked to be
 /// (except `own_queue`). The write only succeeds on the version read, so a waiter that
 /// adds itself in between is not lost; after repeated races it is written anyway.
-pub fn release(host: &mut impl Host, key: &TokenKey, released: &Marker, own_queue: Option<u32>) {
-    let marker_key = marker_key(key);
+pub fn release(
+    host: &mut impl Host,
+    slots: &Slots,
+    key: &TokenKey,
+    released: &Marker,
+    own_queue: Option<u32>,
+) {
     let encoded = released.encode();
     let mut waiters = Vec::new();
     let mut written = false;
     for _ in 0..WRITE_ATTEMPTS {
-        let Some((bytes, version)) = host.shared_get_versioned(&marker_key) else {
-            break;
+        let Some(found) = slots.find(host, Table::Markers, key) else {
+            // Never claimed in a slot (both were busy), or taken over since: nobody
+            // can be waiting on it through the marker.
+            return;
         };
-        waiters = Marker::decode(&bytes).map_or_else(Vec::new, |marker| marker.waiters);
-        if host.shared_replace(&marker_key, &encoded, version) {
+        waiters = Marker::decode(&found.record).map_or_else(Vec::new, |marker| marker.waiters);
+        if slots.replace(host, &found, key, &encoded) {
             written = true;
             break;
         }
     }
     if !written {
-        host.shared_set(&marker_key, &encoded);
+        // Only into the slot that holds the key: another key's marker stays.
+        let _ = slots.put(
+            host,
+            Table::Markers,
+            key,
+            &encoded,
+            |_| u64::MAX,
+            Eviction::SpentOnly,
+        );
     }
     for queue in waiters {
         if Some(queue) != own_queue {

@@ -8,6 +8,7 @@
 //!   tests of the worker that run in microseconds.
 //! - [`delivery`]: the header value and the body a token is delivered as.
 //! - [`inflight`]: the per-Envoy in-flight marker in shared data (tier 2 of collapsing).
+//! - [`slots`]: bounded shared data: per-key records in tables of reused slots.
 //! - [`hits`]: cache hits counted per worker, added to their stat in batches.
 //! - `filter` (wasm32 only): the proxy-wasm root and HTTP contexts, thin glue over [`worker`].
 
@@ -24,6 +25,7 @@ pub mod fake;
 pub mod hits;
 pub mod host;
 pub mod inflight;
+pub mod slots;
 pub mod worker;
 
 #[cfg(target_arch = "wasm32")]

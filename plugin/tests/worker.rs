@@ -7,8 +7,9 @@ use serde_json::{Value, json};
 use tokengate::config::FilterConfig;
 use tokengate::fake::{FakeEnvoy, FakeHost, SentCallout};
 use tokengate::host::{Level, Metric};
+use tokengate::slots::Table;
 use tokengate::worker::{Decision, Delivery, TokenAsk, Worker};
-use tokengate_core::cache::{GatewayEntry, REFRESH_RETRY_MS, shared_data_key};
+use tokengate_core::cache::{GatewayEntry, REFRESH_RETRY_MS};
 use tokengate_core::limit::WINDOW_MS;
 use tokengate_core::{
     CachedToken, CalloutResult, ErrorCode, Provider, SecretBytes, TenantId, TokenKey,
@@ -154,11 +155,9 @@ impl Rig {
     }
 
     fn cached_entry(&self, tenant: &str) -> Option<GatewayEntry> {
-        let bytes = self
-            .host
-            .envoy()
-            .shared_value(&shared_data_key(&key(tenant)))?;
-        GatewayEntry::decode(&bytes)
+        let slots = self.worker.config().slots();
+        let found = slots.find(&self.host, Table::Tokens, &key(tenant))?;
+        GatewayEntry::decode(&found.record)
     }
 }
 
@@ -819,4 +818,33 @@ fn fetch_by_companion_asks_its_token_api_and_keeps_no_secret() {
     rig.answer(&request, CalloutResult::NoResponse);
     assert_eq!(rig.host.replies[0].body["code"], "COMPANION_UNAVAILABLE");
     assert_eq!(rig.host.stat(Metric::CompanionFallback), 0, "no local mode");
+}
+
+// --- The bounded gateway cache --------------------------------------------------------
+
+#[test]
+fn a_tenant_pushed_out_of_the_gateway_cache_is_served_from_the_companions() {
+    let mut rig = Rig::new(json!({"cache": {"maxTenants": 1}}));
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-acme", 3_600);
+    let _commit = rig.sent_one(COMPANION, "/v1/commit");
+    let _ = rig.ask(2, "globex");
+    rig.fetch_with_lease("globex", "tok-globex", 3_600);
+    let _commit = rig.sent_one(COMPANION, "/v1/commit");
+    assert!(
+        rig.cached_entry("acme").is_none(),
+        "one slot: acme was pushed out"
+    );
+
+    assert!(matches!(rig.ask(3, "acme"), Decision::Pause));
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    let hit =
+        json!({"outcome": "hit", "accessToken": "tok-acme", "expiresAtMs": START_MS + 3_600_000});
+    rig.answer(&lease, response(200, &hit.to_string()));
+
+    assert_eq!(rig.resumed_with("tok-acme"), [1, 3]);
+    rig.nothing_sent();
+    assert_eq!(rig.host.stat(Metric::FetchStarted), 2, "no third fetch");
+    assert!(rig.host.envoy().shared_len() <= 3, "one slot per table");
 }

@@ -154,3 +154,28 @@ async fn tenant_ids_that_could_escape_a_key_or_a_path_are_refused_before_any_cal
     );
     assert_eq!(stack.standins.calls(Endpoint::TenantService), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_pushed_out_of_the_gateway_cache_is_served_from_redis_not_the_idp() {
+    // One slot per table: each new tenant pushes the last one out of this Envoy.
+    let config = Envoy::filter_config_with(json!({ "cache": { "maxTenants": 1 } }));
+    let stack = Stack::start_with(config, 2).await;
+
+    let acme = stack.get("/api", "acme").await;
+    let globex = stack.get("/api", "globex").await;
+    let acme_again = stack.get("/api", "acme").await;
+
+    for answer in [&acme, &globex, &acme_again] {
+        assert_eq!(answer.status, 200);
+    }
+    assert_eq!(
+        acme_again.authorization, acme.authorization,
+        "the same token"
+    );
+    assert_eq!(
+        stack.standins.calls(Endpoint::Login),
+        2,
+        "no OAuth call for acme again"
+    );
+    assert_eq!(stack.envoy.stat("tokengate.cluster_cache_hit").await, 1);
+}

@@ -172,8 +172,7 @@ async fn oauth_timeout_then_success_serves_the_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_identity_provider_that_keeps_failing_is_exchange_failed_after_the_configured_retries()
-{
+async fn an_identity_provider_that_keeps_failing_is_exchange_failed_after_the_configured_retries() {
     let stack = stack_with(json!({
         "genesys": { "timeoutMs": 400, "loginClusterPattern": "genesys_login", "retries": 0 }
     }))

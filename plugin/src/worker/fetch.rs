@@ -3,9 +3,7 @@
 //! refresh-ahead, local mode and its limiter, driving core's fetch flow, and the end
 //! of a fetch, which hands its outcome to every request paused on it.
 
-use tokengate_core::cache::{
-    GatewayEntry, PurgeRecord, REFRESH_RETRY_MS, refresh_moment, shared_data_key,
-};
+use tokengate_core::cache::{GatewayEntry, PurgeRecord, REFRESH_RETRY_MS, refresh_moment};
 use tokengate_core::lease::LeaseId;
 use tokengate_core::limit::Admission;
 use tokengate_core::token_api::TokenSource;
@@ -19,6 +17,7 @@ use crate::config::FetchBy;
 use crate::delivery;
 use crate::host::{Callout, Host, Level, Metric};
 use crate::inflight::{self, Marker, Peer};
+use crate::slots::{Eviction, Slots, Table};
 
 /// A request paused until its token is ready.
 #[derive(Debug)]
@@ -115,8 +114,8 @@ impl Worker {
         now_ms: u64,
         newer_than_ms: Option<u64>,
     ) -> Option<GatewayEntry> {
-        let bytes = host.shared_get(&shared_data_key(key))?;
-        GatewayEntry::decode(&bytes).filter(|entry| {
+        let found = self.slots.find(host, Table::Tokens, key)?;
+        GatewayEntry::decode(&found.record).filter(|entry| {
             entry.token.is_fresh(now_ms, self.config.expiry_margin_ms)
                 && newer_than_ms.is_none_or(|newer_than| entry.token.expires_at_ms > newer_than)
         })
@@ -132,7 +131,7 @@ impl Worker {
         now_ms: u64,
     ) {
         if self.fetches.contains_key(key)
-            || inflight::peer_state(host, key, self.worker_id, now_ms) == Peer::Busy
+            || inflight::peer_state(host, &self.slots, key, self.worker_id, now_ms) == Peer::Busy
         {
             return;
         }
@@ -149,9 +148,10 @@ impl Worker {
             .fetches
             .get(key)
             .and_then(|fetch| fetch.min_expires_at_ms);
-        let purged = host
-            .shared_get(&PurgeRecord::shared_data_key(key))
-            .and_then(|bytes| PurgeRecord::decode(&bytes))
+        let purged = self
+            .slots
+            .find(host, Table::Purges, key)
+            .and_then(|found| PurgeRecord::decode(&found.record))
             .filter(|record| record.stale_expires_at_ms > now_ms)
             .map(|record| record.stale_expires_at_ms);
         refreshing.max(purged)
@@ -215,13 +215,13 @@ impl Worker {
         }
         // A peer's recent failure is only handed to requests that waited on it; a new
         // request tries again.
-        if inflight::peer_state(host, &key, self.worker_id, now_ms) == Peer::Busy {
+        if inflight::peer_state(host, &self.slots, &key, self.worker_id, now_ms) == Peer::Busy {
             return self.wait_on_peer(host, &key);
         }
         let claim_until = now_ms
             .saturating_add(self.config.companion.timeout_ms)
             .saturating_add(self.config.fetch_deadline_ms);
-        if !inflight::claim(host, &key, self.worker_id, now_ms, claim_until) {
+        if !inflight::claim(host, &self.slots, &key, self.worker_id, now_ms, claim_until) {
             return self.wait_on_peer(host, &key);
         }
         // The companion hands out any token it holds that is still valid; ask for one
@@ -243,7 +243,7 @@ impl Worker {
             host.count(Metric::CollapsedWaiter);
             if let Some(queue) = self.wake_queue {
                 let now_ms = host.now_ms();
-                inflight::ask_to_be_woken(host, key, self.worker_id, queue, now_ms);
+                inflight::ask_to_be_woken(host, &self.slots, key, self.worker_id, queue, now_ms);
             }
         }
     }
@@ -257,7 +257,7 @@ impl Worker {
             let token = token_of(entry.token, now_ms);
             return self.finish(host, &key, Ok(token), TokenSource::Cache);
         }
-        match inflight::peer_state(host, &key, self.worker_id, now_ms) {
+        match inflight::peer_state(host, &self.slots, &key, self.worker_id, now_ms) {
             Peer::Busy => {}
             Peer::Failed(error) => self.finish(host, &key, Err(error), TokenSource::Fresh),
             // Released without a token we can use, or the owner is gone: fetch ourselves.
@@ -453,10 +453,13 @@ impl Worker {
                         refresh.min_lead_ms,
                     ),
                 };
-                host.shared_set(&shared_data_key(key), &entry.encode());
+                let worth = |record: &[u8]| token_worth(record, now_ms);
+                let record = entry.encode();
+                let _ =
+                    (self.slots).put(host, Table::Tokens, key, &record, worth, Eviction::Allowed);
             }
             let released = Marker::release(now_ms, result.as_ref().err());
-            inflight::release(host, key, &released, self.wake_queue);
+            inflight::release(host, &self.slots, key, &released, self.wake_queue);
         }
         let first = fetch.waiters.first();
         let duration_ms = first.map_or(0, |waiter| now_ms.saturating_sub(waiter.arrived_ms));
@@ -471,7 +474,7 @@ impl Worker {
                     // A failed refresh-ahead: the cached token still serves; every worker
                     // tries again at the same later moment.
                     let retry_at_ms = now_ms.saturating_add(REFRESH_RETRY_MS);
-                    postpone_refresh(host, key, stale_expires_at_ms, retry_at_ms);
+                    postpone_refresh(host, &self.slots, key, stale_expires_at_ms, retry_at_ms);
                 }
                 host.log(
                     Level::Error,
@@ -553,26 +556,35 @@ impl Worker {
 /// entry holds another token by now (purged, or replaced by a newer one).
 fn postpone_refresh(
     host: &mut impl Host,
+    slots: &Slots,
     key: &TokenKey,
     stale_expires_at_ms: u64,
     retry_at_ms: u64,
 ) {
-    let entry_key = shared_data_key(key);
     for _ in 0..ENTRY_WRITE_ATTEMPTS {
-        let Some((bytes, version)) = host.shared_get_versioned(&entry_key) else {
+        let Some(found) = slots.find(host, Table::Tokens, key) else {
             return;
         };
-        let Some(mut entry) = GatewayEntry::decode(&bytes) else {
+        let Some(mut entry) = GatewayEntry::decode(&found.record) else {
             return;
         };
         if entry.token.expires_at_ms != stale_expires_at_ms {
             return;
         }
         entry.refresh_at_ms = retry_at_ms;
-        if host.shared_replace(&entry_key, &entry.encode(), version) {
+        if slots.replace(host, &found, key, &entry.encode()) {
             return;
         }
     }
+}
+
+/// What another key's cached token is worth keeping at `now_ms`, when a new token
+/// needs its slot: nothing once it can no longer be served, else the later it expires
+/// the more.
+fn token_worth(record: &[u8], now_ms: u64) -> u64 {
+    GatewayEntry::decode(record)
+        .filter(|entry| entry.token.is_fresh(now_ms, 0))
+        .map_or(0, |entry| entry.token.expires_at_ms)
 }
 
 /// Attempts at a compare-and-swap write of a cache entry before giving up.

@@ -54,6 +54,7 @@ use tokengate_core::{CachedToken, CalloutResult, FetchConfig, SecretString, Toke
 use crate::config::FilterConfig;
 use crate::hits::HitTally;
 use crate::host::{Host, Level, Metric};
+use crate::slots::Slots;
 use companion::{LeaseEnd, Purpose};
 use fetch::{Fetch, Stage};
 
@@ -93,6 +94,8 @@ pub struct TokenAsk {
 pub struct Worker {
     config: Rc<FilterConfig>,
     fetch_config: FetchConfig,
+    /// The gateway cache's bounded tables in shared data.
+    slots: Slots,
     /// Names this worker in the per-Envoy in-flight markers; unique per Envoy.
     worker_id: u64,
     /// This worker's wake queue, which it leaves in the marker of a peer's fetch it
@@ -143,6 +146,7 @@ impl Worker {
     pub fn new(config: FilterConfig, worker_id: u64, wake_queue: Option<u32>) -> Self {
         let fetch_config = config.fetch_config();
         Self {
+            slots: config.slots(),
             config: Rc::new(config),
             fetch_config,
             worker_id,

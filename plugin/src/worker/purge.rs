@@ -5,11 +5,12 @@
 //!
 //! [`RefreshThrottle`]: tokengate_core::limit::RefreshThrottle
 
-use tokengate_core::cache::{GatewayEntry, PurgeRecord, shared_data_key};
+use tokengate_core::cache::{GatewayEntry, PurgeRecord};
 use tokengate_core::{CachedToken, TokenKey};
 
 use super::Worker;
 use crate::host::{Host, Level, Metric};
+use crate::slots::{Eviction, Table};
 
 impl Worker {
     /// The upstream answered `status` to request `context_id`, which carried
@@ -33,12 +34,12 @@ impl Worker {
         if !self.claim_purge(host, &key, now_ms, token.expires_at_ms) {
             return;
         }
-        let still_cached = host
-            .shared_get(&shared_data_key(&key))
-            .and_then(|bytes| GatewayEntry::decode(&bytes))
-            .is_some_and(|entry| entry.token.access_token == token.access_token);
-        if still_cached {
-            host.shared_set(&shared_data_key(&key), &[]);
+        let cached = self.slots.find(host, Table::Tokens, &key).filter(|found| {
+            GatewayEntry::decode(&found.record)
+                .is_some_and(|entry| entry.token.access_token == token.access_token)
+        });
+        if let Some(found) = cached {
+            self.slots.clear(host, &found);
         }
         host.count(Metric::Purge);
         host.log(
@@ -59,12 +60,13 @@ impl Worker {
         now_ms: u64,
         stale_expires_at_ms: u64,
     ) -> bool {
-        let record_key = PurgeRecord::shared_data_key(key);
-        let last_ms = host
-            .shared_get(&record_key)
-            .and_then(|bytes| PurgeRecord::decode(&bytes))
+        let last_ms = self
+            .slots
+            .find(host, Table::Purges, key)
+            .and_then(|found| PurgeRecord::decode(&found.record))
             .map(|last| last.purged_at_ms);
-        if !self.config.refresh_throttle().admits(last_ms, now_ms) {
+        let throttle = self.config.refresh_throttle();
+        if !throttle.admits(last_ms, now_ms) {
             host.count(Metric::PurgeSuppressed);
             return false;
         }
@@ -72,7 +74,23 @@ impl Worker {
             purged_at_ms: now_ms,
             stale_expires_at_ms,
         };
-        host.shared_set(&record_key, &record.encode());
+        // Another key's record is spent once it neither throttles nor guards anything.
+        let worth = |other: &[u8]| {
+            PurgeRecord::decode(other)
+                .filter(|other| {
+                    !throttle.admits(Some(other.purged_at_ms), now_ms)
+                        || other.stale_expires_at_ms > now_ms
+                })
+                .map_or(0, |other| other.purged_at_ms.max(1))
+        };
+        let _ = (self.slots).put(
+            host,
+            Table::Purges,
+            key,
+            &record.encode(),
+            worth,
+            Eviction::Allowed,
+        );
         true
     }
 }

@@ -1,0 +1,359 @@
+//! Bounded shared data. Proxy-wasm shared data has no delete: a key once written keeps
+//! its memory for the life of the Envoy, so one key per tenant would grow without bound
+//! as tenants come and go. Instead every per-key record (cached tokens, in-flight
+//! markers, purge records) lives in a [`Table`] of `cache.maxTenants` slots with fixed
+//! names (`tokengate.v3.<table>.<n>`), which are reused.
+//!
+//! A key may live in one of four slots picked from its stable hash, tried in order (a
+//! cache hit mostly reads the first): five live keys must share the same four slots
+//! before one is pushed out, so a table holds nearly `maxTenants` keys before it evicts
+//! any. A slot's value starts with the key it holds, so one tenant's record is never
+//! read as another's. A record goes to the slot that already holds its key, else to an
+//! empty one, else over the record its table values least (a spent one first: an
+//! expired token, a released marker).
+//!
+//! A slot's value: `[key length: u8][provider:tenant][record]`.
+
+use tokengate_core::TokenKey;
+
+use crate::host::Host;
+
+/// How many slots a key may live in.
+const WAYS: u32 = 4;
+
+/// The kinds of per-key records, each in its own table of slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// The gateway cache: a [`tokengate_core::GatewayEntry`] per key.
+    Tokens,
+    /// The per-Envoy in-flight markers ([`crate::inflight::Marker`]).
+    Markers,
+    /// The last purge of each key ([`tokengate_core::cache::PurgeRecord`]).
+    Purges,
+}
+
+impl Table {
+    fn prefix(self) -> &'static str {
+        match self {
+            Table::Tokens => "tokengate.v3.t.",
+            Table::Markers => "tokengate.v3.m.",
+            Table::Purges => "tokengate.v3.p.",
+        }
+    }
+}
+
+/// A key's record as found in its slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The slot's shared-data key, to write the record back.
+    pub slot: String,
+    /// The record (the slot's value after the key).
+    pub record: Vec<u8>,
+    /// The slot's version, for a compare-and-swap write.
+    pub version: u32,
+}
+
+/// How a record is placed when both of its key's slots hold other keys' records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eviction {
+    /// Over the one worth less (cached tokens, purge records: losing one costs a
+    /// lookup at the companion).
+    Allowed,
+    /// Only over a spent one (worth 0); otherwise not at all (in-flight markers: a live
+    /// claim of another key is never destroyed).
+    SpentOnly,
+}
+
+/// The slots of every table, `count` in each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slots {
+    count: u64,
+}
+
+impl Slots {
+    /// Tables of `count` slots each (at least one).
+    pub fn new(count: u32) -> Self {
+        Self {
+            count: u64::from(count.max(1)),
+        }
+    }
+
+    /// The slots `key` may live in, in the order they are tried.
+    fn candidates(&self, table: Table, key: &TokenKey) -> impl Iterator<Item = String> {
+        let hash = key.stable_hash();
+        let prefix = table.prefix();
+        let count = self.count;
+        (0..WAYS).map(move |way| {
+            // 16 bits of the hash per way: plenty below 65,536 slots, and beyond, the
+            // ways still differ.
+            let slot = hash.rotate_right(16 * way).wrapping_add(u64::from(way)) % count;
+            format!("{prefix}{slot}")
+        })
+    }
+
+    /// `key`'s record in `table`, if it has one.
+    pub fn find(&self, host: &impl Host, table: Table, key: &TokenKey) -> Option<Found> {
+        self.candidates(table, key).find_map(|slot| {
+            let (value, version) = host.shared_get_versioned(&slot)?;
+            let record = record_of(&value, key)?.to_vec();
+            Some(Found {
+                slot,
+                record,
+                version,
+            })
+        })
+    }
+
+    /// Writes `record` as `key`'s record in `table` (see the module documentation for
+    /// the slot chosen); `worth` values another key's record (0: spent). Returns the
+    /// slot written, or `None` when `eviction` forbade every choice.
+    pub fn put(
+        &self,
+        host: &mut impl Host,
+        table: Table,
+        key: &TokenKey,
+        record: &[u8],
+        worth: impl Fn(&[u8]) -> u64,
+        eviction: Eviction,
+    ) -> Option<String> {
+        let mut best: Option<(String, u64)> = None;
+        for slot in self.candidates(table, key) {
+            let value = host.shared_get(&slot).unwrap_or_default();
+            let place_worth = match held_key_len(&value) {
+                None => 0,
+                Some(_) if record_of(&value, key).is_some() => 0,
+                Some(len) => worth(value.get(1 + len..).unwrap_or_default()),
+            };
+            if place_worth == 0 {
+                best = Some((slot, 0));
+                break;
+            }
+            if best.as_ref().is_none_or(|(_, least)| place_worth < *least) {
+                best = Some((slot, place_worth));
+            }
+        }
+        let (slot, place_worth) = best?;
+        if place_worth > 0 && eviction == Eviction::SpentOnly {
+            return None;
+        }
+        host.shared_set(&slot, &encode(key, record));
+        Some(slot)
+    }
+
+    /// Writes `record` back to the slot `found` came from, if no one wrote it since.
+    pub fn replace(
+        &self,
+        host: &mut impl Host,
+        found: &Found,
+        key: &TokenKey,
+        record: &[u8],
+    ) -> bool {
+        host.shared_replace(&found.slot, &encode(key, record), found.version)
+    }
+
+    /// Empties the slot `found` came from, whatever it holds now.
+    pub fn clear(&self, host: &mut impl Host, found: &Found) {
+        host.shared_set(&found.slot, &[]);
+    }
+}
+
+/// A slot's value for `key`'s `record`.
+fn encode(key: &TokenKey, record: &[u8]) -> Vec<u8> {
+    let provider = key.provider.as_str().as_bytes();
+    let tenant = key.tenant_id.as_str().as_bytes();
+    let key_len = provider.len() + 1 + tenant.len();
+    let mut value = Vec::with_capacity(1 + key_len + record.len());
+    // Tenant ids are at most 128 characters, providers a few: the length fits a byte.
+    value.push(u8::try_from(key_len).unwrap_or(u8::MAX));
+    value.extend_from_slice(provider);
+    value.push(b':');
+    value.extend_from_slice(tenant);
+    value.extend_from_slice(record);
+    value
+}
+
+/// The length of the key a slot's value holds; `None` for an empty or unreadable slot.
+fn held_key_len(value: &[u8]) -> Option<usize> {
+    let (&len, rest) = value.split_first()?;
+    (rest.len() >= usize::from(len) && len > 0).then_some(usize::from(len))
+}
+
+/// The record in a slot's value, if the value holds `key`'s.
+fn record_of<'v>(value: &'v [u8], key: &TokenKey) -> Option<&'v [u8]> {
+    let len = held_key_len(value)?;
+    let held = value.get(1..1 + len)?;
+    let provider = key.provider.as_str().as_bytes();
+    let tenant = key.tenant_id.as_str().as_bytes();
+    let (held_provider, rest) = held.split_at_checked(provider.len())?;
+    let (&colon, held_tenant) = rest.split_first()?;
+    (held_provider == provider && colon == b':' && held_tenant == tenant)
+        .then(|| value.get(1 + len..))
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeEnvoy;
+    use tokengate_core::{Provider, TenantId};
+
+    fn key(tenant: &str) -> TokenKey {
+        TokenKey::new(Provider::Genesys, TenantId::parse(tenant).unwrap())
+    }
+
+    /// Worth of a test record: its first byte.
+    fn first_byte(record: &[u8]) -> u64 {
+        u64::from(record.first().copied().unwrap_or(0))
+    }
+
+    #[test]
+    fn a_record_is_found_under_its_own_key_only() {
+        let mut host = FakeEnvoy::default().host();
+        let slots = Slots::new(1);
+        slots.put(
+            &mut host,
+            Table::Tokens,
+            &key("acme"),
+            b"\x05a",
+            first_byte,
+            Eviction::Allowed,
+        );
+        let found = slots.find(&host, Table::Tokens, &key("acme")).unwrap();
+        assert_eq!(found.record, b"\x05a");
+        assert_eq!(slots.find(&host, Table::Tokens, &key("acm")), None);
+        assert_eq!(
+            slots.find(&host, Table::Markers, &key("acme")),
+            None,
+            "tables apart"
+        );
+        let whatsapp = TokenKey::new(Provider::Whatsapp, TenantId::parse("acme").unwrap());
+        assert_eq!(slots.find(&host, Table::Tokens, &whatsapp), None);
+    }
+
+    #[test]
+    fn the_number_of_slots_bounds_the_shared_data_whatever_the_churn() {
+        let envoy = FakeEnvoy::default();
+        let mut host = envoy.host();
+        let slots = Slots::new(64);
+        for tenant in 0..10_000 {
+            let record = [1 + (tenant % 200) as u8];
+            slots.put(
+                &mut host,
+                Table::Tokens,
+                &key(&format!("t{tenant}")),
+                &record,
+                first_byte,
+                Eviction::Allowed,
+            );
+        }
+        assert!(envoy.shared_len() <= 64, "{}", envoy.shared_len());
+    }
+
+    #[test]
+    fn four_choices_hold_nearly_the_slot_count_before_evicting() {
+        let mut host = FakeEnvoy::default().host();
+        let slots = Slots::new(1_000);
+        let keys: Vec<TokenKey> = (0..500)
+            .map(|tenant| key(&format!("tenant-{tenant}")))
+            .collect();
+        for key in &keys {
+            slots.put(
+                &mut host,
+                Table::Tokens,
+                key,
+                b"\x09",
+                first_byte,
+                Eviction::Allowed,
+            );
+        }
+        let kept = keys
+            .iter()
+            .filter(|key| slots.find(&host, Table::Tokens, key).is_some())
+            .count();
+        assert!(kept >= 495, "{kept} of 500 kept in 1,000 slots");
+    }
+
+    #[test]
+    fn a_spent_record_is_replaced_first_and_a_live_one_only_when_allowed() {
+        let mut host = FakeEnvoy::default().host();
+        let slots = Slots::new(1);
+        slots.put(
+            &mut host,
+            Table::Markers,
+            &key("a"),
+            b"\x07",
+            first_byte,
+            Eviction::SpentOnly,
+        );
+        let refused = slots.put(
+            &mut host,
+            Table::Markers,
+            &key("b"),
+            b"\x07",
+            first_byte,
+            Eviction::SpentOnly,
+        );
+        assert_eq!(refused, None, "a's live record is kept");
+        assert!(slots.find(&host, Table::Markers, &key("a")).is_some());
+
+        slots.put(
+            &mut host,
+            Table::Markers,
+            &key("a"),
+            b"\x00",
+            first_byte,
+            Eviction::SpentOnly,
+        );
+        assert!(
+            slots
+                .put(
+                    &mut host,
+                    Table::Markers,
+                    &key("b"),
+                    b"\x07",
+                    first_byte,
+                    Eviction::SpentOnly
+                )
+                .is_some()
+        );
+        assert_eq!(slots.find(&host, Table::Markers, &key("a")), None);
+
+        assert!(
+            slots
+                .put(
+                    &mut host,
+                    Table::Markers,
+                    &key("c"),
+                    b"\x01",
+                    first_byte,
+                    Eviction::Allowed
+                )
+                .is_some()
+        );
+        assert!(slots.find(&host, Table::Markers, &key("c")).is_some());
+    }
+
+    #[test]
+    fn a_replace_fails_when_the_slot_was_written_since_and_clear_empties_it() {
+        let mut host = FakeEnvoy::default().host();
+        let slots = Slots::new(8);
+        slots.put(
+            &mut host,
+            Table::Purges,
+            &key("acme"),
+            b"\x01",
+            first_byte,
+            Eviction::Allowed,
+        );
+        let found = slots.find(&host, Table::Purges, &key("acme")).unwrap();
+        assert!(slots.replace(&mut host, &found, &key("acme"), b"\x02"));
+        assert!(
+            !slots.replace(&mut host, &found, &key("acme"), b"\x03"),
+            "stale version"
+        );
+        let found = slots.find(&host, Table::Purges, &key("acme")).unwrap();
+        assert_eq!(found.record, b"\x02");
+        slots.clear(&mut host, &found);
+        assert_eq!(slots.find(&host, Table::Purges, &key("acme")), None);
+    }
+}
