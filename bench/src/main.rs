@@ -1,7 +1,7 @@
 //! `tokengate-bench`: the benchmarks behind `scripts/bench` and `BENCHMARKS.md`.
 //!
 //! ```text
-//! tokengate-bench run [--quick] [--out BENCHMARKS.md] [--only hit,stampede,wakeup,rollover,lease,footprint]
+//! tokengate-bench run [--quick] [--out BENCHMARKS.md] [--only hit,stampede,wakeup,rollover,lease,footprint,churn]
 //! tokengate-bench echo --listen 127.0.0.1:PORT     # the fast upstream (started by `run`)
 //! tokengate-bench soak [--minutes 12] [--out SOAK.md]  # the soak (scripts/soak)
 //! ```
@@ -35,7 +35,7 @@ use tokengate_tests::standins::{Endpoint, Fixture};
 use crate::fleet::{EchoProcess, Fleet, FleetSpec};
 use crate::machine::Machine;
 use crate::report::Report;
-use crate::scenarios::{footprint, hit_path, lease, rollover, soak, stampede, wakeup};
+use crate::scenarios::{churn, footprint, hit_path, lease, rollover, soak, stampede, wakeup};
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks of tokengate (scripts/bench)")]
@@ -54,7 +54,7 @@ enum Cmd {
         /// Where to write the report.
         #[arg(long, default_value = "BENCHMARKS.md")]
         out: PathBuf,
-        /// Comma-separated subset: hit, stampede, wakeup, rollover, lease, footprint.
+        /// Comma-separated subset: hit, stampede, wakeup, rollover, lease, footprint, churn.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Do not pin Envoy and the load generator to separate CPUs.
@@ -84,6 +84,9 @@ enum Cmd {
         /// to (c).
         #[arg(long)]
         alt_wasm: Vec<PathBuf>,
+        /// Distinct tenants the churn scenario streams (default 1,000,000; quick: 20,000).
+        #[arg(long)]
+        churn_tenants: Option<usize>,
     },
     /// Holds load with 10 s tokens and a fault every minute; writes the soak report.
     Soak {
@@ -165,6 +168,10 @@ pub struct Results {
     pub lease: Option<lease::LeaseBench>,
     /// Scenario 6.
     pub footprint: Option<footprint::Footprint>,
+    /// Scenario 7.
+    pub churn: Option<churn::Churn>,
+    /// The file name of scenario 7's chart, beside the report.
+    pub churn_chart: Option<String>,
     /// Scenarios that failed, with why.
     pub failures: Vec<(String, String)>,
 }
@@ -193,6 +200,7 @@ fn main() -> ExitCode {
             floor_ops,
             rounds,
             alt_wasm,
+            churn_tenants,
         } => {
             let Some(runtime) = runtime() else {
                 return ExitCode::FAILURE;
@@ -212,10 +220,21 @@ fn main() -> ExitCode {
                     .collect(),
                 rounds,
                 alt_wasm,
+                churn_tenants,
             };
             let mut results = runtime.block_on(run(&options));
             results.command_line = command_line;
             results.load_before = load_before;
+            if let Some(found) = &results.churn {
+                let chart = churn_chart_path(&out);
+                if let Err(error) = std::fs::write(&chart, found.svg()) {
+                    eprintln!("bench: cannot write {}: {error}", chart.display());
+                    return ExitCode::FAILURE;
+                }
+                results.churn_chart = chart
+                    .file_name()
+                    .map(|name| name.to_string_lossy().into_owned());
+            }
             let text = Report(&results).render();
             if let Err(error) = std::fs::write(&out, text) {
                 eprintln!("bench: cannot write {}: {error}", out.display());
@@ -307,6 +326,16 @@ struct Options {
     floor_ops: Vec<(String, String)>,
     rounds: Option<usize>,
     alt_wasm: Vec<PathBuf>,
+    churn_tenants: Option<usize>,
+}
+
+/// Where the churn scenario's chart goes: beside the report, `<report name>-churn.svg`.
+pub fn churn_chart_path(report: &std::path::Path) -> PathBuf {
+    let stem = report.file_stem().map_or_else(
+        || "BENCHMARKS".into(),
+        |stem| stem.to_string_lossy().into_owned(),
+    );
+    report.with_file_name(format!("{stem}-churn.svg"))
 }
 
 impl Options {
@@ -383,6 +412,22 @@ async fn run(options: &Options) -> Results {
         eprintln!("bench: expiry rollover");
         if let Err(error) = rollover_scenario(quick, &mut results).await {
             results.failures.push(("rollover".into(), error));
+        }
+    }
+
+    if options.wants("churn") {
+        let settings = churn::Settings {
+            tenants: options
+                .churn_tenants
+                .unwrap_or(if quick { 20_000 } else { 1_000_000 }),
+            max_tenants: if quick { 2_000 } else { 100_000 },
+            connections: 32,
+            samples: 40,
+        };
+        eprintln!("bench: churn ({} distinct tenants)", settings.tenants);
+        match churn::run(settings).await {
+            Ok(found) => results.churn = Some(found),
+            Err(error) => results.failures.push(("churn".into(), error)),
         }
     }
 

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use crate::Results;
 use crate::machine::Machine;
+use crate::scenarios::churn;
 use crate::scenarios::hit_path::{CONTROL, ConfigRuns, HitPath};
 use crate::stats::{Latencies, ms};
 
@@ -91,6 +92,7 @@ impl Report<'_> {
         self.rollover(&mut out);
         self.lease(&mut out);
         self.footprint(&mut out);
+        self.churn(&mut out);
         if !r.failures.is_empty() {
             let _ = writeln!(out, "## Scenarios that failed\n");
             for (scenario, error) in &r.failures {
@@ -227,6 +229,26 @@ impl Report<'_> {
                 kib_mib(hit.rss_d_empty_kib),
                 kib_mib(hit.rss_d_warm_kib.saturating_sub(hit.rss_d_empty_kib))
             );
+        }
+        if let Some(churn) = &r.churn {
+            for (name, memory) in [
+                (
+                    "Envoy",
+                    (|s: &churn::Sample| s.envoy_kib) as fn(&churn::Sample) -> u64,
+                ),
+                ("companion", |s: &churn::Sample| s.companion_kib),
+            ] {
+                let growth = churn.growth_after_bound(memory);
+                let _ = writeln!(
+                    out,
+                    "| 7 | {name} RSS growth after the cache bound, {} distinct tenants (bound {}) | {} | <= {:.0} % | {} |",
+                    churn.settings.tenants,
+                    churn.settings.max_tenants,
+                    growth.map_or_else(|| "not reached".to_owned(), |g| format!("{g:+.1} %")),
+                    churn::FLAT_PERCENT,
+                    verdict(growth.is_some_and(|g| g <= churn::FLAT_PERCENT))
+                );
+            }
         }
         let _ = writeln!(out);
         if !r.failures.is_empty() {
@@ -667,6 +689,52 @@ impl Report<'_> {
             roll.slower_than_idp,
             roll.failures
         );
+    }
+
+    fn churn(&self, out: &mut String) {
+        let Some(churn) = &self.0.churn else {
+            return;
+        };
+        let _ = writeln!(out, "## 7. Memory under tenant churn\n");
+        let _ = writeln!(
+            out,
+            "{} distinct generated tenants (`bench-0` ...), each asked for once through one Envoy \
+             (2 workers) with `cache.maxTenants` {}, one companion and Redis, over {} keep-alive \
+             connections: every request is a cold fetch (lease, Tenant Service, login, commit) \
+             and no tenant comes back, the worst case for anything kept per tenant. {} tenants \
+             in {:.1} min ({:.0} per second); {} requests failed; the login counted {} OAuth \
+             calls. Resident memory (`VmRSS`) was read every {} tenants. Redis keeps every \
+             token until its TTL (the cluster cache, by design) and is not shown.\n",
+            churn.settings.tenants,
+            churn.settings.max_tenants,
+            churn.settings.connections,
+            churn.settings.tenants,
+            churn.elapsed.as_secs_f64() / 60.0,
+            churn.rate(),
+            churn.errors,
+            churn.logins,
+            churn.settings.tenants / churn.settings.samples.max(1),
+        );
+        if let Some(chart) = &self.0.churn_chart {
+            let _ = writeln!(out, "![resident memory against tenants seen]({chart})\n");
+        }
+        let _ = writeln!(
+            out,
+            "| tenants seen | Envoy | companion |\n|---:|---:|---:|"
+        );
+        let shown = churn.samples.len().div_ceil(10).max(1);
+        for (index, sample) in churn.samples.iter().enumerate() {
+            if index % shown == 0 || index + 1 == churn.samples.len() {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} |",
+                    sample.tenants_seen,
+                    kib_mib(sample.envoy_kib),
+                    kib_mib(sample.companion_kib)
+                );
+            }
+        }
+        let _ = writeln!(out);
     }
 
     fn lease(&self, out: &mut String) {

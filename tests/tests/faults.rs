@@ -997,12 +997,20 @@ async fn an_expires_in_beyond_48_hours_is_clamped_to_48_hours() {
     let answer = send(&reqwest::Client::new(), &cluster.envoys[0].url(), "acme").await;
 
     assert_token_or(&cluster, &answer, &[]);
-    let ttl_ms: u64 = cluster
-        .redis
-        .cli(&["PTTL", "tokengate:{genesys:acme}:token"])
-        .trim()
-        .parse()
-        .unwrap_or(0);
+    // The commit to the companion goes on after the request was resumed.
+    let ttl_of_token = || -> u64 {
+        cluster
+            .redis
+            .cli(&["PTTL", "tokengate:{genesys:acme}:token"])
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    eventually("the token's commit", Duration::from_secs(5), async || {
+        ttl_of_token() > 0
+    })
+    .await;
+    let ttl_ms = ttl_of_token();
     let max_ms = 48 * 3600 * 1000;
     assert!(
         (max_ms - 60_000..=max_ms).contains(&ttl_ms),

@@ -1,5 +1,6 @@
-//! The six scenarios of `BENCHMARKS.md`, and the soak (`SOAK.md`).
+//! The seven scenarios of `BENCHMARKS.md`, and the soak (`SOAK.md`).
 
+pub mod churn;
 pub mod footprint;
 pub mod hit_path;
 pub mod lease;
