@@ -1,0 +1,148 @@
+//! tokengate as an Envoy dynamic module: `libtokengate.so`, loaded by Envoy **1.40.0**
+//! through `envoy.filters.http.dynamic_modules` (no Wasm VM, native speed). It reads
+//! the same filter configuration as `tokengate.wasm`, with the same parser
+//! (`tokengate::config::FilterConfig::parse`).
+//!
+//! Groundwork status: the module loads, refuses an invalid configuration at load
+//! (naming the field), and serves inject mode with `fetch: companion`: a hit in the
+//! process-wide cache sets `Authorization: Bearer <token>` at once; a miss pauses the
+//! request, asks the companion with a callout bound to the stream, caches the token and
+//! resumes the request. `tests/tests/native.rs` proves it on a real Envoy.
+//!
+//! - [`abi`]: the C declarations used, by hand, for Envoy 1.40's ABI (`v0.2.0`).
+//! - `envoy`: safe wrappers over those callbacks.
+//! - `ffi`: the exported `envoy_dynamic_module_on_*` hooks, each inside `catch_unwind`.
+//! - `filter`: the groundwork filter logic (cache, callout, resume).
+//! - `adapter`: the only user of `tokengate::host` / `tokengate::worker`.
+//!
+//! # Build
+//!
+//! `cargo build -p tokengate-native` writes `target/debug/libtokengate.so`. For
+//! production use `cargo build -p tokengate-native --profile native`
+//! (`target/native/libtokengate.so`): the workspace's `release` profile has
+//! `panic = "abort"`, under which `catch_unwind` catches nothing and any panic would
+//! take Envoy down; the `native` profile is `release` with `panic = "unwind"`.
+//!
+//! # Loading
+//!
+//! ```yaml
+//! - name: tokengate
+//!   typed_config:
+//!     "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+//!     dynamic_module_config: { name: tokengate }   # lib<name>.so, see below
+//!     filter_name: tokengate
+//!     filter_config:
+//!       "@type": type.googleapis.com/google.protobuf.StringValue
+//!       value: '{"fetch":"companion", ...}'          # the wasm filter's JSON
+//! ```
+//!
+//! Envoy looks for `libtokengate.so` in `$ENVOY_DYNAMIC_MODULES_SEARCH_PATH` (see
+//! `envoy/native.yaml.tmpl`).
+//!
+//! # ABI version (found on the 1.40.0 binary)
+//!
+//! `envoy_dynamic_module_on_program_init` returns the ABI version string. Envoy 1.40.0
+//! logs `Dynamic module ABI version v0.2.0 matched.` for `v0.2.0` (the only `v0.*`
+//! string in the binary). For another string it does NOT refuse the module: it logs, at
+//! warning level, `Dynamic module ABI version <x> is deprecated. Please recompile the
+//! module against the SDK with the exact Envoy version used by the main program.` and
+//! goes on. So a module built for another Envoy loads and then calls callbacks whose
+//! signatures may differ: the version check is no safety net, the build must target the
+//! exact Envoy release (`tests/tests/native.rs` pins this behaviour).
+//!
+//! # What Envoy 1.40's ABI offers (checked against the binary's symbols)
+//!
+//! - **Request headers**: `callback_http_get_header` (value `index` of a key, and the
+//!   count), `get_headers` / `get_headers_size`, `set_header` (replace; null value
+//!   removes), `add_header`. Usable in any hook of the stream while its request headers
+//!   exist, so also in `on_http_filter_http_callout_done` and `on_http_filter_scheduled`.
+//! - **Local reply**: `callback_http_send_response(status, headers, body, details)`;
+//!   also `send_response_headers` / `_data` / `_trailers` for a streamed answer.
+//! - **Callouts bound to a stream**: `callback_http_filter_http_callout(cluster,
+//!   headers incl. :method/:path/host, body, timeout)` -> id; the answer arrives in
+//!   `on_http_filter_http_callout_done` (result, headers, body chunks) on the stream's
+//!   worker thread; Envoy cancels it when the stream is destroyed first. Streamed
+//!   variant: `filter_start_http_stream` + `on_http_filter_http_stream_*`.
+//! - **Callouts not bound to a stream**: `callback_http_filter_config_http_callout` (and
+//!   `config_start_http_stream`) on the filter *configuration*; the answer arrives in the
+//!   optional hook `on_http_filter_config_http_callout_done`. Envoy 1.40 sends it through
+//!   the thread-local cluster of the calling thread and delivers the answer on that
+//!   thread (its implementation keeps the pending callouts in a map on the config
+//!   object without a lock, so call it from the main thread: from `config_new` or
+//!   `on_http_filter_config_scheduled`). Bootstrap extensions have their own
+//!   (`bootstrap_extension_http_callout`), also main-thread.
+//! - **Schedulers**: `callback_http_filter_scheduler_new/commit/delete` (per stream):
+//!   `commit` may be called from any thread and runs `on_http_filter_scheduled(event_id)`
+//!   on the **stream's worker thread** — this is how another event (another worker, the
+//!   main thread) wakes a paused request. `callback_http_filter_config_scheduler_*` (per
+//!   configuration): `commit` from any thread runs `on_http_filter_config_scheduled` on
+//!   the **main thread**. There is no per-worker timer for HTTP filters (no `on_tick`);
+//!   bootstrap extensions have `timer_fired` (main thread).
+//! - **Resume a paused request**: `callback_http_filter_continue_decoding` (and
+//!   `continue_encoding`), called on the stream's worker thread (from a callout answer
+//!   or a scheduled event).
+//! - **Metrics**: `callback_http_filter_config_define_counter/gauge/histogram` (only in
+//!   `config_new`: later Envoy answers `Frozen`), with optional labels; per-stream
+//!   `http_filter_increment_counter`, `increment/decrement/set_gauge`,
+//!   `record_histogram_value`; config-level variants (`http_filter_config_increment_counter`
+//!   ...) for events outside a stream. Stats appear as `<metrics_namespace>.<name>`.
+//! - **Logging**: `callback_log(level, message)` writes under Envoy's `dynamic_modules`
+//!   logger; `callback_log_enabled(level)` is the cheap level query; `get_log_level`
+//!   exists too.
+//! - **Misc**: `http_filter_get_worker_index`, `get_concurrency` (main thread, in
+//!   `program_init`), `register_shared_data` / `get_shared_data` (a process-wide
+//!   registry of module pointers), generic secrets (`config_get_generic_secret`).
+//!
+//! # Driving the worker (the design for the full issue)
+//!
+//! `tokengate::worker::Worker` is a per-worker state machine behind `tokengate::host::Host`.
+//! For the dynamic-module host (`adapter::DynamicHost`, to write):
+//!
+//! - One `Worker` per Envoy worker thread, in a `thread_local!` (filters of one thread run
+//!   one at a time, so a `RefCell` suffices), created lazily on the first stream of the
+//!   thread from the stream's config (`worker_id` = `http_filter_get_worker_index`).
+//!   Several filter configurations: one Worker per (thread, config generation).
+//! - `shared_get/set/get_versioned/replace`: one process-wide `Mutex<HashMap<String,
+//!   (Vec<u8>, u32)>>`; `replace` is a real compare-and-swap under the lock (also for a
+//!   missing key, fixing the wasm CAS pitfall), and keys can be deleted.
+//! - `dispatch`: the worker sends callouts "from the root context" so an answer is never
+//!   lost with the request that caused it. Here: a stream-bound callout is cancelled
+//!   with its stream, so the worker's callouts go out on a stream that is *waiting* on
+//!   that fetch; if that stream ends first, the adapter re-dispatches the callout on
+//!   another waiting stream or fails the fetch (`on_callout_response` with a reset).
+//!   The alternative, config-level callouts, runs on the main thread only: the worker
+//!   would then need a main-thread proxy (commit a config event, send, get the answer
+//!   on main, hand it back to the worker thread with a filter scheduler). First choice:
+//!   stream-bound, as it keeps everything on the worker thread.
+//! - `resume_with_header(context_id)` / `reply_json`: `context_id` maps to the stream's
+//!   scheduler (`http_filter_scheduler_new` at pause); the adapter sets the header and
+//!   calls `continue_decoding` directly when it runs on the stream's own hook, otherwise
+//!   it commits an event and does it in `on_http_filter_scheduled`. `on_request_gone`
+//!   from `on_http_filter_destroy` (which also deletes the scheduler).
+//! - `wake(queue)`: the other worker's paused streams are woken through their
+//!   schedulers (any thread may commit), replacing proxy-wasm's shared queues and the
+//!   cross-worker polling (envoy#17576 does not apply here).
+//! - `set_tick_period_ms` / `on_tick`: no per-worker timer exists for HTTP filters.
+//!   Ticks are driven by the streams: each hook of the thread calls `on_tick` when the
+//!   period elapsed, and a paused stream's scheduler is committed from a process-wide
+//!   ticker thread (one `std::thread` sleeping the shortest wanted period) so a worker
+//!   with only paused requests still ticks on its own thread.
+//! - `add` -> `http_filter_increment_counter` (counters defined in `config_new` from
+//!   `Metric::all()`); `log_level` / `log` -> `callback_log_enabled` / `callback_log`.
+//! - `now_ms`: `SystemTime`.
+
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+// A dynamic module is a C ABI boundary: the hooks receive raw pointers from Envoy and
+// call Envoy's C callbacks, which only `unsafe` can do. The workspace denies
+// `unsafe_code`; here it is allowed, confined to `abi`, `envoy` and `ffi`, every block
+// with a SAFETY comment.
+#![allow(unsafe_code)]
+
+pub mod abi;
+mod adapter;
+mod envoy;
+mod ffi;
+mod filter;
