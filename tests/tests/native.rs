@@ -1,0 +1,373 @@
+//! The native build (`libtokengate.so`, an Envoy 1.40 dynamic module) in a real Envoy.
+//!
+//! Needs the module built first: `cargo build -p tokengate-native` (it is read from
+//! `target/debug`, or from the directory in `$TOKENGATE_NATIVE_DIR`), and Envoy 1.40.0
+//! (`scripts/setup`). Its own stand-ins: an echo upstream and a token API answering
+//! like the companion's `/auth/token`, so it needs neither Redis nor the companion.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::{any, post};
+use serde_json::{Value, json};
+use tokengate_tests::harness::{
+    Process, envoy_binary, envoy_log_args, free_port, wait_until, workspace_root,
+};
+
+/// Where `libtokengate.so` is: `$TOKENGATE_NATIVE_DIR`, or the debug build.
+fn module_dir() -> PathBuf {
+    std::env::var_os("TOKENGATE_NATIVE_DIR")
+        .map_or_else(|| workspace_root().join("target/debug"), PathBuf::from)
+}
+
+fn assert_prerequisites() {
+    let module = module_dir().join("libtokengate.so");
+    assert!(
+        module.exists(),
+        "no native module at {}: run `cargo build -p tokengate-native`",
+        module.display()
+    );
+    // `tokengate-plugin` (the wasm filter, crate-type cdylib + rlib) also builds a
+    // native `libtokengate.so` in the same target directory: make sure this is ours.
+    let bytes = std::fs::read(&module).unwrap_or_default();
+    let hook = b"envoy_dynamic_module_on_program_init";
+    assert!(
+        bytes.windows(hook.len()).any(|window| window == hook),
+        "{} is not the native filter (the wasm filter's crate writes the same file name): \
+         run `cargo build -p tokengate-native` again",
+        module.display()
+    );
+    assert!(
+        envoy_binary().exists(),
+        "no Envoy at {}: run scripts/setup",
+        envoy_binary().display()
+    );
+}
+
+/// A stand-in listening on a free loopback port.
+async fn serve(router: Router) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("cannot bind a stand-in: {e}"));
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    port
+}
+
+/// The echo upstream: answers the request headers it received as JSON.
+async fn echo() -> u16 {
+    async fn handle(headers: HeaderMap) -> axum::Json<Value> {
+        let headers: serde_json::Map<String, Value> = headers
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_owned(),
+                    Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned()),
+                )
+            })
+            .collect();
+        axum::Json(json!({ "headers": headers }))
+    }
+    serve(Router::new().fallback(any(handle))).await
+}
+
+/// A token API answering like the companion's `/auth/token`, counting its calls.
+async fn token_api(calls: Arc<AtomicUsize>) -> u16 {
+    async fn handle(
+        State(calls): State<Arc<AtomicUsize>>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> axum::Json<Value> {
+        calls.fetch_add(1, Ordering::SeqCst);
+        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let tenant = request["tenantId"].as_str().unwrap_or("?").to_owned();
+        let provider = request["type"].as_str().unwrap_or("?").to_owned();
+        let authority = headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        assert_eq!(authority, "tokengate-companion", "the callout's authority");
+        axum::Json(json!({
+            "accessToken": format!("native-{provider}-{tenant}"),
+            "expiresIn": 3600,
+            "tokenType": "Bearer",
+            "source": "fresh",
+            "expiresAt": "2099-01-01T00:00:00.000Z",
+        }))
+    }
+    serve(
+        Router::new()
+            .route("/auth/token", post(handle))
+            .with_state(calls),
+    )
+    .await
+}
+
+/// Ports of one rendered configuration.
+struct Ports {
+    listen: u16,
+    admin: u16,
+    echo: u16,
+    companion: u16,
+}
+
+/// Renders `envoy/native.yaml.tmpl` into `dir`; returns its path.
+fn render(dir: &Path, ports: &Ports, filter_config: &Value) -> PathBuf {
+    let template_path = workspace_root().join("envoy/native.yaml.tmpl");
+    let template = std::fs::read_to_string(&template_path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", template_path.display()));
+    // A JSON string literal is a valid YAML scalar.
+    let literal = serde_json::to_string(&filter_config.to_string()).unwrap_or_default();
+    let rendered = [
+        ("{{ADMIN_PORT}}", ports.admin.to_string()),
+        ("{{LISTEN_PORT}}", ports.listen.to_string()),
+        ("{{PLUGIN_CONFIG}}", literal),
+        ("{{ECHO_PORT}}", ports.echo.to_string()),
+        ("{{COMPANION_PORT}}", ports.companion.to_string()),
+    ]
+    .iter()
+    .fold(template, |text, (placeholder, value)| {
+        text.replace(placeholder, value)
+    });
+    let path = dir.join(format!("native-{}.yaml", ports.listen));
+    std::fs::write(&path, rendered).unwrap_or_else(|e| panic!("cannot write config: {e}"));
+    path
+}
+
+/// An Envoy command for `config` loading the module from [`module_dir`].
+fn envoy_command(config: &Path, base_id: u16) -> Command {
+    let mut command = Command::new(envoy_binary());
+    command
+        .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module_dir())
+        .arg("-c")
+        .arg(config)
+        .args(["--base-id", &base_id.to_string(), "--disable-hot-restart"])
+        .args(envoy_log_args());
+    command
+}
+
+/// `envoy --mode validate` of `config`; returns (success, output).
+fn validate(config: &Path, abi_version: Option<&str>) -> (bool, String) {
+    let mut command = envoy_command(config, free_port());
+    command.args(["--mode", "validate"]);
+    if let Some(version) = abi_version {
+        command.env("TOKENGATE_NATIVE_ABI_VERSION", version);
+    }
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run Envoy: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+fn companion_config() -> Value {
+    json!({ "fetch": "companion" })
+}
+
+fn unused_ports() -> Ports {
+    Ports {
+        listen: free_port(),
+        admin: free_port(),
+        echo: free_port(),
+        companion: free_port(),
+    }
+}
+
+#[test]
+fn the_shipped_template_validates_with_the_module() {
+    assert_prerequisites();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+    let config = render(dir.path(), &unused_ports(), &companion_config());
+    let (ok, log) = validate(&config, None);
+    assert!(
+        ok,
+        "envoy --mode validate refused the native config:\n{log}"
+    );
+    assert!(
+        log.contains("Dynamic module ABI version v0.2.0 matched."),
+        "Envoy 1.40 should accept ABI v0.2.0:\n{log}"
+    );
+    assert!(
+        log.contains("tokengate: filter 'tokengate' configured"),
+        "{log}"
+    );
+}
+
+#[test]
+fn an_invalid_filter_configuration_is_refused_at_load_naming_the_field() {
+    assert_prerequisites();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+    let bad = json!({ "fetch": "companion", "expiryMarginMs": "soon" });
+    let config = render(dir.path(), &unused_ports(), &bad);
+    let (ok, log) = validate(&config, None);
+    assert!(
+        !ok,
+        "Envoy accepted an invalid filter configuration:\n{log}"
+    );
+    assert!(
+        log.contains("invalid tokengate configuration at 'expiryMarginMs'"),
+        "the module's log line names the field:\n{log}"
+    );
+    assert!(
+        log.contains("Failed to initialize dynamic module"),
+        "Envoy's own refusal:\n{log}"
+    );
+
+    // What the native build cannot do yet is refused too, never half-served.
+    let config = render(dir.path(), &unused_ports(), &json!({ "mode": "endpoint" }));
+    let (ok, log) = validate(&config, None);
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains("invalid tokengate configuration at 'mode'"),
+        "{log}"
+    );
+}
+
+/// Envoy 1.40 does not refuse a module built for another ABI: it warns and loads it.
+/// This pins that behaviour (and the exact line operators should alert on), so a
+/// change in a later Envoy is noticed.
+#[test]
+fn an_abi_mismatch_is_only_a_warning_in_envoy_1_40() {
+    assert_prerequisites();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+    let config = render(dir.path(), &unused_ports(), &companion_config());
+    for version in ["v0.1.0", "v0.3.0", "not-a-version"] {
+        let (ok, log) = validate(&config, Some(version));
+        assert!(
+            log.contains(&format!(
+                "Dynamic module ABI version {version} is deprecated. Please recompile the \
+                 module against the SDK with the exact Envoy version used by the main program."
+            )),
+            "Envoy's line for ABI {version}:\n{log}"
+        );
+        assert!(
+            ok,
+            "Envoy 1.40 now refuses ABI {version}; update the crate docs:\n{log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_reaches_the_upstream_with_the_tenants_token() {
+    assert_prerequisites();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let ports = Ports {
+        listen: free_port(),
+        admin: free_port(),
+        echo: echo().await,
+        companion: token_api(Arc::clone(&calls)).await,
+    };
+    let config = render(dir.path(), &ports, &companion_config());
+    let mut command = envoy_command(&config, ports.admin);
+    command.args(["--concurrency", "2"]);
+    let mut envoy = Process::spawn("envoy", command, dir.path().join("envoy.log"));
+    let ready = format!("http://127.0.0.1:{}/ready", ports.admin);
+    let client = reqwest::Client::new();
+    wait_until("Envoy live", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", ports.admin)).is_ok()
+    })
+    .await;
+    for _ in 0..300 {
+        if let Ok(answer) = client.get(&ready).send().await {
+            if answer.status().is_success() {
+                break;
+            }
+        }
+        envoy.assert_running();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("http://127.0.0.1:{}/app", ports.listen);
+
+    let get = |tenant: Option<&'static str>| {
+        let mut request = client.get(&url);
+        if let Some(tenant) = tenant {
+            request = request.header("x-tenant-id", tenant);
+        }
+        request.send()
+    };
+
+    // A miss: the request waits for the token API, then goes upstream with the token.
+    let answer = get(Some("acme"))
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}"));
+    assert_eq!(answer.status(), 200, "{}", envoy.log_tail(40));
+    let echo: Value = answer.json().await.unwrap_or(Value::Null);
+    assert_eq!(
+        echo["headers"]["authorization"],
+        "Bearer native-genesys-acme",
+        "the upstream saw: {echo}\n{}",
+        envoy.log_tail(40)
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Hits: served from the process-wide cache, whichever worker takes the request.
+    for _ in 0..6 {
+        let answer = get(Some("acme"))
+            .await
+            .unwrap_or_else(|e| panic!("no answer: {e}"));
+        let echo: Value = answer.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            echo["headers"]["authorization"],
+            "Bearer native-genesys-acme"
+        );
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "hits must not call the token API"
+    );
+
+    // Another tenant, another token.
+    let answer = get(Some("globex"))
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}"));
+    let echo: Value = answer.json().await.unwrap_or(Value::Null);
+    assert_eq!(
+        echo["headers"]["authorization"],
+        "Bearer native-genesys-globex"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    // No tenant: answered by the filter, never sent upstream.
+    let answer = get(None).await.unwrap_or_else(|e| panic!("no answer: {e}"));
+    assert_eq!(answer.status(), 400);
+    let body: Value = answer.json().await.unwrap_or(Value::Null);
+    assert_eq!(body["code"], "INVALID_REQUEST", "{body}");
+
+    // The counters carry the wasm filter's names.
+    let stats = client
+        .get(format!(
+            "http://127.0.0.1:{}/stats?filter=tokengate",
+            ports.admin
+        ))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("no stats: {e}"))
+        .text()
+        .await
+        .unwrap_or_default();
+    let stat = |name: &str| -> Option<u64> {
+        stats.lines().find_map(|line| {
+            let (key, value) = line.split_once(": ")?;
+            key.ends_with(name).then(|| value.trim().parse().ok())?
+        })
+    };
+    assert_eq!(stat("tokengate.cache_hit"), Some(6), "{stats}");
+    assert_eq!(stat("tokengate.cache_miss"), Some(2), "{stats}");
+    assert_eq!(stat("tokengate.fetch_succeeded"), Some(2), "{stats}");
+    envoy.assert_running();
+}
