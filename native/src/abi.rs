@@ -26,6 +26,8 @@ pub const ABI_VERSION: &std::ffi::CStr = c"v0.2.0";
 pub type HttpFilterConfigEnvoyPtr = *mut c_void;
 /// The module's HTTP filter configuration object.
 pub type HttpFilterConfigModulePtr = *const c_void;
+/// A per-stream scheduler Envoy allocated for the module (the module deletes it).
+pub type HttpFilterSchedulerModulePtr = *mut c_void;
 /// Envoy's per-stream HTTP filter object (`DynamicModuleHttpFilter*`).
 pub type HttpFilterEnvoyPtr = *mut c_void;
 /// The module's per-stream HTTP filter object.
@@ -83,6 +85,16 @@ pub struct EnvoyHttpHeader {
 pub type HeaderType = u32;
 /// The request headers.
 pub const HEADER_TYPE_REQUEST: HeaderType = 0;
+/// The response headers.
+pub const HEADER_TYPE_RESPONSE: HeaderType = 2;
+
+/// `envoy_dynamic_module_type_http_body_type`: `ReceivedRequestBody`,
+/// `BufferedRequestBody`, `ReceivedResponseBody`, `BufferedResponseBody`.
+pub type BodyType = u32;
+/// The request body chunk of the running `request_body` hook.
+pub const BODY_RECEIVED_REQUEST: BodyType = 0;
+/// The request body buffered so far (by earlier `StopIterationAndBuffer`).
+pub const BODY_BUFFERED_REQUEST: BodyType = 1;
 
 /// `envoy_dynamic_module_type_log_level`.
 pub type LogLevel = u32;
@@ -105,6 +117,8 @@ pub type HeadersStatus = u32;
 pub const HEADERS_CONTINUE: HeadersStatus = 0;
 /// Stop here (after a local reply).
 pub const HEADERS_STOP_ITERATION: HeadersStatus = 1;
+/// Hold the headers; the body still comes to this filter.
+pub const HEADERS_STOP_ITERATION_KEEP_BODY: HeadersStatus = 1;
 /// Hold the headers, body and trailers until `continue_decoding`; buffer the body.
 pub const HEADERS_STOP_ALL_AND_BUFFER: HeadersStatus = 3;
 
@@ -187,6 +201,24 @@ unsafe extern "C" {
         value: ModuleBuffer,
     ) -> bool;
 
+    /// The size of a body.
+    pub fn envoy_dynamic_module_callback_http_get_body_size(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        body_type: BodyType,
+    ) -> usize;
+    /// The number of chunks of a body.
+    pub fn envoy_dynamic_module_callback_http_get_body_chunks_size(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        body_type: BodyType,
+    ) -> usize;
+    /// Fills `result_buffer_vector` (room for `get_body_chunks_size` entries) with the
+    /// chunks of a body, valid during the current hook.
+    pub fn envoy_dynamic_module_callback_http_get_body_chunks(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        body_type: BodyType,
+        result_buffer_vector: *mut EnvoyBuffer,
+    ) -> bool;
+
     /// Answers the request locally (the upstream never sees it).
     pub fn envoy_dynamic_module_callback_http_send_response(
         filter_envoy_ptr: HttpFilterEnvoyPtr,
@@ -215,6 +247,21 @@ unsafe extern "C" {
         body: ModuleBuffer,
         timeout_milliseconds: u64,
     ) -> CalloutInitResult;
+
+    /// A scheduler for this stream: `commit` from any thread runs
+    /// `envoy_dynamic_module_on_http_filter_scheduled` on the stream's worker thread.
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_new(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+    ) -> HttpFilterSchedulerModulePtr;
+    /// Schedules `event_id` on the scheduler's stream (any thread).
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_commit(
+        scheduler_module_ptr: HttpFilterSchedulerModulePtr,
+        event_id: u64,
+    );
+    /// Frees a scheduler made by `scheduler_new`.
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_delete(
+        scheduler_module_ptr: HttpFilterSchedulerModulePtr,
+    );
 
     /// The index of the worker thread running this stream (0-based).
     pub fn envoy_dynamic_module_callback_http_filter_get_worker_index(

@@ -41,11 +41,33 @@ pub fn log_enabled(level: LogLevel) -> bool {
     unsafe { abi::envoy_dynamic_module_callback_log_enabled(level.raw()) }
 }
 
-/// Whether Envoy writes trace lines (not used by the filter yet; kept for the Host).
-#[allow(dead_code)]
-pub fn trace_enabled() -> bool {
-    // SAFETY: a plain query without pointers.
-    unsafe { abi::envoy_dynamic_module_callback_log_enabled(abi::LOG_TRACE) }
+/// A per-stream scheduler: `commit` may be called from any thread while the scheduler
+/// lives; the event runs `on_http_filter_scheduled` on the stream's worker thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scheduler(abi::HttpFilterSchedulerModulePtr);
+
+// SAFETY: Envoy documents the scheduler as usable from any thread (that is its purpose);
+// the module keeps every commit before the matching delete (see `adapter`).
+unsafe impl Send for Scheduler {}
+
+impl Scheduler {
+    /// Schedules `event_id` on the scheduler's stream.
+    pub fn commit(self, event_id: u64) {
+        if !self.0.is_null() {
+            // SAFETY: a live scheduler (the caller keeps commits before the delete).
+            unsafe {
+                abi::envoy_dynamic_module_callback_http_filter_scheduler_commit(self.0, event_id)
+            }
+        }
+    }
+}
+
+/// Frees a scheduler; it must not be committed afterwards.
+pub fn delete_scheduler(scheduler: Scheduler) {
+    if !scheduler.0.is_null() {
+        // SAFETY: made by `scheduler_new`, deleted once.
+        unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler.0) }
+    }
 }
 
 /// Envoy's configuration object, valid during `config_new` (for defining metrics).
@@ -78,6 +100,47 @@ pub struct EnvoyFilter(pub HttpFilterEnvoyPtr);
 impl EnvoyFilter {
     /// The first value of request header `name` (copied), if present.
     pub fn request_header(self, name: &str) -> Option<Vec<u8>> {
+        self.header(abi::HEADER_TYPE_REQUEST, name)
+            .and_then(|mut values| (!values.is_empty()).then(|| values.swap_remove(0)))
+    }
+
+    /// Every value of request header `name` (copied).
+    pub fn request_header_values(self, name: &str) -> Vec<Vec<u8>> {
+        self.header(abi::HEADER_TYPE_REQUEST, name)
+            .unwrap_or_default()
+    }
+
+    /// The first value of response header `name` (copied), if present.
+    pub fn response_header(self, name: &str) -> Option<Vec<u8>> {
+        self.header(abi::HEADER_TYPE_RESPONSE, name)
+            .and_then(|mut values| (!values.is_empty()).then(|| values.swap_remove(0)))
+    }
+
+    /// The values of header `name` in map `header_type`, `None` when the map is not
+    /// available.
+    fn header(self, header_type: abi::HeaderType, name: &str) -> Option<Vec<Vec<u8>>> {
+        let first = self.header_value(header_type, name, 0)?;
+        let Some((first, count)) = first else {
+            return Some(Vec::new());
+        };
+        let mut values = Vec::with_capacity(count);
+        values.push(first);
+        for index in 1..count {
+            if let Some(Some((value, _))) = self.header_value(header_type, name, index) {
+                values.push(value);
+            }
+        }
+        Some(values)
+    }
+
+    /// Value `index` of header `name` and the number of values; `Some(None)` when the
+    /// header is absent, `None` when the map is not available.
+    fn header_value(
+        self,
+        header_type: abi::HeaderType,
+        name: &str,
+        index: usize,
+    ) -> Option<Option<(Vec<u8>, usize)>> {
         let mut value = abi::EnvoyBuffer {
             ptr: std::ptr::null(),
             length: 0,
@@ -88,18 +151,67 @@ impl EnvoyFilter {
         let found = unsafe {
             abi::envoy_dynamic_module_callback_http_get_header(
                 self.0,
-                abi::HEADER_TYPE_REQUEST,
+                header_type,
                 abi::module_buffer(name.as_bytes()),
                 &mut value,
-                0,
+                index,
                 &mut count,
             )
         };
-        if !found || count == 0 {
+        if count == 0 {
+            return Some(None);
+        }
+        if !found {
             return None;
         }
         // SAFETY: Envoy's buffer is valid during this hook; copied at once.
-        Some(unsafe { abi::envoy_bytes(value) }.to_vec())
+        Some(Some((unsafe { abi::envoy_bytes(value) }.to_vec(), count)))
+    }
+
+    /// A scheduler for this stream (to be deleted with [`delete_scheduler`]).
+    pub fn new_scheduler(self) -> Scheduler {
+        // SAFETY: valid filter pointer.
+        Scheduler(unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_new(self.0) })
+    }
+
+    /// The size of a request body (`abi::BODY_*_REQUEST`).
+    pub fn body_size(self, body_type: abi::BodyType) -> usize {
+        // SAFETY: valid filter pointer.
+        unsafe { abi::envoy_dynamic_module_callback_http_get_body_size(self.0, body_type) }
+    }
+
+    /// A request body (`abi::BODY_*_REQUEST`), copied.
+    pub fn body(self, body_type: abi::BodyType) -> Vec<u8> {
+        // SAFETY: valid filter pointer.
+        let count = unsafe {
+            abi::envoy_dynamic_module_callback_http_get_body_chunks_size(self.0, body_type)
+        };
+        if count == 0 {
+            return Vec::new();
+        }
+        let mut chunks = vec![
+            abi::EnvoyBuffer {
+                ptr: std::ptr::null(),
+                length: 0
+            };
+            count
+        ];
+        // SAFETY: valid filter pointer; `chunks` has room for `count` entries.
+        let ok = unsafe {
+            abi::envoy_dynamic_module_callback_http_get_body_chunks(
+                self.0,
+                body_type,
+                chunks.as_mut_ptr(),
+            )
+        };
+        if !ok {
+            return Vec::new();
+        }
+        chunks
+            .iter()
+            // SAFETY: Envoy's chunks, valid during this hook; copied at once.
+            .flat_map(|chunk| unsafe { abi::envoy_bytes(*chunk) }.iter().copied())
+            .collect()
     }
 
     /// Replaces request header `name` with `value`. False when Envoy refused.
@@ -185,13 +297,5 @@ impl EnvoyFilter {
                 value,
             );
         }
-    }
-
-    /// The index of the worker thread running this stream (the worker id, once the
-    /// adapter drives `tokengate::worker`).
-    #[allow(dead_code)]
-    pub fn worker_index(self) -> u32 {
-        // SAFETY: valid filter pointer.
-        unsafe { abi::envoy_dynamic_module_callback_http_filter_get_worker_index(self.0) }
     }
 }

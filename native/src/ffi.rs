@@ -5,9 +5,9 @@
 //! hook answers its safest value (no config, fail the request, continue).
 //!
 //! Pointer ownership: `config_new` returns a leaked `Box<Arc<NativeConfig>>`, freed in
-//! `config_destroy`; `filter_new` returns a leaked `Box<Filter>` (holding an `Arc` of
-//! its config, so a config outlives its filters whatever the order), freed in
-//! `filter_destroy`. Envoy calls every hook of one stream on that stream's worker thread.
+//! `config_destroy`; `filter_new` returns a leaked `Box<Stream>`, freed in
+//! `filter_destroy`. Envoy calls every hook of one stream on that stream's worker
+//! thread, and keeps a configuration alive while it has streams.
 
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -18,8 +18,8 @@ use crate::abi::{
     HttpFilterConfigEnvoyPtr, HttpFilterConfigModulePtr, HttpFilterEnvoyPtr, HttpFilterModulePtr,
     LocalReplyStatus, TrailersStatus,
 };
+use crate::adapter::{BodyVerdict, HeadersVerdict, NativeConfig, RawAnswer, Stream};
 use crate::envoy::{self, EnvoyConfig, EnvoyFilter, LogLevel};
-use crate::filter::{Filter, NativeConfig, Verdict};
 
 /// The text of a panic payload.
 fn panic_text(payload: &(dyn Any + Send)) -> &str {
@@ -50,14 +50,14 @@ fn guard<T>(hook: &str, fallback: T, body: impl FnOnce() -> T) -> T {
     }
 }
 
-/// The module's filter behind `ptr`.
+/// The module's stream behind `ptr`.
 ///
 /// # Safety
 /// `ptr` must be a pointer returned by `envoy_dynamic_module_on_http_filter_new` and not
 /// yet destroyed; Envoy calls one stream's hooks one at a time, on one thread.
-unsafe fn filter_mut<'a>(ptr: HttpFilterModulePtr) -> Option<&'a mut Filter> {
+unsafe fn filter_mut<'a>(ptr: HttpFilterModulePtr) -> Option<&'a mut Stream> {
     // SAFETY: per the function's contract.
-    unsafe { ptr.cast::<Filter>().cast_mut().as_mut() }
+    unsafe { ptr.cast::<Stream>().cast_mut().as_mut() }
 }
 
 /// Envoy loaded the module (main thread). Returns the ABI version it was built for.
@@ -94,10 +94,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
                 envoy::log(
                     LogLevel::Info,
                     &format!(
-                        "tokengate: filter '{}' configured (provider {}, tenant header '{}')",
+                        "tokengate: filter '{}' configured ({})",
                         String::from_utf8_lossy(name),
-                        native.config.provider,
-                        native.config.tenant_header
+                        native.describe()
                     ),
                 );
                 Box::into_raw(Box::new(Arc::new(native)))
@@ -131,7 +130,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     filter_config_ptr: HttpFilterConfigModulePtr,
-    _filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
 ) -> HttpFilterModulePtr {
     guard("http_filter_new", std::ptr::null(), || {
         // SAFETY: the config pointer from config_new, alive while Envoy creates filters of it.
@@ -139,9 +138,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
         else {
             return std::ptr::null();
         };
-        Box::into_raw(Box::new(Filter::new(Arc::clone(config))))
-            .cast_const()
-            .cast()
+        let stream = Stream::new(config, EnvoyFilter(filter_envoy_ptr));
+        Box::into_raw(Box::new(stream)).cast_const().cast()
     })
 }
 
@@ -153,7 +151,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(
     guard("http_filter_destroy", (), || {
         if !filter_module_ptr.is_null() {
             // SAFETY: made by Box::into_raw in filter_new; Envoy destroys it once.
-            drop(unsafe { Box::from_raw(filter_module_ptr.cast::<Filter>().cast_mut()) });
+            drop(unsafe { Box::from_raw(filter_module_ptr.cast::<Stream>().cast_mut()) });
         }
     });
 }
@@ -163,16 +161,17 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     filter_envoy_ptr: HttpFilterEnvoyPtr,
     filter_module_ptr: HttpFilterModulePtr,
-    _end_of_stream: bool,
+    end_of_stream: bool,
 ) -> HeadersStatus {
     let envoy = EnvoyFilter(filter_envoy_ptr);
     let answered = guard("http_filter_request_headers", None, || {
         // SAFETY: see `filter_mut`.
-        let filter = unsafe { filter_mut(filter_module_ptr) }?;
-        Some(match filter.on_request_headers(envoy) {
-            Verdict::Continue => abi::HEADERS_CONTINUE,
-            Verdict::Pause => abi::HEADERS_STOP_ALL_AND_BUFFER,
-            Verdict::Answered => abi::HEADERS_STOP_ITERATION,
+        let stream = unsafe { filter_mut(filter_module_ptr) }?;
+        Some(match stream.on_request_headers(end_of_stream) {
+            HeadersVerdict::Continue => abi::HEADERS_CONTINUE,
+            HeadersVerdict::Pause => abi::HEADERS_STOP_ALL_AND_BUFFER,
+            HeadersVerdict::AwaitBody => abi::HEADERS_STOP_ITERATION_KEEP_BODY,
+            HeadersVerdict::Answered => abi::HEADERS_STOP_ITERATION,
         })
     });
     answered.unwrap_or_else(|| {
@@ -192,15 +191,27 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
 /// A chunk of request body: held back while the headers are paused.
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
-    _filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
     filter_module_ptr: HttpFilterModulePtr,
-    _end_of_stream: bool,
+    end_of_stream: bool,
 ) -> BodyStatus {
+    let envoy = EnvoyFilter(filter_envoy_ptr);
     guard("http_filter_request_body", abi::BODY_CONTINUE, || {
         // SAFETY: see `filter_mut`.
-        match unsafe { filter_mut(filter_module_ptr) } {
-            Some(filter) if filter.paused() => abi::BODY_STOP_AND_BUFFER,
-            _ => abi::BODY_CONTINUE,
+        let Some(stream) = (unsafe { filter_mut(filter_module_ptr) }) else {
+            return abi::BODY_CONTINUE;
+        };
+        let size = envoy
+            .body_size(abi::BODY_BUFFERED_REQUEST)
+            .saturating_add(envoy.body_size(abi::BODY_RECEIVED_REQUEST));
+        let body = || {
+            let mut body = envoy.body(abi::BODY_BUFFERED_REQUEST);
+            body.extend(envoy.body(abi::BODY_RECEIVED_REQUEST));
+            body
+        };
+        match stream.on_request_body(end_of_stream, size, body) {
+            BodyVerdict::Continue => abi::BODY_CONTINUE,
+            BodyVerdict::Hold => abi::BODY_STOP_AND_BUFFER,
         }
     })
 }
@@ -228,9 +239,15 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     _filter_envoy_ptr: HttpFilterEnvoyPtr,
-    _filter_module_ptr: HttpFilterModulePtr,
+    filter_module_ptr: HttpFilterModulePtr,
     _end_of_stream: bool,
 ) -> HeadersStatus {
+    guard("http_filter_response_headers", (), || {
+        // SAFETY: see `filter_mut`.
+        if let Some(stream) = unsafe { filter_mut(filter_module_ptr) } {
+            stream.on_response_headers();
+        }
+    });
     abi::HEADERS_CONTINUE
 }
 
@@ -257,14 +274,20 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     _filter_envoy_ptr: HttpFilterEnvoyPtr,
-    _filter_module_ptr: HttpFilterModulePtr,
+    filter_module_ptr: HttpFilterModulePtr,
 ) {
+    guard("http_filter_stream_complete", (), || {
+        // SAFETY: see `filter_mut`.
+        if let Some(stream) = unsafe { filter_mut(filter_module_ptr) } {
+            stream.on_stream_complete();
+        }
+    });
 }
 
 /// A callout of this stream ended (same worker thread as the stream).
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
-    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    _filter_envoy_ptr: HttpFilterEnvoyPtr,
     filter_module_ptr: HttpFilterModulePtr,
     callout_id: u64,
     result: CalloutResult,
@@ -273,39 +296,39 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
     body_chunks: *mut EnvoyBuffer,
     body_chunks_size: usize,
 ) {
-    let envoy = EnvoyFilter(filter_envoy_ptr);
     guard("http_filter_http_callout_done", (), || {
         // SAFETY: see `filter_mut`.
-        let Some(filter) = (unsafe { filter_mut(filter_module_ptr) }) else {
+        let Some(stream) = (unsafe { filter_mut(filter_module_ptr) }) else {
             return;
         };
-        let response = (result == abi::CALLOUT_SUCCESS).then(|| {
-            // SAFETY: Envoy's arrays of `*_size` entries, valid during this hook; copied here.
+        let answer = (result == abi::CALLOUT_SUCCESS).then(|| {
+            // SAFETY: Envoy's arrays of `*_size` entries, valid during this hook.
             let headers = unsafe { envoy_slice(headers, headers_size) };
-            let status = headers
-                .iter()
-                .find(|header| {
+            let number = |name: &[u8]| {
+                headers.iter().find_map(|header| {
                     // SAFETY: as above.
-                    unsafe { envoy_pair(header) }.0 == b":status"
+                    let (key, value) = unsafe { envoy_pair(header) };
+                    if !key.eq_ignore_ascii_case(name) {
+                        return None;
+                    }
+                    std::str::from_utf8(value).ok()?.trim().parse::<u64>().ok()
                 })
-                .and_then(|header| {
-                    // SAFETY: as above.
-                    std::str::from_utf8(unsafe { envoy_pair(header) }.1)
-                        .ok()?
-                        .parse::<u16>()
-                        .ok()
-                })
-                .unwrap_or(0);
+            };
+            let status = number(b":status").and_then(|status| u16::try_from(status).ok());
+            let retry_after_secs = number(b"retry-after");
             // SAFETY: as above.
             let chunks = unsafe { envoy_slice(body_chunks, body_chunks_size) };
-            let body: Vec<u8> = chunks
-                .iter()
-                // SAFETY: as above.
-                .flat_map(|chunk| unsafe { abi::envoy_bytes(*chunk) }.iter().copied())
-                .collect();
-            (status, body)
+            RawAnswer {
+                status,
+                retry_after_secs,
+                // SAFETY: as above; read before the hook returns.
+                body: chunks
+                    .iter()
+                    .map(|chunk| unsafe { abi::envoy_bytes(*chunk) })
+                    .collect(),
+            }
         });
-        filter.on_callout_done(envoy, callout_id, response);
+        stream.on_callout_done(callout_id, answer);
     });
 }
 
@@ -395,13 +418,19 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
 ) {
 }
 
-/// The per-stream scheduler is not used yet (the worker integration will use it).
+/// An event committed on this stream's scheduler (delivery, tick, wake-up).
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     _filter_envoy_ptr: HttpFilterEnvoyPtr,
-    _filter_module_ptr: HttpFilterModulePtr,
-    _event_id: u64,
+    filter_module_ptr: HttpFilterModulePtr,
+    event_id: u64,
 ) {
+    guard("http_filter_scheduled", (), || {
+        // SAFETY: see `filter_mut`.
+        if let Some(stream) = unsafe { filter_mut(filter_module_ptr) } {
+            stream.on_scheduled(event_id);
+        }
+    });
 }
 
 /// Flow control of terminal filters: not one.

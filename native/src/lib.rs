@@ -3,17 +3,17 @@
 //! the same filter configuration as `tokengate.wasm`, with the same parser
 //! (`tokengate::config::FilterConfig::parse`).
 //!
-//! Groundwork status: the module loads, refuses an invalid configuration at load
-//! (naming the field), and serves inject mode with `fetch: companion`: a hit in the
-//! process-wide cache sets `Authorization: Bearer <token>` at once; a miss pauses the
-//! request, asks the companion with a callout bound to the stream, caches the token and
-//! resumes the request. `tests/tests/native.rs` proves it on a real Envoy.
+//! It runs the wasm filter's own logic: `tokengate::worker::Worker` (one per Envoy worker
+//! thread) behind a dynamic-module implementation of `tokengate::host::Host` (see
+//! `adapter`). Both modes (inject, endpoint) and both fetch paths (`gateway`, `companion`)
+//! run; `tests/tests/native.rs` proves them on a real Envoy 1.40 (the gateway path with
+//! the companion up, leasing through Redis, and with it down, in local mode).
 //!
 //! - [`abi`]: the C declarations used, by hand, for Envoy 1.40's ABI (`v0.2.0`).
 //! - `envoy`: safe wrappers over those callbacks.
 //! - `ffi`: the exported `envoy_dynamic_module_on_*` hooks, each inside `catch_unwind`.
-//! - `filter`: the groundwork filter logic (cache, callout, resume).
-//! - `adapter`: the only user of `tokengate::host` / `tokengate::worker`.
+//! - `adapter`: the only user of `tokengate::worker` / `tokengate::host` / `tokengate::hits`:
+//!   per-thread workers, the `Host`, shared data, carriers, schedulers and ticks.
 //!
 //! # Build
 //!
@@ -93,43 +93,28 @@
 //!   `program_init`), `register_shared_data` / `get_shared_data` (a process-wide
 //!   registry of module pointers), generic secrets (`config_get_generic_secret`).
 //!
-//! # Driving the worker (the design for the full issue)
+//! # How the worker is driven (details in `adapter`)
 //!
-//! `tokengate::worker::Worker` is a per-worker state machine behind `tokengate::host::Host`.
-//! For the dynamic-module host (`adapter::DynamicHost`, to write):
+//! - One `Worker` per Envoy worker thread and configuration, in a `thread_local!`.
+//! - Shared data: one process-wide `Mutex<HashMap>`; `shared_replace` is a real
+//!   compare-and-swap (also closing the wasm CAS pitfall for existing keys).
+//! - Callouts ride on a paused stream of the worker (they die with their stream: the
+//!   worker then gets `NoResponse` and retries on another carrier).
+//! - Resume / reply / tick / wake: events committed on the paused streams' schedulers,
+//!   handled in `on_http_filter_scheduled` on the stream's own thread; a process-wide
+//!   ticker thread commits the ticks.
 //!
-//! - One `Worker` per Envoy worker thread, in a `thread_local!` (filters of one thread run
-//!   one at a time, so a `RefCell` suffices), created lazily on the first stream of the
-//!   thread from the stream's config (`worker_id` = `http_filter_get_worker_index`).
-//!   Several filter configurations: one Worker per (thread, config generation).
-//! - `shared_get/set/get_versioned/replace`: one process-wide `Mutex<HashMap<String,
-//!   (Vec<u8>, u32)>>`; `replace` is a real compare-and-swap under the lock (also for a
-//!   missing key, fixing the wasm CAS pitfall), and keys can be deleted.
-//! - `dispatch`: the worker sends callouts "from the root context" so an answer is never
-//!   lost with the request that caused it. Here: a stream-bound callout is cancelled
-//!   with its stream, so the worker's callouts go out on a stream that is *waiting* on
-//!   that fetch; if that stream ends first, the adapter re-dispatches the callout on
-//!   another waiting stream or fails the fetch (`on_callout_response` with a reset).
-//!   The alternative, config-level callouts, runs on the main thread only: the worker
-//!   would then need a main-thread proxy (commit a config event, send, get the answer
-//!   on main, hand it back to the worker thread with a filter scheduler). First choice:
-//!   stream-bound, as it keeps everything on the worker thread.
-//! - `resume_with_header(context_id)` / `reply_json`: `context_id` maps to the stream's
-//!   scheduler (`http_filter_scheduler_new` at pause); the adapter sets the header and
-//!   calls `continue_decoding` directly when it runs on the stream's own hook, otherwise
-//!   it commits an event and does it in `on_http_filter_scheduled`. `on_request_gone`
-//!   from `on_http_filter_destroy` (which also deletes the scheduler).
-//! - `wake(queue)`: the other worker's paused streams are woken through their
-//!   schedulers (any thread may commit), replacing proxy-wasm's shared queues and the
-//!   cross-worker polling (envoy#17576 does not apply here).
-//! - `set_tick_period_ms` / `on_tick`: no per-worker timer exists for HTTP filters.
-//!   Ticks are driven by the streams: each hook of the thread calls `on_tick` when the
-//!   period elapsed, and a paused stream's scheduler is committed from a process-wide
-//!   ticker thread (one `std::thread` sleeping the shortest wanted period) so a worker
-//!   with only paused requests still ticks on its own thread.
-//! - `add` -> `http_filter_increment_counter` (counters defined in `config_new` from
-//!   `Metric::all()`); `log_level` / `log` -> `callback_log_enabled` / `callback_log`.
-//! - `now_ms`: `SystemTime`.
+//! # Not done yet
+//!
+//! - A carrier is needed for every callout: background work of a worker with no paused
+//!   request (refresh-ahead started by a hit, invalidate after a purge, lease-end retries)
+//!   rides on the request that triggered it and is lost if that request ends first
+//!   (the worker then retries per core's policy). A bootstrap extension with its own
+//!   callouts and timer (`envoy.bootstrap.dynamic_modules`, main thread) could carry them
+//!   instead.
+//! - Per-route configuration, the filter's own `catch_unwind` tests (a cdylib links
+//!   against Envoy's symbols, so it has no native unit tests; the e2e tests cover it),
+//!   slots of a configuration Envoy dropped stay in their threads (small, no streams).
 
 #![cfg_attr(
     not(test),
@@ -145,4 +130,3 @@ pub mod abi;
 mod adapter;
 mod envoy;
 mod ffi;
-mod filter;

@@ -17,9 +17,8 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::{any, post};
 use serde_json::{Value, json};
-use tokengate_tests::harness::{
-    Process, envoy_binary, envoy_log_args, free_port, wait_until, workspace_root,
-};
+use tokengate_tests::harness::{Process, envoy_binary, envoy_log_args, free_port, workspace_root};
+use tokengate_tests::standins::{Endpoint, Fixture, StandIns};
 
 /// Where `libtokengate.so` is: `$TOKENGATE_NATIVE_DIR`, or the debug build.
 fn module_dir() -> PathBuf {
@@ -118,6 +117,8 @@ struct Ports {
     admin: u16,
     echo: u16,
     companion: u16,
+    tenant_service: u16,
+    login: u16,
 }
 
 /// Renders `envoy/native.yaml.tmpl` into `dir`; returns its path.
@@ -133,6 +134,8 @@ fn render(dir: &Path, ports: &Ports, filter_config: &Value) -> PathBuf {
         ("{{PLUGIN_CONFIG}}", literal),
         ("{{ECHO_PORT}}", ports.echo.to_string()),
         ("{{COMPANION_PORT}}", ports.companion.to_string()),
+        ("{{TENANT_SERVICE_PORT}}", ports.tenant_service.to_string()),
+        ("{{LOGIN_PORT}}", ports.login.to_string()),
     ]
     .iter()
     .fold(template, |text, (placeholder, value)| {
@@ -173,6 +176,44 @@ fn validate(config: &Path, abi_version: Option<&str>) -> (bool, String) {
     (output.status.success(), text)
 }
 
+/// Starts Envoy (2 workers) with `filter_config` and waits until it is ready.
+async fn start_envoy(dir: &Path, ports: &Ports, filter_config: &Value) -> Process {
+    let config = render(dir, ports, filter_config);
+    let mut command = envoy_command(&config, ports.admin);
+    command.args(["--concurrency", "2"]);
+    let mut envoy = Process::spawn(
+        "envoy",
+        command,
+        dir.join(format!("envoy-{}.log", ports.listen)),
+    );
+    let ready = format!("http://127.0.0.1:{}/ready", ports.admin);
+    let client = reqwest::Client::new();
+    for _ in 0..600 {
+        if let Ok(answer) = client.get(&ready).send().await {
+            if answer.status().is_success() {
+                return envoy;
+            }
+        }
+        envoy.assert_running();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("Envoy not ready after 30 s:\n{}", envoy.log_tail(40));
+}
+
+/// The counter `name` (e.g. `tokengate.cache_hit`) in Envoy's stats.
+async fn stat(admin: u16, name: &str) -> Option<u64> {
+    let stats = reqwest::get(format!("http://127.0.0.1:{admin}/stats?filter=tokengate"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    stats.lines().find_map(|line| {
+        let (key, value) = line.split_once(": ")?;
+        key.ends_with(name).then(|| value.trim().parse().ok())?
+    })
+}
+
 fn companion_config() -> Value {
     json!({ "fetch": "companion" })
 }
@@ -183,6 +224,8 @@ fn unused_ports() -> Ports {
         admin: free_port(),
         echo: free_port(),
         companion: free_port(),
+        tenant_service: free_port(),
+        login: free_port(),
     }
 }
 
@@ -225,15 +268,6 @@ fn an_invalid_filter_configuration_is_refused_at_load_naming_the_field() {
         log.contains("Failed to initialize dynamic module"),
         "Envoy's own refusal:\n{log}"
     );
-
-    // What the native build cannot do yet is refused too, never half-served.
-    let config = render(dir.path(), &unused_ports(), &json!({ "mode": "endpoint" }));
-    let (ok, log) = validate(&config, None);
-    assert!(!ok, "{log}");
-    assert!(
-        log.contains("invalid tokengate configuration at 'mode'"),
-        "{log}"
-    );
 }
 
 /// Envoy 1.40 does not refuse a module built for another ABI: it warns and loads it.
@@ -270,26 +304,11 @@ async fn a_request_reaches_the_upstream_with_the_tenants_token() {
         admin: free_port(),
         echo: echo().await,
         companion: token_api(Arc::clone(&calls)).await,
+        tenant_service: free_port(),
+        login: free_port(),
     };
-    let config = render(dir.path(), &ports, &companion_config());
-    let mut command = envoy_command(&config, ports.admin);
-    command.args(["--concurrency", "2"]);
-    let mut envoy = Process::spawn("envoy", command, dir.path().join("envoy.log"));
-    let ready = format!("http://127.0.0.1:{}/ready", ports.admin);
+    let mut envoy = start_envoy(dir.path(), &ports, &companion_config()).await;
     let client = reqwest::Client::new();
-    wait_until("Envoy live", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(("127.0.0.1", ports.admin)).is_ok()
-    })
-    .await;
-    for _ in 0..300 {
-        if let Ok(answer) = client.get(&ready).send().await {
-            if answer.status().is_success() {
-                break;
-            }
-        }
-        envoy.assert_running();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let url = format!("http://127.0.0.1:{}/app", ports.listen);
 
     let get = |tenant: Option<&'static str>| {
@@ -368,6 +387,166 @@ async fn a_request_reaches_the_upstream_with_the_tenants_token() {
     };
     assert_eq!(stat("tokengate.cache_hit"), Some(6), "{stats}");
     assert_eq!(stat("tokengate.cache_miss"), Some(2), "{stats}");
-    assert_eq!(stat("tokengate.fetch_succeeded"), Some(2), "{stats}");
+    // The companion fetched these tokens, not this filter (as in the wasm build).
+    assert_eq!(stat("tokengate.fetch_succeeded"), Some(0), "{stats}");
+    envoy.assert_running();
+}
+
+/// The default path (`fetch: gateway`) driven by `tokengate::worker` inside the module,
+/// with the companion down: local mode, the Tenant Service and the Genesys login
+/// stand-ins, callouts carried by the paused requests, one fetch for concurrent misses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_worker_fetches_from_the_tenant_service_and_the_login_collapsing_misses() {
+    assert_prerequisites();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+    let standins = StandIns::start(Fixture::default_fixture())
+        .await
+        .unwrap_or_else(|e| panic!("stand-ins: {e}"));
+    let ports = Ports {
+        listen: free_port(),
+        admin: free_port(),
+        echo: standins.echo.port(),
+        // Nobody listens: the companion is down, the filter fetches in local mode.
+        companion: free_port(),
+        tenant_service: standins.tenant_service.port(),
+        login: standins.login.port(),
+    };
+    let filter_config = json!({ "genesys": { "loginClusterPattern": "genesys_login" } });
+    let mut envoy = start_envoy(dir.path(), &ports, &filter_config).await;
+    let url = format!("http://127.0.0.1:{}/app", ports.listen);
+    let client = reqwest::Client::new();
+
+    // Twenty concurrent misses for one tenant: one login, every request gets its token.
+    let requests = (0..20).map(|_| {
+        let request = client.get(&url).header("x-tenant-id", "acme").send();
+        async move {
+            let answer = request.await.unwrap_or_else(|e| panic!("no answer: {e}"));
+            let status = answer.status();
+            let body: Value = answer.json().await.unwrap_or(Value::Null);
+            (
+                status,
+                body["headers"]["authorization"].as_str().map(str::to_owned),
+            )
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    let issued: Vec<String> = standins
+        .tokens_issued_to("acme")
+        .into_iter()
+        .map(|token| format!("Bearer {token}"))
+        .collect();
+    assert_eq!(
+        issued.len(),
+        1,
+        "one login for concurrent misses\n{}",
+        envoy.log_tail(60)
+    );
+    for (status, authorization) in answers {
+        assert_eq!(status, 200, "{}", envoy.log_tail(60));
+        assert_eq!(authorization.as_deref(), Some(issued[0].as_str()));
+    }
+    assert_eq!(standins.calls(Endpoint::TenantService), 1);
+
+    // Served from the cache afterwards.
+    let answer = client
+        .get(&url)
+        .header("x-tenant-id", "acme")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}"));
+    let body: Value = answer.json().await.unwrap_or(Value::Null);
+    assert_eq!(
+        body["headers"]["authorization"].as_str(),
+        Some(issued[0].as_str())
+    );
+    assert_eq!(standins.tokens_issued_to("acme").len(), 1);
+
+    // A tenant without Genesys credentials: the Tenant Service's 404 as the filter's error.
+    let answer = client
+        .get(&url)
+        .header("x-tenant-id", "wonka")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}"));
+    assert_eq!(answer.status(), 404);
+    let body: Value = answer.json().await.unwrap_or(Value::Null);
+    assert_eq!(body["code"], "CREDENTIALS_NOT_FOUND", "{body}");
+
+    assert!(
+        stat(ports.admin, "tokengate.companion_fallback")
+            .await
+            .unwrap_or(0)
+            >= 1
+    );
+    assert_eq!(
+        stat(ports.admin, "tokengate.fetch_succeeded").await,
+        Some(1)
+    );
+    envoy.assert_running();
+}
+
+/// Endpoint mode: the module answers the token API itself, GET from headers and POST
+/// from the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_mode_answers_the_token_api() {
+    assert_prerequisites();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let ports = Ports {
+        listen: free_port(),
+        admin: free_port(),
+        echo: echo().await,
+        companion: token_api(Arc::clone(&calls)).await,
+        tenant_service: free_port(),
+        login: free_port(),
+    };
+    let filter_config = json!({ "mode": "endpoint", "fetch": "companion" });
+    let mut envoy = start_envoy(dir.path(), &ports, &filter_config).await;
+    let url = format!("http://127.0.0.1:{}/auth/token", ports.listen);
+    let client = reqwest::Client::new();
+
+    let answer = client
+        .get(&url)
+        .header("x-tenant-id", "acme")
+        .header("x-credential-type", "genesys")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}"));
+    assert_eq!(answer.status(), 200, "{}", envoy.log_tail(40));
+    let body: Value = answer.json().await.unwrap_or(Value::Null);
+    assert_eq!(body["accessToken"], "native-genesys-acme", "{body}");
+    assert_eq!(body["tokenType"], "Bearer");
+
+    let answer = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(r#"{"tenantId":"acme","type":"genesys"}"#)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}"));
+    assert_eq!(answer.status(), 200, "{}", envoy.log_tail(40));
+    let body: Value = answer.json().await.unwrap_or(Value::Null);
+    assert_eq!(body["accessToken"], "native-genesys-acme", "{body}");
+    assert_eq!(body["source"], "cache", "{body}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    let answer = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(r#"{"tenantId":"globex","type":"whatsapp"}"#)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}"));
+    let body: Value = answer.json().await.unwrap_or(Value::Null);
+    assert_eq!(body["accessToken"], "native-whatsapp-globex", "{body}");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    let answer = client
+        .post(&url)
+        .body("not json")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}"));
+    assert_eq!(answer.status(), 400);
     envoy.assert_running();
 }
