@@ -26,6 +26,8 @@ pub const ABI_VERSION: &std::ffi::CStr = c"v0.2.0";
 pub type HttpFilterConfigEnvoyPtr = *mut c_void;
 /// The module's HTTP filter configuration object.
 pub type HttpFilterConfigModulePtr = *const c_void;
+/// A per-configuration scheduler Envoy allocated for the module (the module deletes it).
+pub type HttpFilterConfigSchedulerModulePtr = *mut c_void;
 /// A per-stream scheduler Envoy allocated for the module (the module deletes it).
 pub type HttpFilterSchedulerModulePtr = *mut c_void;
 /// Envoy's per-stream HTTP filter object (`DynamicModuleHttpFilter*`).
@@ -234,20 +236,6 @@ unsafe extern "C" {
         filter_envoy_ptr: HttpFilterEnvoyPtr,
     );
 
-    /// Sends an HTTP request to `cluster_name` on behalf of this stream; the answer
-    /// comes to `envoy_dynamic_module_on_http_filter_http_callout_done` on the same
-    /// worker thread (not at all if the stream is destroyed first). `headers` must
-    /// hold `:method`, `:path` and `host`.
-    pub fn envoy_dynamic_module_callback_http_filter_http_callout(
-        filter_envoy_ptr: HttpFilterEnvoyPtr,
-        callout_id_out: *mut u64,
-        cluster_name: ModuleBuffer,
-        headers: *mut ModuleHttpHeader,
-        headers_size: usize,
-        body: ModuleBuffer,
-        timeout_milliseconds: u64,
-    ) -> CalloutInitResult;
-
     /// A scheduler for this stream: `commit` from any thread runs
     /// `envoy_dynamic_module_on_http_filter_scheduled` on the stream's worker thread.
     pub fn envoy_dynamic_module_callback_http_filter_scheduler_new(
@@ -262,6 +250,34 @@ unsafe extern "C" {
     pub fn envoy_dynamic_module_callback_http_filter_scheduler_delete(
         scheduler_module_ptr: HttpFilterSchedulerModulePtr,
     );
+
+    /// A scheduler for a filter configuration: `commit` from any thread runs
+    /// `envoy_dynamic_module_on_http_filter_config_scheduled` on the **main thread**.
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(
+        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+    ) -> HttpFilterConfigSchedulerModulePtr;
+    /// Schedules `event_id` on the main thread (any thread).
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
+        scheduler_module_ptr: HttpFilterConfigSchedulerModulePtr,
+        event_id: u64,
+    );
+    /// Frees a configuration scheduler.
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(
+        scheduler_module_ptr: HttpFilterConfigSchedulerModulePtr,
+    );
+    /// Sends an HTTP request not bound to any stream; the answer comes to
+    /// `envoy_dynamic_module_on_http_filter_config_http_callout_done` on the calling
+    /// thread. The configuration keeps its callouts in an unlocked map: call it from the
+    /// main thread only (this module does, from `on_http_filter_config_scheduled`).
+    pub fn envoy_dynamic_module_callback_http_filter_config_http_callout(
+        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+        callout_id_out: *mut u64,
+        cluster_name: ModuleBuffer,
+        headers: *mut ModuleHttpHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        timeout_milliseconds: u64,
+    ) -> CalloutInitResult;
 
     /// The index of the worker thread running this stream (0-based).
     pub fn envoy_dynamic_module_callback_http_filter_get_worker_index(

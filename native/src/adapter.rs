@@ -7,16 +7,20 @@
 //! build. Like the wasm glue, it translates and decides nothing:
 //!
 //! - **Worker per thread**: a `thread_local!` map from configuration generation to a
-//!   [`Slot`] (the `Worker`, its live streams, its callouts). Every hook of a stream runs
-//!   on the stream's worker thread, so `RefCell`s suffice.
+//!   [`Slot`] (the `Worker`, its live streams). Every hook of a stream runs on the
+//!   stream's worker thread, so `RefCell`s suffice.
 //! - **Shared data**: one process-wide `Mutex<HashMap>` with versions; `shared_replace`
 //!   is a real compare-and-swap.
-//! - **Callouts**: the worker sends them "from its root context", which a dynamic module
-//!   does not have: a callout is carried by a stream and Envoy cancels it with its
-//!   stream. The carrier is a *paused* stream of the worker when there is one (it lives
-//!   until its fetch ends), else the stream whose hook is running. When a carrier ends
-//!   first, its callouts are answered `NoResponse` to the worker (which retries them per
-//!   core's policy, on another carrier).
+//! - **Callouts** leave from the main thread, like proxy-wasm's root-context callouts
+//!   they belong to no request: `dispatch` queues the callout in the configuration's
+//!   outbox and commits the configuration scheduler; `on_http_filter_config_scheduled`
+//!   (main thread) sends it with `http_filter_config_http_callout` (which Envoy keeps in
+//!   an unlocked per-configuration map: main thread only); the answer arrives in
+//!   `on_http_filter_config_http_callout_done` (main thread) and goes to the worker's
+//!   inbox, with an event on one of its paused streams to hand it over on the worker's
+//!   own thread. (A first version carried callouts on the worker's streams: Envoy
+//!   cancels a stream's callouts when it ends, and a companion commit carried by a
+//!   request that was just resumed was lost, holding the cluster lock to its TTL.)
 //! - **Resume / reply**: the worker's `resume_with_header` / `reply_json` record the
 //!   delivery on the paused stream and commit an event on that stream's scheduler; the
 //!   stream applies it in `on_http_filter_scheduled` (`set_header` +
@@ -25,19 +29,20 @@
 //! - **Ticks**: no timer exists for HTTP filters. A process-wide ticker thread commits a
 //!   tick event on a paused stream of each worker whose period is due (schedulers may be
 //!   committed from any thread; the registry lock keeps every commit before the
-//!   scheduler's delete). A worker without paused streams ticks at the start of its next
-//!   request instead.
+//!   scheduler's delete). A worker without paused streams ticks, and takes its callout
+//!   answers, at the start of its next request instead.
 //! - **Wake**: `wake(queue)` commits a wake event on a paused stream of the woken worker
 //!   (queue = worker id, unique in the process): cross-worker wake-ups need no polling.
 //!
 //! Known limits: the slots of a configuration that Envoy dropped stay in their threads
-//! until the threads end (one per configuration generation, no streams); a fetch whose
-//! every carrier ends fails over to the next request's stream.
+//! until the threads end (one per configuration generation, no streams); background work
+//! of a worker without paused requests (a refresh-ahead started by a hit, an invalidate,
+//! a lease-end retry) gets its answer on the worker's next request.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Once};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -53,7 +58,7 @@ use tokengate_core::{
     TokenKey,
 };
 
-use crate::envoy::{self, EnvoyConfig, EnvoyFilter, LogLevel, Scheduler};
+use crate::envoy::{self, ConfigScheduler, EnvoyConfig, EnvoyFilter, LogLevel, Scheduler};
 
 /// Scheduled event: apply the delivery recorded on the stream.
 const EVENT_DELIVER: u64 = 1;
@@ -61,6 +66,10 @@ const EVENT_DELIVER: u64 = 1;
 const EVENT_TICK: u64 = 2;
 /// Scheduled event: run the worker's wake-up.
 const EVENT_WAKE: u64 = 3;
+/// Scheduled event: hand the callout answers in the worker's inbox over.
+const EVENT_ANSWER: u64 = 4;
+/// Main-thread event: send the callouts in the configuration's outbox.
+const EVENT_SEND: u64 = 1;
 
 /// The request header that marks the filter's own answers for Envoy's
 /// `local_reply_config` (as in the wasm build).
@@ -106,6 +115,41 @@ struct TickEntry {
 }
 
 static TICKS: LazyLock<Mutex<HashMap<u64, TickEntry>>> = LazyLock::new(Default::default);
+
+/// Callout answers by worker id, waiting for their worker's thread.
+static INBOX: LazyLock<Mutex<HashMap<u64, Answers>>> = LazyLock::new(Default::default);
+
+/// Callout answers: (the worker's callout id, result).
+type Answers = Vec<(u32, CalloutResult)>;
+/// How many answers wait in [`INBOX`] (checked without the lock on every request).
+static INBOX_COUNT: AtomicUsize = AtomicUsize::new(0);
+
+/// Hands a callout answer to worker `worker_id` (any thread): into its inbox, and an
+/// event on one of its paused streams (without one, its next request takes it).
+fn post_answer(worker_id: u64, id: u32, result: CalloutResult) {
+    lock(&INBOX)
+        .entry(worker_id)
+        .or_default()
+        .push((id, result));
+    INBOX_COUNT.fetch_add(1, Ordering::SeqCst);
+    let ticks = lock(&TICKS);
+    if let Some((_, scheduler)) = ticks
+        .get(&worker_id)
+        .and_then(|entry| entry.schedulers.first())
+    {
+        scheduler.commit(EVENT_ANSWER);
+    }
+}
+
+/// The answers waiting for worker `worker_id`.
+fn take_answers(worker_id: u64) -> Vec<(u32, CalloutResult)> {
+    if INBOX_COUNT.load(Ordering::SeqCst) == 0 {
+        return Vec::new();
+    }
+    let answers = lock(&INBOX).remove(&worker_id).unwrap_or_default();
+    INBOX_COUNT.fetch_sub(answers.len(), Ordering::SeqCst);
+    answers
+}
 static TICKER: Once = Once::new();
 /// Worker ids (also their wake queues), unique in the process.
 static NEXT_WORKER_ID: AtomicU32 = AtomicU32::new(1);
@@ -167,6 +211,33 @@ pub struct NativeConfig {
     generation: u64,
     /// Stat ids by metric.
     metrics: Arc<Vec<(Metric, usize)>>,
+    /// Callouts of the workers, sent from the main thread.
+    main: Arc<Mutex<Main>>,
+}
+
+/// A callout a worker asked for, waiting for the main thread.
+#[derive(Debug)]
+struct Outgoing {
+    worker_id: u64,
+    id: u32,
+    cluster: String,
+    /// Header names and values (values may carry secrets).
+    headers: Vec<(String, SecretBytes)>,
+    body: SecretBytes,
+    timeout_ms: u64,
+}
+
+/// The main-thread side of a configuration: the workers' callouts leave from here, as
+/// Envoy sends a configuration's callouts through the calling thread and keeps them in
+/// an unlocked map (so only the main thread may call it).
+#[derive(Debug)]
+struct Main {
+    envoy: EnvoyConfig,
+    /// `None` once Envoy dropped the configuration.
+    scheduler: Option<ConfigScheduler>,
+    outbox: Vec<Outgoing>,
+    /// Envoy's callout id -> (worker, the worker's callout id).
+    pending: HashMap<u64, (u64, u32)>,
 }
 
 impl NativeConfig {
@@ -190,7 +261,83 @@ impl NativeConfig {
             config,
             generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
             metrics: Arc::new(metrics),
+            main: Arc::new(Mutex::new(Main {
+                envoy: envoy_config,
+                scheduler: Some(envoy_config.new_scheduler()),
+                outbox: Vec::new(),
+                pending: HashMap::new(),
+            })),
         })
+    }
+
+    /// Envoy drops the configuration (main thread): no callout leaves any more; the
+    /// ones in flight are cancelled by Envoy, so their workers get `NoResponse`.
+    pub fn shutdown(&self) {
+        let (scheduler, outbox, pending) = {
+            let mut main = lock(&self.main);
+            (
+                main.scheduler.take(),
+                std::mem::take(&mut main.outbox),
+                std::mem::take(&mut main.pending),
+            )
+        };
+        if let Some(scheduler) = scheduler {
+            scheduler.delete();
+        }
+        for outgoing in outbox {
+            post_answer(outgoing.worker_id, outgoing.id, CalloutResult::NoResponse);
+        }
+        for (worker_id, id) in pending.into_values() {
+            post_answer(worker_id, id, CalloutResult::NoResponse);
+        }
+    }
+
+    /// Main thread: send the callouts the workers queued.
+    pub fn on_main_scheduled(&self, event_id: u64) {
+        if event_id != EVENT_SEND {
+            return;
+        }
+        let (envoy, outbox) = {
+            let mut main = lock(&self.main);
+            (main.envoy, std::mem::take(&mut main.outbox))
+        };
+        for outgoing in outbox {
+            let headers: Vec<(&str, &[u8])> = outgoing
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.expose()))
+                .collect();
+            match envoy.callout(
+                &outgoing.cluster,
+                &headers,
+                outgoing.body.expose(),
+                outgoing.timeout_ms,
+            ) {
+                Ok(envoy_id) => {
+                    lock(&self.main)
+                        .pending
+                        .insert(envoy_id, (outgoing.worker_id, outgoing.id));
+                }
+                Err(code) => {
+                    envoy::log(
+                        LogLevel::Warn,
+                        &format!(
+                            "tokengate: cluster '{}' refused the call (init result {code})",
+                            outgoing.cluster
+                        ),
+                    );
+                    post_answer(outgoing.worker_id, outgoing.id, CalloutResult::NoResponse);
+                }
+            }
+        }
+    }
+
+    /// Main thread: a configuration callout ended.
+    pub fn on_main_callout_done(&self, envoy_id: u64, answer: Option<RawAnswer<'_>>) {
+        let Some((worker_id, id)) = lock(&self.main).pending.remove(&envoy_id) else {
+            return;
+        };
+        post_answer(worker_id, id, callout_result(answer));
     }
 
     /// A line for the log naming what this configuration does.
@@ -239,8 +386,8 @@ struct HostState {
     worker_id: u64,
     metrics: Arc<Vec<(Metric, usize)>>,
     streams: RefCell<HashMap<u32, StreamEntry>>,
-    /// Callouts in flight: (carrier stream, Envoy's id) -> the worker's id.
-    callouts: RefCell<HashMap<(u32, u64), u32>>,
+    /// Where the worker's callouts leave from.
+    main: Arc<Mutex<Main>>,
     next_callout: Cell<u32>,
     /// The tick period the worker asked for, and when the next tick is due.
     tick_period_ms: Cell<u64>,
@@ -289,7 +436,7 @@ impl Slot {
                         worker_id: u64::from(id),
                         metrics: Arc::clone(&config.metrics),
                         streams: RefCell::new(HashMap::new()),
-                        callouts: RefCell::new(HashMap::new()),
+                        main: Arc::clone(&config.main),
                         next_callout: Cell::new(1),
                         tick_period_ms: Cell::new(0),
                         next_tick_ms: Cell::new(0),
@@ -316,9 +463,16 @@ impl Slot {
             call(&mut worker, &mut host)
         };
         loop {
-            let next = self.deferred.borrow_mut().pop();
-            let Some((id, result)) = next else { break };
-            if let Ok(mut worker) = self.worker.try_borrow_mut() {
+            let mut answers = std::mem::take(&mut *self.deferred.borrow_mut());
+            answers.extend(take_answers(self.state.worker_id));
+            if answers.is_empty() {
+                break;
+            }
+            let Ok(mut worker) = self.worker.try_borrow_mut() else {
+                self.deferred.borrow_mut().extend(answers);
+                break;
+            };
+            for (id, result) in answers {
                 worker.on_callout_response(&mut host, id, result);
             }
         }
@@ -353,20 +507,6 @@ impl DynamicHost<'_> {
             .map(|entry| entry.envoy)
     }
 
-    /// The stream to carry a callout: a paused one (it lives until its fetch ends),
-    /// else the running one.
-    fn carrier(&self) -> Option<(u32, EnvoyFilter)> {
-        let streams = self.state.streams.borrow();
-        if let Some((id, entry)) = streams
-            .iter()
-            .find(|(_, entry)| entry.waiting && entry.pending.is_none())
-        {
-            return Some((*id, entry.envoy));
-        }
-        let id = self.current?;
-        streams.get(&id).map(|entry| (id, entry.envoy))
-    }
-
     /// Records `delivery` for paused stream `context_id` and schedules it.
     fn deliver(&mut self, context_id: u32, delivery: Delivery2) -> bool {
         let mut streams = self.state.streams.borrow_mut();
@@ -388,39 +528,43 @@ impl Host for DynamicHost<'_> {
     }
 
     fn dispatch(&mut self, callout: Callout<'_>) -> Result<u32, String> {
-        let Some((carrier_id, carrier)) = self.carrier() else {
-            return Err("no stream to carry the callout".to_owned());
-        };
-        let mut headers: Vec<(&str, &[u8])> = vec![
-            (":method", callout.method.as_bytes()),
-            (":path", callout.path.as_bytes()),
-            ("host", callout.authority.as_bytes()),
-        ];
-        headers.extend(
-            callout
-                .headers
-                .iter()
-                .map(|(name, value)| (*name, value.as_bytes())),
-        );
-        let envoy_id = carrier
-            .callout(
-                callout.cluster,
-                &headers,
-                callout.body.unwrap_or_default(),
-                callout.timeout_ms,
-            )
-            .map_err(|code| {
-                format!(
-                    "cluster '{}' refused the call (init result {code})",
-                    callout.cluster
-                )
-            })?;
         let id = self.state.next_callout.get();
         self.state.next_callout.set(id.wrapping_add(1).max(1));
-        self.state
-            .callouts
-            .borrow_mut()
-            .insert((carrier_id, envoy_id), id);
+        let mut headers: Vec<(String, SecretBytes)> = vec![
+            (
+                ":method".to_owned(),
+                SecretBytes::new(callout.method.as_bytes().to_vec()),
+            ),
+            (
+                ":path".to_owned(),
+                SecretBytes::new(callout.path.as_bytes().to_vec()),
+            ),
+            (
+                "host".to_owned(),
+                SecretBytes::new(callout.authority.as_bytes().to_vec()),
+            ),
+        ];
+        headers.extend(callout.headers.iter().map(|(name, value)| {
+            (
+                (*name).to_owned(),
+                SecretBytes::new(value.as_bytes().to_vec()),
+            )
+        }));
+        let outgoing = Outgoing {
+            worker_id: self.state.worker_id,
+            id,
+            cluster: callout.cluster.to_owned(),
+            headers,
+            body: SecretBytes::new(callout.body.unwrap_or_default().to_vec()),
+            timeout_ms: callout.timeout_ms,
+        };
+        let mut main = lock(&self.state.main);
+        let Some(scheduler) = main.scheduler else {
+            return Err("the filter configuration is gone".to_owned());
+        };
+        main.outbox.push(outgoing);
+        // Committed under the lock: `shutdown` deletes the scheduler under it too.
+        scheduler.commit(EVENT_SEND);
         Ok(id)
     }
 
@@ -898,57 +1042,6 @@ impl Stream {
         }
     }
 
-    /// Callout `envoy_id` carried by this stream ended.
-    pub fn on_callout_done(&mut self, envoy_id: u64, answer: Option<RawAnswer<'_>>) {
-        let Some(id) = self
-            .slot
-            .state
-            .callouts
-            .borrow_mut()
-            .remove(&(self.id, envoy_id))
-        else {
-            return;
-        };
-        let result = match answer {
-            Some(RawAnswer {
-                status: Some(status),
-                retry_after_secs,
-                body,
-            }) => {
-                let size: usize = body.iter().map(|chunk| chunk.len()).sum();
-                if size > MAX_CALLOUT_BODY {
-                    envoy::log(
-                        LogLevel::Warn,
-                        &format!(
-                            "tokengate: callout answer {status} of {size} bytes is larger than {MAX_CALLOUT_BODY}: treated as no answer"
-                        ),
-                    );
-                    CalloutResult::NoResponse
-                } else {
-                    CalloutResult::Response {
-                        status,
-                        body: SecretBytes::new(body.concat()),
-                        retry_after_secs,
-                    }
-                }
-            }
-            _ => CalloutResult::NoResponse,
-        };
-        self.answer(id, result);
-    }
-
-    /// Hands a callout result to the worker, or defers it when the worker is busy.
-    fn answer(&self, id: u32, result: CalloutResult) {
-        let slot = &self.slot;
-        if slot.worker.try_borrow_mut().is_err() {
-            slot.deferred.borrow_mut().push((id, result));
-            return;
-        }
-        slot.with_worker(Some(self.id), |worker, host| {
-            worker.on_callout_response(host, id, result);
-        });
-    }
-
     /// A scheduled event reached this stream.
     pub fn on_scheduled(&mut self, event_id: u64) {
         match event_id {
@@ -989,6 +1082,10 @@ impl Stream {
                 self.slot
                     .with_worker(Some(self.id), |worker, host| worker.on_wake(host));
             }
+            // The answers are handed over by `with_worker` itself.
+            EVENT_ANSWER => {
+                self.slot.with_worker(Some(self.id), |_, _| ());
+            }
             _ => {}
         }
     }
@@ -1014,16 +1111,6 @@ impl Drop for Stream {
         if let Some(scheduler) = entry.and_then(|entry| entry.scheduler) {
             envoy::delete_scheduler(scheduler);
         }
-        // Envoy cancels the callouts this stream carried: the worker gets no answer.
-        let orphaned: Vec<u32> = {
-            let mut callouts = state.callouts.borrow_mut();
-            let keys: Vec<(u32, u64)> = callouts
-                .keys()
-                .filter(|(carrier, _)| *carrier == self.id)
-                .copied()
-                .collect();
-            keys.iter().filter_map(|key| callouts.remove(key)).collect()
-        };
         // Envoy's object is going away: hits still pending are counted on another stream.
         let hits = if self.completed {
             None
@@ -1036,10 +1123,34 @@ impl Drop for Stream {
             if let Some(hits) = hits {
                 host.add(Metric::CacheHit, hits);
             }
-            for callout in orphaned {
-                worker.on_callout_response(host, callout, CalloutResult::NoResponse);
-            }
         });
+    }
+}
+
+/// A callout answer for the worker.
+fn callout_result(answer: Option<RawAnswer<'_>>) -> CalloutResult {
+    let Some(RawAnswer {
+        status: Some(status),
+        retry_after_secs,
+        body,
+    }) = answer
+    else {
+        return CalloutResult::NoResponse;
+    };
+    let size: usize = body.iter().map(|chunk| chunk.len()).sum();
+    if size > MAX_CALLOUT_BODY {
+        envoy::log(
+            LogLevel::Warn,
+            &format!(
+                "tokengate: callout answer {status} of {size} bytes is larger than {MAX_CALLOUT_BODY}: treated as no answer"
+            ),
+        );
+        return CalloutResult::NoResponse;
+    }
+    CalloutResult::Response {
+        status,
+        body: SecretBytes::new(body.concat()),
+        retry_after_secs,
     }
 }
 

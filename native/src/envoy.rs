@@ -70,11 +70,90 @@ pub fn delete_scheduler(scheduler: Scheduler) {
     }
 }
 
-/// Envoy's configuration object, valid during `config_new` (for defining metrics).
+/// A configuration scheduler: `commit` from any thread runs
+/// `on_http_filter_config_scheduled` on the main thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfigScheduler(abi::HttpFilterConfigSchedulerModulePtr);
+
+// SAFETY: made to be committed from any thread; the module keeps commits before the
+// delete (see `adapter`).
+unsafe impl Send for ConfigScheduler {}
+
+impl ConfigScheduler {
+    /// Schedules `event_id` on the main thread.
+    pub fn commit(self, event_id: u64) {
+        if !self.0.is_null() {
+            // SAFETY: a live scheduler (the caller keeps commits before the delete).
+            unsafe {
+                abi::envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
+                    self.0, event_id,
+                );
+            }
+        }
+    }
+
+    /// Frees the scheduler; it must not be committed afterwards.
+    pub fn delete(self) {
+        if !self.0.is_null() {
+            // SAFETY: made by `config_scheduler_new`, deleted once.
+            unsafe {
+                abi::envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.0)
+            }
+        }
+    }
+}
+
+/// Envoy's configuration object: `define_counter` during `config_new` only; the
+/// scheduler and callouts while the configuration lives (callouts on the main thread).
 #[derive(Debug, Clone, Copy)]
 pub struct EnvoyConfig(pub HttpFilterConfigEnvoyPtr);
 
+// SAFETY: only a handle; the module uses it on the main thread (callouts) or to make a
+// scheduler in `config_new` (see `adapter`).
+unsafe impl Send for EnvoyConfig {}
+
 impl EnvoyConfig {
+    /// A scheduler to the main thread for this configuration.
+    pub fn new_scheduler(self) -> ConfigScheduler {
+        // SAFETY: the config pointer of a live configuration.
+        ConfigScheduler(unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_config_scheduler_new(self.0)
+        })
+    }
+
+    /// Sends a callout not bound to a stream (main thread only); `Err` names Envoy's
+    /// refusal code.
+    pub fn callout(
+        self,
+        cluster: &str,
+        headers: &[(&str, &[u8])],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u64, u32> {
+        let mut raw: Vec<abi::ModuleHttpHeader> = headers
+            .iter()
+            .map(|(name, value)| abi::module_header(name, value))
+            .collect();
+        let mut id = 0u64;
+        // SAFETY: a live configuration, on the main thread; everything lent for the call.
+        let result = unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_config_http_callout(
+                self.0,
+                &mut id,
+                abi::module_buffer(cluster.as_bytes()),
+                raw.as_mut_ptr(),
+                raw.len(),
+                abi::module_buffer(body),
+                timeout_ms,
+            )
+        };
+        if result == abi::CALLOUT_INIT_SUCCESS {
+            Ok(id)
+        } else {
+            Err(result)
+        }
+    }
+
     /// Defines a counter without labels; `None` when Envoy refuses it.
     pub fn define_counter(self, name: &str) -> Option<usize> {
         let mut id = 0usize;
@@ -250,39 +329,6 @@ impl EnvoyFilter {
     pub fn continue_decoding(self) {
         // SAFETY: valid filter pointer.
         unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_decoding(self.0) }
-    }
-
-    /// Sends an HTTP callout bound to this stream; `Err` names Envoy's refusal code.
-    pub fn callout(
-        self,
-        cluster: &str,
-        headers: &[(&str, &[u8])],
-        body: &[u8],
-        timeout_ms: u64,
-    ) -> Result<u64, u32> {
-        let mut raw: Vec<abi::ModuleHttpHeader> = headers
-            .iter()
-            .map(|(name, value)| abi::module_header(name, value))
-            .collect();
-        let mut id = 0u64;
-        // SAFETY: valid filter pointer; everything lent for the call (Envoy copies the
-        // request into its own message before returning); `id` is a valid out-pointer.
-        let result = unsafe {
-            abi::envoy_dynamic_module_callback_http_filter_http_callout(
-                self.0,
-                &mut id,
-                abi::module_buffer(cluster.as_bytes()),
-                raw.as_mut_ptr(),
-                raw.len(),
-                abi::module_buffer(body),
-                timeout_ms,
-            )
-        };
-        if result == abi::CALLOUT_INIT_SUCCESS {
-            Ok(id)
-        } else {
-            Err(result)
-        }
     }
 
     /// Adds `value` to counter `id` (defined by this stream's configuration).

@@ -118,6 +118,10 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(
 ) {
     guard("http_filter_config_destroy", (), || {
         if !filter_config_ptr.is_null() {
+            // SAFETY: see `config_ref`.
+            if let Some(config) = unsafe { config_ref(filter_config_ptr) } {
+                config.shutdown();
+            }
             // SAFETY: made by Box::into_raw in config_new; Envoy destroys it once.
             drop(unsafe {
                 Box::from_raw(filter_config_ptr.cast::<Arc<NativeConfig>>().cast_mut())
@@ -284,11 +288,50 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     });
 }
 
-/// A callout of this stream ended (same worker thread as the stream).
+/// Stream-bound callouts are not used (the worker's callouts leave from the main
+/// thread, see `adapter`): the hook exists because Envoy 1.40 requires it.
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
     _filter_envoy_ptr: HttpFilterEnvoyPtr,
-    filter_module_ptr: HttpFilterModulePtr,
+    _filter_module_ptr: HttpFilterModulePtr,
+    _callout_id: u64,
+    _result: CalloutResult,
+    _headers: *mut EnvoyHttpHeader,
+    _headers_size: usize,
+    _body_chunks: *mut EnvoyBuffer,
+    _body_chunks_size: usize,
+) {
+}
+
+/// The configuration behind `ptr`.
+///
+/// # Safety
+/// `ptr` is null or a pointer returned by `config_new` and not yet destroyed.
+unsafe fn config_ref<'a>(ptr: HttpFilterConfigModulePtr) -> Option<&'a Arc<NativeConfig>> {
+    // SAFETY: per the function's contract.
+    unsafe { ptr.cast::<Arc<NativeConfig>>().as_ref() }
+}
+
+/// Main thread: an event committed on the configuration's scheduler (send callouts).
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+    _filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+    filter_config_ptr: HttpFilterConfigModulePtr,
+    event_id: u64,
+) {
+    guard("http_filter_config_scheduled", (), || {
+        // SAFETY: see `config_ref`.
+        if let Some(config) = unsafe { config_ref(filter_config_ptr) } {
+            config.on_main_scheduled(event_id);
+        }
+    });
+}
+
+/// Main thread: a configuration callout ended.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+    _filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+    filter_config_ptr: HttpFilterConfigModulePtr,
     callout_id: u64,
     result: CalloutResult,
     headers: *mut EnvoyHttpHeader,
@@ -296,9 +339,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
     body_chunks: *mut EnvoyBuffer,
     body_chunks_size: usize,
 ) {
-    guard("http_filter_http_callout_done", (), || {
-        // SAFETY: see `filter_mut`.
-        let Some(stream) = (unsafe { filter_mut(filter_module_ptr) }) else {
+    guard("http_filter_config_http_callout_done", (), || {
+        // SAFETY: see `config_ref`.
+        let Some(config) = (unsafe { config_ref(filter_config_ptr) }) else {
             return;
         };
         let answer = (result == abi::CALLOUT_SUCCESS).then(|| {
@@ -328,7 +371,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
                     .collect(),
             }
         });
-        stream.on_callout_done(callout_id, answer);
+        config.on_main_callout_done(callout_id, answer);
     });
 }
 

@@ -61,16 +61,17 @@
 //! - **Callouts bound to a stream**: `callback_http_filter_http_callout(cluster,
 //!   headers incl. :method/:path/host, body, timeout)` -> id; the answer arrives in
 //!   `on_http_filter_http_callout_done` (result, headers, body chunks) on the stream's
-//!   worker thread; Envoy cancels it when the stream is destroyed first. Streamed
+//!   worker thread; Envoy cancels it when the stream is destroyed first (seen: a callout
+//!   carried by a request that went on upstream and finished was reset). Streamed
 //!   variant: `filter_start_http_stream` + `on_http_filter_http_stream_*`.
 //! - **Callouts not bound to a stream**: `callback_http_filter_config_http_callout` (and
 //!   `config_start_http_stream`) on the filter *configuration*; the answer arrives in the
 //!   optional hook `on_http_filter_config_http_callout_done`. Envoy 1.40 sends it through
 //!   the thread-local cluster of the calling thread and delivers the answer on that
 //!   thread (its implementation keeps the pending callouts in a map on the config
-//!   object without a lock, so call it from the main thread: from `config_new` or
-//!   `on_http_filter_config_scheduled`). Bootstrap extensions have their own
-//!   (`bootstrap_extension_http_callout`), also main-thread.
+//!   object without a lock, so call it from the main thread only: this module calls it
+//!   from `on_http_filter_config_scheduled`, and it works there). Bootstrap extensions
+//!   have their own (`bootstrap_extension_http_callout`), also main-thread.
 //! - **Schedulers**: `callback_http_filter_scheduler_new/commit/delete` (per stream):
 //!   `commit` may be called from any thread and runs `on_http_filter_scheduled(event_id)`
 //!   on the **stream's worker thread** — this is how another event (another worker, the
@@ -97,24 +98,24 @@
 //!
 //! - One `Worker` per Envoy worker thread and configuration, in a `thread_local!`.
 //! - Shared data: one process-wide `Mutex<HashMap>`; `shared_replace` is a real
-//!   compare-and-swap (also closing the wasm CAS pitfall for existing keys).
-//! - Callouts ride on a paused stream of the worker (they die with their stream: the
-//!   worker then gets `NoResponse` and retries on another carrier).
+//!   compare-and-swap.
+//! - Callouts leave from the main thread (configuration callouts, sent from
+//!   `on_http_filter_config_scheduled`), so no request's end cancels them; answers come
+//!   back to the worker's thread through an inbox and a paused stream's scheduler.
 //! - Resume / reply / tick / wake: events committed on the paused streams' schedulers,
 //!   handled in `on_http_filter_scheduled` on the stream's own thread; a process-wide
 //!   ticker thread commits the ticks.
 //!
 //! # Not done yet
 //!
-//! - A carrier is needed for every callout: background work of a worker with no paused
-//!   request (refresh-ahead started by a hit, invalidate after a purge, lease-end retries)
-//!   rides on the request that triggered it and is lost if that request ends first
-//!   (the worker then retries per core's policy). A bootstrap extension with its own
-//!   callouts and timer (`envoy.bootstrap.dynamic_modules`, main thread) could carry them
-//!   instead.
-//! - Per-route configuration, the filter's own `catch_unwind` tests (a cdylib links
-//!   against Envoy's symbols, so it has no native unit tests; the e2e tests cover it),
-//!   slots of a configuration Envoy dropped stay in their threads (small, no streams).
+//! - Background work of a worker with no paused request (a refresh-ahead started by a
+//!   hit, an invalidate after a purge, lease-end retries) gets its answers and ticks on
+//!   that worker's next request, not on time. A per-worker timer would need a bootstrap
+//!   extension (`envoy.bootstrap.dynamic_modules` has timers and
+//!   `worker_thread_initialized`) or Envoy's `dispatcher`-level scheduling.
+//! - Per-route configuration; the hooks' `catch_unwind` has no test of its own (a cdylib
+//!   linking Envoy's symbols has no native unit tests; the e2e tests cover the hooks);
+//!   the slots of a configuration Envoy dropped stay in their threads (small, no streams).
 
 #![cfg_attr(
     not(test),

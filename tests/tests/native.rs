@@ -17,7 +17,9 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::{any, post};
 use serde_json::{Value, json};
-use tokengate_tests::harness::{Process, envoy_binary, envoy_log_args, free_port, workspace_root};
+use tokengate_tests::harness::{
+    Companion, Process, Redis, envoy_binary, envoy_log_args, free_port, workspace_root,
+};
 use tokengate_tests::standins::{Endpoint, Fixture, StandIns};
 
 /// Where `libtokengate.so` is: `$TOKENGATE_NATIVE_DIR`, or the debug build.
@@ -549,4 +551,85 @@ async fn endpoint_mode_answers_the_token_api() {
         .unwrap_or_else(|e| panic!("no answer: {e}"));
     assert_eq!(answer.status(), 400);
     envoy.assert_running();
+}
+
+/// Two native Envoys sharing one companion and Redis (needs the companion binary, see
+/// `harness::companion_binary`): concurrent misses on both make one login, cluster-wide,
+/// through the worker's lease / commit with the companion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_envoys_lease_through_the_companion_and_log_in_once() {
+    assert_prerequisites();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+    let standins = StandIns::start(Fixture::default_fixture())
+        .await
+        .unwrap_or_else(|e| panic!("stand-ins: {e}"));
+    let redis = Redis::start(dir.path()).await;
+    let tenant_service_url = format!("http://{}", standins.tenant_service);
+    let login_url_template = format!("http://{}", standins.login);
+    let mut companion = Companion::start(
+        dir.path(),
+        &redis.url(),
+        &[
+            "--tenant-service-url",
+            &tenant_service_url,
+            "--genesys-login-url-template",
+            &login_url_template,
+        ],
+    )
+    .await;
+    let filter_config = json!({ "genesys": { "loginClusterPattern": "genesys_login" } });
+    let mut envoys = Vec::new();
+    for _ in 0..2 {
+        let ports = Ports {
+            listen: free_port(),
+            admin: free_port(),
+            echo: standins.echo.port(),
+            companion: companion.port,
+            tenant_service: standins.tenant_service.port(),
+            login: standins.login.port(),
+        };
+        let envoy = start_envoy(dir.path(), &ports, &filter_config).await;
+        envoys.push((ports, envoy));
+    }
+    let client = reqwest::Client::new();
+    let requests = (0..24).map(|index| {
+        let (ports, _) = &envoys[index % 2];
+        let request = client
+            .get(format!("http://127.0.0.1:{}/app", ports.listen))
+            .header("x-tenant-id", "globex")
+            .send();
+        async move {
+            let answer = request.await.unwrap_or_else(|e| panic!("no answer: {e}"));
+            let status = answer.status();
+            let body: Value = answer.json().await.unwrap_or(Value::Null);
+            (
+                status,
+                body["headers"]["authorization"].as_str().map(str::to_owned),
+            )
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    let issued = standins.tokens_issued_to("globex");
+    let logs = || {
+        envoys
+            .iter()
+            .map(|(_, envoy)| envoy.log_tail(40))
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    assert_eq!(issued.len(), 1, "one login cluster-wide\n{}", logs());
+    let bearer = format!("Bearer {}", issued[0]);
+    for (status, authorization) in answers {
+        assert_eq!(status, 200, "{}", logs());
+        assert_eq!(authorization.as_deref(), Some(bearer.as_str()));
+    }
+    let mut fallbacks = 0;
+    for (ports, envoy) in &mut envoys {
+        fallbacks += stat(ports.admin, "tokengate.companion_fallback")
+            .await
+            .unwrap_or(0);
+        envoy.assert_running();
+    }
+    assert_eq!(fallbacks, 0, "the companion was up: no local mode");
+    companion.process.assert_running();
 }
