@@ -633,3 +633,60 @@ async fn two_envoys_lease_through_the_companion_and_log_in_once() {
     assert_eq!(fallbacks, 0, "the companion was up: no local mode");
     companion.process.assert_running();
 }
+
+/// An upstream 401 purges the token it was sent with (the response-headers hook tells
+/// the worker); the next request gets a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_401_purges_the_token() {
+    assert_prerequisites();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+    let standins = StandIns::start(Fixture::default_fixture())
+        .await
+        .unwrap_or_else(|e| panic!("stand-ins: {e}"));
+    let ports = Ports {
+        listen: free_port(),
+        admin: free_port(),
+        echo: standins.echo.port(),
+        companion: free_port(),
+        tenant_service: standins.tenant_service.port(),
+        login: standins.login.port(),
+    };
+    let filter_config = json!({ "genesys": { "loginClusterPattern": "genesys_login" } });
+    let mut envoy = start_envoy(dir.path(), &ports, &filter_config).await;
+    let client = reqwest::Client::new();
+    let get = |path: &str| {
+        client
+            .get(format!("http://127.0.0.1:{}{path}", ports.listen))
+            .header("x-tenant-id", "umbrella")
+            .send()
+    };
+    let bearer_of = |answer: Value| {
+        answer["headers"]["authorization"]
+            .as_str()
+            .map(str::to_owned)
+    };
+
+    let first = get("/app")
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}"));
+    let first = bearer_of(first.json().await.unwrap_or(Value::Null));
+    let rejected = get("/status/401")
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}"));
+    assert_eq!(rejected.status(), 401);
+    let second = get("/app")
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}"));
+    let second = bearer_of(second.json().await.unwrap_or(Value::Null));
+    let issued = standins.tokens_issued_to("umbrella");
+    assert_eq!(
+        issued.len(),
+        2,
+        "a new login after the 401\n{}",
+        envoy.log_tail(40)
+    );
+    assert_eq!(first, Some(format!("Bearer {}", issued[0])));
+    assert_eq!(second, Some(format!("Bearer {}", issued[1])));
+    assert_eq!(stat(ports.admin, "tokengate.purge").await, Some(1));
+    envoy.assert_running();
+}
