@@ -215,6 +215,12 @@ pub struct NativeConfig {
     main: Arc<Mutex<Main>>,
 }
 
+// The configuration is created on the main thread and read by every worker thread.
+const _: () = {
+    const fn shared_across_threads<T: Send + Sync>() {}
+    shared_across_threads::<NativeConfig>();
+};
+
 /// A callout a worker asked for, waiting for the main thread.
 #[derive(Debug)]
 struct Outgoing {

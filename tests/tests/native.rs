@@ -1,9 +1,12 @@
 //! The native build (`libtokengate.so`, an Envoy 1.40 dynamic module) in a real Envoy.
 //!
 //! Needs the module built first: `cargo build -p tokengate-native` (it is read from
-//! `target/debug`, or from the directory in `$TOKENGATE_NATIVE_DIR`), and Envoy 1.40.0
-//! (`scripts/setup`). Its own stand-ins: an echo upstream and a token API answering
-//! like the companion's `/auth/token`, so it needs neither Redis nor the companion.
+//! `target/debug`, or from the directory in `$TOKENGATE_NATIVE_DIR`, e.g. `target/native`
+//! after `cargo build -p tokengate-native --profile native`), and Envoy 1.40.0
+//! (`scripts/setup`). The cluster test also needs Redis and the companion binary (as
+//! the other end-to-end tests: `$TOKENGATE_COMPANION` or `target/debug`). The others use
+//! the harness's stand-ins or their own (an echo upstream, a token API answering like
+//! the companion's `/auth/token`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
