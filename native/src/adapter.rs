@@ -366,7 +366,7 @@ impl NativeConfig {
 
 /// What a paused stream is to receive, applied in its own scheduled hook.
 #[derive(Debug)]
-enum Delivery2 {
+enum Handover {
     /// Set this header and continue.
     Header(String, SecretString),
     /// Answer with this status and JSON body.
@@ -382,7 +382,7 @@ struct StreamEntry {
     /// Paused, waiting on the worker.
     waiting: bool,
     /// Recorded by the worker, applied on `EVENT_DELIVER`.
-    pending: Option<Delivery2>,
+    pending: Option<Handover>,
 }
 
 /// The host side of one worker: everything [`DynamicHost`] touches while the worker
@@ -514,7 +514,7 @@ impl DynamicHost<'_> {
     }
 
     /// Records `delivery` for paused stream `context_id` and schedules it.
-    fn deliver(&mut self, context_id: u32, delivery: Delivery2) -> bool {
+    fn deliver(&mut self, context_id: u32, delivery: Handover) -> bool {
         let mut streams = self.state.streams.borrow_mut();
         let Some(entry) = streams.get_mut(&context_id) else {
             return false;
@@ -614,14 +614,14 @@ impl Host for DynamicHost<'_> {
     fn resume_with_header(&mut self, context_id: u32, header: &str, value: &str) -> bool {
         self.deliver(
             context_id,
-            Delivery2::Header(header.to_owned(), SecretString::new(value.to_owned())),
+            Handover::Header(header.to_owned(), SecretString::new(value.to_owned())),
         )
     }
 
     fn reply_json(&mut self, context_id: u32, status: u16, body: &[u8]) -> bool {
         self.deliver(
             context_id,
-            Delivery2::Reply(status, SecretBytes::new(body.to_vec())),
+            Handover::Reply(status, SecretBytes::new(body.to_vec())),
         )
     }
 
@@ -1060,7 +1060,7 @@ impl Stream {
                     .get_mut(&self.id)
                     .and_then(|entry| entry.pending.take());
                 match pending {
-                    Some(Delivery2::Header(name, value)) => {
+                    Some(Handover::Header(name, value)) => {
                         self.release();
                         if !self
                             .envoy
@@ -1073,7 +1073,7 @@ impl Stream {
                         }
                         self.envoy.continue_decoding();
                     }
-                    Some(Delivery2::Reply(status, body)) => {
+                    Some(Handover::Reply(status, body)) => {
                         self.release();
                         send_json(self.envoy, status, body.expose());
                     }
