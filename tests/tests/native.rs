@@ -693,3 +693,61 @@ async fn an_upstream_401_purges_the_token() {
     assert_eq!(stat(ports.admin, "tokengate.purge").await, Some(1));
     envoy.assert_running();
 }
+
+/// Many tenants at once on two workers: every tenant's concurrent misses make one
+/// login (tier 1 within a worker, tier 2 across the workers through shared data and
+/// wake-ups), and every request carries its own tenant's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_misses_of_many_tenants_on_two_workers() {
+    assert_prerequisites();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+    let standins = StandIns::start(Fixture::default_fixture())
+        .await
+        .unwrap_or_else(|e| panic!("stand-ins: {e}"));
+    let ports = Ports {
+        listen: free_port(),
+        admin: free_port(),
+        echo: standins.echo.port(),
+        companion: free_port(),
+        tenant_service: standins.tenant_service.port(),
+        login: standins.login.port(),
+    };
+    let filter_config = json!({ "genesys": { "loginClusterPattern": "genesys_login" } });
+    let mut envoy = start_envoy(dir.path(), &ports, &filter_config).await;
+    let url = format!("http://127.0.0.1:{}/app", ports.listen);
+    let tenants = ["acme", "globex", "initech", "umbrella", "hooli", "wayne"];
+    let client = reqwest::Client::new();
+    let requests = (0..120).map(|index| {
+        let tenant = tenants[index % tenants.len()];
+        let request = client.get(&url).header("x-tenant-id", tenant).send();
+        async move {
+            let answer = request.await.unwrap_or_else(|e| panic!("no answer: {e}"));
+            let status = answer.status();
+            let body: Value = answer.json().await.unwrap_or(Value::Null);
+            (
+                tenant,
+                status,
+                body["headers"]["authorization"].as_str().map(str::to_owned),
+            )
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    for tenant in tenants {
+        assert_eq!(
+            standins.tokens_issued_to(tenant).len(),
+            1,
+            "one login for {tenant}\n{}",
+            envoy.log_tail(40)
+        );
+    }
+    for (tenant, status, authorization) in answers {
+        assert_eq!(status, 200, "{}", envoy.log_tail(40));
+        let issued = standins.tokens_issued_to(tenant);
+        assert_eq!(
+            authorization,
+            Some(format!("Bearer {}", issued[0])),
+            "{tenant}"
+        );
+    }
+    envoy.assert_running();
+}
