@@ -34,8 +34,11 @@
 //! - **Wake**: `wake(queue)` commits a wake event on a paused stream of the woken worker
 //!   (queue = worker id, unique in the process): cross-worker wake-ups need no polling.
 //!
-//! Known limits: the slots of a configuration that Envoy dropped stay in their threads
-//! until the threads end (one per configuration generation, no streams); background work
+//! - **Configuration updates**: each configuration Envoy loads gets its own workers
+//!   (its generation); when Envoy drops one, its slots leave each thread when that
+//!   thread makes its next slot. The cache (shared data) outlives configurations.
+//!
+//! Known limits: background work
 //! of a worker without paused requests (a refresh-ahead started by a hit, an invalidate,
 //! a lease-end retry) gets its answer on the worker's next request.
 
@@ -155,6 +158,9 @@ static TICKER: Once = Once::new();
 static NEXT_WORKER_ID: AtomicU32 = AtomicU32::new(1);
 /// Configuration generations, unique in the process.
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+/// Generations Envoy dropped: their slots are removed from each thread on its next new
+/// slot (a configuration is dropped only once its streams are gone).
+static DROPPED: LazyLock<Mutex<Vec<u64>>> = LazyLock::new(Default::default);
 
 /// Starts the ticker thread once: it commits tick events on paused streams.
 fn start_ticker() {
@@ -290,6 +296,7 @@ impl NativeConfig {
         if let Some(scheduler) = scheduler {
             scheduler.delete();
         }
+        lock(&DROPPED).push(self.generation);
         for outgoing in outbox {
             post_answer(outgoing.worker_id, outgoing.id, CalloutResult::NoResponse);
         }
@@ -428,6 +435,17 @@ impl Slot {
     fn for_config(config: &NativeConfig) -> Rc<Slot> {
         SLOTS.with(|slots| {
             let mut slots = slots.borrow_mut();
+            if !slots.contains_key(&config.generation) {
+                // A new configuration (an xDS update, say): forget the dropped ones.
+                let dropped = lock(&DROPPED).clone();
+                slots.retain(|generation, slot| {
+                    let keep = !dropped.contains(generation);
+                    if !keep {
+                        lock(&TICKS).remove(&slot.state.worker_id);
+                    }
+                    keep
+                });
+            }
             Rc::clone(slots.entry(config.generation).or_insert_with(|| {
                 let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
                 let worker = Worker::new(config.config.clone(), u64::from(id), Some(id));
