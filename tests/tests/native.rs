@@ -466,6 +466,24 @@ async fn the_worker_fetches_from_the_tenant_service_and_the_login_collapsing_mis
     );
     assert_eq!(standins.tokens_issued_to("acme").len(), 1);
 
+    // A request with a body, paused on a miss: the body goes upstream with the token.
+    let answer = client
+        .post(&url)
+        .header("x-tenant-id", "initech")
+        .body("x".repeat(100_000))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}"));
+    assert_eq!(answer.status(), 200, "{}", envoy.log_tail(40));
+    let body: Value = answer.json().await.unwrap_or(Value::Null);
+    let issued = standins.tokens_issued_to("initech");
+    assert_eq!(issued.len(), 1);
+    assert_eq!(
+        body["headers"]["authorization"].as_str(),
+        Some(format!("Bearer {}", issued[0]).as_str())
+    );
+    assert_eq!(body["body"].as_str().map(str::len), Some(100_000));
+
     // A tenant without Genesys credentials: the Tenant Service's 404 as the filter's error.
     let answer = client
         .get(&url)
@@ -485,7 +503,7 @@ async fn the_worker_fetches_from_the_tenant_service_and_the_login_collapsing_mis
     );
     assert_eq!(
         stat(ports.admin, "tokengate.fetch_succeeded").await,
-        Some(1)
+        Some(2)
     );
     envoy.assert_running();
 }
