@@ -52,12 +52,17 @@
 //!
 //! # What Envoy 1.40's ABI offers (checked against the binary's symbols)
 //!
+//! "Run" marks what this crate exercises in its tests; the rest is read in the header
+//! (`abi/abi.h`) and Envoy's sources.
+//!
 //! - **Request headers**: `callback_http_get_header` (value `index` of a key, and the
 //!   count), `get_headers` / `get_headers_size`, `set_header` (replace; null value
 //!   removes), `add_header`. Usable in any hook of the stream while its request headers
-//!   exist, so also in `on_http_filter_http_callout_done` and `on_http_filter_scheduled`.
+//!   exist, so also in `on_http_filter_http_callout_done` and `on_http_filter_scheduled`
+//!   (run: get/set, also from a scheduled event).
 //! - **Local reply**: `callback_http_send_response(status, headers, body, details)`;
-//!   also `send_response_headers` / `_data` / `_trailers` for a streamed answer.
+//!   also `send_response_headers` / `_data` / `_trailers` for a streamed answer (run:
+//!   `send_response`, from `request_headers`, `request_body` and a scheduled event).
 //! - **Callouts bound to a stream**: `callback_http_filter_http_callout(cluster,
 //!   headers incl. :method/:path/host, body, timeout)` -> id; the answer arrives in
 //!   `on_http_filter_http_callout_done` (result, headers, body chunks) on the stream's
@@ -70,26 +75,28 @@
 //!   the thread-local cluster of the calling thread and delivers the answer on that
 //!   thread (its implementation keeps the pending callouts in a map on the config
 //!   object without a lock, so call it from the main thread only: this module calls it
-//!   from `on_http_filter_config_scheduled`, and it works there). Bootstrap extensions
-//!   have their own (`bootstrap_extension_http_callout`), also main-thread.
+//!   from `on_http_filter_config_scheduled`, and it works there: run). Bootstrap
+//!   extensions have their own (`bootstrap_extension_http_callout`).
 //! - **Schedulers**: `callback_http_filter_scheduler_new/commit/delete` (per stream):
 //!   `commit` may be called from any thread and runs `on_http_filter_scheduled(event_id)`
 //!   on the **stream's worker thread** — this is how another event (another worker, the
 //!   main thread) wakes a paused request. `callback_http_filter_config_scheduler_*` (per
 //!   configuration): `commit` from any thread runs `on_http_filter_config_scheduled` on
-//!   the **main thread**. There is no per-worker timer for HTTP filters (no `on_tick`);
-//!   bootstrap extensions have `timer_fired` (main thread).
+//!   the **main thread** (run: both, committed from worker threads, the main thread and
+//!   the module's own ticker thread). There is no per-worker timer for HTTP filters (no
+//!   `on_tick`); bootstrap extensions have timers (`on_bootstrap_extension_timer_fired`).
 //! - **Resume a paused request**: `callback_http_filter_continue_decoding` (and
 //!   `continue_encoding`), called on the stream's worker thread (from a callout answer
-//!   or a scheduled event).
+//!   or a scheduled event; run: from a scheduled event).
 //! - **Metrics**: `callback_http_filter_config_define_counter/gauge/histogram` (only in
 //!   `config_new`: later Envoy answers `Frozen`), with optional labels; per-stream
 //!   `http_filter_increment_counter`, `increment/decrement/set_gauge`,
 //!   `record_histogram_value`; config-level variants (`http_filter_config_increment_counter`
-//!   ...) for events outside a stream. Stats appear as `<metrics_namespace>.<name>`.
+//!   ...) for events outside a stream. Stats appear as `<metrics_namespace>.<name>`, by
+//!   default `dynamicmodulescustom.tokengate.cache_hit` (run: counters).
 //! - **Logging**: `callback_log(level, message)` writes under Envoy's `dynamic_modules`
-//!   logger; `callback_log_enabled(level)` is the cheap level query; `get_log_level`
-//!   exists too.
+//!   logger (the line shows `[dynamic_modules] [:]`); `callback_log_enabled(level)` is
+//!   the cheap level query; `get_log_level` exists too (run: log, log_enabled).
 //! - **Misc**: `http_filter_get_worker_index`, `get_concurrency` (main thread, in
 //!   `program_init`), `register_shared_data` / `get_shared_data` (a process-wide
 //!   registry of module pointers), generic secrets (`config_get_generic_secret`).
