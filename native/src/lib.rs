@@ -1,4 +1,4 @@
-//! tokengate as an Envoy dynamic module: `libtokengate.so`, loaded by Envoy **1.40.0**
+//! tokengate as an Envoy dynamic module: `libtokengate_native.so`, loaded by Envoy **1.40.0**
 //! through `envoy.filters.http.dynamic_modules` (no Wasm VM, native speed). It reads
 //! the same filter configuration as `tokengate.wasm`, with the same parser
 //! (`tokengate::config::FilterConfig::parse`).
@@ -17,9 +17,9 @@
 //!
 //! # Build
 //!
-//! `cargo build -p tokengate-native` writes `target/debug/libtokengate.so`. For
+//! `cargo build -p tokengate-native` writes `target/debug/libtokengate_native.so`. For
 //! production use `cargo build -p tokengate-native --profile native`
-//! (`target/native/libtokengate.so`): the workspace's `release` profile has
+//! (`target/native/libtokengate_native.so`): the workspace's `release` profile has
 //! `panic = "abort"`, under which `catch_unwind` catches nothing and any panic would
 //! take Envoy down; the `native` profile is `release` with `panic = "unwind"`.
 //!
@@ -29,14 +29,14 @@
 //! - name: tokengate
 //!   typed_config:
 //!     "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
-//!     dynamic_module_config: { name: tokengate }   # lib<name>.so, see below
+//!     dynamic_module_config: { name: tokengate_native }   # lib<name>.so, see below
 //!     filter_name: tokengate
 //!     filter_config:
 //!       "@type": type.googleapis.com/google.protobuf.StringValue
 //!       value: '{"fetch":"companion", ...}'          # the wasm filter's JSON
 //! ```
 //!
-//! Envoy looks for `libtokengate.so` in `$ENVOY_DYNAMIC_MODULES_SEARCH_PATH` (see
+//! Envoy looks for `libtokengate_native.so` in `$ENVOY_DYNAMIC_MODULES_SEARCH_PATH` (see
 //! `envoy/native.yaml.tmpl`).
 //!
 //! # ABI version (found on the 1.40.0 binary)

@@ -1,4 +1,4 @@
-//! The native build (`libtokengate.so`, an Envoy 1.40 dynamic module) in a real Envoy.
+//! The native build (`libtokengate_native.so`, an Envoy 1.40 dynamic module) in a real Envoy.
 //!
 //! Needs the module built first: `cargo build -p tokengate-native` (it is read from
 //! `target/debug`, or from the directory in `$TOKENGATE_NATIVE_DIR`, e.g. `target/native`
@@ -25,27 +25,17 @@ use tokengate_tests::harness::{
 };
 use tokengate_tests::standins::{Endpoint, Fixture, StandIns};
 
-/// Where `libtokengate.so` is: `$TOKENGATE_NATIVE_DIR`, or the debug build.
+/// Where `libtokengate_native.so` is: `$TOKENGATE_NATIVE_DIR`, or the debug build.
 fn module_dir() -> PathBuf {
     std::env::var_os("TOKENGATE_NATIVE_DIR")
         .map_or_else(|| workspace_root().join("target/debug"), PathBuf::from)
 }
 
 fn assert_prerequisites() {
-    let module = module_dir().join("libtokengate.so");
+    let module = module_dir().join("libtokengate_native.so");
     assert!(
         module.exists(),
         "no native module at {}: run `cargo build -p tokengate-native`",
-        module.display()
-    );
-    // `tokengate-plugin` (the wasm filter, crate-type cdylib + rlib) also builds a
-    // native `libtokengate.so` in the same target directory: make sure this is ours.
-    let bytes = std::fs::read(&module).unwrap_or_default();
-    let hook = b"envoy_dynamic_module_on_program_init";
-    assert!(
-        bytes.windows(hook.len()).any(|window| window == hook),
-        "{} is not the native filter (the wasm filter's crate writes the same file name): \
-         run `cargo build -p tokengate-native` again",
         module.display()
     );
     assert!(
