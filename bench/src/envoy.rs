@@ -8,12 +8,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokengate_tests::harness::{envoy_binary, free_port, wasm_module};
+use tokengate_tests::harness::{envoy_binary, free_port, wasm_module, workspace_root};
 use tokengate_tests::standins::GenesysClient;
 
 const BASE_TEMPLATE: &str = include_str!("../envoy/hitpath.yaml.tmpl");
 const CREDENTIAL_INJECTOR: &str = include_str!("../envoy/credential-injector.yaml.tmpl");
 const WASM_FILTER: &str = include_str!("../envoy/wasm-filter.yaml.tmpl");
+const NATIVE_FILTER: &str = include_str!("../envoy/native-filter.yaml.tmpl");
+
+/// Where the native build is: `$TOKENGATE_NATIVE_DIR`, or the optimised build
+/// (`cargo build --profile native -p tokengate-native`) that `scripts/bench` makes.
+pub fn native_module_dir() -> PathBuf {
+    std::env::var_os("TOKENGATE_NATIVE_DIR")
+        .map_or_else(|| workspace_root().join("target/native"), PathBuf::from)
+}
+
+/// Whether the native build is there to be measured.
+pub fn native_module_built() -> bool {
+    native_module_dir().join("libtokengate_native.so").exists()
+}
 
 /// Which filter the Envoy runs in front of the router.
 #[derive(Debug, Clone)]
@@ -25,6 +38,8 @@ pub enum Filter {
     CredentialInjector(GenesysClient),
     /// tokengate with this filter configuration.
     Tokengate(serde_json::Value),
+    /// tokengate's native build (an Envoy dynamic module) with this filter configuration.
+    Native(serde_json::Value),
     /// Another proxy-wasm module (the minimal filter of `bench/wasm-floor`) with this
     /// configuration string.
     OtherWasm {
@@ -73,6 +88,10 @@ pub fn render(
         Filter::None => ("          []".to_owned(), None),
         Filter::CredentialInjector(client) => (CREDENTIAL_INJECTOR.to_owned(), Some(client)),
         Filter::Tokengate(config) => (wasm_block("tokengate", wasm, &config.to_string()), None),
+        Filter::Native(config) => {
+            let literal = serde_json::to_string(&config.to_string()).unwrap_or_default();
+            (NATIVE_FILTER.replace("{{PLUGIN_CONFIG}}", &literal), None)
+        }
         Filter::OtherWasm {
             module,
             configuration,
@@ -156,6 +175,7 @@ impl BenchEnvoy {
                 &admin_port.to_string(),
                 "--disable-hot-restart",
             ])
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", native_module_dir())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
             .stderr(log_file);

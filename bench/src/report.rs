@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use crate::Results;
 use crate::machine::Machine;
 use crate::scenarios::churn;
-use crate::scenarios::hit_path::{CONTROL, ConfigRuns, HitPath};
+use crate::scenarios::hit_path::{CONTROL, ConfigRuns, HitPath, NATIVE, NATIVE_MANY};
 use crate::stats::{Latencies, ms};
 
 const FINDINGS: &str = include_str!("../findings.md");
@@ -145,6 +145,44 @@ impl Report<'_> {
                 "| 1 | {} warm tenants / one tenant (d/c) | {dc:.3} | (reported) | |",
                 hit.settings.tenants
             );
+            if let (Some(n), Some(n10k)) = (hit.find(NATIVE), hit.find(NATIVE_MANY)) {
+                let na = n.paired_rps_ratio(a);
+                let nb = n.paired_rps_ratio(b);
+                let nc = n.paired_rps_ratio(c);
+                let many = n10k.paired_rps_ratio(n);
+                let native_p99 = n.paired_latency_diff(a, |w| w.p99_us);
+                let native_p50 = n.paired_latency_diff(a, |w| w.p50_us);
+                let _ = writeln!(
+                    out,
+                    "| 1 | native module / plain Envoy (n/a) | {na:.3} (Envoy CPU per request {:.2}x; n/c {nc:.2}) | >= 0.95 | {} |",
+                    n.paired_cpu_ratio(a),
+                    verdict(na >= 0.95)
+                );
+                let _ = writeln!(
+                    out,
+                    "| 1 | native module / credential_injector (n/b) | {nb:.3} | >= 1.00 | {} |",
+                    verdict(nb >= 1.0)
+                );
+                let _ = writeln!(
+                    out,
+                    "| 1 | native: p99 added over plain Envoy, one connection (n - a) | {native_p99:+.0} us (p50 {native_p50:+.0} us) | < 30 us | {} |",
+                    verdict(native_p99 < 30.0)
+                );
+                let _ = writeln!(
+                    out,
+                    "| 1 | native: {} warm tenants / one tenant (n10k/n) | {many:.3} | >= 0.97 | {} |",
+                    hit.settings.tenants,
+                    verdict(many >= 0.97)
+                );
+            }
+            if let Some(g) = hit.find("g") {
+                let cg = c.paired_rps_ratio(g);
+                let _ = writeln!(
+                    out,
+                    "| 1 | tokengate's own code over a filter making the same host calls (c/g) | {cg:.3} | >= 0.95 | {} |",
+                    verdict(cg >= 0.95)
+                );
+            }
         }
         if let Some(run) = r.stampede.get(1) {
             let budget = r.stampede_idp.as_micros() as u64 + 50_000;
@@ -467,6 +505,14 @@ impl Report<'_> {
             hit.warm_duration.as_secs_f64(),
             hit.warm_oauth_calls
         );
+        if let Some(((n_hits, n_misses), (many_hits, many_misses))) = hit.native_hits_misses {
+            let _ = writeln!(
+                out,
+                "The native build's cache hits / misses during the runs: (n) {n_hits} / {n_misses}, \
+                 ({NATIVE_MANY}) {many_hits} / {many_misses}; its N tenants were warmed from the \
+                 companion's cache.\n"
+            );
+        }
         let noisiest = hit
             .configs
             .iter()

@@ -1,8 +1,9 @@
 //! Scenario 1, the hit path: (a) plain Envoy, (b) Envoy's credential_injector with the
 //! oauth2 extension, (c) tokengate with one warm tenant, (d) tokengate with N warm
-//! tenants requested round-robin. Same Envoy binary and settings (one worker, pinned),
-//! same upstream (the echo process), same wrk script; runs interleaved a, b, c, d in
-//! every round; medians reported.
+//! tenants requested round-robin, and, when the native build is there, (n) and (n10k):
+//! the same two with tokengate's native build (an Envoy dynamic module). Same Envoy
+//! binary and settings (one worker, pinned), same upstream (the echo process), same wrk
+//! script; runs interleaved in every round; medians reported.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,7 +12,9 @@ use std::time::{Duration, Instant};
 use tokengate_tests::standins::{Endpoint, Fixture, StandIns, generated_tenant_id};
 
 use crate::client::Conn;
-use crate::envoy::{BenchEnvoy, Filter, Upstreams, cpu_busy_steal_us, cpu_time_us, rss_kib};
+use crate::envoy::{
+    BenchEnvoy, Filter, Upstreams, cpu_busy_steal_us, cpu_time_us, native_module_built, rss_kib,
+};
 use crate::fleet::EchoProcess;
 use crate::stats::median;
 use crate::wrk::{self, WrkResult, WrkRun};
@@ -232,6 +235,8 @@ pub struct HitPath {
     pub cache_hits: (u64, u64),
     /// tokengate's cache misses on (c) and (d) during the runs.
     pub cache_misses: (u64, u64),
+    /// The native build's cache hits and misses on (n) and (n10k) during the runs.
+    pub native_hits_misses: Option<((u64, u64), (u64, u64))>,
     /// (b)'s tokens fetched and requests injected.
     pub injector_stats: (u64, u64),
     /// Profiles of (a) and (c) under load, when taken.
@@ -258,6 +263,24 @@ const FLOOR: [(&str, &str, &str); 3] = [
 
 /// The noise control: a second plain Envoy, measured last in every round.
 pub const CONTROL: &str = "a2";
+
+/// The native build, one warm tenant.
+pub const NATIVE: &str = "n";
+/// The native build, N warm tenants round-robin.
+pub const NATIVE_MANY: &str = "n10k";
+
+/// Whether configuration `name` steps through the N warm tenants.
+fn many_tenants(name: &str) -> bool {
+    name == "d" || name == NATIVE_MANY
+}
+
+/// The stat names of tokengate's counter `name` in the wasm and native builds.
+fn wasm_stat(name: &str) -> String {
+    format!("wasmcustom.tokengate.{name}")
+}
+fn native_stat(name: &str) -> String {
+    format!("dynamicmodulescustom.tokengate.{name}")
+}
 
 /// Runs the scenario.
 pub async fn run(settings: Settings) -> Result<HitPath, String> {
@@ -300,9 +323,24 @@ pub async fn run(settings: Settings) -> Result<HitPath, String> {
         (
             "d".into(),
             "tokengate, N warm tenants round-robin".into(),
-            Filter::Tokengate(tokengate),
+            Filter::Tokengate(tokengate.clone()),
         ),
     ];
+    let native = native_module_built();
+    if native {
+        plan.push((
+            NATIVE.into(),
+            "tokengate native module, 1 warm tenant".into(),
+            Filter::Native(tokengate.clone()),
+        ));
+        plan.push((
+            NATIVE_MANY.into(),
+            "tokengate native module, N warm tenants round-robin".into(),
+            Filter::Native(tokengate),
+        ));
+    } else {
+        eprintln!("bench: no native build (target/native/libtokengate_native.so): no (n), (n10k)");
+    }
     if let Some(module) = &settings.floor_module {
         let floor: Vec<(String, String, String)> = if settings.floor_ops.is_empty() {
             FLOOR
@@ -374,6 +412,10 @@ pub async fn run(settings: Settings) -> Result<HitPath, String> {
             wait_for_token(&envoys[index], "acme", "Bearer gen-acme-").await?;
         }
     }
+    let index_of = |name: &str| plan.iter().position(|(n, _, _)| n == name);
+    if let Some(n) = index_of(NATIVE) {
+        wait_for_token(&envoys[n], "acme", "Bearer gen-acme-").await?;
+    }
     // (d): every generated tenant, through Envoy, so each is fetched once and cached.
     let logins_before = standins.calls(Endpoint::Login);
     let started = Instant::now();
@@ -381,14 +423,22 @@ pub async fn run(settings: Settings) -> Result<HitPath, String> {
     let warm_duration = started.elapsed();
     let warm_oauth_calls = standins.calls(Endpoint::Login) - logins_before;
     let rss_d_warm_kib = rss_kib(envoys[3].pid()).unwrap_or(0);
+    // (n10k) the same (from the companion's cache: the tokens are in Redis by now).
+    if let Some(n10k) = index_of(NATIVE_MANY) {
+        warm_tenants(envoys[n10k].addr(), settings.tenants, 32).await?;
+    }
 
     let script = wrk::write_script(dir.path()).map_err(|e| e.to_string())?;
     let throughput_run = |name: &str| WrkRun {
         connections: settings.connections,
         duration: settings.throughput_duration,
         cpus: settings.client_cpus.clone(),
-        tenant_count: if name == "d" { settings.tenants } else { 1 },
-        tenant: if name == "d" {
+        tenant_count: if many_tenants(name) {
+            settings.tenants
+        } else {
+            1
+        },
+        tenant: if many_tenants(name) {
             tokengate_tests::standins::GENERATED_TENANT_PREFIX.to_owned()
         } else {
             "acme".to_owned()
@@ -410,13 +460,18 @@ pub async fn run(settings: Settings) -> Result<HitPath, String> {
 
     let logins_before_runs = standins.calls(Endpoint::Login);
     let hits_before = (
-        envoys[2].counter("wasmcustom.tokengate.cache_hit").await,
-        envoys[3].counter("wasmcustom.tokengate.cache_hit").await,
+        envoys[2].counter(&wasm_stat("cache_hit")).await,
+        envoys[3].counter(&wasm_stat("cache_hit")).await,
     );
     let misses_before = (
-        envoys[2].counter("wasmcustom.tokengate.cache_miss").await,
-        envoys[3].counter("wasmcustom.tokengate.cache_miss").await,
+        envoys[2].counter(&wasm_stat("cache_miss")).await,
+        envoys[3].counter(&wasm_stat("cache_miss")).await,
     );
+    let native_pair = index_of(NATIVE).zip(index_of(NATIVE_MANY));
+    let native_before = match native_pair {
+        Some((n, n10k)) => Some(native_counts(&envoys[n], &envoys[n10k]).await),
+        None => None,
+    };
     let mut configs: Vec<ConfigRuns> = plan
         .iter()
         .map(|(name, label, _)| ConfigRuns {
@@ -500,13 +555,23 @@ pub async fn run(settings: Settings) -> Result<HitPath, String> {
     }
     let oauth_calls_during_runs = standins.calls(Endpoint::Login) - logins_before_runs;
     let cache_hits = (
-        envoys[2].counter("wasmcustom.tokengate.cache_hit").await - hits_before.0,
-        envoys[3].counter("wasmcustom.tokengate.cache_hit").await - hits_before.1,
+        envoys[2].counter(&wasm_stat("cache_hit")).await - hits_before.0,
+        envoys[3].counter(&wasm_stat("cache_hit")).await - hits_before.1,
     );
     let cache_misses = (
-        envoys[2].counter("wasmcustom.tokengate.cache_miss").await - misses_before.0,
-        envoys[3].counter("wasmcustom.tokengate.cache_miss").await - misses_before.1,
+        envoys[2].counter(&wasm_stat("cache_miss")).await - misses_before.0,
+        envoys[3].counter(&wasm_stat("cache_miss")).await - misses_before.1,
     );
+    let native_hits_misses = match (native_pair, native_before) {
+        (Some((n, n10k)), Some(before)) => {
+            let after = native_counts(&envoys[n], &envoys[n10k]).await;
+            Some((
+                (after.0.0 - before.0.0, after.0.1 - before.0.1),
+                (after.1.0 - before.1.0, after.1.1 - before.1.1),
+            ))
+        }
+        _ => None,
+    };
     let injector_stats = (
         envoys[1]
             .counter("http.ingress.credential_injector.oauth2.token_fetched")
@@ -545,10 +610,25 @@ pub async fn run(settings: Settings) -> Result<HitPath, String> {
         oauth_calls_during_runs,
         cache_hits,
         cache_misses,
+        native_hits_misses,
         injector_stats,
         profiles,
         wrk_command,
     })
+}
+
+/// The native build's ((hits, misses) of (n), (hits, misses) of (n10k)).
+async fn native_counts(n: &BenchEnvoy, n10k: &BenchEnvoy) -> ((u64, u64), (u64, u64)) {
+    (
+        (
+            n.counter(&native_stat("cache_hit")).await,
+            n.counter(&native_stat("cache_miss")).await,
+        ),
+        (
+            n10k.counter(&native_stat("cache_hit")).await,
+            n10k.counter(&native_stat("cache_miss")).await,
+        ),
+    )
 }
 
 impl HitPath {
