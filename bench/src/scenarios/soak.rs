@@ -7,7 +7,8 @@
 //!   way ([`FaultKind::expected_codes`]); every 200 carries a token of its own tenant
 //!   that has not expired;
 //! - **OAuth calls**: one per tenant per token generation. A token issued before its
-//!   predecessor reached its refresh moment is an extra call; it is explained only in
+//!   predecessor's refresh window opened (the earliest its refresh may start) is an
+//!   extra call; it is explained only in
 //!   the wake of a fault whose documented behaviour costs one
 //!   ([`FaultKind::extra_tokens_reason`]), and at most once per tenant and fault;
 //! - **memory**: the resident memory (`VmRSS`) of every Envoy and companion, sampled
@@ -55,10 +56,14 @@ pub use report::render;
 pub const LIFETIME_SECS: u64 = 10;
 /// The filter's `expiryMarginMs`: a token is served until 9.5 s after its issue.
 pub const EXPIRY_MARGIN_MS: u64 = 500;
-/// The filter's `refreshAhead.percent`: refresh starts 3 s before expiry, 7 s after
-/// issue, which leaves 2.5 s (more than the IdP's slow spell of 1.5 s) for it to land.
-pub const REFRESH_PERCENT: u64 = 30;
-/// The filter's `refreshAhead.minLeadMs` (below the 3 s that `percent` gives).
+/// The filter's `refreshAhead.percent`: the refresh window is the last half of a
+/// token's life, from 5 s after its issue. The refresh starts at a moment in the first
+/// half of that window (core's `cache::refresh_moment`: a jitter of the tenant and the
+/// token's expiry), so by 7.5 s, which leaves 2 s before the end of service (more than
+/// the IdP's slow spell of 1.5 s) for it to land. (At 30 %, the refresh could start as
+/// late as 8.5 s, 1 s before the end of service.)
+pub const REFRESH_PERCENT: u64 = 50;
+/// The filter's `refreshAhead.minLeadMs` (below the 5 s that `percent` gives).
 pub const REFRESH_MIN_LEAD_MS: u64 = 1_000;
 /// Growth of resident memory allowed after warm-up, in percent of the warm-up value...
 pub const MEMORY_GROWTH_PERCENT: u64 = 5;
@@ -74,8 +79,8 @@ const WATCH_EVERY: Duration = Duration::from_millis(10);
 /// How long after a fault ends its effects may still show: two token lifetimes plus
 /// the filter's `companion.retryAfterMs` (5 s).
 const SETTLE: Duration = Duration::from_secs(2 * LIFETIME_SECS + 5);
-/// A token issued this much earlier than its predecessor's refresh moment is an extra
-/// OAuth call (the tracker's 50 ms and scheduling are well inside it).
+/// A token issued this much earlier than the start of its predecessor's refresh window
+/// is an extra OAuth call (the tracker's 50 ms and scheduling are well inside it).
 const EARLY_TOLERANCE: Duration = Duration::from_millis(500);
 /// Share of the target rate the generator must keep.
 const MIN_RATE_SHARE: f64 = 0.9;
@@ -105,11 +110,22 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// When a token, `issued` at 0, starts being refreshed.
-    fn refresh_moment() -> Duration {
+    /// The refresh window of a token issued at 0 (core's `cache::refresh_moment`): its
+    /// last `percent` %, at least `minLeadMs`.
+    fn refresh_lead() -> Duration {
         let lifetime_ms = LIFETIME_SECS * 1_000;
-        let lead = (lifetime_ms * REFRESH_PERCENT / 100).max(REFRESH_MIN_LEAD_MS);
-        Duration::from_millis(lifetime_ms - lead)
+        Duration::from_millis((lifetime_ms * REFRESH_PERCENT / 100).max(REFRESH_MIN_LEAD_MS))
+    }
+
+    /// The earliest a token issued at 0 may start being refreshed: the start of its
+    /// refresh window. Also the shortest time from a token to its refresh.
+    fn refresh_window_start() -> Duration {
+        Duration::from_secs(LIFETIME_SECS) - Self::refresh_lead()
+    }
+
+    /// The latest: the refresh starts in the first half of the window.
+    fn refresh_latest() -> Duration {
+        Self::refresh_window_start() + Self::refresh_lead() / 2
     }
 
     /// How long after its issue a token is still served.
@@ -218,7 +234,7 @@ pub struct Minute {
     pub faults: Vec<FaultKind>,
 }
 
-/// A token issued before its predecessor's refresh moment.
+/// A token issued before its predecessor's refresh window opened.
 #[derive(Debug, Clone)]
 pub struct Extra {
     /// When, after the start of the load.
@@ -238,11 +254,12 @@ pub struct Tokens {
     pub per_tenant: Vec<usize>,
     /// Time from a token to its successor (microseconds).
     pub intervals: Latencies,
-    /// Successors issued from the refresh moment to the end of the predecessor's service.
+    /// Successors issued from the start of the refresh window to the end of the
+    /// predecessor's service.
     pub on_time: usize,
     /// Successors issued after the predecessor stopped being served (requests waited).
     pub late: Vec<Duration>,
-    /// Successors issued before the refresh moment.
+    /// Successors issued before the refresh window opened.
     pub extras: Vec<Extra>,
     /// Calls to the login stand-in during the load (failed ones included).
     pub login_calls: u64,
@@ -337,7 +354,7 @@ impl Soak {
                     .or_default() += 1;
             }
         }
-        let refresh_period = Settings::refresh_moment();
+        let refresh_period = Settings::refresh_window_start();
         let beyond = per_tenant_fault
             .iter()
             .filter(|((_, fault), count)| {
@@ -455,7 +472,7 @@ pub async fn run(settings: Settings) -> Result<Soak, String> {
     warm_up(
         &addrs,
         &tenants,
-        Settings::refresh_moment(),
+        Settings::refresh_window_start(),
         &mut tracker,
         &fleet.standins,
     )

@@ -85,14 +85,18 @@ fn setup(out: &mut String, soak: &Soak) {
         s.tenants, s.connections, s.rate
     );
     let _ = writeln!(out, "```json\n{}\n```\n", soak.filter_config);
-    let refresh = Settings::refresh_moment();
     let _ = writeln!(
         out,
-        "So a token is refreshed from {} after its issue (`refreshAhead`: the larger of {} % \
-         and `minLeadMs` before expiry) and served until {} after it (`expiryMarginMs`). The \
-         companions and the rest of the filter run with their defaults.\n",
-        seconds(refresh),
+        "So a token's refresh window opens {} after its issue (`refreshAhead`: the last {} % \
+         of its life, at least `minLeadMs`); its refresh starts at a moment in the first half \
+         of that window, different for every token (a jitter of the tenant and the token's \
+         expiry), so between {} and {} after its issue. It is served until {} after its issue \
+         (`expiryMarginMs`). The companions and the rest of the filter run with their \
+         defaults.\n",
+        seconds(Settings::refresh_window_start()),
         super::REFRESH_PERCENT,
+        seconds(Settings::refresh_window_start()),
+        seconds(Settings::refresh_latest()),
         seconds(Settings::served_for())
     );
     machine_rows(out, m);
@@ -137,7 +141,7 @@ fn expectations(out: &mut String) {
         "| fault | what is done | errors a client may see | extra OAuth calls per tenant |\n|---|---|---|---|"
     );
     for kind in FaultKind::CYCLE {
-        let allowed = kind.extra_tokens_allowed(Settings::refresh_moment());
+        let allowed = kind.extra_tokens_allowed(Settings::refresh_window_start());
         let codes = kind.expected_codes();
         let _ = writeln!(
             out,
@@ -165,19 +169,19 @@ fn expectations(out: &mut String) {
          failed background refresh still leaves the cached token to serve until {} after its \
          issue; the token then missing is fetched after the fault (the filter's retries, \
          500 ms x 2^n or `Retry-After`, bridge the rest). A slow IdP delays refreshes by \
-         {} ms, inside the {} between the refresh moment and the end of service. A companion \
+         {} ms, inside the {} between the latest refresh moment and the end of service. A companion \
          that does not answer sends the filter to local mode (README, \"Degraded modes\"); \
          a fetch whose commit finds its companion gone leaves the lock in Redis until \
          `--lock-ttl-ms` (README, \"Shutdown\"), so other leases of that tenant may wait that \
          long: slow requests, no errors. \
          `CACHE_UNAVAILABLE` is documented for Redis: \"Until the threshold is reached, \
          requests that need Redis answer 503 CACHE_UNAVAILABLE\". Extra OAuth calls are \
-         allowed per tenant once for every refresh (one each {}) that can fall into the \
+         allowed per tenant once for every refresh (at most one each {}) that can fall into the \
          fault plus the filter's 5 s of local mode after it.\n",
         seconds(Settings::served_for()),
         super::faults::IDP_SLOW.as_millis(),
-        seconds(Settings::served_for() - Settings::refresh_moment()),
-        seconds(Settings::refresh_moment())
+        seconds(Settings::served_for() - Settings::refresh_latest()),
+        seconds(Settings::refresh_window_start())
     );
 }
 
@@ -339,27 +343,28 @@ fn minutes(out: &mut String, soak: &Soak) {
 
 fn tokens(out: &mut String, soak: &Soak) {
     let t = &soak.tokens;
-    let refresh = Settings::refresh_moment();
     let _ = writeln!(out, "## OAuth calls\n");
     let mut per_tenant = t.per_tenant.clone();
     per_tenant.sort_unstable();
     let median = per_tenant.get(per_tenant.len() / 2).copied().unwrap_or(0);
     let run = soak.duration.as_secs_f64();
+    // The refresh moments spread evenly over the first half of the window.
+    let mean = (Settings::refresh_window_start() + Settings::refresh_latest()).as_secs_f64() / 2.0;
     let _ = writeln!(
         out,
-        "A tenant's token is refreshed {} after its issue, so one OAuth call per token \
-         generation is {:.1} calls per tenant in {:.0} s ({:.1} per {LIFETIME_SECS} s lifetime; \
-         {:.0} lifetimes elapsed). Each token issued is matched to the newest earlier token of \
-         its tenant that has reached its refresh moment (with {} ms of tolerance) and has no \
-         successor yet; a token with none is an extra call (after two Envoys fetched at once, \
-         the refresh of either token counts as the successor, the parallel fetch as the extra \
-         call). A successor issued after its predecessor stopped being served is late: requests \
-         waited for it.\n",
-        seconds(refresh),
-        run / refresh.as_secs_f64(),
+        "A tenant's token is refreshed between {} and {} after its issue ({mean:.2} s on \
+         average), so one OAuth call per token generation is about {:.1} calls per tenant in \
+         {:.0} s ({:.1} per {LIFETIME_SECS} s lifetime). Each token issued is matched to the \
+         newest earlier token of its tenant whose refresh window has opened (with {} ms of \
+         tolerance) and has no successor yet; a token with none is an extra call (after two \
+         Envoys fetched at once, the refresh of either token counts as the successor, the \
+         parallel fetch as the extra call). A successor issued after its predecessor stopped \
+         being served is late: requests waited for it.\n",
+        seconds(Settings::refresh_window_start()),
+        seconds(Settings::refresh_latest()),
+        run / mean,
         run,
-        LIFETIME_SECS as f64 / refresh.as_secs_f64(),
-        run / LIFETIME_SECS as f64,
+        LIFETIME_SECS as f64 / mean,
         EARLY_TOLERANCE.as_millis()
     );
     let _ = writeln!(out, "| | |\n|---|---|");
