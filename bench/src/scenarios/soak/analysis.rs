@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use tokengate_tests::harness::Companion;
 
+use super::churn::Rotation;
 use super::load::LoopRecord;
 use super::{
-    EARLY_TOLERANCE, Extra, Failure, Injected, LogLines, MemoryRow, MemorySample, Minute, Settings,
-    Tokens,
+    EARLY_TOLERANCE, Extra, Failure, Injected, LogLines, MemoryRow, MemorySample, Minute, SETTLE,
+    Settings, Tokens,
 };
 use crate::stats::{Latencies, micros};
 
@@ -120,29 +121,46 @@ pub fn merge(records: Vec<LoopRecord>, faults: &[Injected]) -> Merged {
 }
 
 /// Classifies each tenant's tokens. A token succeeds the newest earlier one that has
-/// reached the start of its refresh window (the earliest its refresh may begin; the
-/// moment itself is jittered over the window's first half) and has no successor yet (older ones without a successor
-/// are superseded then: after two Envoys fetched in parallel, the next refresh of
-/// either one is no extra call); a token with no such predecessor is an extra call.
-/// A tenant's first token (the warm-up's) succeeds nothing.
+/// reached the start of its refresh window (the earliest its refresh may begin: the
+/// moment itself is jittered over the window's first half) and has no successor yet
+/// (older ones without a successor are superseded then: after two Envoys fetched in
+/// parallel, the next refresh of either one is no extra call); a token with no such
+/// predecessor is an extra call.
+///
+/// Churn: a tenant's first token (the warm-up's, or the one its first request fetched
+/// when it joined) is its generation 0 and succeeds nothing. After a tenant left nothing
+/// is expected of it; a token issued more than [`SETTLE`] after it left is one no request
+/// asked for. `times[n]` are the issue times of tenant `n` of the rotation.
 pub fn analyse_tokens(
     times: &[Vec<Instant>],
     tenants: &[String],
+    rotation: Rotation,
     epoch: Instant,
+    duration: Duration,
     faults: &[Injected],
 ) -> Tokens {
     let window_start = Settings::refresh_window_start();
     let served_for = Settings::served_for();
     let mut tokens = Tokens::default();
     let mut intervals = Vec::new();
-    for (tenant, issued) in tenants.iter().zip(times) {
-        tokens
-            .per_tenant
-            .push(issued.iter().filter(|at| **at >= epoch).count());
+    for (n, (tenant, issued)) in tenants.iter().zip(times).enumerate() {
+        let joins = rotation.joins(n);
+        if joins < duration {
+            let leaves = rotation.leaves(n).map_or(duration, |at| at.min(duration));
+            tokens.active_time += leaves.saturating_sub(joins);
+            tokens
+                .per_tenant
+                .push(issued.iter().filter(|at| **at >= epoch).count());
+        }
+        tokens.tenants_seen += usize::from(!issued.is_empty());
         // Tokens without a successor yet, oldest first.
         let mut open: Vec<Instant> = Vec::new();
         for (index, issued_at) in issued.iter().enumerate() {
             let at = issued_at.saturating_duration_since(epoch);
+            if rotation.leaves(n).is_some_and(|left| at > left + SETTLE) {
+                tokens.after_leaving.push((at, tenant.clone()));
+                continue;
+            }
             let predecessor = open
                 .iter()
                 .rposition(|earlier| *earlier + window_start <= *issued_at + EARLY_TOLERANCE);
@@ -177,6 +195,7 @@ pub fn analyse_tokens(
     tokens.intervals = Latencies::of(&intervals);
     tokens.extras.sort_by_key(|e| e.at);
     tokens.late.sort_unstable();
+    tokens.after_leaving.sort();
     tokens
 }
 
@@ -312,10 +331,87 @@ mod tests {
         epoch + Duration::from_millis(ms)
     }
 
+    /// One tenant throughout a 10-minute load.
     fn analyse(issued_ms: &[u64], faults: &[Injected]) -> Tokens {
         let epoch = Instant::now();
         let times = vec![issued_ms.iter().map(|ms| at(epoch, *ms)).collect()];
-        analyse_tokens(&times, &["acme".to_owned()], epoch, faults)
+        let rotation = Rotation {
+            active: 1,
+            every: Duration::ZERO,
+        };
+        let ten_minutes = Duration::from_secs(600);
+        analyse_tokens(
+            &times,
+            &["acme".to_owned()],
+            rotation,
+            epoch,
+            ten_minutes,
+            faults,
+        )
+    }
+
+    /// Tenants `bench-0`, `bench-1`, ... with these tokens, two active at once, one
+    /// replaced every 20 s, in a load of a minute.
+    fn analyse_churn(issued_ms: &[&[u64]]) -> Tokens {
+        let epoch = Instant::now();
+        let times: Vec<Vec<Instant>> = issued_ms
+            .iter()
+            .map(|tenant| tenant.iter().map(|ms| at(epoch, *ms)).collect())
+            .collect();
+        let names: Vec<String> = (0..times.len()).map(|n| format!("bench-{n}")).collect();
+        let rotation = Rotation {
+            active: 2,
+            every: Duration::from_secs(20),
+        };
+        analyse_tokens(
+            &times,
+            &names,
+            rotation,
+            epoch,
+            Duration::from_secs(60),
+            &[],
+        )
+    }
+
+    #[test]
+    fn a_joining_tenant_s_first_token_is_its_generation_zero() {
+        // bench-2 joins at 20 s, bench-3 at 40 s: their first tokens are no extra calls,
+        // not even right after another tenant's.
+        let tokens = analyse_churn(&[
+            &[0, 6_000, 12_000],
+            &[2_000, 8_000, 14_000, 20_000, 26_000, 32_000],
+            &[20_050, 26_000, 32_000, 38_000, 44_000, 50_000],
+            &[40_010, 46_000, 52_000, 58_000],
+        ]);
+        assert!(tokens.extras.is_empty(), "{:?}", tokens.extras);
+        assert!(tokens.after_leaving.is_empty());
+        assert_eq!(tokens.on_time, 2 + 5 + 5 + 3);
+        assert_eq!(tokens.tenants_seen, 4);
+        // In the active set: bench-0 from the start to 20 s, bench-1 to 40 s, bench-2
+        // from 20 to 60 s, bench-3 from 40 s to the end at 60 s.
+        assert_eq!(tokens.active_time, Duration::from_secs(20 + 40 + 40 + 20));
+        // A second token right after a joiner's first is still an extra call.
+        let parallel = analyse_churn(&[&[0], &[0], &[20_050, 20_100]]);
+        assert_eq!(parallel.extras.len(), 1);
+        assert_eq!(parallel.extras[0].tenant, "bench-2");
+    }
+
+    #[test]
+    fn a_leaving_tenant_is_not_expected_to_refresh() {
+        // bench-0 leaves at 20 s. A refresh its last requests started lands at 21.3 s
+        // (on time); that token then has no successor, and none is missed or late.
+        let tokens = analyse_churn(&[&[0, 7_000, 14_000, 21_300], &[0, 6_000]]);
+        assert!(tokens.late.is_empty());
+        assert!(tokens.extras.is_empty());
+        assert!(tokens.after_leaving.is_empty());
+        assert_eq!(tokens.on_time, 4);
+        // Tokens for a tenant long gone are calls no request asked for.
+        let ghost = analyse_churn(&[&[0, 6_000, 50_000], &[0]]);
+        assert_eq!(
+            ghost.after_leaving,
+            [(Duration::from_secs(50), "bench-0".to_owned())]
+        );
+        assert!(ghost.late.is_empty(), "not a late successor either");
     }
 
     fn fault(kind: FaultKind, at_ms: u64) -> Injected {

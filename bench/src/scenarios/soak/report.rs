@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use super::load::SLOW;
 use super::{
-    EARLY_TOLERANCE, FaultKind, LIFETIME_SECS, MEMORY_GROWTH_FLOOR_KIB, MEMORY_GROWTH_PERCENT,
-    MemoryRow, SETTLE, Settings, Soak,
+    CACHE_MAX_TENANTS, EARLY_TOLERANCE, FaultKind, LIFETIME_SECS, MEMORY_GROWTH_FLOOR_KIB,
+    MEMORY_GROWTH_PERCENT, MemoryRow, SETTLE, Settings, Soak,
 };
 use crate::report::{kib_mib, machine_rows, verdict};
 use crate::stats::{micros, ms};
@@ -78,11 +78,14 @@ fn setup(out: &mut String, soak: &Soak) {
         "2 Envoys with 2 workers each run the filter; Envoy *i* talks to companion *i*; both \
          companions share one `redis-server`. The Tenant Service and Genesys login stand-ins \
          run in the load generator's process, the echo upstream in its own. {} Genesys tenants \
-         (`bench-0` ...), tokens living {LIFETIME_SECS} s (`expires_in`). The load: {} \
-         connections, each a keep-alive connection to one Envoy (alternating) sending paced \
-         `GET`s that step through the tenants, {} requests/s together. The filter's \
-         configuration:\n",
-        s.tenants, s.connections, s.rate
+         active at once (generated `bench-<n>`), tokens living {LIFETIME_SECS} s \
+         (`expires_in`). The load: {} connections, each a keep-alive connection to one Envoy \
+         (alternating) sending paced `GET`s that step through the active tenants, {} \
+         requests/s together. {} The filter's configuration:\n",
+        s.tenants,
+        s.connections,
+        s.rate,
+        churn(soak)
     );
     let _ = writeln!(out, "```json\n{}\n```\n", soak.filter_config);
     let _ = writeln!(
@@ -116,6 +119,41 @@ fn setup(out: &mut String, soak: &Soak) {
     if let Some(note) = &s.note {
         let _ = writeln!(out, "{note}\n");
     }
+}
+
+/// The churn settings and what they did, in a sentence or three.
+fn churn(soak: &Soak) -> String {
+    let s = &soak.settings;
+    let bound = format!(
+        "The gateway cache is bounded to {CACHE_MAX_TENANTS} tenants per Envoy \
+         (`cache.maxTenants`; the default is 100,000)"
+    );
+    if s.churn_every.is_zero() {
+        return format!(
+            "No tenant churn (`--churn-every-secs 0`): the same tenants throughout; {} \
+             tenants were seen. {bound}, more than the tenants, so it never fills.",
+            soak.tokens.tenants_seen
+        );
+    }
+    let active = s.tenants as f64 * s.churn_every.as_secs_f64();
+    format!(
+        "Tenant churn: every {} the oldest active tenant leaves (no more requests for it) and a \
+         never-seen one joins, so each tenant is active for {active:.0} s (about {:.0} token \
+         generations) and {} distinct tenants were seen (issued a token). {bound}, a few times \
+         the active set: its slots are reused as tenants come and go, and a tenant may be \
+         pushed out while still active, to be served again from the companion's Redis (a \
+         lease `hit`, no OAuth call). So the memory goal tests the bound, not a cache that \
+         never fills.",
+        seconds(s.churn_every),
+        active / mean_refresh().as_secs_f64(),
+        soak.tokens.tenants_seen,
+    )
+}
+
+/// The mean time from a token to its refresh: the moments spread evenly over the first
+/// half of the refresh window.
+fn mean_refresh() -> Duration {
+    (Settings::refresh_window_start() + Settings::refresh_latest()) / 2
 }
 
 fn expectations(out: &mut String) {
@@ -347,25 +385,30 @@ fn tokens(out: &mut String, soak: &Soak) {
     let mut per_tenant = t.per_tenant.clone();
     per_tenant.sort_unstable();
     let median = per_tenant.get(per_tenant.len() / 2).copied().unwrap_or(0);
-    let run = soak.duration.as_secs_f64();
-    // The refresh moments spread evenly over the first half of the window.
-    let mean = (Settings::refresh_window_start() + Settings::refresh_latest()).as_secs_f64() / 2.0;
+    let active = t.active_time.as_secs_f64();
+    let mean = mean_refresh().as_secs_f64();
     let _ = writeln!(
         out,
         "A tenant's token is refreshed between {} and {} after its issue ({mean:.2} s on \
-         average), so one OAuth call per token generation is about {:.1} calls per tenant in \
-         {:.0} s ({:.1} per {LIFETIME_SECS} s lifetime). Each token issued is matched to the \
-         newest earlier token of its tenant whose refresh window has opened (with {} ms of \
-         tolerance) and has no successor yet; a token with none is an extra call (after two \
-         Envoys fetched at once, the refresh of either token counts as the successor, the \
-         parallel fetch as the extra call). A successor issued after its predecessor stopped \
+         average), so one OAuth call per token generation is about one call per {mean:.2} s a \
+         tenant is active, plus its first token: the tenants were active for {:.0} s in all \
+         during the load, about {:.0} calls. Each token issued is matched to the newest earlier \
+         token of its tenant whose refresh window has opened (with {} ms of tolerance) and has \
+         no successor yet; a token with none is an extra call (after two Envoys fetched at \
+         once, the refresh of either token counts as the successor, the parallel fetch as the \
+         extra call). A tenant's first token (the warm-up's, or the one its first request \
+         fetched when it joined) is its generation 0, never an extra call. A tenant that left \
+         is expected nothing; a token issued to it more than {} after it left is a call no \
+         request asked for. A token re-fetched because its tenant was pushed out of the \
+         gateway cache comes from the companion's Redis and costs no OAuth call: were it to, \
+         it would show here as an extra call. A successor issued after its predecessor stopped \
          being served is late: requests waited for it.\n",
         seconds(Settings::refresh_window_start()),
         seconds(Settings::refresh_latest()),
-        run / mean,
-        run,
-        LIFETIME_SECS as f64 / mean,
-        EARLY_TOLERANCE.as_millis()
+        active,
+        active / mean,
+        EARLY_TOLERANCE.as_millis(),
+        seconds(SETTLE)
     );
     let _ = writeln!(out, "| | |\n|---|---|");
     let _ = writeln!(
@@ -376,6 +419,17 @@ fn tokens(out: &mut String, soak: &Soak) {
         t.login_calls.saturating_sub(t.issued)
     );
     let _ = writeln!(out, "| Tenant Service calls | {} |", t.tenant_service_calls);
+    let _ = writeln!(
+        out,
+        "| tenants seen (issued a token) / active during the load | {} / {} |",
+        t.tenants_seen,
+        t.per_tenant.len()
+    );
+    let _ = writeln!(
+        out,
+        "| tokens issued to a tenant after it left | {} |",
+        t.after_leaving.len()
+    );
     let _ = writeln!(
         out,
         "| tokens per tenant (min / median / max) | {} / {median} / {} |",
@@ -405,6 +459,17 @@ fn tokens(out: &mut String, soak: &Soak) {
             t.late
                 .iter()
                 .map(|at| clock(*at))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if !t.after_leaving.is_empty() {
+        let _ = writeln!(
+            out,
+            "Tokens issued after their tenant left: {}.\n",
+            t.after_leaving
+                .iter()
+                .map(|(at, tenant)| format!("{tenant} at {}", clock(*at)))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
