@@ -175,6 +175,8 @@ pub struct Failure {
     pub status: u16,
     /// The error body's `code`, or what was wrong.
     pub code: String,
+    /// The request's tenant.
+    pub tenant: String,
     /// Whether the fault under way documents it.
     pub expected: bool,
 }
@@ -607,7 +609,11 @@ pub async fn run(settings: Settings) -> Result<Soak, String> {
         failures,
         slow,
         requests,
-    } = merge(records, &faults);
+    } = merge(records, &faults, |tenant| {
+        let n = tenants.iter().position(|t| t == tenant)?;
+        let first = tracker.times.get(n)?.first()?;
+        Some(first.saturating_duration_since(epoch))
+    });
     Ok(Soak {
         filter_config: filter_config(),
         machine,

@@ -72,7 +72,13 @@ pub struct Merged {
 }
 
 /// Folds the loops' records into minutes, failures (classified) and slow requests.
-pub fn merge(records: Vec<LoopRecord>, faults: &[Injected]) -> Merged {
+/// `first_token` tells when a tenant's first token was issued (after the start of the
+/// load; zero for the warm-up's): a tenant without one has no token to serve yet.
+pub fn merge(
+    records: Vec<LoopRecord>,
+    faults: &[Injected],
+    first_token: impl Fn(&str) -> Option<Duration>,
+) -> Merged {
     let mut per_minute: Vec<Vec<u64>> = Vec::new();
     let mut failures = Vec::new();
     let mut slow = Vec::new();
@@ -89,8 +95,12 @@ pub fn merge(records: Vec<LoopRecord>, faults: &[Injected]) -> Merged {
         slow.extend(record.slow);
     }
     for failure in &mut failures {
+        let without_token = first_token(&failure.tenant).is_none_or(|first| first > failure.at);
         failure.expected = faults.iter().any(|fault| {
-            fault.covers(failure.at) && fault.kind.expected_codes().contains(&failure.code.as_str())
+            let code = failure.code.as_str();
+            fault.covers(failure.at)
+                && (fault.kind.expected_codes().contains(&code)
+                    || without_token && fault.kind.expected_codes_without_token().contains(&code))
         });
     }
     failures.sort_by_key(|f| f.at);
@@ -537,6 +547,7 @@ mod tests {
             at: Duration::from_millis(at_ms),
             status: 503,
             code: code.to_owned(),
+            tenant: "acme".to_owned(),
             expected: false,
         };
         let record = LoopRecord {
@@ -549,13 +560,55 @@ mod tests {
             slow: Vec::new(),
             sent: 7,
         };
-        let merged = merge(vec![record], &[fault(FaultKind::RedisPause, 60_000)]);
+        let merged = merge(
+            vec![record],
+            &[fault(FaultKind::RedisPause, 60_000)],
+            |_| Some(Duration::ZERO),
+        );
         let expected: Vec<bool> = merged.failures.iter().map(|f| f.expected).collect();
         assert_eq!(expected, [true, false, false]);
         assert_eq!(merged.requests, 7);
         assert_eq!(merged.minutes.len(), 2);
         assert_eq!(merged.minutes[1].failures, 2);
         assert_eq!(merged.minutes[1].faults, [FaultKind::RedisPause]);
+    }
+
+    #[test]
+    fn an_idp_burst_may_fail_only_a_tenant_without_a_token_yet() {
+        let failure = |tenant: &str| Failure {
+            at: Duration::from_millis(61_000),
+            status: 502,
+            code: "OAUTH_EXCHANGE_FAILED".to_owned(),
+            tenant: tenant.to_owned(),
+            expected: false,
+        };
+        let record = LoopRecord {
+            per_minute: Vec::new(),
+            failures: vec![failure("bench-0"), failure("bench-30"), failure("bench-31")],
+            slow: Vec::new(),
+            sent: 3,
+        };
+        // bench-0 has had tokens since the warm-up; bench-30 joined at 60 s and got its
+        // first token only after the burst; bench-31 never got one.
+        let first_token = |tenant: &str| match tenant {
+            "bench-0" => Some(Duration::ZERO),
+            "bench-30" => Some(Duration::from_millis(63_000)),
+            _ => None,
+        };
+        let merged = merge(
+            vec![record],
+            &[fault(FaultKind::IdpErrors, 60_000)],
+            first_token,
+        );
+        let expected: Vec<(&str, bool)> = merged
+            .failures
+            .iter()
+            .map(|f| (f.tenant.as_str(), f.expected))
+            .collect();
+        assert_eq!(
+            expected,
+            [("bench-0", false), ("bench-30", true), ("bench-31", true)]
+        );
     }
 
     #[test]

@@ -229,6 +229,7 @@ impl LoadLoop {
                     at,
                     status,
                     code,
+                    tenant: tenant.clone(),
                     expected: false,
                 }),
             }
