@@ -3,7 +3,7 @@
 //! ```text
 //! tokengate-bench run [--quick] [--out BENCHMARKS.md] [--only hit,stampede,wakeup,rollover,lease,footprint,churn]
 //! tokengate-bench echo --listen 127.0.0.1:PORT     # the fast upstream (started by `run`)
-//! tokengate-bench soak [--minutes 12] [--out SOAK.md]  # the soak (scripts/soak)
+//! tokengate-bench soak [--minutes 12] [--churn-every-secs 2] [--out SOAK.md]  # the soak (scripts/soak)
 //! ```
 //!
 //! `run` starts everything on loopback (stand-ins in this process; Redis, companions,
@@ -88,7 +88,8 @@ enum Cmd {
         #[arg(long)]
         churn_tenants: Option<usize>,
     },
-    /// Holds load with 10 s tokens and a fault every minute; writes the soak report.
+    /// Holds load with 10 s tokens, tenant churn and a fault every minute; writes the soak
+    /// report.
     Soak {
         /// Minutes of load.
         #[arg(long, default_value_t = 12.0)]
@@ -99,9 +100,13 @@ enum Cmd {
         /// Concurrent connections (loops).
         #[arg(long, default_value_t = 16)]
         connections: usize,
-        /// Genesys tenants.
+        /// Genesys tenants active at once.
         #[arg(long, default_value_t = 20)]
         tenants: usize,
+        /// Tenant churn: every this many seconds the oldest active tenant leaves and a
+        /// never-seen one joins (an hour: 1,800 tenants come and go); 0: no churn.
+        #[arg(long, default_value_t = 2)]
+        churn_every_secs: u64,
         /// Seconds between faults.
         #[arg(long, default_value_t = 60)]
         fault_every_secs: u64,
@@ -255,6 +260,7 @@ fn main() -> ExitCode {
             rate,
             connections,
             tenants,
+            churn_every_secs,
             fault_every_secs,
             warmup_secs,
             out,
@@ -270,6 +276,7 @@ fn main() -> ExitCode {
                 rate: rate.max(1),
                 connections: connections.max(1),
                 tenants: tenants.max(1),
+                churn_every: Duration::from_secs(churn_every_secs),
                 fault_every: Duration::from_secs(fault_every_secs),
                 warmup: Duration::from_secs(warmup_secs),
                 logs,

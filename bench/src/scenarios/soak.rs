@@ -1,13 +1,15 @@
 //! The soak (`tokengate-bench soak`, run by `scripts/soak`): sustained load for many
 //! minutes on a fleet of 2 Envoys (2 workers each), 2 companions and one Redis, with
-//! tokens that live 10 s (a hundred token generations per tenant in a 12-minute run)
-//! and a fault injected every minute, cycling through [`FaultKind::CYCLE`]. It checks:
+//! tokens that live 10 s (a token generation every 5 to 7.5 s), tenants coming and
+//! going, and a fault injected every minute, cycling through
+//! [`FaultKind::CYCLE`]. It checks:
 //!
 //! - **errors**: clients see no error the README does not document for the fault under
 //!   way ([`FaultKind::expected_codes`]); every 200 carries a token of its own tenant
 //!   that has not expired;
 //! - **OAuth calls**: one per tenant per token generation. A token issued before its
-//!   predecessor reached its refresh moment is an extra call; it is explained only in
+//!   predecessor's refresh window opened (the earliest its refresh may start) is an
+//!   extra call; it is explained only in
 //!   the wake of a fault whose documented behaviour costs one
 //!   ([`FaultKind::extra_tokens_reason`]), and at most once per tenant and fault;
 //! - **memory**: the resident memory (`VmRSS`) of every Envoy and companion, sampled
@@ -18,11 +20,17 @@
 //! - every process stayed up (but the one killed on purpose) and every fault was injected.
 //!
 //! The load: `connections` loops, each with one keep-alive connection to one Envoy
-//! (round-robin), sending paced `GET`s that step through the tenants. The stand-ins run
+//! (round-robin), sending paced `GET`s that step through the active tenants. With churn
+//! (on by default, [`churn::Rotation`]) the active set rotates: every `churn_every` its
+//! oldest tenant leaves and a never-seen one joins, and the gateway cache is bounded to
+//! [`CACHE_MAX_TENANTS`], so its slots are reused and tenants pushed out within the run.
+//! A tenant's first token is its generation 0; nothing is expected of a tenant after it
+//! left. The stand-ins run
 //! in this process; a tracker polls the tokens the login issued every 50 ms, which gives
 //! each token's issue time (to 50 ms) for the OAuth and expiry checks.
 
 mod analysis;
+mod churn;
 mod faults;
 mod load;
 mod report;
@@ -46,6 +54,7 @@ use crate::stats::Latencies;
 use analysis::{
     Merged, add_counters, analyse_tokens, companion_counters, envoy_counters, memory_rows, merge,
 };
+use churn::Rotation;
 pub use faults::FaultKind;
 use faults::{Active, Targets};
 use load::{IssueTimes, LoadLoop, TokenTracker, warm_up};
@@ -55,11 +64,19 @@ pub use report::render;
 pub const LIFETIME_SECS: u64 = 10;
 /// The filter's `expiryMarginMs`: a token is served until 9.5 s after its issue.
 pub const EXPIRY_MARGIN_MS: u64 = 500;
-/// The filter's `refreshAhead.percent`: refresh starts 3 s before expiry, 7 s after
-/// issue, which leaves 2.5 s (more than the IdP's slow spell of 1.5 s) for it to land.
-pub const REFRESH_PERCENT: u64 = 30;
-/// The filter's `refreshAhead.minLeadMs` (below the 3 s that `percent` gives).
+/// The filter's `refreshAhead.percent`: the refresh window is the last half of a
+/// token's life, from 5 s after its issue. The refresh starts at a moment in the first
+/// half of that window (core's `cache::refresh_moment`: a jitter of the tenant and the
+/// token's expiry), so by 7.5 s, which leaves 2 s before the end of service (more than
+/// the IdP's slow spell of 1.5 s) for it to land. (At 30 %, the refresh could start as
+/// late as 8.5 s, 1 s before the end of service.)
+pub const REFRESH_PERCENT: u64 = 50;
+/// The filter's `refreshAhead.minLeadMs` (below the 5 s that `percent` gives).
 pub const REFRESH_MIN_LEAD_MS: u64 = 1_000;
+/// The filter's `cache.maxTenants`: a few times the active set (20 by default), so with
+/// churn the gateway cache's slots are reused (and tenants pushed out) within minutes,
+/// and "memory flat" tests the bound, not a cache that never fills.
+pub const CACHE_MAX_TENANTS: u32 = 64;
 /// Growth of resident memory allowed after warm-up, in percent of the warm-up value...
 pub const MEMORY_GROWTH_PERCENT: u64 = 5;
 /// ... or this much, whichever is larger (allocator noise of a small process).
@@ -74,8 +91,8 @@ const WATCH_EVERY: Duration = Duration::from_millis(10);
 /// How long after a fault ends its effects may still show: two token lifetimes plus
 /// the filter's `companion.retryAfterMs` (5 s).
 const SETTLE: Duration = Duration::from_secs(2 * LIFETIME_SECS + 5);
-/// A token issued this much earlier than its predecessor's refresh moment is an extra
-/// OAuth call (the tracker's 50 ms and scheduling are well inside it).
+/// A token issued this much earlier than the start of its predecessor's refresh window
+/// is an extra OAuth call (the tracker's 50 ms and scheduling are well inside it).
 const EARLY_TOLERANCE: Duration = Duration::from_millis(500);
 /// Share of the target rate the generator must keep.
 const MIN_RATE_SHARE: f64 = 0.9;
@@ -89,8 +106,11 @@ pub struct Settings {
     pub rate: u32,
     /// Concurrent loops (connections).
     pub connections: usize,
-    /// Genesys tenants (generated `bench-<n>`).
+    /// Genesys tenants active at once (generated `bench-<n>`).
     pub tenants: usize,
+    /// Tenant churn: every this long the oldest active tenant leaves and a never-seen one
+    /// joins; zero: the same tenants throughout.
+    pub churn_every: Duration,
     /// A fault every this long.
     pub fault_every: Duration,
     /// Memory growth is measured from this long after a process's start or the load's
@@ -105,11 +125,30 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// When a token, `issued` at 0, starts being refreshed.
-    fn refresh_moment() -> Duration {
+    /// The active set over time.
+    fn rotation(&self) -> Rotation {
+        Rotation {
+            active: self.tenants,
+            every: self.churn_every,
+        }
+    }
+
+    /// The refresh window of a token issued at 0 (core's `cache::refresh_moment`): its
+    /// last `percent` %, at least `minLeadMs`.
+    fn refresh_lead() -> Duration {
         let lifetime_ms = LIFETIME_SECS * 1_000;
-        let lead = (lifetime_ms * REFRESH_PERCENT / 100).max(REFRESH_MIN_LEAD_MS);
-        Duration::from_millis(lifetime_ms - lead)
+        Duration::from_millis((lifetime_ms * REFRESH_PERCENT / 100).max(REFRESH_MIN_LEAD_MS))
+    }
+
+    /// The earliest a token issued at 0 may start being refreshed: the start of its
+    /// refresh window. Also the shortest time from a token to its refresh.
+    fn refresh_window_start() -> Duration {
+        Duration::from_secs(LIFETIME_SECS) - Self::refresh_lead()
+    }
+
+    /// The latest: the refresh starts in the first half of the window.
+    fn refresh_latest() -> Duration {
+        Self::refresh_window_start() + Self::refresh_lead() / 2
     }
 
     /// How long after its issue a token is still served.
@@ -122,7 +161,8 @@ impl Settings {
 pub fn filter_config() -> serde_json::Value {
     Envoy::filter_config_with(serde_json::json!({
         "expiryMarginMs": EXPIRY_MARGIN_MS,
-        "refreshAhead": { "percent": REFRESH_PERCENT, "minLeadMs": REFRESH_MIN_LEAD_MS }
+        "refreshAhead": { "percent": REFRESH_PERCENT, "minLeadMs": REFRESH_MIN_LEAD_MS },
+        "cache": { "maxTenants": CACHE_MAX_TENANTS }
     }))
 }
 
@@ -135,6 +175,8 @@ pub struct Failure {
     pub status: u16,
     /// The error body's `code`, or what was wrong.
     pub code: String,
+    /// The request's tenant.
+    pub tenant: String,
     /// Whether the fault under way documents it.
     pub expected: bool,
 }
@@ -218,7 +260,7 @@ pub struct Minute {
     pub faults: Vec<FaultKind>,
 }
 
-/// A token issued before its predecessor's refresh moment.
+/// A token issued before its predecessor's refresh window opened.
 #[derive(Debug, Clone)]
 pub struct Extra {
     /// When, after the start of the load.
@@ -234,15 +276,23 @@ pub struct Extra {
 /// The OAuth calls.
 #[derive(Debug, Clone, Default)]
 pub struct Tokens {
-    /// Tokens issued per tenant during the load.
+    /// Tokens issued per tenant during the load, for every tenant active during it.
     pub per_tenant: Vec<usize>,
+    /// Tenants the login issued a token to (warm-up included).
+    pub tenants_seen: usize,
+    /// Time spent in the active set during the load, all tenants together.
+    pub active_time: Duration,
+    /// Tokens issued to a tenant well after it left (no request asked for them): when,
+    /// and whose.
+    pub after_leaving: Vec<(Duration, String)>,
     /// Time from a token to its successor (microseconds).
     pub intervals: Latencies,
-    /// Successors issued from the refresh moment to the end of the predecessor's service.
+    /// Successors issued from the start of the refresh window to the end of the
+    /// predecessor's service.
     pub on_time: usize,
     /// Successors issued after the predecessor stopped being served (requests waited).
     pub late: Vec<Duration>,
-    /// Successors issued before the refresh moment.
+    /// Successors issued before the refresh window opened.
     pub extras: Vec<Extra>,
     /// Calls to the login stand-in during the load (failed ones included).
     pub login_calls: u64,
@@ -337,7 +387,7 @@ impl Soak {
                     .or_default() += 1;
             }
         }
-        let refresh_period = Settings::refresh_moment();
+        let refresh_period = Settings::refresh_window_start();
         let beyond = per_tenant_fault
             .iter()
             .filter(|((_, fault), count)| {
@@ -360,13 +410,14 @@ impl Soak {
             },
             Goal {
                 name: "one OAuth call per tenant per token generation",
-                met: unexplained == 0 && beyond == 0,
+                met: unexplained == 0 && beyond == 0 && self.tokens.after_leaving.is_empty(),
                 detail: format!(
                     "{} tokens for {} tenants; {} extra calls, {unexplained} not explained by a fault, \
-                     {beyond} tenant-fault pairs beyond the fault's allowance",
+                     {beyond} tenant-fault pairs beyond the fault's allowance, {} after the tenant left",
                     self.tokens.issued,
                     self.tokens.per_tenant.len(),
-                    self.tokens.extras.len()
+                    self.tokens.extras.len(),
+                    self.tokens.after_leaving.len()
                 ),
             },
             Goal {
@@ -436,10 +487,13 @@ pub async fn run(settings: Settings) -> Result<Soak, String> {
     let date = machine::now_utc();
     let load_start = machine::load_average();
     let echo = EchoProcess::start(None)?;
+    let rotation = settings.rotation();
+    // One more than the load reaches, for a request sent in the very last moment.
+    let generated = rotation.tenants_for(settings.duration) + 1;
     let fixture = Fixture::default_fixture()
-        .with_generated_tenants(settings.tenants)
+        .with_generated_tenants(generated)
         .map_err(|e| e.to_string())?;
-    let tenants: Arc<[String]> = (0..settings.tenants).map(generated_tenant_id).collect();
+    let tenants: Arc<[String]> = (0..generated).map(generated_tenant_id).collect();
     let spec = FleetSpec {
         envoys: ENVOYS,
         concurrency: WORKERS,
@@ -451,11 +505,11 @@ pub async fn run(settings: Settings) -> Result<Soak, String> {
     fleet.standins.set_expires_in(LIFETIME_SECS as i64);
     let addrs: Vec<SocketAddr> = (0..ENVOYS).map(|i| fleet.envoy_addr(i)).collect();
     let issued: IssueTimes = Arc::new(Mutex::new(HashMap::new()));
-    let mut tracker = TokenTracker::new(Arc::clone(&tenants), Arc::clone(&issued));
+    let mut tracker = TokenTracker::new(Arc::clone(&tenants), rotation, Arc::clone(&issued));
     warm_up(
         &addrs,
-        &tenants,
-        Settings::refresh_moment(),
+        &tenants[..settings.tenants.min(tenants.len())],
+        Settings::refresh_window_start(),
         &mut tracker,
         &fleet.standins,
     )
@@ -465,6 +519,7 @@ pub async fn run(settings: Settings) -> Result<Soak, String> {
     let issued_before = fleet.standins.tokens_issued();
 
     let epoch = Instant::now();
+    tracker.start(epoch);
     let end = epoch + settings.duration;
     let interval = Duration::from_secs_f64(settings.connections as f64 / f64::from(settings.rate));
     let loops: Vec<_> = (0..settings.connections)
@@ -472,6 +527,7 @@ pub async fn run(settings: Settings) -> Result<Soak, String> {
             let load = LoadLoop {
                 addr: addrs[i % ENVOYS],
                 tenants: Arc::clone(&tenants),
+                rotation,
                 next_tenant: i,
                 interval,
                 start: epoch + interval.mul_f64(i as f64 / settings.connections as f64),
@@ -537,7 +593,14 @@ pub async fn run(settings: Settings) -> Result<Soak, String> {
     copy_logs(fleet.dir.path(), &settings.logs);
     drop(fleet);
 
-    let mut tokens = analyse_tokens(&tracker.times, &tenants, epoch, &faults);
+    let mut tokens = analyse_tokens(
+        &tracker.times,
+        &tenants,
+        rotation,
+        epoch,
+        settings.duration,
+        &faults,
+    );
     tokens.issued = tokens_issued;
     tokens.login_calls = login_calls;
     tokens.tenant_service_calls = tenant_service_calls;
@@ -546,7 +609,11 @@ pub async fn run(settings: Settings) -> Result<Soak, String> {
         failures,
         slow,
         requests,
-    } = merge(records, &faults);
+    } = merge(records, &faults, |tenant| {
+        let n = tenants.iter().position(|t| t == tenant)?;
+        let first = tracker.times.get(n)?.first()?;
+        Some(first.saturating_duration_since(epoch))
+    });
     Ok(Soak {
         filter_config: filter_config(),
         machine,

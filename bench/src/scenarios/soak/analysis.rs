@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use tokengate_tests::harness::Companion;
 
+use super::churn::Rotation;
 use super::load::LoopRecord;
 use super::{
-    EARLY_TOLERANCE, Extra, Failure, Injected, LogLines, MemoryRow, MemorySample, Minute, Settings,
-    Tokens,
+    EARLY_TOLERANCE, Extra, Failure, Injected, LogLines, MemoryRow, MemorySample, Minute, SETTLE,
+    Settings, Tokens,
 };
 use crate::stats::{Latencies, micros};
 
@@ -71,7 +72,13 @@ pub struct Merged {
 }
 
 /// Folds the loops' records into minutes, failures (classified) and slow requests.
-pub fn merge(records: Vec<LoopRecord>, faults: &[Injected]) -> Merged {
+/// `first_token` tells when a tenant's first token was issued (after the start of the
+/// load; zero for the warm-up's): a tenant without one has no token to serve yet.
+pub fn merge(
+    records: Vec<LoopRecord>,
+    faults: &[Injected],
+    first_token: impl Fn(&str) -> Option<Duration>,
+) -> Merged {
     let mut per_minute: Vec<Vec<u64>> = Vec::new();
     let mut failures = Vec::new();
     let mut slow = Vec::new();
@@ -88,8 +95,12 @@ pub fn merge(records: Vec<LoopRecord>, faults: &[Injected]) -> Merged {
         slow.extend(record.slow);
     }
     for failure in &mut failures {
+        let without_token = first_token(&failure.tenant).is_none_or(|first| first > failure.at);
         failure.expected = faults.iter().any(|fault| {
-            fault.covers(failure.at) && fault.kind.expected_codes().contains(&failure.code.as_str())
+            let code = failure.code.as_str();
+            fault.covers(failure.at)
+                && (fault.kind.expected_codes().contains(&code)
+                    || without_token && fault.kind.expected_codes_without_token().contains(&code))
         });
     }
     failures.sort_by_key(|f| f.at);
@@ -120,31 +131,49 @@ pub fn merge(records: Vec<LoopRecord>, faults: &[Injected]) -> Merged {
 }
 
 /// Classifies each tenant's tokens. A token succeeds the newest earlier one that has
-/// reached its refresh moment and has no successor yet (older ones without a successor
-/// are superseded then: after two Envoys fetched in parallel, the next refresh of
-/// either one is no extra call); a token with no such predecessor is an extra call.
-/// A tenant's first token (the warm-up's) succeeds nothing.
+/// reached the start of its refresh window (the earliest its refresh may begin: the
+/// moment itself is jittered over the window's first half) and has no successor yet
+/// (older ones without a successor are superseded then: after two Envoys fetched in
+/// parallel, the next refresh of either one is no extra call); a token with no such
+/// predecessor is an extra call.
+///
+/// Churn: a tenant's first token (the warm-up's, or the one its first request fetched
+/// when it joined) is its generation 0 and succeeds nothing. After a tenant left nothing
+/// is expected of it; a token issued more than [`SETTLE`] after it left is one no request
+/// asked for. `times[n]` are the issue times of tenant `n` of the rotation.
 pub fn analyse_tokens(
     times: &[Vec<Instant>],
     tenants: &[String],
+    rotation: Rotation,
     epoch: Instant,
+    duration: Duration,
     faults: &[Injected],
 ) -> Tokens {
-    let refresh_moment = Settings::refresh_moment();
+    let window_start = Settings::refresh_window_start();
     let served_for = Settings::served_for();
     let mut tokens = Tokens::default();
     let mut intervals = Vec::new();
-    for (tenant, issued) in tenants.iter().zip(times) {
-        tokens
-            .per_tenant
-            .push(issued.iter().filter(|at| **at >= epoch).count());
+    for (n, (tenant, issued)) in tenants.iter().zip(times).enumerate() {
+        let joins = rotation.joins(n);
+        if joins < duration {
+            let leaves = rotation.leaves(n).map_or(duration, |at| at.min(duration));
+            tokens.active_time += leaves.saturating_sub(joins);
+            tokens
+                .per_tenant
+                .push(issued.iter().filter(|at| **at >= epoch).count());
+        }
+        tokens.tenants_seen += usize::from(!issued.is_empty());
         // Tokens without a successor yet, oldest first.
         let mut open: Vec<Instant> = Vec::new();
         for (index, issued_at) in issued.iter().enumerate() {
             let at = issued_at.saturating_duration_since(epoch);
+            if rotation.leaves(n).is_some_and(|left| at > left + SETTLE) {
+                tokens.after_leaving.push((at, tenant.clone()));
+                continue;
+            }
             let predecessor = open
                 .iter()
-                .rposition(|earlier| *earlier + refresh_moment <= *issued_at + EARLY_TOLERANCE);
+                .rposition(|earlier| *earlier + window_start <= *issued_at + EARLY_TOLERANCE);
             match predecessor {
                 Some(position) => {
                     let after = issued_at.duration_since(open[position]);
@@ -176,6 +205,7 @@ pub fn analyse_tokens(
     tokens.intervals = Latencies::of(&intervals);
     tokens.extras.sort_by_key(|e| e.at);
     tokens.late.sort_unstable();
+    tokens.after_leaving.sort();
     tokens
 }
 
@@ -311,10 +341,87 @@ mod tests {
         epoch + Duration::from_millis(ms)
     }
 
+    /// One tenant throughout a 10-minute load.
     fn analyse(issued_ms: &[u64], faults: &[Injected]) -> Tokens {
         let epoch = Instant::now();
         let times = vec![issued_ms.iter().map(|ms| at(epoch, *ms)).collect()];
-        analyse_tokens(&times, &["acme".to_owned()], epoch, faults)
+        let rotation = Rotation {
+            active: 1,
+            every: Duration::ZERO,
+        };
+        let ten_minutes = Duration::from_secs(600);
+        analyse_tokens(
+            &times,
+            &["acme".to_owned()],
+            rotation,
+            epoch,
+            ten_minutes,
+            faults,
+        )
+    }
+
+    /// Tenants `bench-0`, `bench-1`, ... with these tokens, two active at once, one
+    /// replaced every 20 s, in a load of a minute.
+    fn analyse_churn(issued_ms: &[&[u64]]) -> Tokens {
+        let epoch = Instant::now();
+        let times: Vec<Vec<Instant>> = issued_ms
+            .iter()
+            .map(|tenant| tenant.iter().map(|ms| at(epoch, *ms)).collect())
+            .collect();
+        let names: Vec<String> = (0..times.len()).map(|n| format!("bench-{n}")).collect();
+        let rotation = Rotation {
+            active: 2,
+            every: Duration::from_secs(20),
+        };
+        analyse_tokens(
+            &times,
+            &names,
+            rotation,
+            epoch,
+            Duration::from_secs(60),
+            &[],
+        )
+    }
+
+    #[test]
+    fn a_joining_tenant_s_first_token_is_its_generation_zero() {
+        // bench-2 joins at 20 s, bench-3 at 40 s: their first tokens are no extra calls,
+        // not even right after another tenant's.
+        let tokens = analyse_churn(&[
+            &[0, 6_000, 12_000],
+            &[2_000, 8_000, 14_000, 20_000, 26_000, 32_000],
+            &[20_050, 26_000, 32_000, 38_000, 44_000, 50_000],
+            &[40_010, 46_000, 52_000, 58_000],
+        ]);
+        assert!(tokens.extras.is_empty(), "{:?}", tokens.extras);
+        assert!(tokens.after_leaving.is_empty());
+        assert_eq!(tokens.on_time, 2 + 5 + 5 + 3);
+        assert_eq!(tokens.tenants_seen, 4);
+        // In the active set: bench-0 from the start to 20 s, bench-1 to 40 s, bench-2
+        // from 20 to 60 s, bench-3 from 40 s to the end at 60 s.
+        assert_eq!(tokens.active_time, Duration::from_secs(20 + 40 + 40 + 20));
+        // A second token right after a joiner's first is still an extra call.
+        let parallel = analyse_churn(&[&[0], &[0], &[20_050, 20_100]]);
+        assert_eq!(parallel.extras.len(), 1);
+        assert_eq!(parallel.extras[0].tenant, "bench-2");
+    }
+
+    #[test]
+    fn a_leaving_tenant_is_not_expected_to_refresh() {
+        // bench-0 leaves at 20 s. A refresh its last requests started lands at 21.3 s
+        // (on time); that token then has no successor, and none is missed or late.
+        let tokens = analyse_churn(&[&[0, 7_000, 14_000, 21_300], &[0, 6_000]]);
+        assert!(tokens.late.is_empty());
+        assert!(tokens.extras.is_empty());
+        assert!(tokens.after_leaving.is_empty());
+        assert_eq!(tokens.on_time, 4);
+        // Tokens for a tenant long gone are calls no request asked for.
+        let ghost = analyse_churn(&[&[0, 6_000, 50_000], &[0]]);
+        assert_eq!(
+            ghost.after_leaving,
+            [(Duration::from_secs(50), "bench-0".to_owned())]
+        );
+        assert!(ghost.late.is_empty(), "not a late successor either");
     }
 
     fn fault(kind: FaultKind, at_ms: u64) -> Injected {
@@ -375,12 +482,24 @@ mod tests {
     }
 
     #[test]
+    fn refreshes_anywhere_in_the_first_half_of_the_window_are_on_time() {
+        // The window opens 5 s after issue; jitter puts the refresh between 5 and 7.5 s.
+        let tokens = analyse(&[0, 5_020, 12_500, 17_600, 25_000], &[]);
+        assert_eq!(tokens.on_time, 4);
+        assert!(tokens.extras.is_empty());
+        // Earlier than the window's start (with the tolerance) is an extra call.
+        let early = analyse(&[0, 4_400], &[]);
+        assert_eq!(early.extras.len(), 1);
+    }
+
+    #[test]
     fn allowances_cover_the_degraded_spell() {
-        let period = Settings::refresh_moment();
+        let period = Settings::refresh_window_start();
+        assert_eq!(period, Duration::from_secs(5));
         assert_eq!(FaultKind::IdpErrors.extra_tokens_allowed(period), 0);
-        // 5 s down + 5 s of local mode: two refreshes of a 7 s period can fall in it.
+        // 5 s down + 5 s of local mode: two refreshes at least 5 s apart can fall in it.
         assert_eq!(FaultKind::CompanionKill.extra_tokens_allowed(period), 2);
-        assert_eq!(FaultKind::RedisRestart.extra_tokens_allowed(period), 1);
+        assert_eq!(FaultKind::RedisRestart.extra_tokens_allowed(period), 2);
     }
 
     fn sample(at_secs: u64, process: &str, pid: u32, rss_kib: u64) -> MemorySample {
@@ -428,6 +547,7 @@ mod tests {
             at: Duration::from_millis(at_ms),
             status: 503,
             code: code.to_owned(),
+            tenant: "acme".to_owned(),
             expected: false,
         };
         let record = LoopRecord {
@@ -440,13 +560,55 @@ mod tests {
             slow: Vec::new(),
             sent: 7,
         };
-        let merged = merge(vec![record], &[fault(FaultKind::RedisPause, 60_000)]);
+        let merged = merge(
+            vec![record],
+            &[fault(FaultKind::RedisPause, 60_000)],
+            |_| Some(Duration::ZERO),
+        );
         let expected: Vec<bool> = merged.failures.iter().map(|f| f.expected).collect();
         assert_eq!(expected, [true, false, false]);
         assert_eq!(merged.requests, 7);
         assert_eq!(merged.minutes.len(), 2);
         assert_eq!(merged.minutes[1].failures, 2);
         assert_eq!(merged.minutes[1].faults, [FaultKind::RedisPause]);
+    }
+
+    #[test]
+    fn an_idp_burst_may_fail_only_a_tenant_without_a_token_yet() {
+        let failure = |tenant: &str| Failure {
+            at: Duration::from_millis(61_000),
+            status: 502,
+            code: "OAUTH_EXCHANGE_FAILED".to_owned(),
+            tenant: tenant.to_owned(),
+            expected: false,
+        };
+        let record = LoopRecord {
+            per_minute: Vec::new(),
+            failures: vec![failure("bench-0"), failure("bench-30"), failure("bench-31")],
+            slow: Vec::new(),
+            sent: 3,
+        };
+        // bench-0 has had tokens since the warm-up; bench-30 joined at 60 s and got its
+        // first token only after the burst; bench-31 never got one.
+        let first_token = |tenant: &str| match tenant {
+            "bench-0" => Some(Duration::ZERO),
+            "bench-30" => Some(Duration::from_millis(63_000)),
+            _ => None,
+        };
+        let merged = merge(
+            vec![record],
+            &[fault(FaultKind::IdpErrors, 60_000)],
+            first_token,
+        );
+        let expected: Vec<(&str, bool)> = merged
+            .failures
+            .iter()
+            .map(|f| (f.tenant.as_str(), f.expected))
+            .collect();
+        assert_eq!(
+            expected,
+            [("bench-0", false), ("bench-30", true), ("bench-31", true)]
+        );
     }
 
     #[test]

@@ -157,6 +157,18 @@ impl FaultKind {
         }
     }
 
+    /// Error codes the README documents for a tenant with no token to serve yet (one that
+    /// just joined) whose first fetch meets this fault: the IdP failing through the
+    /// filter's retries (README, "IdP 5xx or no answer 3 times", "IdP 429 3 times"), the
+    /// Tenant Service likewise. A tenant with a token keeps being served from it.
+    pub fn expected_codes_without_token(self) -> &'static [&'static str] {
+        match self {
+            FaultKind::IdpErrors | FaultKind::IdpRateLimited => &["OAUTH_EXCHANGE_FAILED"],
+            FaultKind::TenantServiceErrors => &["TENANT_SERVICE_UNAVAILABLE"],
+            _ => self.expected_codes(),
+        }
+    }
+
     /// Why this fault may cost a tenant an extra OAuth call, when the README says so.
     pub fn extra_tokens_reason(self) -> Option<&'static str> {
         match self {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokengate_tests::standins::StandIns;
 
+use super::churn::Rotation;
 use super::{Failure, LIFETIME_SECS};
 use crate::client::Conn;
 use crate::stats::micros;
@@ -19,6 +20,10 @@ const TRACK_EVERY: Duration = Duration::from_millis(50);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(65);
 /// Requests slower than this are kept one by one (for the per-fault table).
 pub const SLOW: Duration = Duration::from_millis(100);
+/// How long after a tenant left the tracker still looks for its tokens while the load
+/// runs (a refresh under way when it left may still land); the last poll looks at every
+/// tenant.
+const LINGER: Duration = Duration::from_secs(30);
 
 /// Token -> when the tracker first saw it issued.
 pub type IssueTimes = Arc<Mutex<HashMap<String, Instant>>>;
@@ -58,7 +63,12 @@ pub async fn warm_up(
 
 /// Records when each token the login issued was first seen.
 pub struct TokenTracker {
+    /// Every tenant the load will send for, in order of arrival.
     tenants: Arc<[String]>,
+    /// Which of them are active when; only those (and those that left lately) are looked at.
+    rotation: Rotation,
+    /// The start of the load, once it started (before: the warm-up, the first set only).
+    epoch: Option<Instant>,
     /// Tokens seen so far per tenant.
     seen: Vec<usize>,
     /// Issue times per tenant, in order.
@@ -71,10 +81,12 @@ pub struct TokenTracker {
 
 impl TokenTracker {
     /// A tracker that has seen nothing yet.
-    pub fn new(tenants: Arc<[String]>, issued: IssueTimes) -> Self {
+    pub fn new(tenants: Arc<[String]>, rotation: Rotation, issued: IssueTimes) -> Self {
         let count = tenants.len();
         TokenTracker {
             tenants,
+            rotation,
+            epoch: None,
             seen: vec![0; count],
             times: vec![Vec::new(); count],
             issued,
@@ -82,15 +94,43 @@ impl TokenTracker {
         }
     }
 
-    /// Records the tokens issued since the last poll.
+    /// The load started at `epoch`.
+    pub fn start(&mut self, epoch: Instant) {
+        self.epoch = Some(epoch);
+    }
+
+    /// Records the tokens issued since the last poll to the tenants active now or lately.
     pub fn poll(&mut self, standins: &StandIns) {
+        let now = Instant::now();
+        let (from, to) = match self.epoch {
+            Some(epoch) => {
+                let since = now.saturating_duration_since(epoch);
+                (
+                    self.rotation.active_at(since.saturating_sub(LINGER)).start,
+                    self.rotation.active_at(since).end,
+                )
+            }
+            None => (0, self.rotation.active),
+        };
+        self.poll_tenants(standins, from..to);
+    }
+
+    /// Records the tokens issued to any tenant since the last poll.
+    pub fn poll_all(&mut self, standins: &StandIns) {
+        self.total = u64::MAX;
+        self.poll_tenants(standins, 0..self.tenants.len());
+    }
+
+    fn poll_tenants(&mut self, standins: &StandIns, range: std::ops::Range<usize>) {
         let total = standins.tokens_issued();
         if total == self.total {
             return;
         }
         self.total = total;
         let now = Instant::now();
-        for (index, tenant) in self.tenants.iter().enumerate() {
+        let to = range.end.min(self.tenants.len());
+        for index in range.start.min(to)..to {
+            let tenant = &self.tenants[index];
             let tokens = standins.tokens_issued_to(tenant);
             if tokens.len() <= self.seen[index] {
                 continue;
@@ -104,12 +144,13 @@ impl TokenTracker {
         }
     }
 
-    /// Polls until `until`.
+    /// Polls until `until`, then once more for every tenant.
     pub async fn run(&mut self, standins: &StandIns, until: Instant) {
         while Instant::now() < until {
             tokio::time::sleep(TRACK_EVERY).await;
             self.poll(standins);
         }
+        self.poll_all(standins);
     }
 }
 
@@ -130,9 +171,11 @@ pub struct LoopRecord {
 pub struct LoadLoop {
     /// The Envoy.
     pub addr: SocketAddr,
-    /// The tenants, stepped through.
+    /// Every tenant, in order of arrival.
     pub tenants: Arc<[String]>,
-    /// The tenant of the next request (modulo the count).
+    /// Which of them are active when: requests step through the active set.
+    pub rotation: Rotation,
+    /// Counts this loop's requests (the tenant is this, modulo the active set).
     pub next_tenant: usize,
     /// Time between two requests.
     pub interval: Duration,
@@ -159,10 +202,14 @@ impl LoadLoop {
             if Instant::now() >= self.end {
                 break;
             }
-            let tenant = Arc::clone(&self.tenants);
-            let tenant = &tenant[self.next_tenant % tenant.len()];
-            self.next_tenant += 1;
             let sent = Instant::now();
+            let tenants = Arc::clone(&self.tenants);
+            let index = self
+                .rotation
+                .tenant(sent.duration_since(self.epoch), self.next_tenant)
+                .min(tenants.len().saturating_sub(1));
+            let tenant = &tenants[index];
+            self.next_tenant += 1;
             let outcome = self.send(&mut conn, tenant, sent).await;
             let latency_us = micros(sent.elapsed());
             let at = sent.duration_since(self.epoch);
@@ -182,6 +229,7 @@ impl LoadLoop {
                     at,
                     status,
                     code,
+                    tenant: tenant.clone(),
                     expected: false,
                 }),
             }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use super::load::SLOW;
 use super::{
-    EARLY_TOLERANCE, FaultKind, LIFETIME_SECS, MEMORY_GROWTH_FLOOR_KIB, MEMORY_GROWTH_PERCENT,
-    MemoryRow, SETTLE, Settings, Soak,
+    CACHE_MAX_TENANTS, EARLY_TOLERANCE, FaultKind, LIFETIME_SECS, MEMORY_GROWTH_FLOOR_KIB,
+    MEMORY_GROWTH_PERCENT, MemoryRow, SETTLE, Settings, Soak,
 };
 use crate::report::{kib_mib, machine_rows, verdict};
 use crate::stats::{micros, ms};
@@ -78,21 +78,28 @@ fn setup(out: &mut String, soak: &Soak) {
         "2 Envoys with 2 workers each run the filter; Envoy *i* talks to companion *i*; both \
          companions share one `redis-server`. The Tenant Service and Genesys login stand-ins \
          run in the load generator's process, the echo upstream in its own. {} Genesys tenants \
-         (`bench-0` ...), tokens living {LIFETIME_SECS} s (`expires_in`). The load: {} \
-         connections, each a keep-alive connection to one Envoy (alternating) sending paced \
-         `GET`s that step through the tenants, {} requests/s together. The filter's \
-         configuration:\n",
-        s.tenants, s.connections, s.rate
+         active at once (generated `bench-<n>`), tokens living {LIFETIME_SECS} s \
+         (`expires_in`). The load: {} connections, each a keep-alive connection to one Envoy \
+         (alternating) sending paced `GET`s that step through the active tenants, {} \
+         requests/s together. {} The filter's configuration:\n",
+        s.tenants,
+        s.connections,
+        s.rate,
+        churn(soak)
     );
     let _ = writeln!(out, "```json\n{}\n```\n", soak.filter_config);
-    let refresh = Settings::refresh_moment();
     let _ = writeln!(
         out,
-        "So a token is refreshed from {} after its issue (`refreshAhead`: the larger of {} % \
-         and `minLeadMs` before expiry) and served until {} after it (`expiryMarginMs`). The \
-         companions and the rest of the filter run with their defaults.\n",
-        seconds(refresh),
+        "So a token's refresh window opens {} after its issue (`refreshAhead`: the last {} % \
+         of its life, at least `minLeadMs`); its refresh starts at a moment in the first half \
+         of that window, different for every token (a jitter of the tenant and the token's \
+         expiry), so between {} and {} after its issue. It is served until {} after its issue \
+         (`expiryMarginMs`). The companions and the rest of the filter run with their \
+         defaults.\n",
+        seconds(Settings::refresh_window_start()),
         super::REFRESH_PERCENT,
+        seconds(Settings::refresh_window_start()),
+        seconds(Settings::refresh_latest()),
         seconds(Settings::served_for())
     );
     machine_rows(out, m);
@@ -114,6 +121,41 @@ fn setup(out: &mut String, soak: &Soak) {
     }
 }
 
+/// The churn settings and what they did, in a sentence or three.
+fn churn(soak: &Soak) -> String {
+    let s = &soak.settings;
+    let bound = format!(
+        "The gateway cache is bounded to {CACHE_MAX_TENANTS} tenants per Envoy \
+         (`cache.maxTenants`; the default is 100,000)"
+    );
+    if s.churn_every.is_zero() {
+        return format!(
+            "No tenant churn (`--churn-every-secs 0`): the same tenants throughout; {} \
+             tenants were seen. {bound}, more than the tenants, so it never fills.",
+            soak.tokens.tenants_seen
+        );
+    }
+    let active = s.tenants as f64 * s.churn_every.as_secs_f64();
+    format!(
+        "Tenant churn: every {} the oldest active tenant leaves (no more requests for it) and a \
+         never-seen one joins, so each tenant is active for {active:.0} s (about {:.0} token \
+         generations) and {} distinct tenants were seen (issued a token). {bound}, a few times \
+         the active set: its slots are reused as tenants come and go, and a tenant may be \
+         pushed out while still active, to be served again from the companion's Redis (a \
+         lease `hit`, no OAuth call). So the memory goal tests the bound, not a cache that \
+         never fills.",
+        seconds(s.churn_every),
+        active / mean_refresh().as_secs_f64(),
+        soak.tokens.tenants_seen,
+    )
+}
+
+/// The mean time from a token to its refresh: the moments spread evenly over the first
+/// half of the refresh window.
+fn mean_refresh() -> Duration {
+    (Settings::refresh_window_start() + Settings::refresh_latest()) / 2
+}
+
 fn expectations(out: &mut String) {
     let _ = writeln!(out, "## Faults and what a client may see\n");
     let _ = writeln!(
@@ -129,7 +171,10 @@ fn expectations(out: &mut String) {
          tenant that had not expired (by the issue time the tracker saw), and any request \
          without an answer. It is *expected* only when the README documents it for a fault \
          under way: it was sent between the fault's start and {} after its end, and its code \
-         is in the fault's row below. Every other failure is unexpected.\n",
+         is in the fault's row below. A tenant that just joined has no token to serve while \
+         its first fetch meets an IdP or Tenant Service fault, so it may see the error the \
+         README documents for a fetch that fails through its retries; a tenant with a token \
+         may not. Every other failure is unexpected.\n",
         seconds(SETTLE)
     );
     let _ = writeln!(
@@ -137,22 +182,33 @@ fn expectations(out: &mut String) {
         "| fault | what is done | errors a client may see | extra OAuth calls per tenant |\n|---|---|---|---|"
     );
     for kind in FaultKind::CYCLE {
-        let allowed = kind.extra_tokens_allowed(Settings::refresh_moment());
+        let allowed = kind.extra_tokens_allowed(Settings::refresh_window_start());
         let codes = kind.expected_codes();
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} |",
-            kind.name(),
-            kind.describe(),
-            if codes.is_empty() {
-                "none".to_owned()
-            } else {
-                codes
+        let mut errors = if codes.is_empty() {
+            "none".to_owned()
+        } else {
+            codes
+                .iter()
+                .map(|c| format!("`503 {c}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if kind.expected_codes_without_token() != codes {
+            let _ = write!(
+                errors,
+                "; to a tenant without a token yet (one that just joined): {}",
+                kind.expected_codes_without_token()
                     .iter()
-                    .map(|c| format!("`503 {c}`"))
+                    .map(|c| format!("`{c}`"))
                     .collect::<Vec<_>>()
                     .join(", ")
-            },
+            );
+        }
+        let _ = writeln!(
+            out,
+            "| {} | {} | {errors} | {} |",
+            kind.name(),
+            kind.describe(),
             kind.extra_tokens_reason().map_or_else(
                 || "none".to_owned(),
                 |why| format!("up to {allowed}: {why}")
@@ -165,19 +221,19 @@ fn expectations(out: &mut String) {
          failed background refresh still leaves the cached token to serve until {} after its \
          issue; the token then missing is fetched after the fault (the filter's retries, \
          500 ms x 2^n or `Retry-After`, bridge the rest). A slow IdP delays refreshes by \
-         {} ms, inside the {} between the refresh moment and the end of service. A companion \
+         {} ms, inside the {} between the latest refresh moment and the end of service. A companion \
          that does not answer sends the filter to local mode (README, \"Degraded modes\"); \
          a fetch whose commit finds its companion gone leaves the lock in Redis until \
          `--lock-ttl-ms` (README, \"Shutdown\"), so other leases of that tenant may wait that \
          long: slow requests, no errors. \
          `CACHE_UNAVAILABLE` is documented for Redis: \"Until the threshold is reached, \
          requests that need Redis answer 503 CACHE_UNAVAILABLE\". Extra OAuth calls are \
-         allowed per tenant once for every refresh (one each {}) that can fall into the \
+         allowed per tenant once for every refresh (at most one each {}) that can fall into the \
          fault plus the filter's 5 s of local mode after it.\n",
         seconds(Settings::served_for()),
         super::faults::IDP_SLOW.as_millis(),
-        seconds(Settings::served_for() - Settings::refresh_moment()),
-        seconds(Settings::refresh_moment())
+        seconds(Settings::served_for() - Settings::refresh_latest()),
+        seconds(Settings::refresh_window_start())
     );
 }
 
@@ -339,28 +395,34 @@ fn minutes(out: &mut String, soak: &Soak) {
 
 fn tokens(out: &mut String, soak: &Soak) {
     let t = &soak.tokens;
-    let refresh = Settings::refresh_moment();
     let _ = writeln!(out, "## OAuth calls\n");
     let mut per_tenant = t.per_tenant.clone();
     per_tenant.sort_unstable();
     let median = per_tenant.get(per_tenant.len() / 2).copied().unwrap_or(0);
-    let run = soak.duration.as_secs_f64();
+    let active = t.active_time.as_secs_f64();
+    let mean = mean_refresh().as_secs_f64();
     let _ = writeln!(
         out,
-        "A tenant's token is refreshed {} after its issue, so one OAuth call per token \
-         generation is {:.1} calls per tenant in {:.0} s ({:.1} per {LIFETIME_SECS} s lifetime; \
-         {:.0} lifetimes elapsed). Each token issued is matched to the newest earlier token of \
-         its tenant that has reached its refresh moment (with {} ms of tolerance) and has no \
-         successor yet; a token with none is an extra call (after two Envoys fetched at once, \
-         the refresh of either token counts as the successor, the parallel fetch as the extra \
-         call). A successor issued after its predecessor stopped being served is late: requests \
-         waited for it.\n",
-        seconds(refresh),
-        run / refresh.as_secs_f64(),
-        run,
-        LIFETIME_SECS as f64 / refresh.as_secs_f64(),
-        run / LIFETIME_SECS as f64,
-        EARLY_TOLERANCE.as_millis()
+        "A tenant's token is refreshed between {} and {} after its issue ({mean:.2} s on \
+         average), so one OAuth call per token generation is about one call per {mean:.2} s a \
+         tenant is active, plus its first token: the tenants were active for {:.0} s in all \
+         during the load, about {:.0} calls. Each token issued is matched to the newest earlier \
+         token of its tenant whose refresh window has opened (with {} ms of tolerance) and has \
+         no successor yet; a token with none is an extra call (after two Envoys fetched at \
+         once, the refresh of either token counts as the successor, the parallel fetch as the \
+         extra call). A tenant's first token (the warm-up's, or the one its first request \
+         fetched when it joined) is its generation 0, never an extra call. A tenant that left \
+         is expected nothing; a token issued to it more than {} after it left is a call no \
+         request asked for. A token re-fetched because its tenant was pushed out of the \
+         gateway cache comes from the companion's Redis and costs no OAuth call: were it to, \
+         it would show here as an extra call. A successor issued after its predecessor stopped \
+         being served is late: requests waited for it.\n",
+        seconds(Settings::refresh_window_start()),
+        seconds(Settings::refresh_latest()),
+        active,
+        active / mean,
+        EARLY_TOLERANCE.as_millis(),
+        seconds(SETTLE)
     );
     let _ = writeln!(out, "| | |\n|---|---|");
     let _ = writeln!(
@@ -371,6 +433,17 @@ fn tokens(out: &mut String, soak: &Soak) {
         t.login_calls.saturating_sub(t.issued)
     );
     let _ = writeln!(out, "| Tenant Service calls | {} |", t.tenant_service_calls);
+    let _ = writeln!(
+        out,
+        "| tenants seen (issued a token) / active during the load | {} / {} |",
+        t.tenants_seen,
+        t.per_tenant.len()
+    );
+    let _ = writeln!(
+        out,
+        "| tokens issued to a tenant after it left | {} |",
+        t.after_leaving.len()
+    );
     let _ = writeln!(
         out,
         "| tokens per tenant (min / median / max) | {} / {median} / {} |",
@@ -400,6 +473,17 @@ fn tokens(out: &mut String, soak: &Soak) {
             t.late
                 .iter()
                 .map(|at| clock(*at))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if !t.after_leaving.is_empty() {
+        let _ = writeln!(
+            out,
+            "Tokens issued after their tenant left: {}.\n",
+            t.after_leaving
+                .iter()
+                .map(|(at, tenant)| format!("{tenant} at {}", clock(*at)))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
