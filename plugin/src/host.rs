@@ -22,6 +22,8 @@ pub enum Level {
 pub enum Metric {
     /// A request was served from the gateway cache.
     CacheHit,
+    /// A tenant's token was pushed out of the gateway cache (full) by another's.
+    CacheEvicted,
     /// A request missed the gateway cache.
     CacheMiss,
     /// A request joined a fetch already under way on its worker or its Envoy.
@@ -49,6 +51,7 @@ impl Metric {
     pub fn all() -> impl Iterator<Item = Metric> {
         [
             Metric::CacheHit,
+            Metric::CacheEvicted,
             Metric::CacheMiss,
             Metric::CollapsedWaiter,
             Metric::FetchStarted,
@@ -68,6 +71,7 @@ impl Metric {
     pub fn name(self) -> String {
         let name = match self {
             Metric::CacheHit => "cache_hit",
+            Metric::CacheEvicted => "cache_evicted",
             Metric::CacheMiss => "cache_miss",
             Metric::CollapsedWaiter => "collapsed_waiter",
             Metric::FetchStarted => "fetch_started",

@@ -53,6 +53,15 @@ pub struct Found {
     pub version: u32,
 }
 
+/// Where a record went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// The slot written.
+    pub slot: String,
+    /// Whether another key's live record was pushed out for it.
+    pub evicted: bool,
+}
+
 /// How a record is placed when both of its key's slots hold other keys' records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Eviction {
@@ -105,8 +114,8 @@ impl Slots {
     }
 
     /// Writes `record` as `key`'s record in `table` (see the module documentation for
-    /// the slot chosen); `worth` values another key's record (0: spent). Returns the
-    /// slot written, or `None` when `eviction` forbade every choice.
+    /// the slot chosen); `worth` values another key's record (0: spent). Returns where
+    /// it went, or `None` when `eviction` forbade every choice.
     pub fn put(
         &self,
         host: &mut impl Host,
@@ -115,7 +124,7 @@ impl Slots {
         record: &[u8],
         worth: impl Fn(&[u8]) -> u64,
         eviction: Eviction,
-    ) -> Option<String> {
+    ) -> Option<Placed> {
         let mut best: Option<(String, u64)> = None;
         for slot in self.candidates(table, key) {
             let value = host.shared_get(&slot).unwrap_or_default();
@@ -137,7 +146,10 @@ impl Slots {
             return None;
         }
         host.shared_set(&slot, &encode(key, record));
-        Some(slot)
+        Some(Placed {
+            slot,
+            evicted: place_worth > 0,
+        })
     }
 
     /// Writes `record` back to the slot `found` came from, if no one wrote it since.

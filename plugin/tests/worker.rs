@@ -835,6 +835,7 @@ fn a_tenant_pushed_out_of_the_gateway_cache_is_served_from_the_companions() {
         rig.cached_entry("acme").is_none(),
         "one slot: acme was pushed out"
     );
+    assert_eq!(rig.host.stat(Metric::CacheEvicted), 1);
 
     assert!(matches!(rig.ask(3, "acme"), Decision::Pause));
     rig.tick();

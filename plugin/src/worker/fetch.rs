@@ -455,8 +455,11 @@ impl Worker {
                 };
                 let worth = |record: &[u8]| token_worth(record, now_ms);
                 let record = entry.encode();
-                let _ =
-                    (self.slots).put(host, Table::Tokens, key, &record, worth, Eviction::Allowed);
+                let slots = self.slots;
+                let placed = slots.put(host, Table::Tokens, key, &record, worth, Eviction::Allowed);
+                if placed.is_some_and(|placed| placed.evicted) {
+                    host.count(Metric::CacheEvicted);
+                }
             }
             let released = Marker::release(now_ms, result.as_ref().err());
             inflight::release(host, &self.slots, key, &released, self.wake_queue);

@@ -83,7 +83,7 @@ impl Worker {
                 })
                 .map_or(0, |other| other.purged_at_ms.max(1))
         };
-        let _ = (self.slots).put(
+        let _ = self.slots.put(
             host,
             Table::Purges,
             key,
