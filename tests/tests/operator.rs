@@ -178,4 +178,9 @@ async fn a_tenant_pushed_out_of_the_gateway_cache_is_served_from_redis_not_the_i
         "no OAuth call for acme again"
     );
     assert_eq!(stack.envoy.stat("tokengate.cluster_cache_hit").await, 1);
+    assert_eq!(
+        stack.envoy.stat("tokengate.cache_evicted").await,
+        2,
+        "globex pushed acme out, then acme globex"
+    );
 }
