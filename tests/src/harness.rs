@@ -1,5 +1,10 @@
 //! Runs the real pieces on loopback for end-to-end tests and the demo: `redis-server`,
-//! the companion binary, Envoy with the built `tokengate.wasm`, and the stand-ins.
+//! the companion binary, Envoy with the built filter, and the stand-ins.
+//!
+//! Every Envoy loads one of the filter's two builds, chosen by `$TOKENGATE_FILTER`
+//! ([`FilterBuild`]): `wasm` (the default, `tokengate.wasm`) or `native` (the dynamic
+//! module `libtokengate_native.so`). Both render the same `envoy/local.yaml.tmpl`; only
+//! its filter block differs (`envoy/filter-wasm.yaml.tmpl`, `envoy/filter-native.yaml.tmpl`).
 //!
 //! Every process is started on free loopback ports, logs to a file in a per-stack
 //! temporary folder, and is killed when its guard is dropped, also when a test fails
@@ -35,6 +40,81 @@ pub fn envoy_binary() -> PathBuf {
 /// The filter module: `$TOKENGATE_WASM`, or the one `scripts/build-wasm` writes.
 pub fn wasm_module() -> PathBuf {
     artifact("TOKENGATE_WASM", "target/tokengate.wasm")
+}
+
+/// The folder of the native build, `libtokengate_native.so`: `$TOKENGATE_NATIVE_DIR`, or
+/// the debug build's (`cargo build -p tokengate-native`). Envoy gets it as
+/// `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`.
+pub fn native_module_dir() -> PathBuf {
+    artifact("TOKENGATE_NATIVE_DIR", "target/debug")
+}
+
+/// The native build's module name in Envoy's `dynamic_module_config` (`lib<name>.so`).
+pub const NATIVE_MODULE_NAME: &str = "tokengate_native";
+
+/// The environment variable that picks the build every Envoy loads: `wasm` or `native`.
+pub const FILTER_BUILD_VARIABLE: &str = "TOKENGATE_FILTER";
+
+/// Which build of the filter an Envoy loads. Both run the same worker and read the same
+/// filter configuration; they differ in the host (proxy-wasm on V8, or Envoy's dynamic
+/// module ABI), so in a few things an operator sees: stat prefixes, logger names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterBuild {
+    /// `tokengate.wasm` in Envoy's Wasm filter ([`wasm_module`]).
+    Wasm,
+    /// `libtokengate_native.so` in Envoy's dynamic modules filter ([`native_module_dir`]).
+    Native,
+}
+
+impl FilterBuild {
+    /// The build `$TOKENGATE_FILTER` names (`wasm` when unset or empty); panics on
+    /// anything else, so that a typo never runs the suite on the wrong build.
+    pub fn from_env() -> FilterBuild {
+        match std::env::var(FILTER_BUILD_VARIABLE).as_deref() {
+            Err(_) | Ok("" | "wasm") => FilterBuild::Wasm,
+            Ok("native") => FilterBuild::Native,
+            Ok(other) => panic!("{FILTER_BUILD_VARIABLE}={other}: expected `wasm` or `native`"),
+        }
+    }
+
+    /// The module file Envoy loads.
+    pub fn module(self) -> PathBuf {
+        match self {
+            FilterBuild::Wasm => wasm_module(),
+            FilterBuild::Native => native_module_dir().join(format!("lib{NATIVE_MODULE_NAME}.so")),
+        }
+    }
+
+    /// Fails, saying how to build it, when the module is missing.
+    pub fn assert_built(self) {
+        let module = self.module();
+        let how = match self {
+            FilterBuild::Wasm => "scripts/build-wasm",
+            FilterBuild::Native => "cargo build -p tokengate-native",
+        };
+        assert!(
+            module.exists(),
+            "no filter module at {}: run {how}",
+            module.display()
+        );
+    }
+
+    /// The prefix Envoy's `/stats` shows before the filter's own stats
+    /// (`<prefix>tokengate.cache_hit`).
+    pub fn stat_prefix(self) -> &'static str {
+        match self {
+            FilterBuild::Wasm => "wasmcustom.",
+            FilterBuild::Native => "dynamicmodulescustom.",
+        }
+    }
+
+    /// The filter block of `envoy/local.yaml.tmpl` for this build.
+    fn template(self) -> &'static str {
+        match self {
+            FilterBuild::Wasm => "envoy/filter-wasm.yaml.tmpl",
+            FilterBuild::Native => "envoy/filter-native.yaml.tmpl",
+        }
+    }
 }
 
 /// The companion binary: `$TOKENGATE_COMPANION`, or the debug build.
@@ -391,7 +471,8 @@ pub struct EnvoyUpstreams {
     pub echo: SocketAddr,
 }
 
-/// An Envoy process running the filter, rendered from `envoy/local.yaml.tmpl`.
+/// An Envoy process running the filter (the build [`FilterBuild::from_env`] names),
+/// rendered from `envoy/local.yaml.tmpl`.
 #[derive(Debug)]
 pub struct Envoy {
     /// The listener requests go to.
@@ -415,6 +496,8 @@ struct HotRestart {
     concurrency: u32,
     /// `--base-id`, shared by the epochs (the first epoch's admin port).
     base_id: u16,
+    /// The filter build every epoch loads.
+    build: FilterBuild,
     /// The epoch running now.
     epoch: u32,
 }
@@ -476,6 +559,7 @@ impl Envoy {
             config: dir.join(format!("envoy-{port}.yaml")),
             concurrency,
             base_id: admin_port,
+            build: FilterBuild::from_env(),
             epoch: 0,
         };
         Envoy {
@@ -497,6 +581,7 @@ impl Envoy {
         restart.epoch += 1;
         let command = Self::command(
             &restart.config,
+            restart.build,
             restart.concurrency,
             restart.base_id,
             Some(restart.epoch),
@@ -594,12 +679,8 @@ impl Envoy {
             "no Envoy at {}: run scripts/setup",
             binary.display()
         );
-        let wasm = wasm_module();
-        assert!(
-            wasm.exists(),
-            "no filter module at {}: run scripts/build-wasm",
-            wasm.display()
-        );
+        let build = FilterBuild::from_env();
+        build.assert_built();
         let (port, admin_port) = (free_port(), free_port());
         let config_path = dir.join(format!("envoy-{port}.yaml"));
         let rendered = render_envoy_config(
@@ -608,12 +689,12 @@ impl Envoy {
                 admin: admin_port,
             },
             upstreams,
-            &wasm,
+            build,
             filter_config,
         );
         std::fs::write(&config_path, rendered)
             .unwrap_or_else(|e| panic!("cannot write Envoy config: {e}"));
-        let command = Self::command(&config_path, concurrency, admin_port, restart_epoch);
+        let command = Self::command(&config_path, build, concurrency, admin_port, restart_epoch);
         let process = Process::spawn("envoy", command, dir.join(format!("envoy-{port}.log")));
         (process, port, admin_port)
     }
@@ -622,11 +703,15 @@ impl Envoy {
     /// distinct base ids (their admin ports are), the epochs of one hot restart the same.
     fn command(
         config_path: &Path,
+        build: FilterBuild,
         concurrency: u32,
         base_id: u16,
         restart_epoch: Option<u32>,
     ) -> Command {
         let mut command = Command::new(envoy_binary());
+        if build == FilterBuild::Native {
+            command.env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", native_module_dir());
+        }
         command.arg("-c").arg(config_path).args([
             "--concurrency",
             &concurrency.to_string(),
@@ -659,15 +744,18 @@ impl Envoy {
     }
 
     /// The value of counter `name` in `/stats`; panics when Envoy has no such stat. The
-    /// filter's own stats are named without the `wasmcustom.` prefix `/stats` shows.
+    /// filter's own stats are named without the prefix `/stats` shows before them, which
+    /// depends on the build (`wasmcustom.`, `dynamicmodulescustom.`: see
+    /// [`FilterBuild::stat_prefix`]).
     pub async fn stat(&self, name: &str) -> u64 {
+        let prefix = FilterBuild::from_env().stat_prefix();
         let url = format!("http://127.0.0.1:{}/stats?filter={}", self.admin_port, name);
         let text = match reqwest::get(&url).await {
             Ok(response) => response.text().await.unwrap_or_default(),
             Err(error) => panic!("Envoy admin {url}: {error}"),
         };
         let value = text.lines().find_map(|line| {
-            let line = line.strip_prefix("wasmcustom.").unwrap_or(line);
+            let line = line.strip_prefix(prefix).unwrap_or(line);
             line.strip_prefix(&format!("{name}: "))
         });
         match value.map(|value| value.trim().parse()) {
@@ -700,22 +788,46 @@ pub struct EnvoyPorts {
     pub admin: u16,
 }
 
-/// Renders `envoy/local.yaml.tmpl` for the given ports, module and filter configuration.
+/// Reads a template of the workspace.
+fn read_template(relative: &str) -> String {
+    let path = workspace_root().join(relative);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// The placeholder line of `envoy/local.yaml.tmpl` that the filter block replaces.
+const FILTER_PLACEHOLDER: &str = "{{TOKENGATE_FILTER}}";
+
+/// Renders `envoy/local.yaml.tmpl` with the filter block of `build`, for the given
+/// ports and filter configuration.
 pub fn render_envoy_config(
     ports: &EnvoyPorts,
     upstreams: &EnvoyUpstreams,
-    wasm: &Path,
+    build: FilterBuild,
     filter_config: &serde_json::Value,
 ) -> String {
-    let template_path = workspace_root().join("envoy/local.yaml.tmpl");
-    let template = std::fs::read_to_string(&template_path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", template_path.display()));
+    let stack = read_template("envoy/local.yaml.tmpl");
+    let block = read_template(build.template());
+    // The block goes in at the placeholder's indentation, line by line.
+    let template: String = stack
+        .lines()
+        .flat_map(|line| match line.split_once(FILTER_PLACEHOLDER) {
+            Some((indent, _)) => block
+                .lines()
+                .map(|block_line| format!("{indent}{block_line}\n"))
+                .collect::<Vec<_>>(),
+            None => vec![format!("{line}\n")],
+        })
+        .collect();
+    assert!(
+        stack.contains(FILTER_PLACEHOLDER),
+        "envoy/local.yaml.tmpl has no {FILTER_PLACEHOLDER} line"
+    );
     // The configuration goes in as a JSON string inside YAML: a JSON string literal is valid YAML.
     let config_literal = serde_json::to_string(&filter_config.to_string()).unwrap_or_default();
     [
         ("{{ADMIN_PORT}}", ports.admin.to_string()),
         ("{{LISTEN_PORT}}", ports.listen.to_string()),
-        ("{{WASM_PATH}}", wasm.display().to_string()),
+        ("{{WASM_PATH}}", wasm_module().display().to_string()),
         ("{{PLUGIN_CONFIG}}", config_literal),
         ("{{COMPANION_PORT}}", upstreams.companion_port.to_string()),
         (

@@ -32,8 +32,8 @@ use tokengate::config::{FilterConfig, Mode};
 use tokengate_core::Provider;
 use tokengate_core::regions::GENESYS_REGIONS;
 use tokengate_tests::harness::{
-    Companion, Envoy, EnvoyPorts, EnvoyUpstreams, Process, Redis, envoy_binary, envoy_log_args,
-    free_port, render_envoy_config, wasm_module, workspace_root,
+    Companion, Envoy, EnvoyPorts, EnvoyUpstreams, FilterBuild, Process, Redis, envoy_binary,
+    envoy_log_args, free_port, render_envoy_config, wasm_module, workspace_root,
 };
 use tokengate_tests::leak_scan::{LeakScan, receive};
 use tokengate_tests::standins::{Endpoint, Fixture, Ports, StandIns};
@@ -81,7 +81,7 @@ fn rendered(relative: &str) -> String {
     text.replace(WASM_PLACEHOLDER, &wasm_module().display().to_string())
 }
 
-/// `envoy/local.yaml.tmpl` as the harness renders it, with dummy ports.
+/// `envoy/local.yaml.tmpl` as the harness renders it for the wasm build, with dummy ports.
 fn local_template_rendered() -> String {
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
     render_envoy_config(
@@ -95,7 +95,9 @@ fn local_template_rendered() -> String {
             login: loopback(18082),
             echo: loopback(18083),
         },
-        &wasm_module(),
+        // The shipped configurations load the wasm build; the native build's block of
+        // this template is validated by tests/tests/native.rs.
+        FilterBuild::Wasm,
         &Envoy::default_filter_config(),
     )
 }

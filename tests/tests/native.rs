@@ -7,7 +7,14 @@
 //! the other end-to-end tests: `$TOKENGATE_COMPANION` or `target/debug`). The others use
 //! the harness's stand-ins or their own (an echo upstream, a token API answering like
 //! the companion's `/auth/token`).
+//!
+//! These tests pin what is particular to the native build (ABI version, load-time
+//! refusal, its own scenarios); the whole end-to-end suite also runs on it with
+//! `TOKENGATE_FILTER=native` (see `tokengate_tests::harness::FilterBuild`, and
+//! `scripts/test`). Its configuration is the harness's `envoy/local.yaml.tmpl` with the
+//! native filter block, the same listener, routes and clusters as the wasm build's.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -21,23 +28,13 @@ use axum::http::HeaderMap;
 use axum::routing::{any, post};
 use serde_json::{Value, json};
 use tokengate_tests::harness::{
-    Companion, Process, Redis, envoy_binary, envoy_log_args, free_port, workspace_root,
+    Companion, EnvoyPorts, EnvoyUpstreams, FilterBuild, Process, Redis, envoy_binary,
+    envoy_log_args, free_port, native_module_dir, render_envoy_config,
 };
 use tokengate_tests::standins::{Endpoint, Fixture, StandIns};
 
-/// Where `libtokengate_native.so` is: `$TOKENGATE_NATIVE_DIR`, or the debug build.
-fn module_dir() -> PathBuf {
-    std::env::var_os("TOKENGATE_NATIVE_DIR")
-        .map_or_else(|| workspace_root().join("target/debug"), PathBuf::from)
-}
-
 fn assert_prerequisites() {
-    let module = module_dir().join("libtokengate_native.so");
-    assert!(
-        module.exists(),
-        "no native module at {}: run `cargo build -p tokengate-native`",
-        module.display()
-    );
+    FilterBuild::Native.assert_built();
     assert!(
         envoy_binary().exists(),
         "no Envoy at {}: run scripts/setup",
@@ -116,36 +113,34 @@ struct Ports {
     login: u16,
 }
 
-/// Renders `envoy/native.yaml.tmpl` into `dir`; returns its path.
+/// Renders the harness's `envoy/local.yaml.tmpl` with the native build's filter block
+/// (`envoy/filter-native.yaml.tmpl`) into `dir`; returns its path.
 fn render(dir: &Path, ports: &Ports, filter_config: &Value) -> PathBuf {
-    let template_path = workspace_root().join("envoy/native.yaml.tmpl");
-    let template = std::fs::read_to_string(&template_path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", template_path.display()));
-    // A JSON string literal is a valid YAML scalar.
-    let literal = serde_json::to_string(&filter_config.to_string()).unwrap_or_default();
-    let rendered = [
-        ("{{ADMIN_PORT}}", ports.admin.to_string()),
-        ("{{LISTEN_PORT}}", ports.listen.to_string()),
-        ("{{PLUGIN_CONFIG}}", literal),
-        ("{{ECHO_PORT}}", ports.echo.to_string()),
-        ("{{COMPANION_PORT}}", ports.companion.to_string()),
-        ("{{TENANT_SERVICE_PORT}}", ports.tenant_service.to_string()),
-        ("{{LOGIN_PORT}}", ports.login.to_string()),
-    ]
-    .iter()
-    .fold(template, |text, (placeholder, value)| {
-        text.replace(placeholder, value)
-    });
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let rendered = render_envoy_config(
+        &EnvoyPorts {
+            listen: ports.listen,
+            admin: ports.admin,
+        },
+        &EnvoyUpstreams {
+            companion_port: ports.companion,
+            tenant_service: loopback(ports.tenant_service),
+            login: loopback(ports.login),
+            echo: loopback(ports.echo),
+        },
+        FilterBuild::Native,
+        filter_config,
+    );
     let path = dir.join(format!("native-{}.yaml", ports.listen));
     std::fs::write(&path, rendered).unwrap_or_else(|e| panic!("cannot write config: {e}"));
     path
 }
 
-/// An Envoy command for `config` loading the module from [`module_dir`].
+/// An Envoy command for `config` loading the module from [`native_module_dir`].
 fn envoy_command(config: &Path, base_id: u16) -> Command {
     let mut command = Command::new(envoy_binary());
     command
-        .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module_dir())
+        .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", native_module_dir())
         .arg("-c")
         .arg(config)
         .args(["--base-id", &base_id.to_string(), "--disable-hot-restart"])
@@ -225,7 +220,7 @@ fn unused_ports() -> Ports {
 }
 
 #[test]
-fn the_shipped_template_validates_with_the_module() {
+fn the_local_template_with_the_native_block_validates_with_the_module() {
     assert_prerequisites();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
     let config = render(dir.path(), &unused_ports(), &companion_config());
