@@ -30,7 +30,8 @@
 //!   tick event on a paused stream of each worker whose period is due (schedulers may be
 //!   committed from any thread; the registry lock keeps every commit before the
 //!   scheduler's delete). A worker without paused streams ticks, and takes its callout
-//!   answers, at the start of its next request instead.
+//!   answers, at the start of its next request instead, before the worker decides that
+//!   request (`Slot::catch_up`).
 //! - **Wake**: `wake(queue)` commits a wake event on a paused stream of the woken worker
 //!   (queue = worker id, unique in the process): cross-worker wake-ups need no polling.
 //!
@@ -40,7 +41,9 @@
 //!
 //! Known limits: background work
 //! of a worker without paused requests (a refresh-ahead started by a hit, an invalidate,
-//! a lease-end retry) gets its answer on the worker's next request.
+//! a lease-end retry) gets its answer on the worker's next request. The end-to-end
+//! suite (`TOKENGATE_FILTER=native`) states it where it shows: `tests/tests/refresh.rs`
+//! (a refresh-ahead), `tests/tests/faults.rs` (a lost commit sent once more).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -503,13 +506,19 @@ impl Slot {
         Some(value)
     }
 
-    /// Runs the worker's tick when it is due and no ticker event will (no paused stream).
-    fn tick_if_due(&self, current: u32) {
+    /// At the start of a request, before the worker decides it: runs the worker's tick
+    /// when it is due and no ticker event ran it (no paused stream), and hands over the
+    /// callout answers that arrived meanwhile. So the request is decided on what the
+    /// worker's background work already brought in (e.g. the token a refresh-ahead
+    /// fetched), not on the state before it.
+    fn catch_up(&self, current: u32) {
         let period = self.state.tick_period_ms.get();
-        if period == 0 || now_ms() < self.state.next_tick_ms.get() {
-            return;
+        if period != 0 && now_ms() >= self.state.next_tick_ms.get() {
+            self.with_worker(Some(current), |worker, host| worker.on_tick(host));
+        } else if INBOX_COUNT.load(Ordering::SeqCst) > 0 || !self.deferred.borrow().is_empty() {
+            // `with_worker` hands the answers over after its call.
+            self.with_worker(Some(current), |_, _| ());
         }
-        self.with_worker(Some(current), |worker, host| worker.on_tick(host));
     }
 }
 
@@ -858,7 +867,7 @@ impl Stream {
 
     /// The request headers arrived.
     pub fn on_request_headers(&mut self, end_of_stream: bool) -> HeadersVerdict {
-        self.slot.tick_if_due(self.id);
+        self.slot.catch_up(self.id);
         let config = Rc::clone(&self.slot.config);
         match config.mode {
             Mode::Inject => {

@@ -37,7 +37,8 @@
 //! ```
 //!
 //! Envoy looks for `libtokengate_native.so` in `$ENVOY_DYNAMIC_MODULES_SEARCH_PATH` (see
-//! `envoy/native.yaml.tmpl`).
+//! `envoy/filter-native.yaml.tmpl`, the filter block of `envoy/local.yaml.tmpl` that the
+//! tests' harness loads when `TOKENGATE_FILTER=native`).
 //!
 //! # ABI version (found on the 1.40.0 binary)
 //!
@@ -117,7 +118,9 @@
 //!
 //! - Background work of a worker with no paused request (a refresh-ahead started by a
 //!   hit, an invalidate after a purge, lease-end retries) gets its answers and ticks on
-//!   that worker's next request, not on time. A per-worker timer would need a bootstrap
+//!   that worker's next request (before it is decided), not on time; the end-to-end
+//!   suite on this build (`TOKENGATE_FILTER=native`) sends that request where a test
+//!   depends on it (`refresh.rs`, `faults.rs`). A per-worker timer would need a bootstrap
 //!   extension (`envoy.bootstrap.dynamic_modules` has timers and
 //!   `worker_thread_initialized`) or Envoy's `dispatcher`-level scheduling.
 //! - Per-route configuration; the hooks' `catch_unwind` has no automated test (a cdylib

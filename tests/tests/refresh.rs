@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use serde_json::json;
-use tokengate_tests::harness::{Cluster, Envoy, Stack, eventually};
+use tokengate_tests::harness::{Cluster, Envoy, FilterBuild, Stack, eventually};
 use tokengate_tests::leak_scan::receive;
 use tokengate_tests::standins::Endpoint;
 
@@ -29,14 +29,35 @@ async fn a_request_in_the_refresh_window_is_served_at_once_and_starts_one_refres
 
     let near_expiry = join_all((0..10).map(|_| stack.get("/api", "acme"))).await;
 
+    // The native build's known limit (native/src/lib.rs, "Not done yet"): Envoy 1.40
+    // gives its HTTP filters no per-worker timer, so a worker with no paused request
+    // gets the answers of its background work (this refresh's callouts, one after the
+    // other) only with its next request. On that build the test keeps sending some.
+    let native = FilterBuild::from_env() == FilterBuild::Native;
     eventually(
         "the background refresh",
         Duration::from_secs(5),
         // The login counts a call on arrival and records its token when it answers.
-        async || stack.bearers("acme").len() == 2,
+        async || {
+            if native {
+                stack.get("/api", "acme").await;
+            }
+            stack.bearers("acme").len() == 2
+        },
     )
     .await;
     let refreshed = stack.bearers("acme").remove(1);
+    if native {
+        // Likewise the login's answer reaches the cache with a next request.
+        eventually(
+            "the refreshed token is served",
+            Duration::from_secs(5),
+            async || {
+                stack.get("/api", "acme").await.authorization.as_deref() == Some(refreshed.as_str())
+            },
+        )
+        .await;
+    }
     // Each request got the old token, or the new one if the refresh (a few ms on
     // loopback) finished while the burst was still arriving: none waited for a fetch.
     for answer in &near_expiry {
