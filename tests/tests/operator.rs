@@ -5,7 +5,7 @@
 
 use futures::future::join_all;
 use serde_json::json;
-use tokengate_tests::harness::{Envoy, EnvoyUpstreams, Stack};
+use tokengate_tests::harness::{Envoy, EnvoyUpstreams, FilterBuild, Stack};
 use tokengate_tests::leak_scan::receive;
 use tokengate_tests::standins::Endpoint;
 
@@ -76,10 +76,18 @@ async fn stats_count_hits_misses_fetches_and_failures() {
     .text()
     .await
     .unwrap_or_default();
+    // Envoy strips the wasm filter's `wasmcustom` namespace in Prometheus' names; it keeps
+    // the dynamic modules' one, under its `envoy_` prefix:
+    // `envoy_dynamicmodulescustom_tokengate_cache_hit{} 1` (an operator's dashboards
+    // name the stats per build).
+    let name = match FilterBuild::from_env() {
+        FilterBuild::Wasm => "tokengate_cache_hit",
+        FilterBuild::Native => "envoy_dynamicmodulescustom_tokengate_cache_hit",
+    };
     assert!(
         prometheus
             .lines()
-            .any(|line| line.starts_with("tokengate_cache_hit") && line.ends_with(" 1")),
+            .any(|line| line.starts_with(name) && line.ends_with(" 1")),
         "{prometheus}"
     );
 }
