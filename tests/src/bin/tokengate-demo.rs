@@ -2,10 +2,12 @@
 //! filter on loopback, sends sample requests, and shows what the upstream received.
 //!
 //! `tokengate-demo` keeps the stack running until Ctrl-C; `tokengate-demo --once`
-//! exits after the walkthrough. Everything it started is stopped on exit.
+//! exits after the walkthrough. Everything it started is stopped on exit. Envoy loads
+//! the build `$TOKENGATE_FILTER` names (`wasm`, the default, or `native`; `scripts/demo
+//! --native` sets it).
 
 use clap::Parser;
-use tokengate_tests::harness::Stack;
+use tokengate_tests::harness::{FilterBuild, Stack};
 use tokengate_tests::standins::Endpoint;
 
 #[derive(Parser)]
@@ -20,13 +22,20 @@ struct Args {
 async fn main() {
     let args = Args::parse();
     tokengate_tests::harness::log_like_an_operator();
-    println!("Starting Redis, the companion, the stand-ins and Envoy with tokengate.wasm ...");
+    let build = FilterBuild::from_env();
+    build.assert_built();
+    let module = build
+        .module()
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    println!("Starting Redis, the companion, the stand-ins and Envoy with {module} ...");
     let stack = Stack::start().await;
     let url = format!("{}/api/conversations", stack.envoy.url());
     println!();
     println!("  Envoy listener     {}", stack.envoy.url());
     println!(
-        "  Envoy admin        http://127.0.0.1:{}/stats?filter=wasm",
+        "  Envoy admin        http://127.0.0.1:{}/stats?filter=tokengate",
         stack.envoy.admin_port
     );
     println!(
