@@ -52,16 +52,15 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Once};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokengate::ask::{self, Ask, RequestHeaders, Wanted};
 use tokengate::config::{FilterConfig, Mode};
+use tokengate::delivery;
 use tokengate::hits::HitTally;
 use tokengate::host::{Callout, Host, Level, Metric};
-use tokengate::worker::{Decision, Delivery, TokenAsk, Worker};
-use tokengate_core::token_api::{
-    CREDENTIAL_TYPE_HEADER, TOKEN_PATH, TokenRequest, TokenResponse, TokenSource,
-};
+use tokengate::worker::{Decision, Delivery, Worker};
+use tokengate_core::token_api::TokenSource;
 use tokengate_core::{
-    CachedToken, CalloutResult, ErrorCode, SecretBytes, SecretString, TenantId, TokenError,
-    TokenKey,
+    CachedToken, CalloutResult, ErrorCode, SecretBytes, SecretString, TokenError, TokenKey,
 };
 
 use crate::envoy::{self, ConfigScheduler, EnvoyConfig, EnvoyFilter, LogLevel, Scheduler};
@@ -80,10 +79,27 @@ const EVENT_SEND: u64 = 1;
 /// The request header that marks the filter's own answers for Envoy's
 /// `local_reply_config` (as in the wasm build).
 const REPLY_MARKER_HEADER: &str = "x-tokengate-reply";
-/// Largest `POST /auth/token` body read (as in the wasm build).
-const MAX_TOKEN_REQUEST_BODY: usize = 16 * 1024;
 /// Largest callout answer handed to the worker (as in the wasm build).
 const MAX_CALLOUT_BODY: usize = 64 * 1024;
+
+/// A stream's request headers, for [`ask`] (the same request reading as the wasm build).
+struct StreamHeaders(EnvoyFilter);
+
+impl RequestHeaders for StreamHeaders {
+    fn get(&self, name: &str) -> Option<String> {
+        self.0
+            .request_header(name)
+            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+    }
+
+    fn values(&self, name: &str) -> Vec<String> {
+        self.0
+            .request_header_values(name)
+            .into_iter()
+            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+            .collect()
+    }
+}
 
 /// Milliseconds since the epoch.
 fn now_ms() -> u64 {
@@ -824,21 +840,6 @@ impl Stream {
             .clone()
     }
 
-    /// A request header naming one thing; an error when the request carries it twice.
-    fn single_header(&self, name: &str) -> Result<Option<String>, TokenError> {
-        let mut values = self.envoy.request_header_values(name).into_iter();
-        let first = values
-            .next()
-            .map(|raw| String::from_utf8_lossy(&raw).into_owned());
-        if values.next().is_some() {
-            return Err(TokenError::new(
-                ErrorCode::InvalidRequest,
-                format!("the request carries {name} more than once"),
-            ));
-        }
-        Ok(first)
-    }
-
     fn reject(&mut self, error: &TokenError, tenant_id: Option<&str>) -> HeadersVerdict {
         let body = error.to_body(tenant_id, self.correlation_id().as_deref());
         send_json(self.envoy, error.http_status(), &body.to_json());
@@ -869,73 +870,15 @@ impl Stream {
     pub fn on_request_headers(&mut self, end_of_stream: bool) -> HeadersVerdict {
         self.slot.catch_up(self.id);
         let config = Rc::clone(&self.slot.config);
-        match config.mode {
-            Mode::Inject => {
-                let tenant = match self.single_header(&config.tenant_header) {
-                    Ok(tenant) => tenant.unwrap_or_default(),
-                    Err(error) => return self.reject(&error, None),
-                };
-                match TenantId::parse(&tenant) {
-                    Ok(tenant_id) => self.ask(
-                        TokenKey::new(config.provider, tenant_id),
-                        Delivery::Inject,
-                        false,
-                    ),
-                    Err(error) => self.reject(&error, None),
-                }
-            }
-            Mode::Endpoint => self.endpoint(&config, end_of_stream),
-        }
-    }
-
-    /// Endpoint mode: `GET /auth/token` from the headers, `POST` once its body is in.
-    fn endpoint(&mut self, config: &FilterConfig, end_of_stream: bool) -> HeadersVerdict {
-        let path = self
-            .envoy
-            .request_header(":path")
-            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
-            .unwrap_or_default();
-        let path = path.split('?').next().unwrap_or_default();
-        if path != TOKEN_PATH {
-            return self.reject(
-                &TokenError::new(ErrorCode::NotFound, format!("no route {TOKEN_PATH} here")),
-                None,
-            );
-        }
-        let method = self
-            .envoy
-            .request_header(":method")
-            .map(|raw| String::from_utf8_lossy(&raw).into_owned());
-        match method.as_deref() {
-            Some("GET") => {
-                let headers = self
-                    .single_header(&config.tenant_header)
-                    .and_then(|tenant| Ok((tenant, self.single_header(CREDENTIAL_TYPE_HEADER)?)));
-                let (tenant, credential_type) = match headers {
-                    Ok(headers) => headers,
-                    Err(error) => return self.reject(&error, None),
-                };
-                match TokenRequest::from_headers(tenant.as_deref(), credential_type.as_deref()) {
-                    Ok(request) => self.ask(request.key, Delivery::Respond, request.force_refresh),
-                    Err(error) => self.reject(&error, None),
-                }
-            }
-            Some("POST") if end_of_stream => self.reject(
-                &TokenError::new(ErrorCode::InvalidRequest, "the token request has no body"),
-                None,
-            ),
-            Some("POST") => {
+        let headers = StreamHeaders(self.envoy);
+        match ask::from_headers(&config, &headers, end_of_stream) {
+            Ask::Token(wanted) => self.ask(wanted),
+            Ask::Refuse(error) => self.reject(&error, None),
+            Ask::ReadBody => {
                 let _ = self.correlation_id();
                 self.awaiting_body = true;
                 HeadersVerdict::AwaitBody
             }
-            _ => self.reject(
-                &TokenError::new(
-                    ErrorCode::MethodNotAllowed,
-                    format!("{TOKEN_PATH} takes GET or POST"),
-                ),
-                None,
-            ),
         }
     }
 
@@ -953,12 +896,8 @@ impl Stream {
                 BodyVerdict::Continue
             };
         }
-        if body_size > MAX_TOKEN_REQUEST_BODY {
+        if let Some(error) = ask::refuse_body_of(body_size) {
             self.awaiting_body = false;
-            let error = TokenError::new(
-                ErrorCode::InvalidRequest,
-                format!("the token request body is larger than {MAX_TOKEN_REQUEST_BODY} bytes"),
-            );
             self.reject(&error, None);
             return BodyVerdict::Hold;
         }
@@ -966,29 +905,26 @@ impl Stream {
             return BodyVerdict::Hold;
         }
         self.awaiting_body = false;
-        match TokenRequest::from_json(&body()) {
-            Ok(request) => {
-                self.ask(request.key, Delivery::Respond, request.force_refresh);
+        match ask::from_body(&body()) {
+            Ask::Token(wanted) => {
+                self.ask(wanted);
             }
-            Err(error) => {
+            Ask::Refuse(error) => {
                 self.reject(&error, None);
             }
+            Ask::ReadBody => {}
         }
         BodyVerdict::Hold
     }
 
     /// Hands a validated request to the worker and applies its decision.
-    fn ask(&mut self, key: TokenKey, delivery: Delivery, force_refresh: bool) -> HeadersVerdict {
+    fn ask(&mut self, wanted: Wanted) -> HeadersVerdict {
+        let delivery = wanted.delivery;
         let purge_on = !self.slot.config.purge.statuses.is_empty() && delivery == Delivery::Inject;
-        let carried_key = purge_on.then(|| key.clone());
+        let carried_key = purge_on.then(|| wanted.key.clone());
         let correlation_id = self.correlation_id.clone();
         let envoy = self.envoy;
-        let ask = TokenAsk {
-            context_id: self.id,
-            key,
-            delivery,
-            force_refresh,
-        };
+        let ask = wanted.of(self.id);
         let mut read_correlation = None;
         let decision = self.slot.with_worker(Some(self.id), |worker, host| {
             worker.on_request(host, ask, || {
@@ -1013,8 +949,7 @@ impl Stream {
         match decision {
             Decision::Cached(token) => match delivery {
                 Delivery::Inject => {
-                    let bearer =
-                        SecretString::new(format!("Bearer {}", token.access_token.expose()));
+                    let bearer = delivery::bearer(&token);
                     let header = &self.slot.config.authorization_header;
                     if !self
                         .envoy
@@ -1031,17 +966,8 @@ impl Stream {
                     HeadersVerdict::Continue
                 }
                 Delivery::Respond => {
-                    let response = TokenResponse::new(
-                        token.access_token,
-                        token.expires_at_ms,
-                        now_ms(),
-                        TokenSource::Cache,
-                    );
-                    send_json(
-                        self.envoy,
-                        200,
-                        SecretBytes::new(response.to_json()).expose(),
-                    );
+                    let body = delivery::token_response(&token, now_ms(), TokenSource::Cache);
+                    send_json(self.envoy, 200, body.expose());
                     HeadersVerdict::Answered
                 }
             },
