@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokengate_tests::harness::{Companion, Envoy, EnvoyUpstreams, Redis, free_port};
+use tokengate_tests::harness::{Companion, Envoy, EnvoyUpstreams, FilterBuild, Redis, free_port};
 use tokengate_tests::standins::{Fixture, StandIns};
 
 /// The echo upstream, in its own process; killed when dropped.
@@ -68,6 +68,8 @@ pub struct FleetSpec {
     pub filter_config: serde_json::Value,
     /// The upstream app.
     pub echo: SocketAddr,
+    /// Which build of the filter the Envoys load.
+    pub build: FilterBuild,
 }
 
 /// Stand-ins, Redis, companions and Envoys; everything stops when dropped.
@@ -109,7 +111,8 @@ impl Fleet {
                 echo: spec.echo,
             };
             envoys.push(
-                Envoy::start(
+                Envoy::start_build(
+                    spec.build,
                     dir.path(),
                     &upstreams,
                     &spec.filter_config,

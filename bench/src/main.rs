@@ -29,7 +29,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use tokengate_tests::harness::{Envoy, companion_binary, envoy_binary, wasm_module};
+use tokengate_tests::harness::{Envoy, FilterBuild, companion_binary, envoy_binary, wasm_module};
 use tokengate_tests::standins::{Endpoint, Fixture};
 
 use crate::fleet::{EchoProcess, Fleet, FleetSpec};
@@ -167,6 +167,10 @@ pub struct Results {
     pub stampede_shape: (usize, u32, usize),
     /// Scenario 3, per worker count.
     pub wakeup: Vec<wakeup::WakeUp>,
+    /// Scenario 2 on the native build (warm-up, measured, control), when it is built.
+    pub native_stampede: Vec<stampede::StampedeRun>,
+    /// Scenario 3 on the native build, per worker count.
+    pub native_wakeup: Vec<wakeup::WakeUp>,
     /// Scenario 4.
     pub rollover: Option<rollover::Rollover>,
     /// Scenario 5.
@@ -410,8 +414,16 @@ async fn run(options: &Options) -> Results {
     }
 
     if options.wants("stampede") || options.wants("wakeup") {
-        if let Err(error) = stampede_and_wakeup(options, &mut results).await {
-            results.failures.push(("stampede / wake-up".into(), error));
+        let mut builds = vec![FilterBuild::Wasm];
+        if envoy::native_module_built() {
+            builds.push(FilterBuild::Native);
+        }
+        for build in builds {
+            if let Err(error) = stampede_and_wakeup(options, &mut results, build).await {
+                results
+                    .failures
+                    .push((format!("stampede / wake-up ({build:?})"), error));
+            }
         }
     }
 
@@ -446,8 +458,13 @@ async fn run(options: &Options) -> Results {
 /// Tenants generated for the stampede and wake-up fleets (one per wake-up trial).
 const TRIAL_TENANTS: usize = 200;
 
-async fn stampede_and_wakeup(options: &Options, results: &mut Results) -> Result<(), String> {
+async fn stampede_and_wakeup(
+    options: &Options,
+    results: &mut Results,
+    build: FilterBuild,
+) -> Result<(), String> {
     let quick = options.quick;
+    let native = build == FilterBuild::Native;
     let echo = EchoProcess::start(None)?;
     let idp = Duration::from_millis(200);
     let shape = (3, 2, 2);
@@ -457,6 +474,7 @@ async fn stampede_and_wakeup(options: &Options, results: &mut Results) -> Result
         companions: shape.2,
         filter_config: Envoy::default_filter_config(),
         echo: echo.addr,
+        build,
     };
     let fixture = || {
         Fixture::default_fixture()
@@ -469,36 +487,46 @@ async fn stampede_and_wakeup(options: &Options, results: &mut Results) -> Result
     results.stampede_shape = shape;
     if options.wants("stampede") {
         let requests = if quick { 200 } else { 1_000 };
-        eprintln!("bench: stampede ({requests} requests, warm-up burst on globex first)");
-        results
-            .stampede
-            .push(stampede::run_once(&fleet, "globex", requests).await?);
-        results
-            .stampede
-            .push(stampede::run_once(&fleet, "acme", requests).await?);
+        eprintln!(
+            "bench: stampede, {build:?} build ({requests} requests, warm-up burst on globex first)"
+        );
+        let runs = if native {
+            &mut results.native_stampede
+        } else {
+            &mut results.stampede
+        };
+        runs.push(stampede::run_once(&fleet, "globex", requests).await?);
+        runs.push(stampede::run_once(&fleet, "acme", requests).await?);
         // Control: the same burst again, now all cache hits: what proxying the burst
         // costs on this machine without any fetch.
-        results
-            .stampede
-            .push(stampede::run_once(&fleet, "acme", requests).await?);
+        runs.push(stampede::run_once(&fleet, "acme", requests).await?);
     }
     if options.wants("wakeup") {
         let trials = if quick { 5 } else { 60 };
-        eprintln!("bench: wake-up, {} workers per Envoy", spec.concurrency);
-        results
-            .wakeup
-            .push(wakeup::run(&fleet, spec.concurrency, trials, 4, 0).await?);
+        eprintln!(
+            "bench: wake-up, {build:?} build, {} workers per Envoy",
+            spec.concurrency
+        );
+        let found = wakeup::run(&fleet, spec.concurrency, trials, 4, 0).await?;
+        if native {
+            results.native_wakeup.push(found);
+        } else {
+            results.wakeup.push(found);
+        }
         drop(fleet);
         let single = FleetSpec {
             concurrency: 1,
             ..spec.clone()
         };
-        eprintln!("bench: wake-up, 1 worker per Envoy");
+        eprintln!("bench: wake-up, {build:?} build, 1 worker per Envoy");
         let fleet = Fleet::start(&single, fixture()?).await?;
         fleet.standins.set_latency(Endpoint::Login, idp);
-        results
-            .wakeup
-            .push(wakeup::run(&fleet, 1, trials, 4, trials).await?);
+        let found = wakeup::run(&fleet, 1, trials, 4, trials).await?;
+        if native {
+            results.native_wakeup.push(found);
+        } else {
+            results.wakeup.push(found);
+        }
     }
     Ok(())
 }
@@ -515,6 +543,7 @@ async fn rollover_scenario(quick: bool, results: &mut Results) -> Result<(), Str
         companions: 1,
         filter_config: filter_config.clone(),
         echo: echo.addr,
+        build: FilterBuild::Wasm,
     };
     let fleet = Fleet::start(&spec, Fixture::default_fixture()).await?;
     let settings = rollover::Settings {

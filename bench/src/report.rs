@@ -214,6 +214,35 @@ impl Report<'_> {
                 verdict(run.latency.p99_us <= budget)
             );
         }
+        if let Some(run) = r.native_stampede.get(1) {
+            let budget = r.stampede_idp.as_micros() as u64 + 50_000;
+            let _ = writeln!(
+                out,
+                "| 2 | native: stampede OAuth calls / successes / p99 ({} requests) | {} / {} / {} | 1 / all / <= {} | {} |",
+                run.requests,
+                run.oauth_calls,
+                run.successes(),
+                ms(run.latency.p99_us),
+                ms(budget),
+                verdict(
+                    run.oauth_calls == 1
+                        && run.successes() == run.requests
+                        && run.latency.p99_us <= budget
+                )
+            );
+        }
+        for wake in r.native_wakeup.iter().filter(|wake| wake.concurrency > 1) {
+            let _ = writeln!(
+                out,
+                "| 3 | native: waiters on the holder's Envoy, p99 after its first answer ({} workers) | {} (p50 {}) | < 0.5 ms | {} |",
+                wake.concurrency,
+                ms(wake.holder_envoy_others.p99_us),
+                ms(wake.holder_envoy_others.p50_us),
+                verdict(
+                    wake.holder_envoy_others.p99_us < 500 && wake.holder_envoy_others.count > 0
+                )
+            );
+        }
         for wake in &r.wakeup {
             let _ = writeln!(
                 out,
@@ -576,7 +605,7 @@ impl Report<'_> {
 
     fn stampede(&self, out: &mut String) {
         let r = self.0;
-        if r.stampede.is_empty() {
+        if r.stampede.is_empty() && r.native_stampede.is_empty() {
             return;
         }
         let (envoys, workers, companions) = r.stampede_shape;
@@ -591,18 +620,25 @@ impl Report<'_> {
              started processes and also opens Envoy's upstream connections; the second (acme) \
              is the measured one; the third repeats it for acme once its token is cached \
              (all cache hits, no fetch): what proxying such a burst costs on this machine \
-             by itself.\n",
+             by itself. The same three bursts run on the wasm build, then on the native \
+             build (when it is built).\n",
             r.stampede_idp.as_millis()
         );
         let _ = writeln!(
             out,
-            "| burst | requests | OAuth calls | Tenant Service calls | statuses | tokens seen | min | p50 | p90 | p99 | max | last answer | fetches per Envoy | cluster-cache hits per Envoy |"
+            "| build | burst | requests | OAuth calls | Tenant Service calls | statuses | tokens seen | min | p50 | p90 | p99 | max | last answer | fetches per Envoy | cluster-cache hits per Envoy |"
         );
         let _ = writeln!(
             out,
-            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
+            "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
         );
-        for (i, run) in r.stampede.iter().enumerate() {
+        let runs = (r.stampede.iter().enumerate().map(|run| ("wasm", run))).chain(
+            r.native_stampede
+                .iter()
+                .enumerate()
+                .map(|run| ("native", run)),
+        );
+        for (build, (i, run)) in runs {
             let statuses: Vec<String> = run
                 .statuses
                 .iter()
@@ -616,7 +652,7 @@ impl Report<'_> {
                 .collect();
             let _ = writeln!(
                 out,
-                "| {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:?} | {:?} |",
+                "| {build} | {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:?} | {:?} |",
                 match i {
                     0 => "warm-up",
                     1 => "measured",
@@ -643,9 +679,9 @@ impl Report<'_> {
 
     fn wakeup(&self, out: &mut String) {
         let r = self.0;
-        if r.wakeup.is_empty() {
+        let Some(first) = r.wakeup.first().or(r.native_wakeup.first()) else {
             return;
-        }
+        };
         let _ = writeln!(out, "## 3. Wake-up latency\n");
         let _ = writeln!(
             out,
@@ -662,23 +698,26 @@ impl Report<'_> {
              wake-up, the lease answer and the resume. Trials where more than one Envoy fetched \
              or the login was called more than once are left out (counted below). Run once with \
              two workers per Envoy (as deployed) and once with one, which leaves only the \
-             cross-Envoy path.\n",
-            r.wakeup[0].requests_per_envoy,
-            r.wakeup[0].envoys,
+             cross-Envoy path. The native build runs the same trials; there the holder's \
+             other worker is woken by an event on its paused request's scheduler.\n",
+            first.requests_per_envoy,
+            first.envoys,
             r.stampede_idp.as_millis()
         );
         let _ = writeln!(
             out,
-            "| workers per Envoy | valid trials | failed requests | waiters on other Envoys: p50 | p90 | p99 | max | trials with a waiter > 10 ms | holder Envoy's other requests: p50 | p99 | max |"
+            "| build | workers per Envoy | valid trials | failed requests | waiters on other Envoys: p50 | p90 | p99 | max | trials with a waiter > 10 ms | holder Envoy's other requests: p50 | p99 | max |"
         );
         let _ = writeln!(
             out,
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
-        for w in &r.wakeup {
+        let all = (r.wakeup.iter().map(|w| ("wasm", w)))
+            .chain(r.native_wakeup.iter().map(|w| ("native", w)));
+        for (build, w) in all {
             let _ = writeln!(
                 out,
-                "| {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {build} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 w.concurrency,
                 w.valid_trials,
                 w.trials,

@@ -483,6 +483,8 @@ pub struct Envoy {
     pub process: Process,
     /// How to start the next epoch; `None` when started with hot restart disabled.
     hot_restart: Option<HotRestart>,
+    /// The build of the filter it loaded.
+    build: FilterBuild,
 }
 
 /// What a hot-restartable Envoy needs to start its next epoch.
@@ -525,21 +527,35 @@ impl Envoy {
         config
     }
 
-    /// Starts Envoy (`--concurrency` workers) with `filter_config` and waits until it is live.
+    /// Starts Envoy (`--concurrency` workers) with `filter_config` and waits until it is
+    /// live, loading the build `$TOKENGATE_FILTER` names.
     pub async fn start(
         dir: &Path,
         upstreams: &EnvoyUpstreams,
         filter_config: &serde_json::Value,
         concurrency: u32,
     ) -> Envoy {
+        let build = FilterBuild::from_env();
+        Self::start_build(build, dir, upstreams, filter_config, concurrency).await
+    }
+
+    /// Starts Envoy like [`Envoy::start`], loading `build` (the benchmarks measure both).
+    pub async fn start_build(
+        build: FilterBuild,
+        dir: &Path,
+        upstreams: &EnvoyUpstreams,
+        filter_config: &serde_json::Value,
+        concurrency: u32,
+    ) -> Envoy {
         let (mut process, port, admin_port) =
-            Self::spawn(dir, upstreams, filter_config, concurrency, None);
+            Self::spawn(build, dir, upstreams, filter_config, concurrency, None);
         Self::wait_live(&mut process, admin_port).await;
         Envoy {
             port,
             admin_port,
             process,
             hot_restart: None,
+            build,
         }
     }
 
@@ -551,15 +567,16 @@ impl Envoy {
         filter_config: &serde_json::Value,
         concurrency: u32,
     ) -> Envoy {
+        let build = FilterBuild::from_env();
         let (mut process, port, admin_port) =
-            Self::spawn(dir, upstreams, filter_config, concurrency, Some(0));
+            Self::spawn(build, dir, upstreams, filter_config, concurrency, Some(0));
         Self::wait_live(&mut process, admin_port).await;
         let hot_restart = HotRestart {
             dir: dir.to_path_buf(),
             config: dir.join(format!("envoy-{port}.yaml")),
             concurrency,
             base_id: admin_port,
-            build: FilterBuild::from_env(),
+            build,
             epoch: 0,
         };
         Envoy {
@@ -567,6 +584,7 @@ impl Envoy {
             admin_port,
             process,
             hot_restart: Some(hot_restart),
+            build,
         }
     }
 
@@ -643,7 +661,14 @@ impl Envoy {
         upstreams: &EnvoyUpstreams,
         filter_config: &serde_json::Value,
     ) -> String {
-        let (mut process, _, admin_port) = Self::spawn(dir, upstreams, filter_config, 1, None);
+        let (mut process, _, admin_port) = Self::spawn(
+            FilterBuild::from_env(),
+            dir,
+            upstreams,
+            filter_config,
+            1,
+            None,
+        );
         let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
         let started = Instant::now();
         while process.is_running() {
@@ -667,6 +692,7 @@ impl Envoy {
     /// Renders the configuration and starts the process (as `restart_epoch` of a hot
     /// restart, or with hot restart disabled); returns it with its listener and admin ports.
     fn spawn(
+        build: FilterBuild,
         dir: &Path,
         upstreams: &EnvoyUpstreams,
         filter_config: &serde_json::Value,
@@ -679,7 +705,6 @@ impl Envoy {
             "no Envoy at {}: run scripts/setup",
             binary.display()
         );
-        let build = FilterBuild::from_env();
         build.assert_built();
         let (port, admin_port) = (free_port(), free_port());
         let config_path = dir.join(format!("envoy-{port}.yaml"));
@@ -748,7 +773,7 @@ impl Envoy {
     /// depends on the build (`wasmcustom.`, `dynamicmodulescustom.`: see
     /// [`FilterBuild::stat_prefix`]).
     pub async fn stat(&self, name: &str) -> u64 {
-        let prefix = FilterBuild::from_env().stat_prefix();
+        let prefix = self.build.stat_prefix();
         let url = format!("http://127.0.0.1:{}/stats?filter={}", self.admin_port, name);
         let text = match reqwest::get(&url).await {
             Ok(response) => response.text().await.unwrap_or_default(),

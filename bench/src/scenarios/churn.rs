@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokengate_tests::harness::Envoy;
+use tokengate_tests::harness::{Envoy, FilterBuild};
 use tokengate_tests::standins::{Fixture, generated_tenant_id};
 
 use crate::client::Conn;
@@ -194,6 +194,7 @@ pub async fn run(settings: Settings) -> Result<Churn, String> {
         companions: 1,
         filter_config,
         echo: echo.addr,
+        build: FilterBuild::Wasm,
     };
     eprintln!("bench: churn: generating {} tenants", settings.tenants);
     let fixture = Fixture::default_fixture()

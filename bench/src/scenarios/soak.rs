@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokengate_tests::harness::{
-    Envoy, companion_binary, envoy_binary, wasm_module, workspace_root,
+    Envoy, FilterBuild, companion_binary, envoy_binary, wasm_module, workspace_root,
 };
 use tokengate_tests::standins::{Endpoint, Fixture, StandIns, generated_tenant_id};
 
@@ -500,6 +500,7 @@ pub async fn run(settings: Settings) -> Result<Soak, String> {
         companions: COMPANIONS,
         filter_config: filter_config(),
         echo: echo.addr,
+        build: FilterBuild::Wasm,
     };
     let mut fleet = Fleet::start(&spec, fixture).await?;
     fleet.standins.set_expires_in(LIFETIME_SECS as i64);
