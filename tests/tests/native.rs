@@ -190,6 +190,27 @@ async fn start_envoy(dir: &Path, ports: &Ports, filter_config: &Value) -> Proces
     panic!("Envoy not ready after 30 s:\n{}", envoy.log_tail(40));
 }
 
+/// The stand-ins and one Envoy with the module whose companion cluster points where
+/// nobody listens: the filter fetches in local mode, from the stand-ins (every login
+/// through one cluster). Returns what must live as long as the test.
+async fn start_without_companion() -> (tempfile::TempDir, StandIns, Ports, Process) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+    let standins = StandIns::start(Fixture::default_fixture())
+        .await
+        .unwrap_or_else(|e| panic!("stand-ins: {e}"));
+    let ports = Ports {
+        listen: free_port(),
+        admin: free_port(),
+        echo: standins.echo.port(),
+        companion: free_port(),
+        tenant_service: standins.tenant_service.port(),
+        login: standins.login.port(),
+    };
+    let filter_config = json!({ "genesys": { "loginClusterPattern": "genesys_login" } });
+    let envoy = start_envoy(dir.path(), &ports, &filter_config).await;
+    (dir, standins, ports, envoy)
+}
+
 /// The counter `name` (e.g. `tokengate.cache_hit`) in Envoy's stats.
 async fn stat(admin: u16, name: &str) -> Option<u64> {
     let stats = reqwest::get(format!("http://127.0.0.1:{admin}/stats?filter=tokengate"))
@@ -388,21 +409,7 @@ async fn a_request_reaches_the_upstream_with_the_tenants_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_worker_fetches_from_the_tenant_service_and_the_login_collapsing_misses() {
     assert_prerequisites();
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
-    let standins = StandIns::start(Fixture::default_fixture())
-        .await
-        .unwrap_or_else(|e| panic!("stand-ins: {e}"));
-    let ports = Ports {
-        listen: free_port(),
-        admin: free_port(),
-        echo: standins.echo.port(),
-        // Nobody listens: the companion is down, the filter fetches in local mode.
-        companion: free_port(),
-        tenant_service: standins.tenant_service.port(),
-        login: standins.login.port(),
-    };
-    let filter_config = json!({ "genesys": { "loginClusterPattern": "genesys_login" } });
-    let mut envoy = start_envoy(dir.path(), &ports, &filter_config).await;
+    let (_dir, standins, ports, mut envoy) = start_without_companion().await;
     let url = format!("http://127.0.0.1:{}/app", ports.listen);
     let client = reqwest::Client::new();
 
@@ -645,20 +652,7 @@ async fn two_envoys_lease_through_the_companion_and_log_in_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_401_purges_the_token() {
     assert_prerequisites();
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
-    let standins = StandIns::start(Fixture::default_fixture())
-        .await
-        .unwrap_or_else(|e| panic!("stand-ins: {e}"));
-    let ports = Ports {
-        listen: free_port(),
-        admin: free_port(),
-        echo: standins.echo.port(),
-        companion: free_port(),
-        tenant_service: standins.tenant_service.port(),
-        login: standins.login.port(),
-    };
-    let filter_config = json!({ "genesys": { "loginClusterPattern": "genesys_login" } });
-    let mut envoy = start_envoy(dir.path(), &ports, &filter_config).await;
+    let (_dir, standins, ports, mut envoy) = start_without_companion().await;
     let client = reqwest::Client::new();
     let get = |path: &str| {
         client
@@ -703,20 +697,7 @@ async fn an_upstream_401_purges_the_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_misses_of_many_tenants_on_two_workers() {
     assert_prerequisites();
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
-    let standins = StandIns::start(Fixture::default_fixture())
-        .await
-        .unwrap_or_else(|e| panic!("stand-ins: {e}"));
-    let ports = Ports {
-        listen: free_port(),
-        admin: free_port(),
-        echo: standins.echo.port(),
-        companion: free_port(),
-        tenant_service: standins.tenant_service.port(),
-        login: standins.login.port(),
-    };
-    let filter_config = json!({ "genesys": { "loginClusterPattern": "genesys_login" } });
-    let mut envoy = start_envoy(dir.path(), &ports, &filter_config).await;
+    let (_dir, standins, ports, mut envoy) = start_without_companion().await;
     let url = format!("http://127.0.0.1:{}/app", ports.listen);
     let tenants = ["acme", "globex", "initech", "umbrella", "hooli", "wayne"];
     let client = reqwest::Client::new();
