@@ -11,7 +11,7 @@
 //! login stand-in ([`GenesysClient`]); malformed ones stay in the fixture (so tests can
 //! exercise the gateway's parsing) but cannot log in.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -100,6 +100,10 @@ pub struct Fixture {
     tenants: BTreeMap<String, BTreeMap<String, Box<RawValue>>>,
     /// The well-formed `genesys` answers, which the login stand-in accepts.
     clients: Vec<GenesysClient>,
+    /// Where each client is in `clients`, by client id and by tenant: the login looks a
+    /// client up on every call, and load tests generate a million of them.
+    by_client_id: HashMap<String, usize>,
+    by_tenant: HashMap<String, usize>,
 }
 
 impl Fixture {
@@ -133,10 +137,23 @@ impl Fixture {
             }
             clients.push(client);
         }
-        Ok(Fixture {
+        let mut fixture = Fixture {
             tenants: file.tenants,
-            clients,
-        })
+            clients: Vec::new(),
+            by_client_id: HashMap::new(),
+            by_tenant: HashMap::new(),
+        };
+        for client in clients {
+            fixture.add_client(client);
+        }
+        Ok(fixture)
+    }
+
+    fn add_client(&mut self, client: GenesysClient) {
+        let index = self.clients.len();
+        self.by_client_id.insert(client.client_id.clone(), index);
+        self.by_tenant.insert(client.tenant.clone(), index);
+        self.clients.push(client);
     }
 
     /// The fixture embedded in the crate ([`DEFAULT_FIXTURE_JSON`]).
@@ -157,11 +174,6 @@ impl Fixture {
     /// A tenant id the fixture already has keeps its own answers. Fails if a generated
     /// client id is already a fixture client's.
     pub fn with_generated_tenants(mut self, count: usize) -> Result<Fixture, FixtureError> {
-        let mut client_ids: BTreeMap<String, String> = self
-            .clients
-            .iter()
-            .map(|client| (client.client_id.clone(), client.tenant.clone()))
-            .collect();
         for n in 0..count {
             let tenant = generated_tenant_id(n);
             if self.tenants.contains_key(&tenant) {
@@ -173,10 +185,10 @@ impl Fixture {
                 client_secret: format!("{tenant}-secret"),
                 region: GENERATED_TENANT_REGION.to_owned(),
             };
-            if let Some(first) = client_ids.get(&client.client_id) {
+            if let Some(first) = self.genesys_client_by_id(&client.client_id) {
                 return Err(FixtureError::DuplicateClientId {
                     client_id: client.client_id,
-                    first: first.clone(),
+                    first: first.tenant.clone(),
                     second: tenant,
                 });
             }
@@ -190,8 +202,7 @@ impl Fixture {
                 tenant.clone(),
                 BTreeMap::from([("genesys".to_owned(), raw)]),
             );
-            client_ids.insert(client.client_id.clone(), tenant);
-            self.clients.push(client);
+            self.add_client(client);
         }
         Ok(self)
     }
@@ -221,12 +232,12 @@ impl Fixture {
 
     /// The Genesys client of a tenant.
     pub fn genesys_client(&self, tenant: &str) -> Option<&GenesysClient> {
-        self.clients.iter().find(|c| c.tenant == tenant)
+        self.clients.get(*self.by_tenant.get(tenant)?)
     }
 
     /// The Genesys client with this client id.
     pub fn genesys_client_by_id(&self, client_id: &str) -> Option<&GenesysClient> {
-        self.clients.iter().find(|c| c.client_id == client_id)
+        self.clients.get(*self.by_client_id.get(client_id)?)
     }
 
     /// Every secret the fixture holds, each with a label that names it without showing
