@@ -190,6 +190,19 @@ async fn start_envoy(dir: &Path, ports: &Ports, filter_config: &Value) -> Proces
     panic!("Envoy not ready after 30 s:\n{}", envoy.log_tail(40));
 }
 
+/// Ports of an Envoy whose companion is a stand-in token API counting its `calls`, with
+/// an echo upstream, for `fetch: companion` (no Tenant Service or login behind it).
+async fn ports_with_token_api(calls: &Arc<AtomicUsize>) -> Ports {
+    Ports {
+        listen: free_port(),
+        admin: free_port(),
+        echo: echo().await,
+        companion: token_api(Arc::clone(calls)).await,
+        tenant_service: free_port(),
+        login: free_port(),
+    }
+}
+
 /// The stand-ins and one Envoy with the module whose companion cluster points where
 /// nobody listens: the filter fetches in local mode, from the stand-ins (every login
 /// through one cluster). Returns what must live as long as the test.
@@ -310,14 +323,7 @@ async fn a_request_reaches_the_upstream_with_the_tenants_token() {
     assert_prerequisites();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
     let calls = Arc::new(AtomicUsize::new(0));
-    let ports = Ports {
-        listen: free_port(),
-        admin: free_port(),
-        echo: echo().await,
-        companion: token_api(Arc::clone(&calls)).await,
-        tenant_service: free_port(),
-        login: free_port(),
-    };
+    let ports = ports_with_token_api(&calls).await;
     let mut envoy = start_envoy(dir.path(), &ports, &companion_config()).await;
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{}/app", ports.listen);
@@ -507,14 +513,7 @@ async fn endpoint_mode_answers_the_token_api() {
     assert_prerequisites();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
     let calls = Arc::new(AtomicUsize::new(0));
-    let ports = Ports {
-        listen: free_port(),
-        admin: free_port(),
-        echo: echo().await,
-        companion: token_api(Arc::clone(&calls)).await,
-        tenant_service: free_port(),
-        login: free_port(),
-    };
+    let ports = ports_with_token_api(&calls).await;
     let filter_config = json!({ "mode": "endpoint", "fetch": "companion" });
     let mut envoy = start_envoy(dir.path(), &ports, &filter_config).await;
     let url = format!("http://127.0.0.1:{}/auth/token", ports.listen);
