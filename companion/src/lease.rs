@@ -116,7 +116,7 @@ impl Service {
     ///
     /// With `force_refresh` the cached token is skipped: the lease fetches, or waits for
     /// a fetch in progress and accepts only a token that expires later than the skipped
-    /// one (a newly fetched one). The skipped token stays cached for other leases until
+    /// one and than `min_expires_at_ms` (a newly fetched one). The skipped token stays cached for other leases until
     /// the new one replaces it. With `min_expires_at_ms`, only a token expiring after it
     /// answers the lease (a newer one than the caller holds), cached or awaited.
     pub async fn lease(
@@ -239,10 +239,14 @@ impl Service {
                     };
                     return Ok((fetch, outcome));
                 }
+                // A forced lease waits for a token newer than both the cached one and
+                // the one its caller discards: a fetch that began before the caller's
+                // and commits after it brings neither.
                 Acquire::Held {
                     cached_expires_at_ms,
                 } => {
-                    newer_than_ms.get_or_insert(cached_expires_at_ms);
+                    newer_than_ms
+                        .get_or_insert(cached_expires_at_ms.max(min_expires_at_ms.unwrap_or(0)));
                 }
             }
             has_waited = true;

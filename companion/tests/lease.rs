@@ -474,6 +474,49 @@ async fn a_forced_lease_waits_for_the_fetch_in_progress_and_takes_only_its_token
 }
 
 #[tokio::test]
+async fn a_forced_lease_does_not_take_the_token_its_caller_discards_from_a_fetch_begun_earlier() {
+    // A gateway served tok-1 before its lease of it was committed, and a client at once
+    // forced a refresh: its lease finds tok-1's lock still held.
+    let redis = RedisServer::start();
+    let config = Config {
+        lock_ttl_ms: 30_000,
+        lease_wait_ms: 20_000,
+        recheck_interval_ms: 10_000,
+        ..config(&redis)
+    };
+    let companion = Arc::new(Companion::start(config).await);
+    wait_until_subscribed(&redis).await;
+    let first = companion.lease_fetch("acme").await;
+    let discarded_expiry = now_ms() + 60_000;
+    let forced = serde_json::json!({
+        "provider": "genesys",
+        "tenantId": "acme",
+        "forceRefresh": true,
+        "minExpiresAtMs": discarded_expiry,
+    });
+
+    let exists_before = redis.calls("exists").await;
+    let waiter = tokio::spawn({
+        let companion = Arc::clone(&companion);
+        async move { companion.post("/v1/lease", &forced).await }
+    });
+    wait_until_a_lease_waits(&redis, exists_before).await;
+    assert_eq!(
+        companion
+            .commit("acme", &first, "tok-1", discarded_expiry)
+            .await,
+        204
+    );
+
+    let response = waiter.await.unwrap();
+    assert_eq!(response.status(), 200);
+    match response.json::<LeaseResponse>().await.unwrap() {
+        LeaseResponse::Fetch { .. } => {}
+        other => panic!("tok-1 is the discarded token: expected fetch, got {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn a_lease_asking_for_a_newer_token_fetches_unless_one_is_cached() {
     let redis = RedisServer::start();
     let companion = Companion::start(config(&redis)).await;

@@ -547,9 +547,8 @@ impl Envoy {
         filter_config: &serde_json::Value,
         concurrency: u32,
     ) -> Envoy {
-        let (mut process, port, admin_port) =
-            Self::spawn(build, dir, upstreams, filter_config, concurrency, None);
-        Self::wait_live(&mut process, admin_port).await;
+        let (process, port, admin_port) =
+            Self::spawn_live(build, dir, upstreams, filter_config, concurrency, None).await;
         Envoy {
             port,
             admin_port,
@@ -568,9 +567,8 @@ impl Envoy {
         concurrency: u32,
     ) -> Envoy {
         let build = FilterBuild::from_env();
-        let (mut process, port, admin_port) =
-            Self::spawn(build, dir, upstreams, filter_config, concurrency, Some(0));
-        Self::wait_live(&mut process, admin_port).await;
+        let (process, port, admin_port) =
+            Self::spawn_live(build, dir, upstreams, filter_config, concurrency, Some(0)).await;
         let hot_restart = HotRestart {
             dir: dir.to_path_buf(),
             config: dir.join(format!("envoy-{port}.yaml")),
@@ -635,8 +633,44 @@ impl Envoy {
         previous
     }
 
-    /// Waits until the Envoy just started answers `LIVE` on its admin port (30 s at most).
-    async fn wait_live(process: &mut Process, admin_port: u16) {
+    /// Spawns Envoy (see [`Envoy::spawn`]) and waits until it is live. The ports are
+    /// free when chosen, but a process started by a concurrent test may bind one before
+    /// Envoy does: then Envoy exits at once and is started again on other ports.
+    async fn spawn_live(
+        build: FilterBuild,
+        dir: &Path,
+        upstreams: &EnvoyUpstreams,
+        filter_config: &serde_json::Value,
+        concurrency: u32,
+        restart_epoch: Option<u32>,
+    ) -> (Process, u16, u16) {
+        const ATTEMPTS: u32 = 3;
+        let mut attempt = 1;
+        loop {
+            let (mut process, port, admin_port) = Self::spawn(
+                build,
+                dir,
+                upstreams,
+                filter_config,
+                concurrency,
+                restart_epoch,
+            );
+            if Self::wait_live(&mut process, admin_port).await {
+                return (process, port, admin_port);
+            }
+            let log = process.log_text();
+            assert!(
+                attempt < ATTEMPTS && log.contains("Address already in use"),
+                "envoy exited before going live:\n{}",
+                process.log_tail(40)
+            );
+            attempt += 1;
+        }
+    }
+
+    /// Waits until the Envoy just started answers `LIVE` on its admin port (30 s at
+    /// most); `false` when it exits first.
+    async fn wait_live(process: &mut Process, admin_port: u16) -> bool {
         let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
         let started = Instant::now();
         while !answers(
@@ -644,7 +678,9 @@ impl Envoy {
             b"GET /ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
             b"LIVE",
         ) {
-            process.assert_running();
+            if !process.is_running() {
+                return false;
+            }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
                 "Envoy not live after 30 s:\n{}",
@@ -652,6 +688,7 @@ impl Envoy {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        true
     }
 
     /// Starts Envoy with a filter configuration it must refuse: waits for Envoy to
