@@ -26,6 +26,17 @@ async fn wait_until_a_lease_waits(redis: &RedisServer, exists_before: u64) {
         .await;
 }
 
+/// A configuration whose waiting leases re-check only every 10 s: a quick answer can
+/// only come from the pub/sub wake-up. Locks and waits outlast any test.
+fn woken_config(redis: &RedisServer) -> Config {
+    Config {
+        lock_ttl_ms: 30_000,
+        lease_wait_ms: 20_000,
+        recheck_interval_ms: 10_000,
+        ..config(redis)
+    }
+}
+
 #[tokio::test]
 async fn a_cold_key_is_fetched_then_committed_then_hit() {
     let redis = RedisServer::start();
@@ -73,13 +84,7 @@ async fn a_cold_key_is_fetched_then_committed_then_hit() {
 #[tokio::test]
 async fn a_waiting_lease_is_woken_by_the_commit_not_by_polling() {
     let redis = RedisServer::start();
-    // Re-checks every 10 s: a quick answer can only come from the pub/sub wake-up.
-    let config = Config {
-        lock_ttl_ms: 30_000,
-        lease_wait_ms: 20_000,
-        recheck_interval_ms: 10_000,
-        ..config(&redis)
-    };
+    let config = woken_config(&redis);
     let companion = Arc::new(Companion::start(config).await);
     wait_until_subscribed(&redis).await;
 
@@ -112,12 +117,7 @@ async fn a_waiting_lease_is_woken_by_the_commit_not_by_polling() {
 #[tokio::test]
 async fn an_abort_hands_the_lock_to_a_waiter() {
     let redis = RedisServer::start();
-    let config = Config {
-        lock_ttl_ms: 30_000,
-        lease_wait_ms: 20_000,
-        recheck_interval_ms: 10_000,
-        ..config(&redis)
-    };
+    let config = woken_config(&redis);
     let companion = Arc::new(Companion::start(config).await);
     wait_until_subscribed(&redis).await;
 
@@ -194,12 +194,7 @@ async fn a_wait_longer_than_the_budget_answers_lock_acquisition_failed() {
 #[tokio::test]
 async fn fifty_concurrent_leases_make_one_fetch_and_share_one_wait() {
     let redis = RedisServer::start();
-    let config = Config {
-        lock_ttl_ms: 30_000,
-        lease_wait_ms: 20_000,
-        recheck_interval_ms: 10_000,
-        ..config(&redis)
-    };
+    let config = woken_config(&redis);
     let companion = Arc::new(Companion::start(config).await);
     wait_until_subscribed(&redis).await;
     let exists_before = redis.calls("exists").await;
@@ -361,12 +356,7 @@ async fn shutting_down_answers_waiting_leases_at_once() {
 #[tokio::test]
 async fn after_a_redis_restart_waiters_are_woken_by_pub_sub_again() {
     let mut redis = RedisServer::start();
-    let config = Config {
-        lock_ttl_ms: 30_000,
-        lease_wait_ms: 20_000,
-        recheck_interval_ms: 10_000,
-        ..config(&redis)
-    };
+    let config = woken_config(&redis);
     let companion = Arc::new(Companion::start(config).await);
     wait_until_subscribed(&redis).await;
 
@@ -432,12 +422,7 @@ async fn a_forced_lease_skips_the_cached_token_which_others_still_get() {
 #[tokio::test]
 async fn a_forced_lease_waits_for_the_fetch_in_progress_and_takes_only_its_token() {
     let redis = RedisServer::start();
-    let config = Config {
-        lock_ttl_ms: 30_000,
-        lease_wait_ms: 20_000,
-        recheck_interval_ms: 10_000,
-        ..config(&redis)
-    };
+    let config = woken_config(&redis);
     let companion = Arc::new(Companion::start(config).await);
     wait_until_subscribed(&redis).await;
     let first = companion.lease_fetch("acme").await;
@@ -478,12 +463,7 @@ async fn a_forced_lease_does_not_take_the_token_its_caller_discards_from_a_fetch
     // A gateway served tok-1 before its lease of it was committed, and a client at once
     // forced a refresh: its lease finds tok-1's lock still held.
     let redis = RedisServer::start();
-    let config = Config {
-        lock_ttl_ms: 30_000,
-        lease_wait_ms: 20_000,
-        recheck_interval_ms: 10_000,
-        ..config(&redis)
-    };
+    let config = woken_config(&redis);
     let companion = Arc::new(Companion::start(config).await);
     wait_until_subscribed(&redis).await;
     let first = companion.lease_fetch("acme").await;
