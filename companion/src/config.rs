@@ -11,11 +11,13 @@
 //! message naming the flag.
 
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokengate_core::limit::{DEFAULT_FETCHES_PER_MINUTE, DEFAULT_MIN_REFRESH_INTERVAL_MS};
+use tokengate_core::providers::{ProviderDocument, ProviderTable};
 use tokengate_core::regions::OAUTH_TOKEN_PATH;
 use tokengate_core::{FetchConfig, RegionTable, SecretString};
 
@@ -171,6 +173,12 @@ pub struct Config {
     #[arg(long, env = "TOKENGATE_GENESYS_DEFAULT_REGION")]
     pub genesys_default_region: Option<String>,
 
+    /// JSON file of the providers besides `genesys` and `whatsapp`, by name: the same
+    /// document as the filter's `providers` (kinds `oauth2` and `static`; see the
+    /// README). Read and checked at start-up; the token API serves each of them.
+    #[arg(long, env = "TOKENGATE_PROVIDERS_FILE", value_parser = read_providers_file)]
+    pub providers_file: Option<ProvidersFile>,
+
     /// Sent to the Tenant Service as `X-Service-Name`.
     #[arg(long, env = "TOKENGATE_SERVICE_NAME", default_value_t = FetchConfig::default().service_name)]
     pub service_name: String,
@@ -289,6 +297,28 @@ impl fmt::Display for RedactedUrl {
         let redacted: Vec<String> = self.expose().split(',').map(redact_url).collect();
         f.write_str(&redacted.join(","))
     }
+}
+
+/// `--providers-file`, read and validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvidersFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// The providers it configures, with the built-in ones.
+    pub table: ProviderTable,
+}
+
+/// Reads `--providers-file`: a JSON object of provider documents by name.
+fn read_providers_file(path: &str) -> Result<ProvidersFile, String> {
+    let text = std::fs::read(path).map_err(|error| format!("cannot read {path}: {error}"))?;
+    let documents: BTreeMap<String, ProviderDocument> = serde_json::from_slice(&text)
+        .map_err(|error| format!("{path} is not a providers document: {error}"))?;
+    let table =
+        ProviderTable::from_documents(&documents).map_err(|error| format!("{path}: {error}"))?;
+    Ok(ProvidersFile {
+        path: PathBuf::from(path),
+        table,
+    })
 }
 
 /// Parses `REGION=HOST` of `--genesys-login-host`.
@@ -441,6 +471,11 @@ impl Config {
             whatsapp_safety_buffer_secs: self.whatsapp_safety_buffer_secs,
             whatsapp_default_ttl_secs: self.whatsapp_default_ttl_secs,
             deadline_ms: self.fetch_deadline_ms,
+            providers: self
+                .providers_file
+                .as_ref()
+                .map(|file| file.table.clone())
+                .unwrap_or_default(),
         }
     }
 

@@ -264,7 +264,7 @@ mod tests {
     use tokengate_core::{Provider, TenantId};
 
     fn key(tenant: &str) -> TokenKey {
-        TokenKey::new(Provider::Genesys, TenantId::parse(tenant).unwrap())
+        TokenKey::new(Provider::genesys(), TenantId::parse(tenant).unwrap())
     }
 
     fn token(value: &str) -> CachedToken {

@@ -213,7 +213,7 @@ mod tests {
     use tokengate_core::{ErrorBody, Provider, TenantId};
 
     fn key() -> TokenKey {
-        TokenKey::new(Provider::Whatsapp, TenantId::parse("acme").unwrap())
+        TokenKey::new(Provider::whatsapp(), TenantId::parse("acme").unwrap())
     }
 
     async fn body_of(error: ApiError) -> (StatusCode, ErrorBody) {

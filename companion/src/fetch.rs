@@ -19,6 +19,7 @@
 use axum::http::{HeaderName, HeaderValue, header};
 use std::sync::Arc;
 use std::time::Duration;
+use tokengate_core::providers::ProviderTable;
 use tokengate_core::{
     CalloutResult, Destination, FetchConfig, FetchFlow, FetchedToken, OutboundRequest, SecretBytes,
     Step, TokenError, TokenKey,
@@ -47,7 +48,7 @@ pub struct Fetcher {
     tenant_service_url: RedactedUrl,
     /// `--genesys-login-url-template`.
     login_url_template: String,
-    /// Timeouts, retries, regions: what core's flow needs.
+    /// Timeouts, retries, regions, providers: what core's flow needs.
     config: FetchConfig,
     /// Where calls are counted.
     metrics: Arc<Metrics>,
@@ -123,6 +124,11 @@ impl Fetcher {
         }
     }
 
+    /// The providers it fetches for.
+    pub fn providers(&self) -> &ProviderTable {
+        &self.config.providers
+    }
+
     /// Sends one request of the flow; never fails, a failure is [`CalloutResult::NoResponse`].
     async fn send(&self, request: OutboundRequest) -> CalloutResult {
         let (upstream, url, host) = match &request.destination {
@@ -136,6 +142,7 @@ impl Fetcher {
                 config::login_url(&self.login_url_template, host, region),
                 Some(host.clone()),
             ),
+            Destination::TokenEndpoint { url, .. } => (Upstream::Oauth, url.to_string(), None),
         };
         let started = Instant::now();
         let result = self.exchange(&request, &url, host).await;

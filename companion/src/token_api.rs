@@ -291,7 +291,7 @@ impl TokenApi {
     /// the lock expires at its TTL.
     async fn commit(&self, key: &TokenKey, lease_id: LeaseId, token: &FetchedToken) {
         let commit = CommitRequest {
-            provider: key.provider,
+            provider: key.provider.clone(),
             tenant_id: key.tenant_id.clone(),
             lease_id,
             access_token: token.access_token.clone(),
@@ -310,7 +310,7 @@ impl TokenApi {
     /// Aborts the lease; a failure (Redis) is logged: the lock expires at its TTL.
     async fn abort(&self, key: &TokenKey, lease_id: LeaseId) {
         let abort = AbortRequest {
-            provider: key.provider,
+            provider: key.provider.clone(),
             tenant_id: key.tenant_id.clone(),
             lease_id,
         };
@@ -333,8 +333,8 @@ pub fn router(api: Arc<TokenApi>) -> Router {
 }
 
 async fn post_token(State(api): State<Arc<TokenApi>>, body: Bytes) -> Result<Response, ApiError> {
-    let request =
-        TokenRequest::from_json(&body).map_err(|error| ApiError::InvalidRequest(error.message))?;
+    let request = TokenRequest::from_json(&body, api.fetcher.providers())
+        .map_err(|error| ApiError::InvalidRequest(error.message))?;
     api.token(request).await.map(token_response)
 }
 
@@ -352,8 +352,12 @@ async fn get_token(
             })
             .transpose()
     };
-    let request = TokenRequest::from_headers(text(TENANT_HEADER)?, text(CREDENTIAL_TYPE_HEADER)?)
-        .map_err(|error| ApiError::InvalidRequest(error.message))?;
+    let request = TokenRequest::from_headers(
+        text(TENANT_HEADER)?,
+        text(CREDENTIAL_TYPE_HEADER)?,
+        api.fetcher.providers(),
+    )
+    .map_err(|error| ApiError::InvalidRequest(error.message))?;
     api.token(request).await.map(token_response)
 }
 
@@ -418,7 +422,7 @@ mod tests {
     use tokengate_core::{Provider, TenantId};
 
     fn key(tenant: &str) -> TokenKey {
-        TokenKey::new(Provider::Genesys, TenantId::parse(tenant).unwrap())
+        TokenKey::new(Provider::genesys(), TenantId::parse(tenant).unwrap())
     }
 
     #[test]

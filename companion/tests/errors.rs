@@ -17,10 +17,12 @@ async fn malformed_lease_bodies_answer_invalid_request_json() {
 
     let cases: [(&str, Option<&str>, &str); 5] = [
         ("not json", Some("application/json"), "JSON"),
+        // Any provider name leases (the filter fetches for its own providers), but only
+        // a name.
         (
-            r#"{"provider":"slack","tenantId":"acme"}"#,
+            r#"{"provider":"Slack Bot","tenantId":"acme"}"#,
             Some("application/json"),
-            "slack",
+            "Slack Bot",
         ),
         (
             r#"{"provider":"genesys","tenantId":"a:b"}"#,

@@ -187,7 +187,7 @@ mod tests {
     }
 
     fn acme() -> TokenKey {
-        TokenKey::new(Provider::Genesys, TenantId::parse("acme").unwrap())
+        TokenKey::new(Provider::genesys(), TenantId::parse("acme").unwrap())
     }
 
     #[test]
@@ -226,7 +226,7 @@ mod tests {
         let mut per_second = std::collections::BTreeMap::new();
         for tenant in 0..1_000 {
             let key = TokenKey::new(
-                Provider::Genesys,
+                Provider::genesys(),
                 TenantId::parse(&format!("tenant-{tenant}")).unwrap(),
             );
             let at = refresh_moment(&key, issued_ms, expires_at_ms, 10, 30_000);

@@ -1,9 +1,10 @@
 //! The Tenant Service's credential documents, normalised.
 //!
-//! `GET /tenants/{id}/credentials/{type}` answers a JSON document whose shape varies
-//! between tenants: Genesys credentials come as `{clientId, clientSecret, region}` or
-//! wrapped as `{data: {...}}`; WhatsApp tokens as `systemUserToken`, `accessToken` or
-//! `token`, with an optional `expiresAt`. Secrets are parsed straight into
+//! `GET /tenants/{id}/credentials/{type}` (or the provider's `tenantServicePath`)
+//! answers a JSON document whose shape varies between tenants: client credentials
+//! (Genesys, `oauth2` providers) come as `{clientId, clientSecret, region | tokenUrl}`
+//! or wrapped as `{data: {...}}`; static tokens (WhatsApp, `static` providers) as
+//! `systemUserToken`, `accessToken` or `token`, with an optional `expiresAt`. Secrets are parsed straight into
 //! [`SecretString`]s so no unwiped copy is kept.
 
 use serde::Deserialize;
@@ -23,14 +24,54 @@ pub struct GenesysCredentials {
     pub region: String,
 }
 
-/// Both accepted Genesys shapes: the fields at the top, or inside `data`.
+/// Both accepted shapes of client credentials: the fields at the top, or inside `data`.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct GenesysDocument {
+struct ClientDocument {
     client_id: Option<SecretString>,
     client_secret: Option<SecretString>,
     region: Option<String>,
-    data: Option<Box<GenesysDocument>>,
+    token_url: Option<String>,
+    data: Option<Box<ClientDocument>>,
+}
+
+/// A client id and secret, both present and not empty.
+struct ClientPair {
+    client_id: SecretString,
+    client_secret: SecretString,
+    region: Option<String>,
+    token_url: Option<String>,
+}
+
+impl ClientDocument {
+    /// Reads a Tenant Service answer; `not_found(what)` is the error for a missing part.
+    fn read(body: &[u8], not_found: impl Fn(&str) -> TokenError) -> Result<ClientPair, TokenError> {
+        let document: ClientDocument = serde_json::from_slice(body)
+            .map_err(|_| not_found("credentials (unreadable document)"))?;
+        let document = match document {
+            ClientDocument {
+                client_id: Some(_), ..
+            } => document,
+            ClientDocument {
+                data: Some(inner), ..
+            } => *inner,
+            _ => return Err(not_found("client id")),
+        };
+        let client_id = document
+            .client_id
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| not_found("client id"))?;
+        let client_secret = document
+            .client_secret
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| not_found("client secret"))?;
+        Ok(ClientPair {
+            client_id,
+            client_secret,
+            region: document.region,
+            token_url: document.token_url,
+        })
+    }
 }
 
 impl GenesysCredentials {
@@ -46,29 +87,12 @@ impl GenesysCredentials {
                 format!("no Genesys {what} found for tenant {}", key.tenant_id),
             )
         };
-        let document: GenesysDocument = serde_json::from_slice(body)
-            .map_err(|_| not_found("credentials (unreadable document)"))?;
-        let document = match document {
-            GenesysDocument {
-                client_id: Some(_), ..
-            } => document,
-            GenesysDocument {
-                data: Some(inner), ..
-            } => *inner,
-            _ => return Err(not_found("client id")),
-        };
-        let client_id = document
-            .client_id
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| not_found("client id"))?;
-        let client_secret = document
-            .client_secret
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| not_found("client secret"))?;
-        let region = document
+        let pair = ClientDocument::read(body, not_found)?;
+        let region = pair
             .region
             .or_else(|| default_region.map(str::to_owned))
             .ok_or_else(|| not_found("region"))?;
+        let (client_id, client_secret) = (pair.client_id, pair.client_secret);
         Ok(Self {
             client_id,
             client_secret,
@@ -77,9 +101,40 @@ impl GenesysCredentials {
     }
 }
 
-/// A tenant's WhatsApp system-user token and when it stops being valid.
+/// A tenant's client credentials for an `oauth2` provider.
 #[derive(Debug)]
-pub struct WhatsappCredentials {
+pub struct OAuth2Credentials {
+    /// The OAuth client id (not secret, but still never logged).
+    pub client_id: SecretString,
+    /// The OAuth client secret: wiped when this value is dropped.
+    pub client_secret: SecretString,
+    /// The token endpoint the tenant's record names, if any (used only when the
+    /// provider allows its host).
+    pub token_url: Option<String>,
+}
+
+impl OAuth2Credentials {
+    /// Normalises a Tenant Service answer for provider `provider` (as messages name it).
+    pub fn parse(key: &TokenKey, provider: &str, body: &[u8]) -> Result<Self, TokenError> {
+        let not_found = |what: &str| {
+            TokenError::new(
+                ErrorCode::CredentialsNotFound,
+                format!("no {provider} {what} found for tenant {}", key.tenant_id),
+            )
+        };
+        let pair = ClientDocument::read(body, not_found)?;
+        Ok(Self {
+            client_id: pair.client_id,
+            client_secret: pair.client_secret,
+            token_url: pair.token_url,
+        })
+    }
+}
+
+/// A tenant's static token (WhatsApp's system-user token, a `static` provider's) and
+/// when it stops being valid.
+#[derive(Debug)]
+pub struct StaticCredentials {
     /// The static bearer token.
     pub token: SecretString,
     /// Expiry in milliseconds since the Unix epoch; `None` when the token does not expire.
@@ -103,14 +158,15 @@ enum Expiry {
     Text(String),
 }
 
-impl WhatsappCredentials {
-    /// Normalises a Tenant Service answer: the token is the first present of
-    /// `systemUserToken`, `accessToken`, `token`.
-    pub fn parse(key: &TokenKey, body: &[u8]) -> Result<Self, TokenError> {
+impl StaticCredentials {
+    /// Normalises a Tenant Service answer for provider `provider` (as messages name it,
+    /// e.g. `WhatsApp`): the token is the first present of `systemUserToken`,
+    /// `accessToken`, `token`.
+    pub fn parse(key: &TokenKey, provider: &str, body: &[u8]) -> Result<Self, TokenError> {
         let not_found = |what: &str| {
             TokenError::new(
                 ErrorCode::CredentialsNotFound,
-                format!("no WhatsApp {what} found for tenant {}", key.tenant_id),
+                format!("no {provider} {what} found for tenant {}", key.tenant_id),
             )
         };
         let document: WhatsappDocument = serde_json::from_slice(body)
@@ -133,7 +189,7 @@ impl WhatsappCredentials {
                 TokenError::new(
                     ErrorCode::CredentialsNotFound,
                     format!(
-                        "WhatsApp token of tenant {} has an unreadable expiresAt",
+                        "{provider} token of tenant {} has an unreadable expiresAt",
                         key.tenant_id
                     ),
                 )
@@ -187,7 +243,7 @@ mod tests {
     #[test]
     fn genesys_credentials_are_read_at_the_top_level() {
         let body = br#"{"clientId":"id-1","clientSecret":"s3cret","region":"eu-west-1"}"#;
-        let creds = GenesysCredentials::parse(&key(Provider::Genesys), body, None).unwrap();
+        let creds = GenesysCredentials::parse(&key(Provider::genesys()), body, None).unwrap();
         assert_eq!(
             (creds.client_id.expose(), creds.client_secret.expose()),
             ("id-1", "s3cret")
@@ -198,7 +254,7 @@ mod tests {
     #[test]
     fn genesys_credentials_are_read_inside_data() {
         let body = br#"{"data":{"clientId":"id-2","clientSecret":"s","region":"ap-south-1"}}"#;
-        let creds = GenesysCredentials::parse(&key(Provider::Genesys), body, None).unwrap();
+        let creds = GenesysCredentials::parse(&key(Provider::genesys()), body, None).unwrap();
         assert_eq!(
             (creds.client_id.expose(), creds.region.as_str()),
             ("id-2", "ap-south-1")
@@ -215,7 +271,7 @@ mod tests {
             br#"not json"#,
             br#"null"#,
         ] {
-            let err = GenesysCredentials::parse(&key(Provider::Genesys), body, None).unwrap_err();
+            let err = GenesysCredentials::parse(&key(Provider::genesys()), body, None).unwrap_err();
             assert_eq!(
                 err.code,
                 ErrorCode::CredentialsNotFound,
@@ -229,7 +285,7 @@ mod tests {
     fn a_default_region_fills_a_missing_one() {
         let body = br#"{"clientId":"id","clientSecret":"s"}"#;
         let creds =
-            GenesysCredentials::parse(&key(Provider::Genesys), body, Some("us-west-2")).unwrap();
+            GenesysCredentials::parse(&key(Provider::genesys()), body, Some("us-west-2")).unwrap();
         assert_eq!(creds.region, "us-west-2");
     }
 
@@ -240,28 +296,47 @@ mod tests {
             (br#"{"accessToken":"b","token":"c"}"#, "b"),
             (br#"{"token":"c"}"#, "c"),
         ] {
-            let creds = WhatsappCredentials::parse(&key(Provider::Whatsapp), body).unwrap();
+            let creds =
+                StaticCredentials::parse(&key(Provider::whatsapp()), "WhatsApp", body).unwrap();
             assert_eq!(creds.token.expose(), token);
             assert_eq!(creds.expires_at_ms, None);
         }
-        let err = WhatsappCredentials::parse(&key(Provider::Whatsapp), b"{}").unwrap_err();
+        let err =
+            StaticCredentials::parse(&key(Provider::whatsapp()), "WhatsApp", b"{}").unwrap_err();
         assert_eq!(err.code, ErrorCode::CredentialsNotFound);
     }
 
     #[test]
     fn whatsapp_expiry_is_read_as_rfc3339_or_millis() {
         let body = br#"{"token":"t","expiresAt":"2030-01-01T00:00:00Z"}"#;
-        let creds = WhatsappCredentials::parse(&key(Provider::Whatsapp), body).unwrap();
+        let creds = StaticCredentials::parse(&key(Provider::whatsapp()), "WhatsApp", body).unwrap();
         assert_eq!(creds.expires_at_ms, Some(1_893_456_000_000));
         let body = br#"{"token":"t","expiresAt":1893456000000}"#;
         assert_eq!(
-            WhatsappCredentials::parse(&key(Provider::Whatsapp), body)
+            StaticCredentials::parse(&key(Provider::whatsapp()), "WhatsApp", body)
                 .unwrap()
                 .expires_at_ms,
             Some(1_893_456_000_000)
         );
         let body = br#"{"token":"t","expiresAt":"soon"}"#;
-        assert!(WhatsappCredentials::parse(&key(Provider::Whatsapp), body).is_err());
+        assert!(StaticCredentials::parse(&key(Provider::whatsapp()), "WhatsApp", body).is_err());
+    }
+
+    #[test]
+    fn oauth2_credentials_are_read_with_the_tenants_token_url_if_any() {
+        let crm = TokenKey::new(
+            Provider::parse("crm").unwrap(),
+            TenantId::parse("acme").unwrap(),
+        );
+        let body = br#"{"data":{"clientId":"id-3","clientSecret":"s","tokenUrl":"https://idp.a.example/t"}}"#;
+        let creds = OAuth2Credentials::parse(&crm, "crm", body).unwrap();
+        assert_eq!(
+            (creds.client_id.expose(), creds.token_url.as_deref()),
+            ("id-3", Some("https://idp.a.example/t"))
+        );
+        let err = OAuth2Credentials::parse(&crm, "crm", br#"{"clientId":"id"}"#).unwrap_err();
+        assert_eq!(err.code, ErrorCode::CredentialsNotFound);
+        assert_eq!(err.message, "no crm client secret found for tenant acme");
     }
 
     #[test]
@@ -283,7 +358,7 @@ mod tests {
     #[test]
     fn debug_of_credentials_shows_no_secret() {
         let body = br#"{"clientId":"id-1","clientSecret":"s3cret","region":"eu-west-1"}"#;
-        let creds = GenesysCredentials::parse(&key(Provider::Genesys), body, None).unwrap();
+        let creds = GenesysCredentials::parse(&key(Provider::genesys()), body, None).unwrap();
         let shown = format!("{creds:?}");
         assert!(
             !shown.contains("s3cret") && !shown.contains("id-1"),

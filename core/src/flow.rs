@@ -1,8 +1,10 @@
 //! The fetch of one token as a sans-IO state machine.
 //!
 //! A [`FetchFlow`] knows the whole procedure: ask the Tenant Service for the tenant's
-//! credentials, then (Genesys) exchange them at the region's login host, or (WhatsApp)
-//! read the static token; retry and back off as the original service specified. It
+//! credentials (at the provider's `tenantServicePath`), then exchange them for a token
+//! (Genesys: at the region's login host; `oauth2`: at the provider's token endpoint), or
+//! read the static token (WhatsApp, `static`); retry and back off as the original
+//! service specified. It
 //! never does I/O and never reads a clock. A driver (the Envoy filter, the companion,
 //! a test) runs it:
 //!
@@ -27,14 +29,17 @@
 //!   backs off 1 s x 2^n capped at 8 s, or `Retry-After`; credentials rejected ->
 //!   `OAUTH_INVALID_GRANT` after exactly one call; retries exhausted -> `OAUTH_EXCHANGE_FAILED`.
 
-use crate::credentials::{GenesysCredentials, WhatsappCredentials};
+use crate::credentials::{GenesysCredentials, OAuth2Credentials, StaticCredentials};
 use crate::error::{ErrorCode, TokenError};
 use crate::oauth::{self, ExchangeOutcome};
 use crate::provider::{Provider, TokenKey};
+use crate::providers::{
+    ClientAuth, EndpointUrl, OAuth2Spec, ProviderKind, ProviderSpec, ProviderTable, StaticSpec,
+};
 use crate::regions::{OAUTH_TOKEN_PATH, RegionTable};
 use crate::secret::{SecretBytes, SecretString};
 
-/// How a fetch is done: timeouts, retries, regions, WhatsApp lifetimes.
+/// How a fetch is done: timeouts, retries, regions, WhatsApp lifetimes, providers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchConfig {
     /// Sent to the Tenant Service as `X-Service-Name`.
@@ -58,6 +63,8 @@ pub struct FetchConfig {
     /// The whole fetch (every attempt, timeout and backoff) ends within this long; no
     /// retry starts that could not finish in time. A lock guarding a fetch must outlive it.
     pub deadline_ms: u64,
+    /// The providers by name, and their kinds.
+    pub providers: ProviderTable,
 }
 
 impl Default for FetchConfig {
@@ -73,6 +80,7 @@ impl Default for FetchConfig {
             whatsapp_safety_buffer_secs: 300,
             whatsapp_default_ttl_secs: 3_600,
             deadline_ms: 25_000,
+            providers: ProviderTable::default(),
         }
     }
 }
@@ -104,6 +112,14 @@ pub enum Destination {
         region: String,
         /// The login host, e.g. `login.mypurecloud.ie` (the `:authority` to send).
         host: String,
+    },
+    /// An `oauth2` provider's token endpoint (the request's path is the URL's).
+    TokenEndpoint {
+        /// The provider.
+        provider: Provider,
+        /// The endpoint (its authority selects the filter's cluster; the companion
+        /// calls the URL).
+        url: EndpointUrl,
     },
 }
 
@@ -183,25 +199,33 @@ enum Phase {
     AwaitCredentials {
         attempt: u32,
     },
-    /// Exchange the credentials at the login host once `now >= not_before`.
+    /// Exchange the credentials at the token endpoint once `now >= not_before`.
     Exchange {
-        credentials: GenesysCredentials,
-        host: String,
+        exchange: Exchange,
         attempt: u32,
         not_before: u64,
     },
     AwaitExchange {
-        credentials: GenesysCredentials,
-        host: String,
+        exchange: Exchange,
         attempt: u32,
     },
     Finished(Result<FetchedToken, TokenError>),
+}
+
+/// A client's credentials and where to exchange them.
+struct Exchange {
+    client_id: SecretString,
+    client_secret: SecretString,
+    destination: Destination,
+    path: String,
 }
 
 /// The fetch of one token; see the module documentation for how to drive it.
 pub struct FetchFlow {
     key: TokenKey,
     config: FetchConfig,
+    /// The key's provider; `None` when it is not configured (the flow is then over).
+    spec: Option<ProviderSpec>,
     phase: Phase,
     /// Why the last attempt failed, for the waiting step's reason and the final error.
     last_failure: String,
@@ -228,15 +252,22 @@ impl std::fmt::Debug for FetchFlow {
 }
 
 impl FetchFlow {
-    /// A fetch for `key`, starting with the Tenant Service.
+    /// A fetch for `key`, starting with the Tenant Service (or over at once, with
+    /// `INVALID_REQUEST`, when `key`'s provider is not configured).
     pub fn new(key: TokenKey, config: &FetchConfig) -> Self {
-        Self {
-            key,
-            config: config.clone(),
-            phase: Phase::FetchCredentials {
+        let spec = config.providers.get(&key.provider).cloned();
+        let phase = match config.providers.check(&key.provider) {
+            Ok(()) => Phase::FetchCredentials {
                 attempt: 0,
                 not_before: 0,
             },
+            Err(error) => Phase::Finished(Err(error)),
+        };
+        Self {
+            key,
+            config: config.clone(),
+            spec,
+            phase,
             last_failure: String::new(),
             deadline_at_ms: None,
         }
@@ -278,14 +309,12 @@ impl FetchFlow {
                 Step::Send(self.credentials_request(attempt_budget_ms))
             }
             Phase::Exchange {
-                credentials,
-                host,
+                exchange,
                 attempt,
                 not_before,
             } if now_ms < not_before => {
                 self.phase = Phase::Exchange {
-                    credentials,
-                    host,
+                    exchange,
                     attempt,
                     not_before,
                 };
@@ -295,17 +324,10 @@ impl FetchFlow {
                 }
             }
             Phase::Exchange {
-                credentials,
-                host,
-                attempt,
-                ..
+                exchange, attempt, ..
             } => {
-                let request = self.exchange_request(&credentials, &host, attempt_budget_ms);
-                self.phase = Phase::AwaitExchange {
-                    credentials,
-                    host,
-                    attempt,
-                };
+                let request = self.exchange_request(&exchange, attempt_budget_ms);
+                self.phase = Phase::AwaitExchange { exchange, attempt };
                 Step::Send(request)
             }
             waiting @ (Phase::AwaitCredentials { .. } | Phase::AwaitExchange { .. }) => {
@@ -330,11 +352,9 @@ impl FetchFlow {
             },
         ) {
             Phase::AwaitCredentials { attempt } => self.on_credentials(now_ms, attempt, result),
-            Phase::AwaitExchange {
-                credentials,
-                host,
-                attempt,
-            } => self.on_exchange(now_ms, credentials, host, attempt, result),
+            Phase::AwaitExchange { exchange, attempt } => {
+                self.on_exchange(now_ms, exchange, attempt, result)
+            }
             other => other,
         };
     }
@@ -349,10 +369,9 @@ impl FetchFlow {
         OutboundRequest {
             destination: Destination::TenantService,
             method: "GET",
-            path: format!(
-                "/tenants/{}/credentials/{}",
-                self.key.tenant_id, self.key.provider
-            ),
+            path: self.spec.as_ref().map_or_else(String::new, |spec| {
+                spec.tenant_service_path(self.key.tenant_id.as_str())
+            }),
             headers: vec![
                 (
                     "x-service-name",
@@ -365,30 +384,62 @@ impl FetchFlow {
         }
     }
 
-    fn exchange_request(
-        &self,
-        credentials: &GenesysCredentials,
-        host: &str,
-        budget_ms: u64,
-    ) -> OutboundRequest {
-        OutboundRequest {
-            destination: Destination::GenesysLogin {
-                region: credentials.region.clone(),
-                host: host.to_owned(),
-            },
-            method: "POST",
-            path: OAUTH_TOKEN_PATH.to_owned(),
-            headers: vec![
-                ("authorization", oauth::basic_authorization(credentials)),
-                (
-                    "content-type",
-                    SecretString::from("application/x-www-form-urlencoded"),
-                ),
-                ("accept", SecretString::from("application/json")),
-            ],
-            body: SecretBytes::new(oauth::CLIENT_CREDENTIALS_BODY.to_vec()),
-            timeout_ms: self.config.oauth_timeout_ms.min(budget_ms),
+    fn exchange_request(&self, exchange: &Exchange, budget_ms: u64) -> OutboundRequest {
+        let oauth2 = self.oauth2_spec();
+        let (authorization, body) = match oauth2 {
+            // Genesys: the id and secret as they are, and only the grant type.
+            None => (
+                Some(oauth::basic_authorization(
+                    &exchange.client_id,
+                    &exchange.client_secret,
+                )),
+                SecretBytes::new(oauth::CLIENT_CREDENTIALS_BODY.to_vec()),
+            ),
+            Some(spec) => (
+                (spec.client_auth == ClientAuth::ClientSecretBasic).then(|| {
+                    oauth::form_encoded_basic_authorization(
+                        &exchange.client_id,
+                        &exchange.client_secret,
+                    )
+                }),
+                oauth::client_credentials_form(spec, &exchange.client_id, &exchange.client_secret),
+            ),
+        };
+        let mut headers = Vec::with_capacity(3);
+        if let Some(authorization) = authorization {
+            headers.push(("authorization", authorization));
         }
+        headers.push((
+            "content-type",
+            SecretString::from("application/x-www-form-urlencoded"),
+        ));
+        headers.push(("accept", SecretString::from("application/json")));
+        let timeout_ms = oauth2
+            .and_then(|spec| spec.timeout_ms)
+            .unwrap_or(self.config.oauth_timeout_ms);
+        OutboundRequest {
+            destination: exchange.destination.clone(),
+            method: "POST",
+            path: exchange.path.clone(),
+            headers,
+            body,
+            timeout_ms: timeout_ms.min(budget_ms),
+        }
+    }
+
+    /// The provider's `oauth2` settings, when it is of that kind.
+    fn oauth2_spec(&self) -> Option<&OAuth2Spec> {
+        match self.spec.as_ref().map(|spec| &spec.kind) {
+            Some(ProviderKind::Oauth2(spec)) => Some(spec),
+            _ => None,
+        }
+    }
+
+    /// How messages name the provider (`Genesys`, `WhatsApp`, or its name).
+    fn display_name(&self) -> &str {
+        self.spec
+            .as_ref()
+            .map_or(self.key.provider.as_str(), ProviderSpec::display_name)
     }
 
     fn fail(&self, code: ErrorCode, message: String) -> Phase {
@@ -397,7 +448,7 @@ impl FetchFlow {
 
     fn on_credentials(&mut self, now_ms: u64, attempt: u32, result: CalloutResult) -> Phase {
         let tenant = &self.key.tenant_id;
-        let provider = self.key.provider;
+        let provider = self.key.provider.clone();
         let body = match result {
             CalloutResult::Response {
                 status: 200..=299,
@@ -437,8 +488,10 @@ impl FetchFlow {
                 );
             }
         };
-        match provider {
-            Provider::Genesys => {
+        let display = self.display_name().to_owned();
+        let kind = self.spec.as_ref().map(|spec| spec.kind.clone());
+        match kind {
+            Some(ProviderKind::Genesys) => {
                 let credentials = match GenesysCredentials::parse(
                     &self.key,
                     body.expose(),
@@ -448,19 +501,97 @@ impl FetchFlow {
                     Err(error) => return Phase::Finished(Err(error)),
                 };
                 match self.config.regions.login_host(&credentials.region) {
-                    Ok(host) => Phase::Exchange {
-                        credentials,
-                        host,
-                        attempt: 0,
-                        not_before: now_ms,
-                    },
+                    Ok(host) => self.exchange_at(
+                        now_ms,
+                        credentials.client_id,
+                        credentials.client_secret,
+                        Destination::GenesysLogin {
+                            region: credentials.region,
+                            host,
+                        },
+                        OAUTH_TOKEN_PATH.to_owned(),
+                    ),
                     Err(error) => Phase::Finished(Err(error)),
                 }
             }
-            Provider::Whatsapp => match WhatsappCredentials::parse(&self.key, body.expose()) {
-                Ok(credentials) => Phase::Finished(Ok(self.whatsapp_token(now_ms, credentials))),
-                Err(error) => Phase::Finished(Err(error)),
+            Some(ProviderKind::Oauth2(spec)) => {
+                let credentials = match OAuth2Credentials::parse(&self.key, &display, body.expose())
+                {
+                    Ok(credentials) => credentials,
+                    Err(error) => return Phase::Finished(Err(error)),
+                };
+                match spec.endpoint_for(credentials.token_url.as_deref()) {
+                    Ok(url) => {
+                        let path = url.path.clone();
+                        let destination = Destination::TokenEndpoint {
+                            provider: provider.clone(),
+                            url,
+                        };
+                        self.exchange_at(
+                            now_ms,
+                            credentials.client_id,
+                            credentials.client_secret,
+                            destination,
+                            path,
+                        )
+                    }
+                    Err(problem) => self.fail(
+                        ErrorCode::CredentialsNotFound,
+                        format!(
+                            "no usable {display} token endpoint for tenant {tenant}: {problem}"
+                        ),
+                    ),
+                }
+            }
+            Some(ProviderKind::Whatsapp) => {
+                let lifetimes = StaticSpec {
+                    safety_buffer_secs: self.config.whatsapp_safety_buffer_secs,
+                    default_ttl_secs: self.config.whatsapp_default_ttl_secs,
+                };
+                self.static_token(now_ms, &display, body.expose(), lifetimes)
+            }
+            Some(ProviderKind::Static(lifetimes)) => {
+                self.static_token(now_ms, &display, body.expose(), lifetimes)
+            }
+            None => self.fail(
+                ErrorCode::InvalidRequest,
+                format!("unsupported provider type '{provider}'"),
+            ),
+        }
+    }
+
+    /// The exchange of `client_id` and `client_secret` at `destination`'s `path`.
+    fn exchange_at(
+        &self,
+        now_ms: u64,
+        client_id: SecretString,
+        client_secret: SecretString,
+        destination: Destination,
+        path: String,
+    ) -> Phase {
+        Phase::Exchange {
+            exchange: Exchange {
+                client_id,
+                client_secret,
+                destination,
+                path,
             },
+            attempt: 0,
+            not_before: now_ms,
+        }
+    }
+
+    /// A static token (WhatsApp's, a `static` provider's) from the Tenant Service's answer.
+    fn static_token(
+        &self,
+        now_ms: u64,
+        display: &str,
+        body: &[u8],
+        lifetimes: StaticSpec,
+    ) -> Phase {
+        match StaticCredentials::parse(&self.key, display, body) {
+            Ok(credentials) => Phase::Finished(Ok(static_token_of(now_ms, credentials, lifetimes))),
+            Err(error) => Phase::Finished(Err(error)),
         }
     }
 
@@ -486,44 +617,24 @@ impl FetchFlow {
         }
     }
 
-    fn whatsapp_token(&self, now_ms: u64, credentials: WhatsappCredentials) -> FetchedToken {
-        let expires_in_secs = match credentials.expires_at_ms {
-            Some(at_ms) => {
-                let remaining_ms = i128::from(at_ms) - i128::from(now_ms);
-                let remaining_secs =
-                    i64::try_from(remaining_ms.div_euclid(1000)).unwrap_or(i64::MAX);
-                remaining_secs.saturating_sub_unsigned(self.config.whatsapp_safety_buffer_secs)
-            }
-            None => i64::try_from(self.config.whatsapp_default_ttl_secs).unwrap_or(i64::MAX),
-        };
-        let cacheable = expires_in_secs > 0;
-        let expires_at_ms = if cacheable {
-            now_ms.saturating_add(expires_in_secs.unsigned_abs().saturating_mul(1000))
-        } else {
-            credentials.expires_at_ms.unwrap_or(now_ms)
-        };
-        FetchedToken {
-            access_token: credentials.token,
-            expires_in_secs,
-            expires_at_ms,
-            cacheable,
-        }
-    }
-
     fn on_exchange(
         &mut self,
         now_ms: u64,
-        credentials: GenesysCredentials,
-        host: String,
+        exchange: Exchange,
         attempt: u32,
         result: CalloutResult,
     ) -> Phase {
+        let oauth2 = self.oauth2_spec();
+        let default_expires_in_secs = oauth2.and_then(|spec| spec.default_expires_in_secs);
+        let retries = oauth2
+            .and_then(|spec| spec.retries)
+            .unwrap_or(self.config.oauth_retries);
         let outcome = match result {
             CalloutResult::Response {
                 status,
                 body,
                 retry_after_secs,
-            } => oauth::classify_response(status, &body, retry_after_secs),
+            } => oauth::classify_response(status, &body, retry_after_secs, default_expires_in_secs),
             CalloutResult::NoResponse => ExchangeOutcome::Transient {
                 reason: "login did not answer".to_owned(),
             },
@@ -545,7 +656,8 @@ impl FetchFlow {
                 return self.fail(
                     ErrorCode::OauthInvalidGrant,
                     format!(
-                        "Genesys rejected the OAuth credentials of tenant {tenant}: {description}"
+                        "{} rejected the OAuth credentials of tenant {tenant}: {description}",
+                        self.display_name()
                     ),
                 );
             }
@@ -568,10 +680,9 @@ impl FetchFlow {
             }
         };
         let not_before = now_ms.saturating_add(delay_ms);
-        if attempt < self.config.oauth_retries && self.retry_fits(not_before) {
+        if attempt < retries && self.retry_fits(not_before) {
             Phase::Exchange {
-                credentials,
-                host,
+                exchange,
                 attempt: attempt + 1,
                 not_before,
             }
@@ -581,7 +692,7 @@ impl FetchFlow {
                 format!(
                     "failed to exchange OAuth credentials for tenant {tenant} after {} attempts{}: {}",
                     attempt + 1,
-                    self.deadline_note(attempt, self.config.oauth_retries),
+                    self.deadline_note(attempt, retries),
                     self.last_failure
                 ),
             )
@@ -598,5 +709,34 @@ impl FetchFlow {
         } else {
             String::new()
         }
+    }
+}
+
+/// The token of a static credential, its lifetime per `lifetimes` (a token with none
+/// left is served once, not cached).
+fn static_token_of(
+    now_ms: u64,
+    credentials: StaticCredentials,
+    lifetimes: StaticSpec,
+) -> FetchedToken {
+    let expires_in_secs = match credentials.expires_at_ms {
+        Some(at_ms) => {
+            let remaining_ms = i128::from(at_ms) - i128::from(now_ms);
+            let remaining_secs = i64::try_from(remaining_ms.div_euclid(1000)).unwrap_or(i64::MAX);
+            remaining_secs.saturating_sub_unsigned(lifetimes.safety_buffer_secs)
+        }
+        None => i64::try_from(lifetimes.default_ttl_secs).unwrap_or(i64::MAX),
+    };
+    let cacheable = expires_in_secs > 0;
+    let expires_at_ms = if cacheable {
+        now_ms.saturating_add(expires_in_secs.unsigned_abs().saturating_mul(1000))
+    } else {
+        credentials.expires_at_ms.unwrap_or(now_ms)
+    };
+    FetchedToken {
+        access_token: credentials.token,
+        expires_in_secs,
+        expires_at_ms,
+        cacheable,
     }
 }

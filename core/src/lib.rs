@@ -4,7 +4,9 @@
 //! the current time and the responses they received, and it tells them what to do next
 //! (see [`flow`] for the contract).
 //!
-//! - [`provider`]: providers, validated tenant ids, token keys.
+//! - [`provider`]: provider names, validated tenant ids, token keys.
+//! - [`providers`]: the configured providers and their kinds (`genesys`, `whatsapp`,
+//!   `oauth2`, `static`).
 //! - [`regions`]: the Genesys region table and operator overrides.
 //! - [`credentials`]: the Tenant Service's credential documents, normalised.
 //! - [`oauth`]: the client-credentials request and how to read its answers.
@@ -24,6 +26,7 @@ pub mod lease;
 pub mod limit;
 pub mod oauth;
 pub mod provider;
+pub mod providers;
 pub mod regions;
 pub mod secret;
 pub mod token_api;

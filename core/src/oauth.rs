@@ -1,16 +1,22 @@
-//! The Genesys client-credentials exchange: the request to send and how to read the answer.
+//! The client-credentials exchange (RFC 6749 section 4.4): the request to send and how
+//! to read the answer.
 //!
-//! Request: `POST /oauth/token` on the region's login host, `Authorization: Basic
+//! Genesys: `POST /oauth/token` on the region's login host, `Authorization: Basic
 //! base64(clientId:clientSecret)`, form body `grant_type=client_credentials`.
-//! Answers are classified the way Genesys actually behaves (FACTS §4): a bad secret is
-//! `400 invalid_client` (some deployments `401`), rate limiting is `400 invalid_request`
-//! with "rate limit exceeded" (or a plain `429`), and a `200` must carry a usable token.
+//! An `oauth2` provider: `POST` to its token endpoint, the id and secret form-encoded
+//! before Base64 (`client_secret_basic`, RFC 6749 section 2.3.1) or in the body
+//! (`client_secret_post`), with its `scope`, `audience`, `resource` and extra parameters.
+//!
+//! Answers are classified per RFC 6749 section 5.2 and the way Genesys actually behaves
+//! (FACTS §4): `invalid_client` / `unauthorized_client` / `invalid_grant` (or a `401`)
+//! reject the credentials, rate limiting is a `429` or Genesys' `400 invalid_request`
+//! with "rate limit exceeded", and a `200` must carry a usable Bearer token.
 
 use base64::Engine as _;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::credentials::GenesysCredentials;
+use crate::providers::{ClientAuth, OAuth2Spec};
 use crate::secret::{SecretBytes, SecretString};
 
 /// The form body of a client-credentials grant.
@@ -19,18 +25,74 @@ pub const CLIENT_CREDENTIALS_BODY: &[u8] = b"grant_type=client_credentials";
 /// Longest token lifetime accepted; Genesys allows at most 48 hours.
 pub const MAX_EXPIRES_IN_SECS: u64 = 48 * 3600;
 
-/// The `Authorization` header value `Basic base64(clientId:clientSecret)`, built and
-/// kept only in wiped buffers.
-pub fn basic_authorization(credentials: &GenesysCredentials) -> SecretString {
-    let mut pair = Zeroizing::new(String::with_capacity(
-        credentials.client_id.expose().len() + credentials.client_secret.expose().len() + 1,
-    ));
-    pair.push_str(credentials.client_id.expose());
+/// The `Authorization` header value `Basic base64(clientId:clientSecret)` as Genesys
+/// takes it, built and kept only in wiped buffers.
+pub fn basic_authorization(client_id: &SecretString, client_secret: &SecretString) -> SecretString {
+    basic_of(client_id.expose(), client_secret.expose())
+}
+
+/// RFC 6749 section 2.3.1's `client_secret_basic`: id and secret each form-encoded,
+/// then `Basic base64(id:secret)`.
+pub fn form_encoded_basic_authorization(
+    client_id: &SecretString,
+    client_secret: &SecretString,
+) -> SecretString {
+    let mut id = Zeroizing::new(String::new());
+    let mut secret = Zeroizing::new(String::new());
+    push_form_encoded(&mut id, client_id.expose());
+    push_form_encoded(&mut secret, client_secret.expose());
+    basic_of(&id, &secret)
+}
+
+fn basic_of(id: &str, secret: &str) -> SecretString {
+    let mut pair = Zeroizing::new(String::with_capacity(id.len() + secret.len() + 1));
+    pair.push_str(id);
     pair.push(':');
-    pair.push_str(credentials.client_secret.expose());
+    pair.push_str(secret);
     let mut header = String::from("Basic ");
     base64::engine::general_purpose::STANDARD.encode_string(pair.as_bytes(), &mut header);
     SecretString::new(header)
+}
+
+/// Appends `value` form-encoded (`application/x-www-form-urlencoded`) to `out`.
+fn push_form_encoded(out: &mut String, value: &str) {
+    for piece in form_urlencoded::byte_serialize(value.as_bytes()) {
+        out.push_str(piece);
+    }
+}
+
+/// The form body of an `oauth2` provider's client-credentials request: `grant_type`,
+/// the id and secret with `client_secret_post`, then `scope`, `audience`, `resource`
+/// and the extra parameters. Built in a wiped buffer.
+pub fn client_credentials_form(
+    spec: &OAuth2Spec,
+    client_id: &SecretString,
+    client_secret: &SecretString,
+) -> SecretBytes {
+    let mut body = Zeroizing::new(String::from("grant_type=client_credentials"));
+    let mut field = |name: &str, value: &str| {
+        body.push('&');
+        push_form_encoded(&mut body, name);
+        body.push('=');
+        push_form_encoded(&mut body, value);
+    };
+    if spec.client_auth == ClientAuth::ClientSecretPost {
+        field("client_id", client_id.expose());
+        field("client_secret", client_secret.expose());
+    }
+    for (name, value) in [
+        ("scope", &spec.scope),
+        ("audience", &spec.audience),
+        ("resource", &spec.resource),
+    ] {
+        if let Some(value) = value {
+            field(name, value);
+        }
+    }
+    for (name, value) in &spec.extra_params {
+        field(name, value);
+    }
+    SecretBytes::new(body.as_bytes().to_vec())
 }
 
 /// What an answer of the token endpoint means for the fetch.
@@ -68,6 +130,7 @@ pub enum ExchangeOutcome {
 #[derive(Deserialize)]
 struct TokenDocument {
     access_token: Option<SecretString>,
+    token_type: Option<String>,
     expires_in: Option<serde_json::Number>,
 }
 
@@ -81,14 +144,17 @@ struct ErrorDocument {
     error_description: String,
 }
 
-/// Classifies one answer of the token endpoint.
+/// Classifies one answer of the token endpoint. `default_expires_in_secs` is the
+/// lifetime of a token answered without `expires_in` (RFC 6749 makes it optional);
+/// without one, such an answer is unusable.
 pub fn classify_response(
     status: u16,
     body: &SecretBytes,
     retry_after_secs: Option<u64>,
+    default_expires_in_secs: Option<u64>,
 ) -> ExchangeOutcome {
     match status {
-        200 => read_token(body.expose()),
+        200 => read_token(body.expose(), default_expires_in_secs),
         429 => ExchangeOutcome::RateLimited {
             retry_after_ms: retry_after_secs.map(|s| s.saturating_mul(1000)),
         },
@@ -109,7 +175,7 @@ pub fn classify_response(
             } else if status == 401
                 || matches!(
                     error.error.as_str(),
-                    "invalid_client" | "unauthorized_client"
+                    "invalid_client" | "unauthorized_client" | "invalid_grant"
                 )
             {
                 ExchangeOutcome::CredentialsRejected {
@@ -133,7 +199,7 @@ pub fn classify_response(
     }
 }
 
-fn read_token(body: &[u8]) -> ExchangeOutcome {
+fn read_token(body: &[u8], default_expires_in_secs: Option<u64>) -> ExchangeOutcome {
     let transient = |reason: &str| ExchangeOutcome::Transient {
         reason: reason.to_owned(),
     };
@@ -143,6 +209,26 @@ fn read_token(body: &[u8]) -> ExchangeOutcome {
     let Some(access_token) = document.access_token.filter(|t| !t.is_empty()) else {
         return transient("login answered 200 without access_token");
     };
+    // A token of another type (`mac`, `DPoP`, ...) cannot be sent as `Bearer`.
+    if let Some(token_type) = document
+        .token_type
+        .filter(|token_type| !token_type.eq_ignore_ascii_case("bearer"))
+    {
+        return ExchangeOutcome::Fatal {
+            reason: format!(
+                "login answered token_type '{}', not Bearer",
+                crate::provider::printable(&token_type)
+            ),
+        };
+    }
+    if document.expires_in.is_none() {
+        if let Some(secs) = default_expires_in_secs {
+            return ExchangeOutcome::Token {
+                access_token,
+                expires_in_secs: secs.min(MAX_EXPIRES_IN_SECS),
+            };
+        }
+    }
     let expires_in = document.expires_in.and_then(|n| n.as_f64());
     match expires_in {
         Some(secs) if secs >= 1.0 && secs.is_finite() => ExchangeOutcome::Token {
@@ -159,21 +245,102 @@ fn read_token(body: &[u8]) -> ExchangeOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn classify(status: u16, body: &str) -> ExchangeOutcome {
-        classify_response(status, &SecretBytes::new(body.as_bytes().to_vec()), None)
+        classify_response(
+            status,
+            &SecretBytes::new(body.as_bytes().to_vec()),
+            None,
+            None,
+        )
+    }
+
+    fn secret(text: &str) -> SecretString {
+        SecretString::from(text)
     }
 
     #[test]
     fn basic_authorization_encodes_id_colon_secret() {
-        let creds = GenesysCredentials {
-            client_id: SecretString::from("id"),
-            client_secret: SecretString::from("secret"),
-            region: "eu-west-1".into(),
+        let header = basic_authorization(&secret("id"), &secret("secret"));
+        assert_eq!(header.expose(), "Basic aWQ6c2VjcmV0");
+    }
+
+    #[test]
+    fn client_secret_basic_form_encodes_id_and_secret_before_base64() {
+        // RFC 6749 section 2.3.1: "a b:c" -> "a+b%3Ac", "s&=/" -> "s%26%3D%2F".
+        let header = form_encoded_basic_authorization(&secret("a b:c"), &secret("s&=/"));
+        let encoded = header.expose().strip_prefix("Basic ").unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        assert_eq!(decoded, b"a+b%3Ac:s%26%3D%2F");
+    }
+
+    #[test]
+    fn the_form_carries_post_credentials_scope_audience_resource_and_extras_encoded() {
+        let spec = OAuth2Spec {
+            token_url: None,
+            allowed_token_hosts: vec!["idp.example".into()],
+            client_auth: ClientAuth::ClientSecretPost,
+            scope: Some("crm.read crm.write".into()),
+            audience: Some("https://api.example/".into()),
+            resource: None,
+            extra_params: [("tenant".to_owned(), "eu&1".to_owned())].into(),
+            default_expires_in_secs: None,
+            timeout_ms: None,
+            retries: None,
         };
-        assert_eq!(basic_authorization(&creds).expose(), "Basic aWQ6c2VjcmV0");
+        let body = client_credentials_form(&spec, &secret("id 1"), &secret("p+w"));
+        assert_eq!(
+            std::str::from_utf8(body.expose()).unwrap(),
+            "grant_type=client_credentials&client_id=id+1&client_secret=p%2Bw\
+             &scope=crm.read+crm.write&audience=https%3A%2F%2Fapi.example%2F&tenant=eu%261"
+        );
+        let basic = OAuth2Spec {
+            client_auth: ClientAuth::ClientSecretBasic,
+            scope: None,
+            audience: None,
+            extra_params: BTreeMap::new(),
+            ..spec
+        };
+        let body = client_credentials_form(&basic, &secret("id"), &secret("pw"));
+        assert_eq!(body.expose(), b"grant_type=client_credentials");
+    }
+
+    #[test]
+    fn token_type_is_compared_without_case_and_must_be_bearer() {
+        for token_type in ["bearer", "Bearer", "BEARER"] {
+            let body =
+                format!(r#"{{"access_token":"t","token_type":"{token_type}","expires_in":60}}"#);
+            assert!(
+                matches!(classify(200, &body), ExchangeOutcome::Token { .. }),
+                "{token_type}"
+            );
+        }
+        let mac = classify(
+            200,
+            r#"{"access_token":"t","token_type":"mac","expires_in":60}"#,
+        );
+        assert!(matches!(mac, ExchangeOutcome::Fatal { .. }), "{mac:?}");
+    }
+
+    #[test]
+    fn a_missing_expires_in_takes_the_providers_default_lifetime_when_it_has_one() {
+        let body = SecretBytes::new(br#"{"access_token":"t","token_type":"Bearer"}"#.to_vec());
+        assert_eq!(
+            classify_response(200, &body, None, Some(600)),
+            ExchangeOutcome::Token {
+                access_token: SecretString::from("t"),
+                expires_in_secs: 600
+            }
+        );
+        assert!(matches!(
+            classify_response(200, &body, None, None),
+            ExchangeOutcome::Transient { .. }
+        ));
     }
 
     #[test]
@@ -231,10 +398,13 @@ mod tests {
                 description: "client not found".into()
             }
         );
-        assert!(matches!(
-            classify(400, r#"{"error":"unauthorized_client"}"#),
-            ExchangeOutcome::CredentialsRejected { .. }
-        ));
+        for error in ["unauthorized_client", "invalid_grant"] {
+            let body = format!(r#"{{"error":"{error}"}}"#);
+            assert!(matches!(
+                classify(400, &body),
+                ExchangeOutcome::CredentialsRejected { .. }
+            ));
+        }
         assert!(matches!(
             classify(401, ""),
             ExchangeOutcome::CredentialsRejected { .. }
@@ -250,7 +420,7 @@ mod tests {
                 retry_after_ms: None
             }
         );
-        let with_header = classify_response(429, &SecretBytes::new(Vec::new()), Some(3));
+        let with_header = classify_response(429, &SecretBytes::new(Vec::new()), Some(3), None);
         assert_eq!(
             with_header,
             ExchangeOutcome::RateLimited {
@@ -265,10 +435,13 @@ mod tests {
             classify(503, ""),
             ExchangeOutcome::Transient { .. }
         ));
-        assert!(matches!(
-            classify(400, r#"{"error":"unsupported_grant_type"}"#),
-            ExchangeOutcome::Fatal { .. }
-        ));
+        for error in ["unsupported_grant_type", "invalid_scope", "invalid_request"] {
+            let body = format!(r#"{{"error":"{error}"}}"#);
+            assert!(matches!(
+                classify(400, &body),
+                ExchangeOutcome::Fatal { .. }
+            ));
+        }
         assert!(matches!(classify(404, ""), ExchangeOutcome::Fatal { .. }));
     }
 }

@@ -5,44 +5,68 @@ use std::fmt;
 
 use crate::error::{ErrorCode, TokenError};
 
-/// A provider whose tokens tokengate obtains on a tenant's behalf.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Provider {
-    /// Genesys Cloud: client-credentials OAuth exchange against the region's login host.
-    Genesys,
-    /// WhatsApp Business: a static system-user token held by the Tenant Service.
-    Whatsapp,
-}
+/// Longest provider name accepted.
+pub const MAX_PROVIDER_NAME_LEN: usize = 32;
+
+/// The name of a provider whose tokens tokengate obtains on a tenant's behalf: 1 to
+/// [`MAX_PROVIDER_NAME_LEN`] characters of `[a-z0-9_-]`, used in stats, cache keys, the
+/// Tenant Service path and the token API's `type`. `genesys` and `whatsapp` are always
+/// configured; others are named in the configuration (see [`crate::providers`]), which
+/// also says what kind each is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Provider(String);
 
 impl Provider {
-    /// The name used in URLs, cache keys and JSON (`genesys`, `whatsapp`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Provider::Genesys => "genesys",
-            Provider::Whatsapp => "whatsapp",
-        }
+    /// Genesys Cloud: client-credentials OAuth exchange against the region's login host.
+    pub fn genesys() -> Self {
+        Provider(GENESYS.to_owned())
     }
 
-    /// Parses a provider name, rejecting anything but the known ones with `INVALID_REQUEST`.
+    /// WhatsApp Business: a static system-user token held by the Tenant Service.
+    pub fn whatsapp() -> Self {
+        Provider(WHATSAPP.to_owned())
+    }
+
+    /// The name used in URLs, cache keys and JSON.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Parses a provider name, rejecting one that cannot be a name with
+    /// `INVALID_REQUEST`. Whether it is configured is [`crate::providers::ProviderTable`]'s
+    /// to say.
     pub fn parse(name: &str) -> Result<Self, TokenError> {
-        match name {
-            "genesys" => Ok(Provider::Genesys),
-            "whatsapp" => Ok(Provider::Whatsapp),
-            _ => Err(TokenError::new(
+        let valid_char =
+            |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-');
+        if name.is_empty() || name.len() > MAX_PROVIDER_NAME_LEN || !name.chars().all(valid_char) {
+            return Err(TokenError::new(
                 ErrorCode::InvalidRequest,
                 format!(
-                    "unsupported provider type '{}': must be 'genesys' or 'whatsapp'",
+                    "unsupported provider type '{}': a provider name is 1 to {MAX_PROVIDER_NAME_LEN} characters of a-z, 0-9, '_' and '-'",
                     printable(name)
                 ),
-            )),
+            ));
         }
+        Ok(Provider(name.to_owned()))
+    }
+}
+
+/// The built-in Genesys provider's name.
+pub const GENESYS: &str = "genesys";
+/// The built-in WhatsApp provider's name.
+pub const WHATSAPP: &str = "whatsapp";
+
+impl<'de> Deserialize<'de> for Provider {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(deserializer)?;
+        Provider::parse(&raw).map_err(|e| serde::de::Error::custom(e.message))
     }
 }
 
 impl fmt::Display for Provider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(&self.0)
     }
 }
 
@@ -182,10 +206,20 @@ mod tests {
     }
 
     #[test]
-    fn unknown_provider_is_an_invalid_request_naming_the_valid_ones() {
-        let err = Provider::parse("slack").unwrap_err();
-        assert_eq!(err.code, ErrorCode::InvalidRequest);
-        assert!(err.message.contains("'genesys' or 'whatsapp'"));
-        assert_eq!(Provider::parse("whatsapp"), Ok(Provider::Whatsapp));
+    fn provider_names_of_the_safe_charset_are_accepted_and_others_refused() {
+        assert_eq!(Provider::parse("whatsapp"), Ok(Provider::whatsapp()));
+        assert_eq!(
+            Provider::parse("crm_2-eu").map(|p| p.0),
+            Ok("crm_2-eu".to_owned())
+        );
+        let long = "x".repeat(MAX_PROVIDER_NAME_LEN + 1);
+        for name in ["", "CRM", "a:b", "a b", "a/b", "é", &long] {
+            let err = Provider::parse(name).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidRequest, "{name:?}");
+            assert!(
+                err.message.starts_with("unsupported provider type"),
+                "{name:?}"
+            );
+        }
     }
 }

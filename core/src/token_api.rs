@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::credentials::{format_rfc3339_ms, parse_rfc3339_ms};
 use crate::error::{ErrorCode, TokenError};
 use crate::flow::FetchedToken;
-use crate::provider::{Provider, TenantId, TokenKey};
+use crate::provider::{TenantId, TokenKey};
+use crate::providers::ProviderTable;
 use crate::secret::SecretString;
 
 /// Path of the token API, for `POST` and the legacy `GET`.
@@ -41,8 +42,9 @@ pub struct TokenRequest {
 }
 
 impl TokenRequest {
-    /// Reads a `POST /auth/token` body: `{"tenantId","type","forceRefresh"}`.
-    pub fn from_json(body: &[u8]) -> Result<Self, TokenError> {
+    /// Reads a `POST /auth/token` body: `{"tenantId","type","forceRefresh"}`, whose
+    /// `type` must be one of `providers`.
+    pub fn from_json(body: &[u8], providers: &ProviderTable) -> Result<Self, TokenError> {
         // serde would also take the fields in order from an array.
         if body.trim_ascii_start().first() != Some(&b'{') {
             return Err(TokenError::new(
@@ -63,20 +65,22 @@ impl TokenRequest {
             .provider
             .ok_or_else(|| TokenError::new(ErrorCode::InvalidRequest, "type is required"))?;
         Ok(Self {
-            key: TokenKey::new(Provider::parse(&provider)?, TenantId::parse(&tenant_id)?),
+            key: TokenKey::new(providers.resolve(&provider)?, TenantId::parse(&tenant_id)?),
             force_refresh: body.force_refresh,
             min_expires_at_ms: body.min_expires_at_ms,
         })
     }
 
     /// Reads a legacy `GET /auth/token`: the tenant from its header, the type from
-    /// `X-Credential-Type` (Genesys when absent, as the original service did).
+    /// `X-Credential-Type` (Genesys when absent, as the original service did), one of
+    /// `providers`.
     pub fn from_headers(
         tenant: Option<&str>,
         credential_type: Option<&str>,
+        providers: &ProviderTable,
     ) -> Result<Self, TokenError> {
         let tenant_id = TenantId::parse(tenant.unwrap_or_default())?;
-        let provider = Provider::parse(credential_type.unwrap_or("genesys"))?;
+        let provider = providers.resolve(credential_type.unwrap_or(crate::provider::GENESYS))?;
         Ok(Self {
             key: TokenKey::new(provider, tenant_id),
             force_refresh: false,
@@ -155,6 +159,7 @@ impl TokenResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::Provider;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -162,12 +167,17 @@ mod tests {
     fn a_post_body_is_read_with_its_force_refresh_flag() {
         let request = TokenRequest::from_json(
             br#"{"tenantId":"acme","type":"whatsapp","forceRefresh":true}"#,
+            &ProviderTable::default(),
         )
         .unwrap();
-        assert_eq!(request.key.provider, Provider::Whatsapp);
+        assert_eq!(request.key.provider, Provider::whatsapp());
         assert_eq!(request.key.tenant_id.as_str(), "acme");
         assert!(request.force_refresh);
-        let request = TokenRequest::from_json(br#"{"tenantId":"acme","type":"genesys"}"#).unwrap();
+        let request = TokenRequest::from_json(
+            br#"{"tenantId":"acme","type":"genesys"}"#,
+            &ProviderTable::default(),
+        )
+        .unwrap();
         assert!(!request.force_refresh);
     }
 
@@ -183,7 +193,7 @@ mod tests {
             br#"["acme","genesys"]"#,
             b"",
         ] {
-            let error = TokenRequest::from_json(body).unwrap_err();
+            let error = TokenRequest::from_json(body, &ProviderTable::default()).unwrap_err();
             assert_eq!(
                 error.code,
                 ErrorCode::InvalidRequest,
@@ -195,16 +205,19 @@ mod tests {
 
     #[test]
     fn the_legacy_get_defaults_to_genesys() {
-        let request = TokenRequest::from_headers(Some("acme"), None).unwrap();
-        assert_eq!(request.key.provider, Provider::Genesys);
+        let request =
+            TokenRequest::from_headers(Some("acme"), None, &ProviderTable::default()).unwrap();
+        assert_eq!(request.key.provider, Provider::genesys());
         assert_eq!(
-            TokenRequest::from_headers(Some("acme"), Some("fax"))
+            TokenRequest::from_headers(Some("acme"), Some("fax"), &ProviderTable::default())
                 .unwrap_err()
                 .code,
             ErrorCode::InvalidRequest
         );
         assert_eq!(
-            TokenRequest::from_headers(None, None).unwrap_err().code,
+            TokenRequest::from_headers(None, None, &ProviderTable::default())
+                .unwrap_err()
+                .code,
             ErrorCode::InvalidRequest
         );
     }

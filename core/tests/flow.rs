@@ -1,11 +1,12 @@
 //! The seed's acceptance bullets for credential fetching and the OAuth exchange, run
 //! against the sans-IO flow with a fake clock and scripted answers.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
+use tokengate_core::providers::{ProviderDocument, ProviderTable};
 use tokengate_core::{
     CalloutResult, Destination, ErrorCode, FetchConfig, FetchFlow, FetchedToken, Provider,
     SecretBytes, Step, TenantId, TokenError, TokenKey,
@@ -16,8 +17,8 @@ const GENESYS_CREDENTIALS: &str =
     r#"{"clientId":"acme-client","clientSecret":"acme-secret","region":"ap-south-1"}"#;
 const TOKEN: &str = r#"{"access_token":"tok-1","token_type":"bearer","expires_in":86399}"#;
 
-/// A request the flow sent: destination, path and headers.
-type SentRequest = (Destination, String, Vec<(String, String)>);
+/// A request the flow sent: destination, path, headers and body.
+type SentRequest = (Destination, String, Vec<(String, String)>, String);
 
 /// Drives a flow to its end: answers each request with the next scripted result for its
 /// destination, jumps the clock over every wait, and records what happened.
@@ -76,6 +77,7 @@ impl Driver {
                         request.destination.clone(),
                         request.path.clone(),
                         headers,
+                        String::from_utf8_lossy(request.body.expose()).into_owned(),
                     ));
                     let result = match request.destination {
                         Destination::TenantService => {
@@ -83,7 +85,7 @@ impl Driver {
                             self.sent_at.push(("tenant", self.now_ms));
                             self.tenant_service.pop_front()
                         }
-                        Destination::GenesysLogin { .. } => {
+                        Destination::GenesysLogin { .. } | Destination::TokenEndpoint { .. } => {
                             self.login_calls += 1;
                             self.sent_at.push(("login", self.now_ms));
                             self.login.pop_front()
@@ -120,7 +122,7 @@ fn genesys(
     login: Vec<CalloutResult>,
 ) -> (Driver, Result<FetchedToken, TokenError>) {
     let mut driver = Driver::new(tenant_service, login);
-    let result = driver.run(Provider::Genesys, &FetchConfig::default());
+    let result = driver.run(Provider::genesys(), &FetchConfig::default());
     (driver, result)
 }
 
@@ -134,11 +136,11 @@ fn cache_miss_fetches_credentials_then_exchanges_them() {
     assert!(token.cacheable);
     assert_eq!((driver.tenant_service_calls, driver.login_calls), (1, 1));
 
-    let (destination, path, headers) = &driver.requests[0];
+    let (destination, path, headers, _) = &driver.requests[0];
     assert_eq!(*destination, Destination::TenantService);
     assert_eq!(path, "/tenants/acme/credentials/genesys");
     assert!(headers.contains(&("x-service-name".into(), "tokengate".into())));
-    let (destination, path, headers) = &driver.requests[1];
+    let (destination, path, headers, _) = &driver.requests[1];
     assert_eq!(
         *destination,
         Destination::GenesysLogin {
@@ -293,7 +295,7 @@ fn garbage_200_is_retried_never_returned_as_a_token() {
 fn whatsapp_token_without_expiry_gets_the_default_ttl() {
     let mut driver = Driver::new(vec![ok(r#"{"systemUserToken":"wa-1"}"#)], vec![]);
     let token = driver
-        .run(Provider::Whatsapp, &FetchConfig::default())
+        .run(Provider::whatsapp(), &FetchConfig::default())
         .unwrap();
     assert_eq!(token.access_token.expose(), "wa-1");
     assert_eq!(token.expires_in_secs, 3600);
@@ -310,7 +312,7 @@ fn whatsapp_ttl_is_time_to_expiry_minus_the_safety_buffer() {
         whatsapp_safety_buffer_secs: 100,
         ..FetchConfig::default()
     };
-    let token = driver.run(Provider::Whatsapp, &config).unwrap();
+    let token = driver.run(Provider::whatsapp(), &config).unwrap();
     assert_eq!(token.expires_in_secs, 900);
     assert_eq!(token.expires_at_ms, START_MS + 900_000);
     assert!(token.cacheable);
@@ -322,7 +324,7 @@ fn whatsapp_token_inside_the_buffer_is_served_but_not_cacheable() {
     let body = format!(r#"{{"token":"wa-3","expiresAt":"{expires_at}"}}"#);
     let mut driver = Driver::new(vec![ok(&body)], vec![]);
     let token = driver
-        .run(Provider::Whatsapp, &FetchConfig::default())
+        .run(Provider::whatsapp(), &FetchConfig::default())
         .unwrap();
     assert_eq!(token.access_token.expose(), "wa-3");
     assert_eq!(token.expires_in_secs, 60 - 300);
@@ -340,7 +342,7 @@ fn no_retry_starts_that_the_fetch_deadline_cannot_hold() {
         vec![ok(GENESYS_CREDENTIALS)],
         vec![CalloutResult::NoResponse, ok(TOKEN)],
     );
-    let error = driver.run(Provider::Genesys, &config).unwrap_err();
+    let error = driver.run(Provider::genesys(), &config).unwrap_err();
     assert_eq!(error.code, ErrorCode::OauthExchangeFailed);
     assert!(error.message.contains("deadline"), "{}", error.message);
     assert_eq!(
@@ -356,7 +358,7 @@ fn attempt_timeouts_are_cut_to_what_is_left_of_the_deadline() {
         ..FetchConfig::default()
     };
     let mut driver = Driver::new(vec![CalloutResult::NoResponse], vec![]);
-    let error = driver.run(Provider::Genesys, &config).unwrap_err();
+    let error = driver.run(Provider::genesys(), &config).unwrap_err();
     assert_eq!(error.code, ErrorCode::TenantServiceUnavailable);
     assert_eq!(driver.tenant_service_calls, 1);
     assert_eq!(
@@ -364,4 +366,159 @@ fn attempt_timeouts_are_cut_to_what_is_left_of_the_deadline() {
         START_MS + 3_000,
         "the 5 s timeout was cut to 3 s"
     );
+}
+
+/// A configuration with the `oauth2` provider `crm` (and `slack`, `static`) from JSON.
+fn with_providers(json: &str) -> FetchConfig {
+    let documents: BTreeMap<String, ProviderDocument> = serde_json::from_str(json).unwrap();
+    FetchConfig {
+        providers: ProviderTable::from_documents(&documents).unwrap(),
+        ..FetchConfig::default()
+    }
+}
+
+fn crm() -> Provider {
+    Provider::parse("crm").unwrap()
+}
+
+const CRM_CREDENTIALS: &str = r#"{"clientId":"crm client","clientSecret":"p&ss"}"#;
+
+#[test]
+fn an_oauth2_provider_posts_client_credentials_with_its_scope_to_its_token_endpoint() {
+    let config = with_providers(
+        r#"{"crm":{"kind":"oauth2","tokenUrl":"https://idp.crm.example/oauth2/token",
+             "clientAuth":"client_secret_post","scope":"crm.read","audience":"crm-api"}}"#,
+    );
+    let token = r#"{"access_token":"crm-1","token_type":"Bearer","expires_in":3600}"#;
+    let mut driver = Driver::new(vec![ok(CRM_CREDENTIALS)], vec![ok(token)]);
+    let token = driver.run(crm(), &config).unwrap();
+    assert_eq!(token.access_token.expose(), "crm-1");
+    assert_eq!(token.expires_at_ms, START_MS + 3_600_000);
+
+    assert_eq!(driver.requests[0].1, "/tenants/acme/credentials/crm");
+    let (destination, path, headers, body) = &driver.requests[1];
+    let Destination::TokenEndpoint { provider, url } = destination else {
+        panic!("expected the token endpoint, got {destination:?}");
+    };
+    assert_eq!(
+        (provider, url.authority.as_str()),
+        (&crm(), "idp.crm.example")
+    );
+    assert_eq!(path, "/oauth2/token");
+    assert!(!headers.iter().any(|(name, _)| name == "authorization"));
+    assert_eq!(
+        body,
+        "grant_type=client_credentials&client_id=crm+client&client_secret=p%26ss&scope=crm.read&audience=crm-api"
+    );
+}
+
+#[test]
+fn an_oauth2_client_secret_basic_provider_sends_the_form_encoded_pair_in_the_header() {
+    let config = with_providers(r#"{"crm":{"kind":"oauth2","tokenUrl":"http://127.0.0.1:9/t"}}"#);
+    let token = r#"{"access_token":"crm-1","token_type":"bearer","expires_in":60}"#;
+    let mut driver = Driver::new(vec![ok(CRM_CREDENTIALS)], vec![ok(token)]);
+    driver.run(crm(), &config).unwrap();
+    let (_, _, headers, body) = &driver.requests[1];
+    // base64("crm+client:p%26ss")
+    assert!(headers.contains(&(
+        "authorization".into(),
+        "Basic Y3JtK2NsaWVudDpwJTI2c3M=".into()
+    )));
+    assert_eq!(body, "grant_type=client_credentials");
+}
+
+#[test]
+fn a_tenant_names_its_token_endpoint_only_among_the_allowed_hosts() {
+    let config =
+        with_providers(r#"{"crm":{"kind":"oauth2","allowedTokenHosts":["idp.acme.example"]}}"#);
+    let token = r#"{"access_token":"crm-1","token_type":"bearer","expires_in":60}"#;
+    let allowed =
+        r#"{"clientId":"c","clientSecret":"s","tokenUrl":"https://idp.acme.example/token"}"#;
+    let mut driver = Driver::new(vec![ok(allowed)], vec![ok(token)]);
+    driver.run(crm(), &config).unwrap();
+    assert_eq!(driver.requests[1].1, "/token");
+
+    let elsewhere =
+        r#"{"clientId":"c","clientSecret":"s","tokenUrl":"https://attacker.example/token"}"#;
+    let mut driver = Driver::new(vec![ok(elsewhere)], vec![]);
+    let error = driver.run(crm(), &config).unwrap_err();
+    assert_eq!(error.code, ErrorCode::CredentialsNotFound);
+    assert!(
+        error
+            .message
+            .contains("'attacker.example', which is not allowed"),
+        "{}",
+        error.message
+    );
+    assert_eq!(driver.login_calls, 0, "the secret went nowhere");
+}
+
+#[test]
+fn an_oauth2_invalid_client_is_never_retried_and_a_5xx_is_retried_as_configured() {
+    let config = with_providers(
+        r#"{"crm":{"kind":"oauth2","tokenUrl":"https://idp/t","retries":1,"defaultExpiresInSecs":300}}"#,
+    );
+    let rejected = status(
+        401,
+        r#"{"error":"invalid_client","error_description":"client authentication failed"}"#,
+    );
+    let mut driver = Driver::new(vec![ok(CRM_CREDENTIALS)], vec![rejected]);
+    let error = driver.run(crm(), &config).unwrap_err();
+    assert_eq!(error.code, ErrorCode::OauthInvalidGrant);
+    assert_eq!(
+        error.message,
+        "crm rejected the OAuth credentials of tenant acme: client authentication failed"
+    );
+    assert_eq!(driver.login_calls, 1);
+
+    let no_lifetime = r#"{"access_token":"crm-2","token_type":"Bearer"}"#;
+    let mut driver = Driver::new(
+        vec![ok(CRM_CREDENTIALS)],
+        vec![status(503, ""), ok(no_lifetime)],
+    );
+    let token = driver.run(crm(), &config).unwrap();
+    assert_eq!(
+        (token.access_token.expose(), token.expires_in_secs),
+        ("crm-2", 300)
+    );
+    assert_eq!(driver.login_calls, 2);
+
+    let mut driver = Driver::new(
+        vec![ok(CRM_CREDENTIALS)],
+        vec![status(503, ""), status(502, "")],
+    );
+    let error = driver.run(crm(), &config).unwrap_err();
+    assert_eq!(
+        (error.code, driver.login_calls),
+        (ErrorCode::OauthExchangeFailed, 2)
+    );
+}
+
+#[test]
+fn a_static_provider_reads_its_token_at_its_own_path_with_its_own_lifetime() {
+    let config = with_providers(
+        r#"{"slack":{"kind":"static","tenantServicePath":"/v2/{tenant}/secrets/{provider}","defaultTtlSecs":120}}"#,
+    );
+    let mut driver = Driver::new(vec![ok(r#"{"token":"xoxb-1"}"#)], vec![]);
+    let token = driver
+        .run(Provider::parse("slack").unwrap(), &config)
+        .unwrap();
+    assert_eq!(
+        (token.access_token.expose(), token.expires_in_secs),
+        ("xoxb-1", 120)
+    );
+    assert_eq!(driver.requests[0].1, "/v2/acme/secrets/slack");
+}
+
+#[test]
+fn a_provider_that_is_not_configured_ends_the_fetch_before_any_call() {
+    let mut driver = Driver::new(vec![], vec![]);
+    let error = driver.run(crm(), &FetchConfig::default()).unwrap_err();
+    assert_eq!(error.code, ErrorCode::InvalidRequest);
+    assert!(
+        error.message.starts_with("unsupported provider type 'crm'"),
+        "{}",
+        error.message
+    );
+    assert_eq!(driver.tenant_service_calls, 0);
 }

@@ -22,6 +22,7 @@ fn a_huge_retry_after_saturates_instead_of_overflowing() {
             status,
             &SecretBytes::new(body.to_vec()),
             Some(HUGE_RETRY_AFTER_SECS),
+            None,
         );
         assert_eq!(
             outcome,
@@ -40,7 +41,7 @@ fn a_fetch_told_to_retry_after_ages_waits_the_longest_allowed_wait() {
         deadline_ms: 2 * MAX_RATE_LIMIT_WAIT_MS,
         ..FetchConfig::default()
     };
-    let key = TokenKey::new(Provider::Genesys, TenantId::parse("acme").unwrap());
+    let key = TokenKey::new(Provider::genesys(), TenantId::parse("acme").unwrap());
     let mut flow = FetchFlow::new(key, &config);
     let credentials = br#"{"clientId":"id","clientSecret":"secret","region":"eu-west-1"}"#;
     let answers = [

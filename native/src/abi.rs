@@ -83,6 +83,13 @@ pub struct EnvoyHttpHeader {
     pub value_length: usize,
 }
 
+/// `envoy_dynamic_module_type_attribute_id`: an Envoy attribute
+/// (`intro/arch_overview/advanced/attributes`).
+pub type AttributeId = u32;
+/// `xds.route_name`: the name of the route Envoy chose for the request (the 62nd
+/// entry of the enum in 1.40's header).
+pub const ATTRIBUTE_XDS_ROUTE_NAME: AttributeId = 61;
+
 /// `envoy_dynamic_module_type_http_header_type`: which header map.
 pub type HeaderType = u32;
 /// The request headers.
@@ -186,6 +193,13 @@ unsafe extern "C" {
         value: u64,
     ) -> MetricsResult;
 
+    /// Reads string attribute `attribute_id` of the stream into `result` (Envoy's
+    /// memory); false when the stream has none.
+    pub fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        attribute_id: AttributeId,
+        result: *mut EnvoyBuffer,
+    ) -> bool;
     /// Reads value `index` of header `key`; `optional_size` receives the number of values.
     pub fn envoy_dynamic_module_callback_http_get_header(
         filter_envoy_ptr: HttpFilterEnvoyPtr,

@@ -63,6 +63,7 @@ use tokengate_core::{
     CachedToken, CalloutResult, ErrorCode, SecretBytes, SecretString, TokenError, TokenKey,
 };
 
+use crate::abi;
 use crate::envoy::{self, ConfigScheduler, EnvoyConfig, EnvoyFilter, LogLevel, Scheduler};
 
 /// Scheduled event: apply the delivery recorded on the stream.
@@ -98,6 +99,12 @@ impl RequestHeaders for StreamHeaders {
             .into_iter()
             .map(|raw| String::from_utf8_lossy(&raw).into_owned())
             .collect()
+    }
+
+    fn route_name(&self) -> Option<String> {
+        self.0
+            .attribute_string(abi::ATTRIBUTE_XDS_ROUTE_NAME)
+            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
     }
 }
 
@@ -905,7 +912,7 @@ impl Stream {
             return BodyVerdict::Hold;
         }
         self.awaiting_body = false;
-        match ask::from_body(&body()) {
+        match ask::from_body(&self.slot.config, &body()) {
             Ask::Token(wanted) => {
                 self.ask(wanted);
             }

@@ -247,6 +247,24 @@ impl EnvoyFilter {
         Some(Some((unsafe { abi::envoy_bytes(value) }.to_vec(), count)))
     }
 
+    /// String attribute `attribute_id` of the stream (copied), if it has one.
+    pub fn attribute_string(self, attribute_id: abi::AttributeId) -> Option<Vec<u8>> {
+        let mut value = abi::EnvoyBuffer {
+            ptr: std::ptr::null(),
+            length: 0,
+        };
+        // SAFETY: valid filter pointer; `value` is written by Envoy before it returns.
+        let found = unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_get_attribute_string(
+                self.0,
+                attribute_id,
+                &raw mut value,
+            )
+        };
+        // SAFETY: Envoy's buffer is valid during this hook; copied at once.
+        found.then(|| unsafe { abi::envoy_bytes(value) }.to_vec())
+    }
+
     /// A scheduler for this stream (to be deleted with [`delete_scheduler`]).
     pub fn new_scheduler(self) -> Scheduler {
         // SAFETY: valid filter pointer.

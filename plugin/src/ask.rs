@@ -13,13 +13,15 @@ use crate::worker::{Delivery, TokenAsk};
 /// Largest `POST /auth/token` body read.
 pub const MAX_TOKEN_REQUEST_BODY: usize = 16 * 1024;
 
-/// A request's headers, as the host reads them. Text values: bytes that are not UTF-8
-/// become U+FFFD, which no validation accepts.
+/// A request's headers (and its route), as the host reads them. Text values: bytes that
+/// are not UTF-8 become U+FFFD, which no validation accepts.
 pub trait RequestHeaders {
     /// The value of header `name` (the first, if repeated).
     fn get(&self, name: &str) -> Option<String>;
     /// Every value of header `name`.
     fn values(&self, name: &str) -> Vec<String>;
+    /// The name of the route Envoy chose for the request (`xds.route_name`), if any.
+    fn route_name(&self) -> Option<String>;
 }
 
 /// What the request asks for.
@@ -56,9 +58,9 @@ impl Wanted {
     }
 }
 
-/// Reads a request's headers: in inject mode the tenant header (nothing else, on the
-/// hot path); in endpoint mode `:path`, `:method` and, for the legacy `GET`, the tenant
-/// and credential-type headers.
+/// Reads a request's headers: in inject mode the tenant header (and the route's name
+/// when `routes` names providers per route); in endpoint mode `:path`, `:method` and,
+/// for the legacy `GET`, the tenant and credential-type headers.
 pub fn from_headers(
     config: &FilterConfig,
     headers: &impl RequestHeaders,
@@ -68,8 +70,14 @@ pub fn from_headers(
         Mode::Inject => {
             let wanted = single(headers, &config.tenant_header).and_then(|tenant| {
                 let tenant_id = TenantId::parse(tenant.as_deref().unwrap_or_default())?;
+                let route = if config.routes.is_empty() {
+                    None
+                } else {
+                    headers.route_name()
+                };
+                let provider = config.provider_of_route(route.as_deref()).clone();
                 Ok(Wanted {
-                    key: TokenKey::new(config.provider, tenant_id),
+                    key: TokenKey::new(provider, tenant_id),
                     delivery: Delivery::Inject,
                     force_refresh: false,
                 })
@@ -90,8 +98,11 @@ fn endpoint(config: &FilterConfig, headers: &impl RequestHeaders, end_of_stream:
         "GET" => answer((|| {
             let tenant = single(headers, &config.tenant_header)?;
             let credential_type = single(headers, CREDENTIAL_TYPE_HEADER)?;
-            let request =
-                TokenRequest::from_headers(tenant.as_deref(), credential_type.as_deref())?;
+            let request = TokenRequest::from_headers(
+                tenant.as_deref(),
+                credential_type.as_deref(),
+                &config.provider_table,
+            )?;
             Ok(respond(request))
         })()),
         "POST" if end_of_stream => Ask::Refuse(TokenError::new(
@@ -116,9 +127,10 @@ pub fn refuse_body_of(size: usize) -> Option<TokenError> {
     })
 }
 
-/// Reads endpoint mode's `POST /auth/token` body: `{"tenantId","type","forceRefresh"}`.
-pub fn from_body(body: &[u8]) -> Ask {
-    answer(TokenRequest::from_json(body).map(respond))
+/// Reads endpoint mode's `POST /auth/token` body: `{"tenantId","type","forceRefresh"}`,
+/// whose `type` must be a configured provider.
+pub fn from_body(config: &FilterConfig, body: &[u8]) -> Ask {
+    answer(TokenRequest::from_json(body, &config.provider_table).map(respond))
 }
 
 fn respond(request: TokenRequest) -> Wanted {
@@ -155,7 +167,28 @@ mod tests {
 
     struct Headers(Vec<(&'static str, &'static str)>);
 
+    /// Headers of a request on route `.0`.
+    struct OnRoute(&'static str, Headers);
+
+    impl RequestHeaders for OnRoute {
+        fn get(&self, name: &str) -> Option<String> {
+            self.1.get(name)
+        }
+
+        fn values(&self, name: &str) -> Vec<String> {
+            self.1.values(name)
+        }
+
+        fn route_name(&self) -> Option<String> {
+            Some(self.0.to_owned())
+        }
+    }
+
     impl RequestHeaders for Headers {
+        fn route_name(&self) -> Option<String> {
+            None
+        }
+
         fn get(&self, name: &str) -> Option<String> {
             self.values(name).into_iter().next()
         }
@@ -186,9 +219,27 @@ mod tests {
         let Ask::Token(wanted) = from_headers(&config("inject"), &headers, true) else {
             panic!("expected a token ask");
         };
-        assert_eq!(wanted.key.provider, Provider::Genesys);
+        assert_eq!(wanted.key.provider, Provider::genesys());
         assert_eq!(wanted.key.tenant_id.as_str(), "acme");
         assert_eq!(wanted.delivery, Delivery::Inject);
+    }
+
+    #[test]
+    fn a_route_named_in_routes_wants_its_providers_token_and_others_the_default() {
+        let config = FilterConfig::parse(
+            br#"{"provider":"whatsapp","routes":{"crm-api":"slack"},
+                 "providers":{"slack":{"kind":"static"}}}"#,
+        )
+        .unwrap();
+        let ask = |route| {
+            let headers = OnRoute(route, Headers(vec![("x-tenant-id", "acme")]));
+            match from_headers(&config, &headers, true) {
+                Ask::Token(wanted) => wanted.key.provider,
+                other => panic!("expected a token ask: {other:?}"),
+            }
+        };
+        assert_eq!(ask("crm-api"), Provider::parse("slack").unwrap());
+        assert_eq!(ask("orders"), Provider::whatsapp());
     }
 
     #[test]
@@ -219,7 +270,7 @@ mod tests {
         else {
             panic!("expected a token ask");
         };
-        assert_eq!(wanted.key.provider, Provider::Whatsapp);
+        assert_eq!(wanted.key.provider, Provider::whatsapp());
         assert_eq!(wanted.delivery, Delivery::Respond);
         assert!(matches!(
             from_headers(&endpoint, &request("/auth/token", "POST"), false),
@@ -238,13 +289,17 @@ mod tests {
 
     #[test]
     fn a_post_body_is_read_with_its_force_refresh_flag_and_bounded() {
-        let Ask::Token(wanted) =
-            from_body(br#"{"tenantId":"acme","type":"genesys","forceRefresh":true}"#)
-        else {
+        let Ask::Token(wanted) = from_body(
+            &config("endpoint"),
+            br#"{"tenantId":"acme","type":"genesys","forceRefresh":true}"#,
+        ) else {
             panic!("expected a token ask");
         };
         assert!(wanted.force_refresh);
-        assert_eq!(refused(from_body(b"[1]")), ErrorCode::InvalidRequest);
+        assert_eq!(
+            refused(from_body(&config("endpoint"), b"[1]")),
+            ErrorCode::InvalidRequest
+        );
         assert!(refuse_body_of(MAX_TOKEN_REQUEST_BODY).is_none());
         assert!(refuse_body_of(MAX_TOKEN_REQUEST_BODY + 1).is_some());
     }

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use crate::slots::Slots;
 use tokengate_core::limit::{self, RefreshThrottle};
+use tokengate_core::providers::{ProviderDocument, ProviderKind, ProviderTable};
 use tokengate_core::{FetchConfig, Provider, RegionTable, SecretString};
 
 /// The whole filter configuration.
@@ -23,9 +24,25 @@ pub struct FilterConfig {
     /// Who calls the Tenant Service and the IdP: this filter, or the companion.
     #[serde(default)]
     pub fetch: FetchBy,
-    /// The provider whose token this filter instance injects (inject mode).
-    #[serde(default = "default_provider")]
+    /// The provider whose token this filter instance injects (inject mode), unless
+    /// the request's route is one of `routes`.
+    #[serde(default = "Provider::genesys")]
     pub provider: Provider,
+    /// Providers besides the built-in `genesys` and `whatsapp`, by name (see core's
+    /// `providers` module for the document).
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderDocument>,
+    /// The Envoy cluster of each `oauth2` token endpoint, by its authority (`host` or
+    /// `host:port`, as in `tokenUrl` and `allowedTokenHosts`).
+    #[serde(default)]
+    pub token_endpoint_clusters: BTreeMap<String, String>,
+    /// Route name (the route's `name` in the route configuration) -> the provider whose
+    /// token requests on that route get (inject mode); other routes get `provider`'s.
+    #[serde(default)]
+    pub routes: BTreeMap<String, Provider>,
+    /// `providers`, validated, with the built-in ones.
+    #[serde(skip)]
+    pub provider_table: ProviderTable,
     /// The request header that names the tenant (set by a trusted earlier filter).
     #[serde(default = "default_tenant_header")]
     pub tenant_header: String,
@@ -212,9 +229,6 @@ pub struct WhatsappConfig {
     pub default_ttl_secs: u64,
 }
 
-fn default_provider() -> Provider {
-    Provider::Genesys
-}
 fn default_tenant_header() -> String {
     "x-tenant-id".to_owned()
 }
@@ -403,6 +417,12 @@ impl FilterConfig {
                 problem: error.to_string(),
             }
         })?;
+        let mut config = config;
+        config.provider_table =
+            ProviderTable::from_documents(&config.providers).map_err(|error| ConfigError {
+                path: format!("providers.{}", error.field),
+                problem: error.problem,
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -489,12 +509,72 @@ impl FilterConfig {
         {
             return fail("purge.statuses", &format!("{status} is not an HTTP status"));
         }
+        self.validate_providers()?;
         if let Some(region) = &self.genesys.default_region {
             if let Err(error) = self.regions().login_host(region) {
                 return fail("genesys.defaultRegion", &error.message);
             }
         }
         Ok(())
+    }
+
+    /// Every provider named is configured, and every `oauth2` token endpoint has a cluster.
+    fn validate_providers(&self) -> Result<(), ConfigError> {
+        let unknown = |path: String, provider: &Provider| {
+            self.provider_table
+                .check(provider)
+                .map_err(|error| ConfigError {
+                    path,
+                    problem: error
+                        .message
+                        .replace("unsupported provider type", "provider"),
+                })
+        };
+        unknown("provider".to_owned(), &self.provider)?;
+        for (route, provider) in &self.routes {
+            unknown(format!("routes.{route}"), provider)?;
+        }
+        for spec in self.provider_table.iter() {
+            let ProviderKind::Oauth2(oauth2) = &spec.kind else {
+                continue;
+            };
+            if let Some(authority) = oauth2
+                .authorities()
+                .find(|authority| !self.token_endpoint_clusters.contains_key(*authority))
+            {
+                return Err(ConfigError {
+                    path: format!("providers.{}", spec.name),
+                    problem: format!(
+                        "no Envoy cluster for its token endpoint '{authority}': add it to tokenEndpointClusters"
+                    ),
+                });
+            }
+        }
+        if let Some((authority, _)) = self
+            .token_endpoint_clusters
+            .iter()
+            .find(|(_, cluster)| cluster.is_empty())
+        {
+            return Err(ConfigError {
+                path: format!("tokenEndpointClusters.{authority}"),
+                problem: "must not be empty".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The provider whose token a request on route `route_name` (inject mode) gets.
+    pub fn provider_of_route(&self, route_name: Option<&str>) -> &Provider {
+        route_name
+            .and_then(|route| self.routes.get(route))
+            .unwrap_or(&self.provider)
+    }
+
+    /// The Envoy cluster of the token endpoint at `authority`.
+    pub fn token_endpoint_cluster(&self, authority: &str) -> Option<&str> {
+        self.token_endpoint_clusters
+            .get(authority)
+            .map(String::as_str)
     }
 
     /// The region table with this configuration's overrides.
@@ -534,6 +614,7 @@ impl FilterConfig {
             whatsapp_safety_buffer_secs: self.whatsapp.safety_buffer_secs,
             whatsapp_default_ttl_secs: self.whatsapp.default_ttl_secs,
             deadline_ms: self.fetch_deadline_ms,
+            providers: self.provider_table.clone(),
         }
     }
 }
@@ -554,7 +635,7 @@ mod tests {
     fn an_empty_document_means_all_defaults() {
         let config = FilterConfig::parse(b"").unwrap();
         assert_eq!(config, FilterConfig::parse(b"{}").unwrap());
-        assert_eq!(config.provider, Provider::Genesys);
+        assert_eq!(config.provider, Provider::genesys());
         assert_eq!(config.mode, Mode::Inject);
         assert_eq!(config.tenant_header, "x-tenant-id");
         assert_eq!(config.login_cluster("eu-west-1"), "genesys_eu-west-1");
@@ -601,6 +682,75 @@ mod tests {
     fn an_unknown_provider_is_rejected() {
         let error = FilterConfig::parse(br#"{"provider":"slack"}"#).unwrap_err();
         assert_eq!(error.path, "provider");
+        assert_eq!(
+            error.problem,
+            "provider 'slack': must be one of 'genesys', 'whatsapp'"
+        );
+    }
+
+    #[test]
+    fn named_providers_with_their_clusters_and_routes_are_accepted() {
+        let config = FilterConfig::parse(
+            br#"{"provider":"crm",
+                 "providers":{"crm":{"kind":"oauth2","tokenUrl":"https://idp.crm.example/token",
+                                     "allowedTokenHosts":["idp.acme.example:8443"]},
+                              "slack":{"kind":"static"}},
+                 "tokenEndpointClusters":{"idp.crm.example":"crm_idp","idp.acme.example:8443":"acme_idp"},
+                 "routes":{"chat":"slack","cc":"genesys"}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.provider_of_route(Some("chat")).as_str(), "slack");
+        assert_eq!(config.provider_of_route(Some("other")).as_str(), "crm");
+        assert_eq!(config.provider_of_route(None).as_str(), "crm");
+        assert_eq!(
+            config.token_endpoint_cluster("idp.acme.example:8443"),
+            Some("acme_idp")
+        );
+        let fetch = config.fetch_config();
+        assert!(
+            fetch
+                .providers
+                .get(&Provider::parse("slack").unwrap())
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn invalid_providers_clusters_and_routes_are_rejected_with_their_field() {
+        let crm = r#""crm":{"kind":"oauth2","tokenUrl":"https://idp.crm.example/token"}"#;
+        for (document, path, problem) in [
+            (
+                format!(r#"{{"providers":{{{crm}}}}}"#),
+                "providers.crm",
+                "no Envoy cluster for its token endpoint 'idp.crm.example'",
+            ),
+            (
+                r#"{"providers":{"crm":{"kind":"oauth2"}}}"#.to_owned(),
+                "providers.crm.tokenUrl",
+                "is required",
+            ),
+            (
+                r#"{"providers":{"crm":{"kind":"oauth2","scopes":"x"}}}"#.to_owned(),
+                "providers.crm.scopes",
+                "unknown field",
+            ),
+            (
+                r#"{"routes":{"chat":"slack"}}"#.to_owned(),
+                "routes.chat",
+                "provider 'slack'",
+            ),
+            (
+                format!(
+                    r#"{{"providers":{{{crm}}},"tokenEndpointClusters":{{"idp.crm.example":""}}}}"#
+                ),
+                "tokenEndpointClusters.idp.crm.example",
+                "must not be empty",
+            ),
+        ] {
+            let error = FilterConfig::parse(document.as_bytes()).unwrap_err();
+            assert_eq!(error.path, path, "{document}: {error}");
+            assert!(error.problem.contains(problem), "{document}: {error}");
+        }
     }
 
     #[test]

@@ -292,6 +292,13 @@ impl RequestHeaders for HeaderPhase {
             .map(|(_, value)| String::from_utf8_lossy(&value).into_owned())
             .collect()
     }
+
+    fn route_name(&self) -> Option<String> {
+        hostcalls::get_property(vec!["xds", "route_name"])
+            .ok()
+            .flatten()
+            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+    }
 }
 
 /// Sets [`REPLY_MARKER_HEADER`] on the current request; false if Envoy refused.
@@ -582,7 +589,7 @@ impl HttpContext for Request {
             .ok()
             .flatten()
             .unwrap_or_default();
-        match ask::from_body(&body) {
+        match ask::from_body(&self.config, &body) {
             Ask::Token(wanted) => self.ask(wanted),
             Ask::Refuse(error) => self.reject(&error, None),
             Ask::ReadBody => Action::Continue,

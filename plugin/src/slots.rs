@@ -210,7 +210,7 @@ mod tests {
     use tokengate_core::{Provider, TenantId};
 
     fn key(tenant: &str) -> TokenKey {
-        TokenKey::new(Provider::Genesys, TenantId::parse(tenant).unwrap())
+        TokenKey::new(Provider::genesys(), TenantId::parse(tenant).unwrap())
     }
 
     /// Worth of a test record: its first byte.
@@ -238,7 +238,7 @@ mod tests {
             None,
             "tables apart"
         );
-        let whatsapp = TokenKey::new(Provider::Whatsapp, TenantId::parse("acme").unwrap());
+        let whatsapp = TokenKey::new(Provider::whatsapp(), TenantId::parse("acme").unwrap());
         assert_eq!(slots.find(&host, Table::Tokens, &whatsapp), None);
     }
 

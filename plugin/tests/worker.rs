@@ -24,7 +24,7 @@ const CREDENTIALS: &str = r#"{"clientId":"id-1","clientSecret":"s3cret","region"
 const ENVOY_CONNECT_FAILURE: &str = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: Connection refused";
 
 fn key(tenant: &str) -> TokenKey {
-    TokenKey::new(Provider::Genesys, TenantId::parse(tenant).unwrap())
+    TokenKey::new(Provider::genesys(), TenantId::parse(tenant).unwrap())
 }
 
 fn response(status: u16, body: &str) -> CalloutResult {

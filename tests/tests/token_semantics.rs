@@ -514,7 +514,7 @@ mod endpoint_mode {
             unknown_type.body["message"]
                 .as_str()
                 .unwrap_or_default()
-                .contains("'genesys' or 'whatsapp'")
+                .contains("must be one of 'genesys', 'whatsapp'")
         );
         assert_eq!(not_found.status().as_u16(), 404);
         assert_eq!(stack.standins.calls(Endpoint::TenantService), 0);

@@ -40,7 +40,7 @@ mod tests {
     use tokengate_core::{Provider, TenantId};
 
     fn key() -> TokenKey {
-        TokenKey::new(Provider::Genesys, TenantId::parse("acme").unwrap())
+        TokenKey::new(Provider::genesys(), TenantId::parse("acme").unwrap())
     }
 
     #[test]

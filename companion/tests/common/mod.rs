@@ -288,7 +288,7 @@ impl Companion {
         force_refresh: bool,
     ) -> impl std::future::Future<Output = reqwest::Response> + Send + 'static {
         let request = LeaseRequest {
-            provider: Provider::Genesys,
+            provider: Provider::genesys(),
             tenant_id: TenantId::parse(tenant).unwrap(),
             force_refresh,
             min_expires_at_ms: None,
@@ -328,7 +328,7 @@ impl Companion {
         expires_at_ms: u64,
     ) -> u16 {
         let request = CommitRequest {
-            provider: Provider::Genesys,
+            provider: Provider::genesys(),
             tenant_id: TenantId::parse(tenant).unwrap(),
             lease_id: lease_id.clone(),
             access_token: SecretString::from(token),
@@ -344,7 +344,7 @@ impl Companion {
     /// returns the status.
     pub async fn invalidate(&self, tenant: &str, token: Option<&str>) -> u16 {
         let request = InvalidateRequest {
-            provider: Provider::Genesys,
+            provider: Provider::genesys(),
             tenant_id: TenantId::parse(tenant).unwrap(),
             access_token: token.map(SecretString::from),
         };
@@ -405,7 +405,7 @@ impl Companion {
     /// Aborts `lease_id`; returns the status.
     pub async fn abort(&self, tenant: &str, lease_id: &LeaseId) -> u16 {
         let request = AbortRequest {
-            provider: Provider::Genesys,
+            provider: Provider::genesys(),
             tenant_id: TenantId::parse(tenant).unwrap(),
             lease_id: lease_id.clone(),
         };

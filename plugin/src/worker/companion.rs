@@ -107,7 +107,7 @@ impl Worker {
         min_expires_at_ms: Option<u64>,
     ) {
         let request = LeaseRequest {
-            provider: key.provider,
+            provider: key.provider.clone(),
             tenant_id: key.tenant_id.clone(),
             force_refresh,
             min_expires_at_ms,
@@ -196,7 +196,7 @@ impl Worker {
     ) {
         let body = serde_json::to_vec(&CompanionTokenRequest {
             tenant_id: &key.tenant_id,
-            provider: key.provider,
+            provider: key.provider.clone(),
             force_refresh,
             min_expires_at_ms,
         })
@@ -246,7 +246,7 @@ impl Worker {
         lease_id: LeaseId,
         token: Option<&FetchedToken>,
     ) {
-        let provider = key.provider;
+        let provider = key.provider.clone();
         let tenant_id = key.tenant_id.clone();
         let (path, purpose, body) = match token {
             Some(token) => (
@@ -366,7 +366,7 @@ impl Worker {
     pub(super) fn send_pending_invalidations(&mut self, host: &mut impl Host) {
         for (key, token) in std::mem::take(&mut self.pending_invalidations) {
             let request = InvalidateRequest {
-                provider: key.provider,
+                provider: key.provider.clone(),
                 tenant_id: key.tenant_id.clone(),
                 access_token: Some(token),
             };

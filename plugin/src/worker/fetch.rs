@@ -393,6 +393,16 @@ impl Worker {
             Destination::GenesysLogin { region, host } => {
                 (self.config.login_cluster(region), host.as_str())
             }
+            Destination::TokenEndpoint { provider, url } => {
+                // Configuration load checked every allowed authority has a cluster.
+                let Some(cluster) = self.config.token_endpoint_cluster(&url.authority) else {
+                    return Err(format!(
+                        "no Envoy cluster for {provider}'s token endpoint {}",
+                        url.authority
+                    ));
+                };
+                (cluster.to_owned(), url.authority.as_str())
+            }
         };
         let headers = request
             .headers
