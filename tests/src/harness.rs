@@ -469,6 +469,9 @@ pub struct EnvoyUpstreams {
     pub login: SocketAddr,
     /// The stand-in echo app.
     pub echo: SocketAddr,
+    /// A real authorization server (cluster `oauth_idp`), when a test runs one; without
+    /// it the cluster points at the login stand-in.
+    pub idp: Option<SocketAddr>,
 }
 
 /// An Envoy process running the filter (the build [`FilterBuild::from_env`] names),
@@ -898,6 +901,10 @@ pub fn render_envoy_config(
         ),
         ("{{LOGIN_PORT}}", upstreams.login.port().to_string()),
         ("{{ECHO_PORT}}", upstreams.echo.port().to_string()),
+        (
+            "{{IDP_PORT}}",
+            upstreams.idp.unwrap_or(upstreams.login).port().to_string(),
+        ),
     ]
     .iter()
     .fold(template, |text, (placeholder, value)| {
@@ -963,8 +970,24 @@ pub struct Answer {
 impl Stack {
     /// Sends `GET path` for `tenant` (in `x-tenant-id`) through Envoy.
     pub async fn get(&self, path: &str, tenant: &str) -> Answer {
+        self.envoy.get(path, tenant).await
+    }
+
+    /// `Bearer <token>` for every token the stand-in login issued to `tenant`, in order.
+    pub fn bearers(&self, tenant: &str) -> Vec<String> {
+        self.standins
+            .tokens_issued_to(tenant)
+            .into_iter()
+            .map(|token| format!("Bearer {token}"))
+            .collect()
+    }
+}
+
+impl Envoy {
+    /// Sends `GET path` for `tenant` (in `x-tenant-id`) through this Envoy.
+    pub async fn get(&self, path: &str, tenant: &str) -> Answer {
         let response = reqwest::Client::new()
-            .get(format!("{}{path}", self.envoy.url()))
+            .get(format!("{}{path}", self.url()))
             .header("x-tenant-id", tenant)
             .send()
             .await
@@ -977,15 +1000,6 @@ impl Stack {
             body,
             authorization,
         }
-    }
-
-    /// `Bearer <token>` for every token the stand-in login issued to `tenant`, in order.
-    pub fn bearers(&self, tenant: &str) -> Vec<String> {
-        self.standins
-            .tokens_issued_to(tenant)
-            .into_iter()
-            .map(|token| format!("Bearer {token}"))
-            .collect()
     }
 }
 
@@ -1020,6 +1034,7 @@ impl Cluster {
         let fixture = Fixture::default_fixture();
         Self::start_with_fixture(
             fixture,
+            None,
             envoys,
             concurrency,
             companions,
@@ -1030,9 +1045,12 @@ impl Cluster {
     }
 
     /// Like [`Cluster::start`], with the stand-ins serving `fixture` (e.g. with
-    /// generated tenants, for tests that need many cold ones).
+    /// generated tenants, for tests that need many cold ones), and
+    /// the Envoys' `oauth_idp` cluster at `idp` (a real authorization server the test
+    /// started; `None`: the login stand-in).
     pub async fn start_with_fixture(
         fixture: Fixture,
+        idp: Option<SocketAddr>,
         envoys: usize,
         concurrency: u32,
         companions: usize,
@@ -1069,6 +1087,7 @@ impl Cluster {
                 tenant_service: standins.tenant_service,
                 login: standins.login,
                 echo: standins.echo,
+                idp,
             };
             started_envoys
                 .push(Envoy::start(dir.path(), &upstreams, filter_config, concurrency).await);

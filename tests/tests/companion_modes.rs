@@ -93,6 +93,7 @@ async fn the_filter_sends_the_companions_api_key_and_a_wrong_key_is_a_503_not_a_
         tenant_service: cluster.standins.tenant_service,
         login: cluster.standins.login,
         echo: cluster.standins.echo,
+        idp: None,
     };
     let wrong =
         Envoy::filter_config_with(json!({ "companion": { "apiKey": "not-the-key-0000000000" } }));

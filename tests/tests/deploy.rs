@@ -94,6 +94,7 @@ fn local_template_rendered() -> String {
             tenant_service: loopback(18081),
             login: loopback(18082),
             echo: loopback(18083),
+            idp: None,
         },
         // The shipped configurations load the wasm build; the native build's block of
         // this template is validated by tests/tests/native.rs.
@@ -467,7 +468,7 @@ fn every_filter_configuration_parses_and_its_clusters_exist() {
                     "{place} calls cluster {needed}, which is missing"
                 );
             }
-            if parsed.provider == Provider::Whatsapp && parsed.mode == Mode::Inject {
+            if parsed.provider == Provider::whatsapp() && parsed.mode == Mode::Inject {
                 continue;
             }
             let regions: Vec<&str> = if file == "envoy/jwt-authn.yaml" {

@@ -215,7 +215,8 @@ mod upstream_failures {
         let config = Envoy::filter_config_with(
             json!({ "tenantService": { "timeoutMs": 400 }, "genesys": { "timeoutMs": 400 } }),
         );
-        Cluster::start_with_fixture(fixture_with_tenants(tenants), 1, 2, 1, &config, &[]).await
+        Cluster::start_with_fixture(fixture_with_tenants(tenants), None, 1, 2, 1, &config, &[])
+            .await
     }
 
     /// Runs the rows in order, one fresh tenant each.
@@ -879,7 +880,8 @@ async fn a_companion_restarted_under_load_fails_no_request() {
     let lock_ttl = Duration::from_millis(2000);
     let companion_args = ["--lock-ttl-ms", "2000", "--fetch-deadline-ms", "1500"];
     let fixture = fixture_with_tenants(tenants.len());
-    let mut cluster = Cluster::start_with_fixture(fixture, 1, 2, 1, &config, &companion_args).await;
+    let mut cluster =
+        Cluster::start_with_fixture(fixture, None, 1, 2, 1, &config, &companion_args).await;
     // Fetches take a while, so some hold a lease when the companion stops.
     cluster
         .standins
@@ -940,6 +942,7 @@ async fn an_envoy_hot_restart_under_load_fails_no_request() {
     let tenants: Vec<String> = (0..30).map(generated_tenant_id).collect();
     let cluster = Cluster::start_with_fixture(
         fixture_with_tenants(tenants.len()),
+        None,
         0,
         2,
         1,
@@ -952,6 +955,7 @@ async fn an_envoy_hot_restart_under_load_fails_no_request() {
         tenant_service: cluster.standins.tenant_service,
         login: cluster.standins.login,
         echo: cluster.standins.echo,
+        idp: None,
     };
     let mut envoy = Envoy::start_hot_restartable(
         cluster.dir.path(),

@@ -127,6 +127,7 @@ fn render(dir: &Path, ports: &Ports, filter_config: &Value) -> PathBuf {
             tenant_service: loopback(ports.tenant_service),
             login: loopback(ports.login),
             echo: loopback(ports.echo),
+            idp: None,
         },
         FilterBuild::Native,
         filter_config,

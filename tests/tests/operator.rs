@@ -100,6 +100,7 @@ async fn an_invalid_filter_configuration_is_rejected_at_load_naming_the_field() 
         tenant_service: stack.standins.tenant_service,
         login: stack.standins.login,
         echo: stack.standins.echo,
+        idp: None,
     };
 
     for (config, expected) in [

@@ -207,6 +207,28 @@ impl Fixture {
         Ok(self)
     }
 
+    /// This fixture with `tenant`'s answer for `credential_type` set to `answer` (e.g.
+    /// credentials of an `oauth2` provider a test configures). Not for `genesys`,
+    /// whose answers are also the login's clients.
+    pub fn with_answer(
+        mut self,
+        tenant: &str,
+        credential_type: &str,
+        answer: &serde_json::Value,
+    ) -> Fixture {
+        assert_ne!(
+            credential_type, "genesys",
+            "Genesys clients come from the file"
+        );
+        let raw = RawValue::from_string(answer.to_string())
+            .unwrap_or_else(|e| panic!("a JSON value is raw JSON: {e}"));
+        self.tenants
+            .entry(tenant.to_owned())
+            .or_default()
+            .insert(credential_type.to_owned(), raw);
+        self
+    }
+
     /// The Tenant Service's answer for a tenant and credential type, as raw JSON text.
     pub fn credentials(&self, tenant: &str, credential_type: &str) -> Option<&str> {
         self.tenants
@@ -258,6 +280,20 @@ impl Fixture {
             ));
         }
         for (tenant, answers) in &self.tenants {
+            // Client secrets of other providers' answers (an `oauth2` provider's).
+            for (credential_type, raw) in answers {
+                let value = serde_json::from_str::<serde_json::Value>(raw.get());
+                let secret = value.ok().and_then(|value| {
+                    let fields = value.get("data").unwrap_or(&value);
+                    fields.get("clientSecret")?.as_str().map(str::to_owned)
+                });
+                if let Some(secret) = secret.filter(|_| credential_type != "genesys") {
+                    secrets.push(LabelledSecret::credential(
+                        format!("{credential_type} client secret of {tenant}"),
+                        &secret,
+                    ));
+                }
+            }
             let Some(raw) = answers.get("whatsapp") else {
                 continue;
             };
