@@ -260,6 +260,13 @@ pub async fn serve(
         token_api = config.token_api_enabled(),
         token_api_addr = token_api_addr.map(|addr| addr.to_string()),
         tenant_service = config.redacted_tenant_service_url(),
+        providers = %config
+            .fetch_config()
+            .providers
+            .iter()
+            .map(|spec| spec.name.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
         internal_api_key = guarded,
         encrypted_cache = encrypted,
         lock_ttl_ms = config.lock_ttl_ms,

@@ -137,7 +137,10 @@ fn refused(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
 fn bad_values_stop_start_up_with_a_message_naming_the_flag() {
     /// Arguments, environment, and what the message must name.
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 6] = [
+    let providers = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(providers.path(), r#"{"crm":{"kind":"oauth2","scope":""}}"#).unwrap();
+    let providers = providers.path().display().to_string();
+    let cases: [Case; 8] = [
         (
             &[
                 "--tenant-service-url",
@@ -165,6 +168,16 @@ fn bad_values_stop_start_up_with_a_message_naming_the_flag() {
             "at least 16",
         ),
         (&["--log-format", "xml"], &[], "--log-format"),
+        (
+            &["--providers-file", &providers],
+            &[],
+            "crm.tokenUrl: is required",
+        ),
+        (
+            &["--providers-file", "/nonexistent/providers.json"],
+            &[],
+            "--providers-file",
+        ),
     ];
     for (args, env, mentions) in cases {
         let (code, stderr) = refused(args, env);

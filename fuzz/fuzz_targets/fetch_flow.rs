@@ -52,9 +52,9 @@ fuzz_target!(|script: Script| {
         return;
     }
     let provider = if script.whatsapp {
-        Provider::Whatsapp
+        Provider::whatsapp()
     } else {
-        Provider::Genesys
+        Provider::genesys()
     };
     let key = TokenKey::new(
         provider,

@@ -1,7 +1,9 @@
 //! The filter configuration parser: `FilterConfig::parse`, which the filter's
 //! `on_configure` calls with the raw bytes of Envoy's plugin `configuration`.
 //!
-//! Checks: an accepted configuration satisfies every documented constraint; an error
+//! Checks: an accepted configuration satisfies every documented constraint (the
+//! named providers, their token endpoints' clusters and the routes' providers among
+//! them); an error
 //! names a field path and a problem, and for a well-formed JSON document that path
 //! leads to a field of it; neither repeats the companion's API key.
 
@@ -13,6 +15,7 @@ use serde_json::Value;
 use std::collections::HashSet;
 use std::fmt;
 use tokengate::config::{ConfigError, FilterConfig};
+use tokengate_core::providers::ProviderKind;
 use tokengate_fuzz::{assert_hidden, plant_secret};
 
 fuzz_target!(|document: &[u8]| {
@@ -199,5 +202,28 @@ fn assert_constraints_hold(config: &FilterConfig) {
     }
     if let Some(region) = &fetch.default_region {
         assert!(fetch.regions.login_host(region).is_ok(), "{config:?}");
+    }
+    // Every provider named is configured; every oauth2 token endpoint has a cluster;
+    // every Tenant Service path names the tenant.
+    for provider in std::iter::once(&config.provider).chain(config.routes.values()) {
+        assert!(fetch.providers.get(provider).is_some(), "{config:?}");
+    }
+    for spec in fetch.providers.iter() {
+        assert!(spec.tenant_service_path("t").starts_with('/'), "{config:?}");
+        assert!(spec.tenant_service_path.contains("{tenant}"), "{config:?}");
+        if let ProviderKind::Oauth2(oauth2) = &spec.kind {
+            assert!(
+                oauth2.token_url.is_some() || !oauth2.allowed_token_hosts.is_empty(),
+                "{config:?}"
+            );
+            for authority in oauth2.authorities() {
+                assert!(
+                    config
+                        .token_endpoint_cluster(authority)
+                        .is_some_and(|cluster| !cluster.is_empty()),
+                    "{config:?}"
+                );
+            }
+        }
     }
 }

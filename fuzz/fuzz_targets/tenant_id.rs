@@ -27,7 +27,7 @@ fuzz_target!(|raw: &[u8]| {
                 serde_json::from_str::<TenantId>(&json).ok(),
                 Some(tenant.clone())
             );
-            let key = TokenKey::new(Provider::Whatsapp, tenant).to_string();
+            let key = TokenKey::new(Provider::whatsapp(), tenant).to_string();
             assert_eq!(key.split_once(':'), Some(("whatsapp", text.as_ref())));
         }
         Err(error) => {

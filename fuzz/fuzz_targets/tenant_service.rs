@@ -1,5 +1,5 @@
 //! The Tenant Service response parsers: `GenesysCredentials::parse` (with and without
-//! a default region) and `WhatsappCredentials::parse`, fed the raw response body.
+//! a default region) and `StaticCredentials::parse`, fed the raw response body.
 //!
 //! Checks: accepted credentials are never empty, a WhatsApp expiry is positive and
 //! survives the RFC 3339 round trip the token API answers with, a rejection is
@@ -10,7 +10,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tokengate_core::credentials::{
-    GenesysCredentials, WhatsappCredentials, format_rfc3339_ms, parse_rfc3339_ms,
+    GenesysCredentials, StaticCredentials, format_rfc3339_ms, parse_rfc3339_ms,
 };
 use tokengate_core::{ErrorCode, Provider, TenantId, TokenError, TokenKey};
 use tokengate_fuzz::{assert_hidden, plant_secret};
@@ -27,8 +27,8 @@ const GENESYS_SECRETS: &[&str] = &[
 const WHATSAPP_SECRETS: &[&str] = &["/systemUserToken", "/accessToken", "/token"];
 
 fuzz_target!(|body: &[u8]| {
-    let genesys = key(Provider::Genesys);
-    let whatsapp = key(Provider::Whatsapp);
+    let genesys = key(Provider::genesys());
+    let whatsapp = key(Provider::whatsapp());
     for default_region in [None, Some("eu-west-1")] {
         check_genesys(&genesys, body, default_region);
     }
@@ -67,7 +67,7 @@ fn check_genesys(key: &TokenKey, body: &[u8], default_region: Option<&str>) -> S
 
 /// Parses a WhatsApp document, checks the result and returns everything it would show.
 fn check_whatsapp(key: &TokenKey, body: &[u8]) -> String {
-    match WhatsappCredentials::parse(key, body) {
+    match StaticCredentials::parse(key, "WhatsApp", body) {
         Ok(credentials) => {
             assert!(!credentials.token.is_empty(), "empty token accepted");
             if let Some(expires_at_ms) = credentials.expires_at_ms {
