@@ -109,6 +109,7 @@ impl Fleet {
                 tenant_service: standins.tenant_service,
                 login: standins.login,
                 echo: spec.echo,
+                idp: None,
             };
             envoys.push(
                 Envoy::start_build(

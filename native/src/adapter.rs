@@ -283,13 +283,14 @@ impl NativeConfig {
     /// is the line for Envoy's log (it names the offending field).
     pub fn new(envoy_config: EnvoyConfig, bytes: &[u8]) -> Result<Self, String> {
         let config = FilterConfig::parse(bytes).map_err(|error| error.to_string())?;
-        let metrics = Metric::all()
-            .filter_map(|metric| {
-                let id = envoy_config.define_counter(&metric.name());
+        let metrics = Metric::all(&config.provider_table)
+            .into_iter()
+            .filter_map(|(metric, name)| {
+                let id = envoy_config.define_counter(&name);
                 if id.is_none() {
                     envoy::log(
                         LogLevel::Warn,
-                        &format!("tokengate: stat {} not defined", metric.name()),
+                        &format!("tokengate: stat {name} not defined"),
                     );
                 }
                 id.map(|id| (metric, id))

@@ -52,15 +52,16 @@ struct ProxyWasmHost {
 }
 
 /// Defines every stat; a name Envoy refuses is logged and left uncounted.
-fn define_metrics() -> Vec<(Metric, u32)> {
-    Metric::all()
+fn define_metrics(config: &FilterConfig) -> Vec<(Metric, u32)> {
+    Metric::all(&config.provider_table)
+        .into_iter()
         .filter_map(
-            |metric| match hostcalls::define_metric(MetricType::Counter, &metric.name()) {
+            |(metric, name)| match hostcalls::define_metric(MetricType::Counter, &name) {
                 Ok(id) => Some((metric, id)),
                 Err(status) => {
                     let _ = hostcalls::log(
                         LogLevel::Warn,
-                        &format!("stat {} not defined ({status:?})", metric.name()),
+                        &format!("stat {name} not defined ({status:?})"),
                     );
                     None
                 }
@@ -390,7 +391,7 @@ impl RootContext for Root {
             .unwrap_or_default();
         match FilterConfig::parse(&bytes) {
             Ok(config) => {
-                self.metrics = Rc::new(define_metrics());
+                self.metrics = Rc::new(define_metrics(&config));
                 let worker_id = allocate_worker_id();
                 let worker = Worker::new(config, worker_id, register_wake_queue(worker_id));
                 self.worker = Some(Rc::new(RefCell::new(worker)));

@@ -3,6 +3,7 @@
 //! clock they drive. Every effect of the worker goes through it.
 
 use tokengate_core::ErrorCode;
+use tokengate_core::providers::ProviderTable;
 
 /// Severity of a log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -44,12 +45,43 @@ pub enum Metric {
     Purge,
     /// A rejection was not acted on: the key was purged too recently.
     PurgeSuppressed,
+    /// A fetch of the provider at this position of the provider table (sorted by
+    /// name) started, succeeded or failed: `tokengate.provider.<name>.<event>`.
+    Provider(u16, ProviderEvent),
+}
+
+/// What happened to one provider's fetch, counted per provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProviderEvent {
+    /// As [`Metric::FetchStarted`].
+    FetchStarted,
+    /// As [`Metric::FetchSucceeded`].
+    FetchSucceeded,
+    /// As [`Metric::FetchFailed`], whatever the error.
+    FetchFailed,
+}
+
+impl ProviderEvent {
+    const ALL: [ProviderEvent; 3] = [
+        ProviderEvent::FetchStarted,
+        ProviderEvent::FetchSucceeded,
+        ProviderEvent::FetchFailed,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            ProviderEvent::FetchStarted => "fetch_started",
+            ProviderEvent::FetchSucceeded => "fetch_succeeded",
+            ProviderEvent::FetchFailed => "fetch_failed",
+        }
+    }
 }
 
 impl Metric {
-    /// Every metric, for defining them all up front (so they show as 0 from the start).
-    pub fn all() -> impl Iterator<Item = Metric> {
-        [
+    /// Every metric with its stat name, for defining them all up front (so they show
+    /// as 0 from the start): the filter's own and three per provider of `providers`.
+    pub fn all(providers: &ProviderTable) -> Vec<(Metric, String)> {
+        let filter_wide = [
             Metric::CacheHit,
             Metric::CacheEvicted,
             Metric::CacheMiss,
@@ -63,12 +95,22 @@ impl Metric {
             Metric::PurgeSuppressed,
         ]
         .into_iter()
-        .chain(ErrorCode::ALL.into_iter().map(Metric::FetchFailed))
+        .chain(ErrorCode::ALL.into_iter().map(Metric::FetchFailed));
+        let per_provider = (0..providers.iter().count()).flat_map(|index| {
+            let index = u16::try_from(index).unwrap_or(u16::MAX);
+            ProviderEvent::ALL
+                .into_iter()
+                .map(move |event| Metric::Provider(index, event))
+        });
+        filter_wide
+            .chain(per_provider)
+            .map(|metric| (metric, metric.name(providers)))
+            .collect()
     }
 
     /// The stat's name (Envoy shows it as is in `/stats`, and as `tokengate_...` in
-    /// Prometheus output).
-    pub fn name(self) -> String {
+    /// Prometheus output); a provider's names it as `providers` does.
+    pub fn name(self, providers: &ProviderTable) -> String {
         let name = match self {
             Metric::CacheHit => "cache_hit",
             Metric::CacheEvicted => "cache_evicted",
@@ -81,6 +123,11 @@ impl Metric {
             Metric::RefreshAhead => "refresh_ahead",
             Metric::Purge => "purge",
             Metric::PurgeSuppressed => "purge_suppressed",
+            Metric::Provider(index, event) => {
+                let provider = providers.iter().nth(usize::from(index));
+                let name = provider.map_or("unknown", |spec| spec.name.as_str());
+                return format!("tokengate.provider.{name}.{}", event.as_str());
+            }
             Metric::FetchFailed(code) => {
                 return format!(
                     "tokengate.fetch_failed.{}",
@@ -147,4 +194,36 @@ pub trait Host {
     fn log_level(&self) -> Level;
     /// Writes a log line. Callers never pass secrets.
     fn log(&mut self, level: Level, message: &str);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use tokengate_core::providers::ProviderDocument;
+
+    #[test]
+    fn every_provider_gets_its_three_stats_under_its_name() {
+        let documents: BTreeMap<String, ProviderDocument> =
+            serde_json::from_str(r#"{"slack":{"kind":"static"}}"#).unwrap();
+        let providers = ProviderTable::from_documents(&documents).unwrap();
+        let all = Metric::all(&providers);
+        let named = |wanted: &str| {
+            all.iter()
+                .find(|(_, name)| name == wanted)
+                .map(|(metric, _)| *metric)
+        };
+        // Sorted by name: genesys, slack, whatsapp.
+        assert_eq!(
+            named("tokengate.provider.slack.fetch_started"),
+            Some(Metric::Provider(1, ProviderEvent::FetchStarted))
+        );
+        assert_eq!(
+            named("tokengate.provider.whatsapp.fetch_failed"),
+            Some(Metric::Provider(2, ProviderEvent::FetchFailed))
+        );
+        assert_eq!(named("tokengate.fetch_started"), Some(Metric::FetchStarted));
+        let names: std::collections::HashSet<&String> = all.iter().map(|(_, name)| name).collect();
+        assert_eq!(names.len(), all.len(), "no name twice");
+    }
 }

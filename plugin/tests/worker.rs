@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use tokengate::config::FilterConfig;
 use tokengate::fake::{FakeEnvoy, FakeHost, SentCallout};
-use tokengate::host::{Level, Metric};
+use tokengate::host::{Level, Metric, ProviderEvent};
 use tokengate::slots::Table;
 use tokengate::worker::{Decision, Delivery, TokenAsk, Worker};
 use tokengate_core::cache::{GatewayEntry, REFRESH_RETRY_MS};
@@ -192,6 +192,11 @@ fn requests_that_miss_together_share_one_fetch_and_all_get_its_token() {
     assert_eq!(rig.host.stat(Metric::CollapsedWaiter), 2);
     assert_eq!(rig.host.stat(Metric::FetchStarted), 1);
     assert_eq!(rig.host.stat(Metric::FetchSucceeded), 1);
+    let genesys = |event| rig.host.stat(Metric::Provider(0, event));
+    assert_eq!(
+        [ProviderEvent::FetchStarted, ProviderEvent::FetchSucceeded].map(genesys),
+        [1, 1]
+    );
     let entry = rig
         .cached_entry("acme")
         .expect("cached for the other workers");

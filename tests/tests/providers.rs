@@ -172,8 +172,14 @@ async fn three_providers_serve_three_routes_of_one_envoy() {
         )
     );
     assert_eq!(cluster.standins.calls(Endpoint::Login), 1);
-    // One fetch per provider: Genesys', WhatsApp's, crm's.
+    // One fetch per provider: Genesys', WhatsApp's, crm's; each counted under its name.
     assert_eq!(envoy.stat("tokengate.fetch_started").await, 3);
+    for provider in ["genesys", "whatsapp", "crm"] {
+        let stat = |event: &str| format!("tokengate.provider.{provider}.{event}");
+        assert_eq!(envoy.stat(&stat("fetch_started")).await, 1, "{provider}");
+        assert_eq!(envoy.stat(&stat("fetch_succeeded")).await, 1, "{provider}");
+    }
+    assert_eq!(envoy.stat("tokengate.provider.erp.fetch_started").await, 0);
 
     // The real server's token and the client secrets are in no log.
     for envoy in &mut cluster.envoys {
@@ -247,6 +253,10 @@ async fn a_wrong_client_secret_is_refused_once_and_never_retried() {
 
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["code"], "OAUTH_INVALID_GRANT");
+    let failed = cluster.envoys[0]
+        .stat("tokengate.provider.crm.fetch_failed")
+        .await;
+    assert_eq!(failed, 1);
     assert_eq!(
         body["message"],
         "crm rejected the OAuth credentials of tenant initech: client authentication failed"

@@ -15,7 +15,7 @@ use tokengate_core::{
 use super::{Delivery, TokenAsk, Worker};
 use crate::config::FetchBy;
 use crate::delivery;
-use crate::host::{Callout, Host, Level, Metric};
+use crate::host::{Callout, Host, Level, Metric, ProviderEvent};
 use crate::inflight::{self, Marker, Peer};
 use crate::slots::{Eviction, Slots, Table};
 
@@ -76,6 +76,17 @@ impl Fetch {
 }
 
 impl Worker {
+    /// `event` of `key`'s provider, counted under the provider's name.
+    fn provider_metric(&self, key: &TokenKey, event: ProviderEvent) -> Metric {
+        let index = self
+            .config
+            .provider_table
+            .iter()
+            .position(|spec| spec.name == key.provider)
+            .unwrap_or(usize::MAX);
+        Metric::Provider(u16::try_from(index).unwrap_or(u16::MAX), event)
+    }
+
     /// Pauses the request of `ask` on its key's fetch, starting one if none runs.
     pub(super) fn pause(
         &mut self,
@@ -294,8 +305,10 @@ impl Worker {
         key: TokenKey,
         lease_id: Option<LeaseId>,
     ) {
+        let started = self.provider_metric(&key, ProviderEvent::FetchStarted);
         if let Some(fetch) = self.fetches.get_mut(&key) {
             host.count(Metric::FetchStarted);
+            host.count(started);
             let flow = Box::new(FetchFlow::new(key.clone(), &self.fetch_config));
             fetch.stage = Stage::Fetching {
                 flow,
@@ -483,6 +496,7 @@ impl Worker {
             Ok(token) => token,
             Err(error) => {
                 host.count(Metric::FetchFailed(error.code));
+                host.count(self.provider_metric(key, ProviderEvent::FetchFailed));
                 if let Some(stale_expires_at_ms) = fetch.min_expires_at_ms {
                     // A failed refresh-ahead: the cached token still serves; every worker
                     // tries again at the same later moment.
@@ -508,6 +522,7 @@ impl Worker {
         };
         if fetched_here {
             host.count(Metric::FetchSucceeded);
+            host.count(self.provider_metric(key, ProviderEvent::FetchSucceeded));
         }
         let token = CachedToken {
             access_token: token.access_token,
