@@ -8,7 +8,7 @@
 //! (`client_secret_post`), with its `scope`, `audience`, `resource` and extra parameters.
 //!
 //! Answers are classified per RFC 6749 section 5.2 and the way Genesys actually behaves
-//! (FACTS §4): `invalid_client` / `unauthorized_client` / `invalid_grant` (or a `401`)
+//! (FACTS §4): `invalid_client` / `unauthorized_client` (or a `401`)
 //! reject the credentials, rate limiting is a `429` or Genesys' `400 invalid_request`
 //! with "rate limit exceeded", and a `200` must carry a usable Bearer token.
 
@@ -175,7 +175,7 @@ pub fn classify_response(
             } else if status == 401
                 || matches!(
                     error.error.as_str(),
-                    "invalid_client" | "unauthorized_client" | "invalid_grant"
+                    "invalid_client" | "unauthorized_client"
                 )
             {
                 ExchangeOutcome::CredentialsRejected {
@@ -398,13 +398,10 @@ mod tests {
                 description: "client not found".into()
             }
         );
-        for error in ["unauthorized_client", "invalid_grant"] {
-            let body = format!(r#"{{"error":"{error}"}}"#);
-            assert!(matches!(
-                classify(400, &body),
-                ExchangeOutcome::CredentialsRejected { .. }
-            ));
-        }
+        assert!(matches!(
+            classify(400, r#"{"error":"unauthorized_client"}"#),
+            ExchangeOutcome::CredentialsRejected { .. }
+        ));
         assert!(matches!(
             classify(401, ""),
             ExchangeOutcome::CredentialsRejected { .. }
@@ -435,7 +432,12 @@ mod tests {
             classify(503, ""),
             ExchangeOutcome::Transient { .. }
         ));
-        for error in ["unsupported_grant_type", "invalid_scope", "invalid_request"] {
+        for error in [
+            "unsupported_grant_type",
+            "invalid_scope",
+            "invalid_request",
+            "invalid_grant",
+        ] {
             let body = format!(r#"{{"error":"{error}"}}"#);
             assert!(matches!(
                 classify(400, &body),
