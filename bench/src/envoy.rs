@@ -40,6 +40,12 @@ pub enum Filter {
     Tokengate(serde_json::Value),
     /// tokengate's native build (an Envoy dynamic module) with this filter configuration.
     Native(serde_json::Value),
+    /// The minimal dynamic module of `bench/native-floor` (`libnative_floor.so`), from
+    /// this folder.
+    OtherNative {
+        /// The folder holding `libnative_floor.so`.
+        dir: PathBuf,
+    },
     /// Another proxy-wasm module (the minimal filter of `bench/wasm-floor`) with this
     /// configuration string.
     OtherWasm {
@@ -90,7 +96,12 @@ pub fn render(
         Filter::Tokengate(config) => (wasm_block("tokengate", wasm, &config.to_string()), None),
         Filter::Native(config) => {
             let literal = serde_json::to_string(&config.to_string()).unwrap_or_default();
-            (NATIVE_FILTER.replace("{{PLUGIN_CONFIG}}", &literal), None)
+            let block = NATIVE_FILTER.replace("{{MODULE}}", "tokengate_native");
+            (block.replace("{{PLUGIN_CONFIG}}", &literal), None)
+        }
+        Filter::OtherNative { .. } => {
+            let block = NATIVE_FILTER.replace("{{MODULE}}", "native_floor");
+            (block.replace("{{PLUGIN_CONFIG}}", "\"\""), None)
         }
         Filter::OtherWasm {
             module,
@@ -156,6 +167,10 @@ impl BenchEnvoy {
         let config = render(port, admin_port, filter, upstreams, &wasm_module());
         let config_path = dir.join(format!("envoy-{name}.yaml"));
         std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+        let module_dir = match filter {
+            Filter::OtherNative { dir } => dir.clone(),
+            _ => native_module_dir(),
+        };
         let log = dir.join(format!("envoy-{name}.log"));
         let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
         let mut command = match cpus {
@@ -175,7 +190,7 @@ impl BenchEnvoy {
                 &admin_port.to_string(),
                 "--disable-hot-restart",
             ])
-            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", native_module_dir())
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module_dir)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
             .stderr(log_file);

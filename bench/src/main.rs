@@ -73,6 +73,11 @@ enum Cmd {
         /// of any proxy-wasm filter next to tokengate.
         #[arg(long)]
         floor_wasm: Option<PathBuf>,
+        /// The folder of the minimal dynamic module (`bench/native-floor`,
+        /// `libnative_floor.so`), to measure the floor cost of any native filter next to
+        /// tokengate's native build: row (h).
+        #[arg(long)]
+        floor_native: Option<PathBuf>,
         /// An experiment: instead of (e), (f), (g), run the minimal filter with these host
         /// calls, e.g. `--floor-ops h=time --floor-ops i=shared_get` (`NAME=` alone: none).
         #[arg(long)]
@@ -206,6 +211,7 @@ fn main() -> ExitCode {
             command_line,
             load_before,
             floor_wasm,
+            floor_native,
             floor_ops,
             rounds,
             alt_wasm,
@@ -220,6 +226,7 @@ fn main() -> ExitCode {
                 pin: !no_pin,
                 profile: !no_profile,
                 floor_wasm,
+                floor_native,
                 floor_ops: floor_ops
                     .iter()
                     .map(|spec| {
@@ -334,6 +341,7 @@ struct Options {
     pin: bool,
     profile: bool,
     floor_wasm: Option<PathBuf>,
+    floor_native: Option<PathBuf>,
     floor_ops: Vec<(String, String)>,
     rounds: Option<usize>,
     alt_wasm: Vec<PathBuf>,
@@ -396,6 +404,7 @@ async fn run(options: &Options) -> Results {
             client_cpus: pinning.as_ref().map(|(_, client)| client.clone()),
             profile: options.profile,
             floor_module: options.floor_wasm.clone(),
+            native_floor: options.floor_native.clone(),
             floor_ops: options.floor_ops.clone(),
             alt_modules: options.alt_wasm.clone(),
         };

@@ -175,6 +175,20 @@ impl Report<'_> {
                     verdict(many >= 0.97)
                 );
             }
+            if let (Some(n), Some(h)) = (hit.find(NATIVE), hit.find("h")) {
+                let _ = writeln!(
+                    out,
+                    "| 1 | minimal dynamic module / plain Envoy (h/a): the floor of any native filter | {:.3} (Envoy CPU per request {:.2}x) | (reported) | |",
+                    h.paired_rps_ratio(a),
+                    h.paired_cpu_ratio(a)
+                );
+                let _ = writeln!(
+                    out,
+                    "| 1 | tokengate's native build over that floor (n/h) | {:.3} (Envoy CPU per request {:.2}x) | (reported) | |",
+                    n.paired_rps_ratio(h),
+                    n.paired_cpu_ratio(h)
+                );
+            }
             if let Some(g) = hit.find("g") {
                 let cg = c.paired_rps_ratio(g);
                 let _ = writeln!(
@@ -469,6 +483,11 @@ impl Report<'_> {
         }
         if let (Some(e), Some(f), Some(g)) = (hit.find("e"), hit.find("f"), hit.find("g")) {
             for (x, y) in [(e, a), (f, e), (g, f), (c, g), (f, b)] {
+                let _ = writeln!(out, "{}", ratio(x, y));
+            }
+        }
+        if let (Some(n), Some(h)) = (hit.find(NATIVE), hit.find("h")) {
+            for (x, y) in [(h, a), (n, h), (h, b)] {
                 let _ = writeln!(out, "{}", ratio(x, y));
             }
         }

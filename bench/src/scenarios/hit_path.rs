@@ -41,6 +41,8 @@ pub struct Settings {
     pub profile: bool,
     /// The minimal proxy-wasm filter of `bench/wasm-floor`, when built: adds (e), (f), (g).
     pub floor_module: Option<std::path::PathBuf>,
+    /// The folder of the minimal dynamic module of `bench/native-floor`, when built: adds (h).
+    pub native_floor: Option<std::path::PathBuf>,
     /// Instead of (e), (f), (g): these configurations of the minimal filter, as
     /// `(name, comma-separated host calls)` (an experiment: which host call costs what).
     pub floor_ops: Vec<(String, String)>,
@@ -340,6 +342,13 @@ pub async fn run(settings: Settings) -> Result<HitPath, String> {
         ));
     } else {
         eprintln!("bench: no native build (target/native/libtokengate_native.so): no (n), (n10k)");
+    }
+    if let Some(dir) = &settings.native_floor {
+        plan.push((
+            "h".into(),
+            "minimal dynamic module: get 1 header, set 1 header".into(),
+            Filter::OtherNative { dir: dir.clone() },
+        ));
     }
     if let Some(module) = &settings.floor_module {
         let floor: Vec<(String, String, String)> = if settings.floor_ops.is_empty() {
