@@ -570,12 +570,21 @@ impl DynamicHost<'_> {
         let Some(entry) = streams.get_mut(&context_id) else {
             return false;
         };
-        let Some(scheduler) = entry.scheduler else {
-            return false;
-        };
-        entry.pending = Some(delivery);
-        scheduler.commit(EVENT_DELIVER);
-        true
+        match entry.scheduler {
+            Some(scheduler) => {
+                entry.pending = Some(delivery);
+                scheduler.commit(EVENT_DELIVER);
+                true
+            }
+            // The stream whose hook runs now, which the worker paused in this very call
+            // and whose fetch ended before the hook returned (an answer handed over by
+            // `with_worker`): not held yet, so `Stream::ask` applies it on return.
+            None if self.current == Some(context_id) => {
+                entry.pending = Some(delivery);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -959,15 +968,7 @@ impl Stream {
                 Delivery::Inject => {
                     let bearer = delivery::bearer(&token);
                     let header = &self.slot.config.authorization_header;
-                    if !self
-                        .envoy
-                        .set_request_header(header, bearer.expose().as_bytes())
-                    {
-                        envoy::log(
-                            LogLevel::Warn,
-                            "tokengate: the token header could not be set",
-                        );
-                    }
+                    self.set_token_header(header, bearer.expose().as_bytes());
                     if let Some(key) = carried_key {
                         self.carried = Carried::Cached(key, token);
                     }
@@ -983,10 +984,42 @@ impl Stream {
                 if purge_on {
                     self.carried = Carried::FromWorker;
                 }
-                self.hold();
-                HeadersVerdict::Pause
+                match self.take_pending() {
+                    Some(Handover::Header(name, value)) => {
+                        self.set_token_header(&name, value.expose().as_bytes());
+                        HeadersVerdict::Continue
+                    }
+                    Some(Handover::Reply(status, body)) => {
+                        send_json(self.envoy, status, body.expose());
+                        HeadersVerdict::Answered
+                    }
+                    None => {
+                        self.hold();
+                        HeadersVerdict::Pause
+                    }
+                }
             }
         }
+    }
+
+    /// Sets the token header; a refusal (which Envoy does not explain) is logged.
+    fn set_token_header(&self, name: &str, value: &[u8]) {
+        if !self.envoy.set_request_header(name, value) {
+            envoy::log(
+                LogLevel::Warn,
+                "tokengate: the token header could not be set",
+            );
+        }
+    }
+
+    /// What the worker handed this stream, if anything is waiting for it.
+    fn take_pending(&self) -> Option<Handover> {
+        self.slot
+            .state
+            .streams
+            .borrow_mut()
+            .get_mut(&self.id)
+            .and_then(|entry| entry.pending.take())
     }
 
     /// Response headers: tell the worker the upstream's status (purge on rejection).
@@ -1012,35 +1045,18 @@ impl Stream {
     /// A scheduled event reached this stream.
     pub fn on_scheduled(&mut self, event_id: u64) {
         match event_id {
-            EVENT_DELIVER => {
-                let pending = self
-                    .slot
-                    .state
-                    .streams
-                    .borrow_mut()
-                    .get_mut(&self.id)
-                    .and_then(|entry| entry.pending.take());
-                match pending {
-                    Some(Handover::Header(name, value)) => {
-                        self.release();
-                        if !self
-                            .envoy
-                            .set_request_header(&name, value.expose().as_bytes())
-                        {
-                            envoy::log(
-                                LogLevel::Warn,
-                                "tokengate: the token header could not be set",
-                            );
-                        }
-                        self.envoy.continue_decoding();
-                    }
-                    Some(Handover::Reply(status, body)) => {
-                        self.release();
-                        send_json(self.envoy, status, body.expose());
-                    }
-                    None => {}
+            EVENT_DELIVER => match self.take_pending() {
+                Some(Handover::Header(name, value)) => {
+                    self.release();
+                    self.set_token_header(&name, value.expose().as_bytes());
+                    self.envoy.continue_decoding();
                 }
-            }
+                Some(Handover::Reply(status, body)) => {
+                    self.release();
+                    send_json(self.envoy, status, body.expose());
+                }
+                None => {}
+            },
             EVENT_TICK => {
                 self.slot
                     .with_worker(Some(self.id), |worker, host| worker.on_tick(host));
