@@ -488,9 +488,8 @@ impl FetchFlow {
                 );
             }
         };
-        let display = self.display_name().to_owned();
-        let kind = self.spec.as_ref().map(|spec| spec.kind.clone());
-        match kind {
+        let display = self.display_name();
+        match self.spec.as_ref().map(|spec| &spec.kind) {
             Some(ProviderKind::Genesys) => {
                 let credentials = match GenesysCredentials::parse(
                     &self.key,
@@ -515,7 +514,7 @@ impl FetchFlow {
                 }
             }
             Some(ProviderKind::Oauth2(spec)) => {
-                let credentials = match OAuth2Credentials::parse(&self.key, &display, body.expose())
+                let credentials = match OAuth2Credentials::parse(&self.key, display, body.expose())
                 {
                     Ok(credentials) => credentials,
                     Err(error) => return Phase::Finished(Err(error)),
@@ -548,10 +547,10 @@ impl FetchFlow {
                     safety_buffer_secs: self.config.whatsapp_safety_buffer_secs,
                     default_ttl_secs: self.config.whatsapp_default_ttl_secs,
                 };
-                self.static_token(now_ms, &display, body.expose(), lifetimes)
+                self.static_token(now_ms, display, body.expose(), lifetimes)
             }
             Some(ProviderKind::Static(lifetimes)) => {
-                self.static_token(now_ms, &display, body.expose(), lifetimes)
+                self.static_token(now_ms, display, body.expose(), *lifetimes)
             }
             None => self.fail(
                 ErrorCode::InvalidRequest,
