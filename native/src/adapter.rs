@@ -9,8 +9,9 @@
 //! - **Worker per thread**: a `thread_local!` map from configuration generation to a
 //!   [`Slot`] (the `Worker`, its live streams). Every hook of a stream runs on the
 //!   stream's worker thread, so `RefCell`s suffice.
-//! - **Shared data**: one process-wide `Mutex<HashMap>` with versions; `shared_replace`
-//!   is a real compare-and-swap.
+//! - **Records** (cached tokens, in-flight markers, purge records): the host's keyed
+//!   store, [`LruRecords`], one process-wide least-recently-used map per table bounded
+//!   by the newest configuration's `cache.maxTenants`. No shared data.
 //! - **Callouts** leave from the main thread, like proxy-wasm's root-context callouts
 //!   they belong to no request: `dispatch` queues the callout in the configuration's
 //!   outbox and commits the configuration scheduler; `on_http_filter_config_scheduled`
@@ -53,10 +54,11 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Once};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokengate::ask::{self, Ask, RequestHeaders, Wanted};
-use tokengate::config::{FilterConfig, Mode};
+use tokengate::config::{CacheConfig, FilterConfig, Mode};
 use tokengate::delivery;
 use tokengate::hits::HitTally;
 use tokengate::host::{Callout, Host, Level, Metric};
+use tokengate::slots::KeyedStore;
 use tokengate::worker::{Decision, Delivery, Worker};
 use tokengate_core::token_api::TokenSource;
 use tokengate_core::{
@@ -65,6 +67,7 @@ use tokengate_core::{
 
 use crate::abi;
 use crate::envoy::{self, ConfigScheduler, EnvoyConfig, EnvoyFilter, LogLevel, Scheduler};
+use crate::records::LruRecords;
 
 /// Scheduled event: apply the delivery recorded on the stream.
 const EVENT_DELIVER: u64 = 1;
@@ -129,11 +132,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 // Process-wide state
 // ---------------------------------------------------------------------------------
 
-/// Shared data: what proxy-wasm's shared data is for the wasm build, for all workers.
-static SHARED: LazyLock<Mutex<SharedData>> = LazyLock::new(Default::default);
-
-/// Key -> (value, version).
-type SharedData = HashMap<String, (Vec<u8>, u32)>;
+/// The gateway cache of all workers (the wasm build keeps it in slots of shared data).
+/// Its bound is set by every configuration Envoy loads.
+static RECORDS: LazyLock<LruRecords> =
+    LazyLock::new(|| LruRecords::new(CacheConfig::default().max_tenants));
 
 /// Per worker (by worker id): its tick period and the schedulers of its paused streams.
 #[derive(Debug, Default)]
@@ -283,6 +285,7 @@ impl NativeConfig {
     /// is the line for Envoy's log (it names the offending field).
     pub fn new(envoy_config: EnvoyConfig, bytes: &[u8]) -> Result<Self, String> {
         let config = FilterConfig::parse(bytes).map_err(|error| error.to_string())?;
+        RECORDS.set_max_records(config.cache.max_tenants);
         let metrics = Metric::all(&config.provider_table)
             .into_iter()
             .filter_map(|(metric, name)| {
@@ -634,31 +637,8 @@ impl Host for DynamicHost<'_> {
         Ok(id)
     }
 
-    fn shared_get(&self, key: &str) -> Option<Vec<u8>> {
-        lock(&SHARED).get(key).map(|(value, _)| value.clone())
-    }
-
-    fn shared_set(&mut self, key: &str, value: &[u8]) {
-        let mut shared = lock(&SHARED);
-        let version = shared
-            .get(key)
-            .map_or(1, |(_, version)| version.wrapping_add(1));
-        shared.insert(key.to_owned(), (value.to_vec(), version));
-    }
-
-    fn shared_get_versioned(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        lock(&SHARED).get(key).cloned()
-    }
-
-    fn shared_replace(&mut self, key: &str, value: &[u8], version: u32) -> bool {
-        let mut shared = lock(&SHARED);
-        match shared.get_mut(key) {
-            Some(entry) if entry.1 == version => {
-                *entry = (value.to_vec(), version.wrapping_add(1));
-                true
-            }
-            _ => false,
-        }
+    fn keyed_store(&self) -> Option<&dyn KeyedStore> {
+        Some(&*RECORDS)
     }
 
     fn wake(&mut self, queue: u32) {

@@ -3,6 +3,8 @@
 //! clock they drive. Every effect of the worker goes through it.
 
 use tokengate_core::ErrorCode;
+
+use crate::slots::KeyedStore;
 use tokengate_core::providers::ProviderTable;
 
 /// Severity of a log line.
@@ -165,15 +167,28 @@ pub trait Host {
     fn now_ms(&self) -> u64;
     /// Sends an HTTP call; its answer comes back to the worker under the returned id.
     fn dispatch(&mut self, callout: Callout<'_>) -> Result<u32, String>;
-    /// Reads a value shared by all workers of this Envoy.
-    fn shared_get(&self, key: &str) -> Option<Vec<u8>>;
-    /// Writes a value shared by all workers of this Envoy.
-    fn shared_set(&mut self, key: &str, value: &[u8]);
+    /// The per-key records this host keeps itself (the native build), shared by all
+    /// workers of this Envoy. `None` (proxy-wasm): records live in slot tables over the
+    /// shared data below ([`crate::slots`]).
+    fn keyed_store(&self) -> Option<&dyn KeyedStore> {
+        None
+    }
+    /// Reads a value shared by all workers of this Envoy. A host with a
+    /// [`Host::keyed_store`] has no shared data: the default reads nothing.
+    fn shared_get(&self, _key: &str) -> Option<Vec<u8>> {
+        None
+    }
+    /// Writes a value shared by all workers of this Envoy (the default: nowhere).
+    fn shared_set(&mut self, _key: &str, _value: &[u8]) {}
     /// Reads a shared value with its version, for [`Host::shared_replace`].
-    fn shared_get_versioned(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    fn shared_get_versioned(&self, _key: &str) -> Option<(Vec<u8>, u32)> {
+        None
+    }
     /// Writes a shared value only if it is still at `version`; false when another
-    /// worker wrote it since.
-    fn shared_replace(&mut self, key: &str, value: &[u8], version: u32) -> bool;
+    /// worker wrote it since (or, the default, there is no shared data).
+    fn shared_replace(&mut self, _key: &str, _value: &[u8], _version: u32) -> bool {
+        false
+    }
     /// Wakes the worker that registered wake queue `queue` (its `on_wake` runs soon, on
     /// its own thread).
     fn wake(&mut self, queue: u32);

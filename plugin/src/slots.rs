@@ -13,6 +13,10 @@
 //! expired token, a released marker).
 //!
 //! A slot's value: `[key length: u8][provider:tenant][record]`.
+//!
+//! A host that keeps records in its own memory (the native build: one least recently
+//! used map per table, shared by its workers) offers a [`KeyedStore`] through
+//! [`Host::keyed_store`]; [`Slots`] then hands every call to it and no slot is used.
 
 use tokengate_core::TokenKey;
 
@@ -42,24 +46,54 @@ impl Table {
     }
 }
 
-/// A key's record as found in its slot.
+/// A key's record as found in its slot (or in the host's keyed store).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
-    /// The slot's shared-data key, to write the record back.
-    pub slot: String,
+    /// Where the record was read, to write it back.
+    place: Place,
     /// The record (the slot's value after the key).
     pub record: Vec<u8>,
-    /// The slot's version, for a compare-and-swap write.
+    /// The record's version, for a compare-and-swap write.
     pub version: u32,
 }
 
-/// Where a record went.
+/// Where a found record lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
+enum Place {
+    /// The shared-data key of its slot.
+    Slot(String),
+    /// Its key's entry in this table of the host's keyed store.
+    Keyed(Table),
+}
+
+/// What writing a record did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placed {
-    /// The slot written.
-    pub slot: String,
     /// Whether another key's live record was pushed out for it.
     pub evicted: bool,
+}
+
+/// Per-key records kept by the host itself, bounded per table, in place of slot tables.
+/// Implementations are shared by the workers of one Envoy: every call is atomic.
+pub trait KeyedStore {
+    /// `key`'s record in `table` and its version; a use of the record (the least
+    /// recently used record is the first to go).
+    fn find(&self, table: Table, key: &TokenKey) -> Option<(Vec<u8>, u32)>;
+    /// Writes `record` as `key`'s record in `table`. When the table is full it pushes
+    /// out its least recently used record, unless `eviction` forbids that (`worth`
+    /// values it; 0: spent): then it writes nothing and returns `None`.
+    fn put(
+        &self,
+        table: Table,
+        key: &TokenKey,
+        record: &[u8],
+        worth: &dyn Fn(&[u8]) -> u64,
+        eviction: Eviction,
+    ) -> Option<Placed>;
+    /// Writes `record` as `key`'s record only if it is still at `version`.
+    fn replace(&self, table: Table, key: &TokenKey, record: &[u8], version: u32) -> bool;
+    /// Removes `key`'s record from `table`.
+    fn remove(&self, table: Table, key: &TokenKey);
 }
 
 /// How a record is placed when both of its key's slots hold other keys' records.
@@ -102,11 +136,19 @@ impl Slots {
 
     /// `key`'s record in `table`, if it has one.
     pub fn find(&self, host: &impl Host, table: Table, key: &TokenKey) -> Option<Found> {
+        if let Some(store) = host.keyed_store() {
+            let (record, version) = store.find(table, key)?;
+            return Some(Found {
+                place: Place::Keyed(table),
+                record,
+                version,
+            });
+        }
         self.candidates(table, key).find_map(|slot| {
             let (value, version) = host.shared_get_versioned(&slot)?;
             let record = record_of(&value, key)?.to_vec();
             Some(Found {
-                slot,
+                place: Place::Slot(slot),
                 record,
                 version,
             })
@@ -125,6 +167,9 @@ impl Slots {
         worth: impl Fn(&[u8]) -> u64,
         eviction: Eviction,
     ) -> Option<Placed> {
+        if let Some(store) = host.keyed_store() {
+            return store.put(table, key, record, &worth, eviction);
+        }
         let mut best: Option<(String, u64)> = None;
         for slot in self.candidates(table, key) {
             let value = host.shared_get(&slot).unwrap_or_default();
@@ -147,12 +192,11 @@ impl Slots {
         }
         host.shared_set(&slot, &encode(key, record));
         Some(Placed {
-            slot,
             evicted: place_worth > 0,
         })
     }
 
-    /// Writes `record` back to the slot `found` came from, if no one wrote it since.
+    /// Writes `record` back to where `found` came from, if no one wrote it since.
     pub fn replace(
         &self,
         host: &mut impl Host,
@@ -160,12 +204,24 @@ impl Slots {
         key: &TokenKey,
         record: &[u8],
     ) -> bool {
-        host.shared_replace(&found.slot, &encode(key, record), found.version)
+        match &found.place {
+            Place::Slot(slot) => host.shared_replace(slot, &encode(key, record), found.version),
+            Place::Keyed(table) => host
+                .keyed_store()
+                .is_some_and(|store| store.replace(*table, key, record, found.version)),
+        }
     }
 
-    /// Empties the slot `found` came from, whatever it holds now.
-    pub fn clear(&self, host: &mut impl Host, found: &Found) {
-        host.shared_set(&found.slot, &[]);
+    /// Empties the slot `found` (`key`'s record) came from, whatever it holds now.
+    pub fn clear(&self, host: &mut impl Host, found: &Found, key: &TokenKey) {
+        match &found.place {
+            Place::Slot(slot) => host.shared_set(slot, &[]),
+            Place::Keyed(table) => {
+                if let Some(store) = host.keyed_store() {
+                    store.remove(*table, key);
+                }
+            }
+        }
     }
 }
 
@@ -365,7 +421,7 @@ mod tests {
         );
         let found = slots.find(&host, Table::Purges, &key("acme")).unwrap();
         assert_eq!(found.record, b"\x02");
-        slots.clear(&mut host, &found);
+        slots.clear(&mut host, &found, &key("acme"));
         assert_eq!(slots.find(&host, Table::Purges, &key("acme")), None);
     }
 }

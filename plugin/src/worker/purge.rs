@@ -39,7 +39,7 @@ impl Worker {
                 .is_some_and(|entry| entry.token.access_token == token.access_token)
         });
         if let Some(found) = cached {
-            self.slots.clear(host, &found);
+            self.slots.clear(host, &found, &key);
         }
         host.count(Metric::Purge);
         host.log(

@@ -1,0 +1,275 @@
+//! The native build's gateway cache: every per-key record of the worker (cached tokens,
+//! in-flight markers, purge records) in one least-recently-used map per table, in
+//! process memory, shared by all workers of the Envoy. Each table holds at most
+//! `cache.maxTenants` records: writing one more pushes out the record least recently
+//! read or written, so memory stays bounded under any tenant churn, and a tenant pushed
+//! out is fetched again through the companion (its Redis cache), not from the IdP.
+//!
+//! The proxy-wasm build cannot delete shared data and approximates this with tables of
+//! reused slots (`tokengate::slots`); the worker's calls are the same for both.
+
+use std::num::NonZeroUsize;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use lru::LruCache;
+use tokengate::slots::{Eviction, KeyedStore, Placed, Table};
+use tokengate_core::TokenKey;
+
+/// The records of each table, least recently used first out.
+#[derive(Debug)]
+pub struct LruRecords {
+    inner: Mutex<Tables>,
+}
+
+#[derive(Debug)]
+struct Tables {
+    tokens: LruCache<TokenKey, Entry>,
+    markers: LruCache<TokenKey, Entry>,
+    purges: LruCache<TokenKey, Entry>,
+    /// The version of the latest write: every write gets a new one, so a record
+    /// removed and written again never matches a version read before.
+    last_version: u32,
+}
+
+#[derive(Debug)]
+struct Entry {
+    record: Vec<u8>,
+    version: u32,
+}
+
+impl LruRecords {
+    /// Tables of at most `max_records` records each (at least one).
+    pub fn new(max_records: u32) -> Self {
+        let capacity = capacity(max_records);
+        Self {
+            inner: Mutex::new(Tables {
+                tokens: LruCache::new(capacity),
+                markers: LruCache::new(capacity),
+                purges: LruCache::new(capacity),
+                last_version: 0,
+            }),
+        }
+    }
+
+    /// Sets the bound of every table (a configuration Envoy loaded), pushing out the
+    /// least recently used records beyond it.
+    pub fn set_max_records(&self, max_records: u32) {
+        let capacity = capacity(max_records);
+        let mut tables = self.lock();
+        tables.tokens.resize(capacity);
+        tables.markers.resize(capacity);
+        tables.purges.resize(capacity);
+    }
+
+    /// How many records `table` holds.
+    #[cfg(test)]
+    fn len(&self, table: Table) -> usize {
+        self.lock().table(table).len()
+    }
+
+    /// Locks the tables, going on after a panic elsewhere (every critical section is
+    /// one map operation: no half-written state).
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Tables {
+    fn table(&mut self, table: Table) -> &mut LruCache<TokenKey, Entry> {
+        match table {
+            Table::Tokens => &mut self.tokens,
+            Table::Markers => &mut self.markers,
+            Table::Purges => &mut self.purges,
+        }
+    }
+
+    fn next_version(&mut self) -> u32 {
+        self.last_version = self.last_version.wrapping_add(1);
+        self.last_version
+    }
+}
+
+fn capacity(max_records: u32) -> NonZeroUsize {
+    let records = usize::try_from(max_records).unwrap_or(usize::MAX);
+    NonZeroUsize::new(records).unwrap_or(NonZeroUsize::MIN)
+}
+
+impl KeyedStore for LruRecords {
+    fn find(&self, table: Table, key: &TokenKey) -> Option<(Vec<u8>, u32)> {
+        let mut tables = self.lock();
+        let entry = tables.table(table).get(key)?;
+        Some((entry.record.clone(), entry.version))
+    }
+
+    fn put(
+        &self,
+        table: Table,
+        key: &TokenKey,
+        record: &[u8],
+        worth: &dyn Fn(&[u8]) -> u64,
+        eviction: Eviction,
+    ) -> Option<Placed> {
+        let mut tables = self.lock();
+        let version = tables.next_version();
+        let records = tables.table(table);
+        let entry = Entry {
+            record: record.to_vec(),
+            version,
+        };
+        if let Some(held) = records.get_mut(key) {
+            *held = entry;
+            return Some(Placed { evicted: false });
+        }
+        let mut evicted = false;
+        if records.len() >= records.cap().get() {
+            let least_worth = records
+                .peek_lru()
+                .map_or(0, |(_, held)| worth(&held.record));
+            if least_worth > 0 && eviction == Eviction::SpentOnly {
+                return None;
+            }
+            evicted = least_worth > 0;
+        }
+        records.push(key.clone(), entry);
+        Some(Placed { evicted })
+    }
+
+    fn replace(&self, table: Table, key: &TokenKey, record: &[u8], version: u32) -> bool {
+        let mut tables = self.lock();
+        let next = tables.next_version();
+        match tables.table(table).get_mut(key) {
+            Some(held) if held.version == version => {
+                *held = Entry {
+                    record: record.to_vec(),
+                    version: next,
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn remove(&self, table: Table, key: &TokenKey) {
+        self.lock().table(table).pop(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokengate_core::{Provider, TenantId};
+
+    fn key(tenant: &str) -> TokenKey {
+        TokenKey::new(Provider::genesys(), TenantId::parse(tenant).unwrap())
+    }
+
+    /// Worth of a test record: its first byte.
+    fn first_byte(record: &[u8]) -> u64 {
+        u64::from(record.first().copied().unwrap_or(0))
+    }
+
+    fn put(records: &LruRecords, table: Table, tenant: &str, record: &[u8]) -> Option<Placed> {
+        records.put(table, &key(tenant), record, &first_byte, Eviction::Allowed)
+    }
+
+    #[test]
+    fn a_table_never_holds_more_than_its_bound_whatever_the_churn() {
+        let records = LruRecords::new(64);
+        for tenant in 0..10_000 {
+            put(&records, Table::Tokens, &format!("t{tenant}"), b"\x01");
+        }
+        assert_eq!(records.len(Table::Tokens), 64);
+        assert!(records.find(Table::Tokens, &key("t9999")).is_some());
+        assert_eq!(records.find(Table::Tokens, &key("t9935")), None);
+    }
+
+    #[test]
+    fn the_least_recently_used_record_goes_first_and_a_read_is_a_use() {
+        let records = LruRecords::new(2);
+        put(&records, Table::Tokens, "a", b"\x01");
+        put(&records, Table::Tokens, "b", b"\x01");
+        assert!(records.find(Table::Tokens, &key("a")).is_some());
+        let placed = put(&records, Table::Tokens, "c", b"\x01");
+        assert_eq!(placed, Some(Placed { evicted: true }));
+        assert_eq!(
+            records.find(Table::Tokens, &key("b")),
+            None,
+            "b was least used"
+        );
+        assert!(records.find(Table::Tokens, &key("a")).is_some());
+        assert!(records.find(Table::Tokens, &key("c")).is_some());
+    }
+
+    #[test]
+    fn pushing_out_a_spent_record_is_no_eviction_and_a_live_marker_is_never_pushed_out() {
+        let records = LruRecords::new(1);
+        put(&records, Table::Tokens, "a", b"\x00");
+        assert_eq!(
+            put(&records, Table::Tokens, "b", b"\x01"),
+            Some(Placed { evicted: false })
+        );
+
+        let live = b"\x07";
+        let spent_only = |tenant: &str| {
+            records.put(
+                Table::Markers,
+                &key(tenant),
+                live,
+                &first_byte,
+                Eviction::SpentOnly,
+            )
+        };
+        assert!(spent_only("a").is_some());
+        assert_eq!(spent_only("b"), None, "a's live claim is kept");
+        assert!(records.find(Table::Markers, &key("a")).is_some());
+        assert!(
+            spent_only("a").is_some(),
+            "a key may always rewrite its own"
+        );
+    }
+
+    #[test]
+    fn tables_are_apart_and_a_key_is_found_under_its_own_provider_only() {
+        let records = LruRecords::new(4);
+        put(&records, Table::Tokens, "acme", b"\x01");
+        assert_eq!(records.find(Table::Markers, &key("acme")), None);
+        let whatsapp = TokenKey::new(Provider::whatsapp(), TenantId::parse("acme").unwrap());
+        assert_eq!(records.find(Table::Tokens, &whatsapp), None);
+    }
+
+    #[test]
+    fn a_replace_needs_the_version_it_read_even_across_a_removal() {
+        let records = LruRecords::new(4);
+        put(&records, Table::Purges, "acme", b"\x01");
+        let (_, version) = records.find(Table::Purges, &key("acme")).unwrap();
+        assert!(records.replace(Table::Purges, &key("acme"), b"\x02", version));
+        assert!(
+            !records.replace(Table::Purges, &key("acme"), b"\x03", version),
+            "stale"
+        );
+
+        let (_, version) = records.find(Table::Purges, &key("acme")).unwrap();
+        records.remove(Table::Purges, &key("acme"));
+        put(&records, Table::Purges, "acme", b"\x04");
+        assert!(
+            !records.replace(Table::Purges, &key("acme"), b"\x05", version),
+            "written again since: a new version"
+        );
+        assert_eq!(
+            records.find(Table::Purges, &key("acme")).unwrap().0,
+            b"\x04"
+        );
+    }
+
+    #[test]
+    fn a_smaller_bound_pushes_out_the_least_recently_used_at_once() {
+        let records = LruRecords::new(8);
+        for tenant in ["a", "b", "c", "d"] {
+            put(&records, Table::Tokens, tenant, b"\x01");
+        }
+        records.set_max_records(2);
+        assert_eq!(records.len(Table::Tokens), 2);
+        assert!(records.find(Table::Tokens, &key("d")).is_some());
+        assert_eq!(records.find(Table::Tokens, &key("a")), None);
+    }
+}
