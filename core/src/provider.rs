@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
 use crate::error::{ErrorCode, TokenError};
 
@@ -12,20 +13,20 @@ pub const MAX_PROVIDER_NAME_LEN: usize = 32;
 /// [`MAX_PROVIDER_NAME_LEN`] characters of `[a-z0-9_-]`, used in stats, cache keys, the
 /// Tenant Service path and the token API's `type`. `genesys` and `whatsapp` are always
 /// configured; others are named in the configuration (see [`crate::providers`]), which
-/// also says what kind each is.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct Provider(String);
+/// also says what kind each is. Shared, not copied: every request's key holds one, so
+/// a clone is a reference count.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Provider(Arc<str>);
 
 impl Provider {
     /// Genesys Cloud: client-credentials OAuth exchange against the region's login host.
     pub fn genesys() -> Self {
-        Provider(GENESYS.to_owned())
+        Provider(Arc::from(GENESYS))
     }
 
     /// WhatsApp Business: a static system-user token held by the Tenant Service.
     pub fn whatsapp() -> Self {
-        Provider(WHATSAPP.to_owned())
+        Provider(Arc::from(WHATSAPP))
     }
 
     /// The name used in URLs, cache keys and JSON.
@@ -48,7 +49,7 @@ impl Provider {
                 ),
             ));
         }
-        Ok(Provider(name.to_owned()))
+        Ok(Provider(Arc::from(name)))
     }
 }
 
@@ -56,6 +57,12 @@ impl Provider {
 pub const GENESYS: &str = "genesys";
 /// The built-in WhatsApp provider's name.
 pub const WHATSAPP: &str = "whatsapp";
+
+impl Serialize for Provider {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
 
 impl<'de> Deserialize<'de> for Provider {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -82,8 +89,9 @@ pub const MAX_TENANT_ID_LEN: usize = 128;
 pub struct TenantId(String);
 
 impl TenantId {
-    /// Validates `raw` as a tenant id.
-    pub fn parse(raw: &str) -> Result<Self, TokenError> {
+    /// Validates `raw` as a tenant id (taking an owned `String` without a copy).
+    pub fn parse(id: impl AsRef<str> + Into<String>) -> Result<Self, TokenError> {
+        let raw = id.as_ref();
         let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
         if raw.is_empty() {
             return Err(TokenError::new(
@@ -103,7 +111,7 @@ impl TenantId {
                 "tenant id may only contain letters, digits, '.', '_' and '-'",
             ));
         }
-        Ok(TenantId(raw.to_owned()))
+        Ok(TenantId(id.into()))
     }
 
     /// The id as text.
@@ -209,7 +217,7 @@ mod tests {
     fn provider_names_of_the_safe_charset_are_accepted_and_others_refused() {
         assert_eq!(Provider::parse("whatsapp"), Ok(Provider::whatsapp()));
         assert_eq!(
-            Provider::parse("crm_2-eu").map(|p| p.0),
+            Provider::parse("crm_2-eu").map(|p| p.as_str().to_owned()),
             Ok("crm_2-eu".to_owned())
         );
         let long = "x".repeat(MAX_PROVIDER_NAME_LEN + 1);

@@ -91,24 +91,29 @@ struct StreamHeaders(EnvoyFilter);
 
 impl RequestHeaders for StreamHeaders {
     fn get(&self, name: &str) -> Option<String> {
-        self.0
-            .request_header(name)
-            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+        self.0.request_header(name).map(into_text)
     }
 
     fn values(&self, name: &str) -> Vec<String> {
         self.0
             .request_header_values(name)
             .into_iter()
-            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+            .map(into_text)
             .collect()
     }
 
     fn route_name(&self) -> Option<String> {
         self.0
             .attribute_string(abi::ATTRIBUTE_XDS_ROUTE_NAME)
-            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+            .map(into_text)
     }
+}
+
+/// Bytes Envoy handed over as text: kept as they are when UTF-8 (no copy), else with
+/// U+FFFD in place of what is not (the tenant id check then refuses them).
+fn into_text(raw: Vec<u8>) -> String {
+    String::from_utf8(raw)
+        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
 }
 
 /// Milliseconds since the epoch.
@@ -760,6 +765,9 @@ pub struct Stream {
     correlation_id: Option<Option<String>>,
     /// `stream_complete` ran (the request is counted as ended).
     completed: bool,
+    /// The worker paused the request (it knows the stream's id until it is gone); a
+    /// request served from the cache at once never was.
+    paused_by_worker: bool,
 }
 
 /// A callout answer as Envoy hands it over.
@@ -800,6 +808,7 @@ impl Stream {
             awaiting_body: false,
             correlation_id: None,
             completed: false,
+            paused_by_worker: false,
         }
     }
 
@@ -829,11 +838,7 @@ impl Stream {
     fn correlation_id(&mut self) -> Option<String> {
         let envoy = self.envoy;
         self.correlation_id
-            .get_or_insert_with(|| {
-                envoy
-                    .request_header("x-request-id")
-                    .map(|raw| String::from_utf8_lossy(&raw).into_owned())
-            })
+            .get_or_insert_with(|| envoy.request_header("x-request-id").map(into_text))
             .clone()
     }
 
@@ -925,11 +930,8 @@ impl Stream {
         let mut read_correlation = None;
         let decision = self.slot.with_worker(Some(self.id), |worker, host| {
             worker.on_request(host, ask, || {
-                let value = correlation_id.unwrap_or_else(|| {
-                    envoy
-                        .request_header("x-request-id")
-                        .map(|raw| String::from_utf8_lossy(&raw).into_owned())
-                });
+                let value = correlation_id
+                    .unwrap_or_else(|| envoy.request_header("x-request-id").map(into_text));
                 read_correlation = Some(value.clone());
                 value
             })
@@ -961,6 +963,7 @@ impl Stream {
                 }
             },
             Decision::Pause => {
+                self.paused_by_worker = true;
                 if purge_on {
                     self.carried = Carried::FromWorker;
                 }
@@ -1014,7 +1017,11 @@ impl Stream {
             .response_header(":status")
             .and_then(|raw| String::from_utf8(raw).ok())
             .and_then(|status| status.parse::<u16>().ok());
-        if let Some(status) = status {
+        // Only a purge status concerns the worker (what it keeps of a stream it resumed
+        // goes when the stream does).
+        if let Some(status) =
+            status.filter(|status| self.slot.config.purge.statuses.contains(status))
+        {
             let id = self.id;
             self.slot.with_worker(Some(id), |worker, host| {
                 worker.on_upstream_status(host, id, injected, status);
@@ -1054,10 +1061,18 @@ impl Stream {
     }
 
     /// The stream no longer waits: drop its scheduler from the tick registry (the
-    /// scheduler itself is deleted with the stream).
+    /// scheduler itself is deleted with the stream). The registry is only locked for a
+    /// stream that was in it (one that waited).
     fn release(&self) {
-        if let Some(entry) = self.slot.state.streams.borrow_mut().get_mut(&self.id) {
-            entry.waiting = false;
+        let was_waiting = self
+            .slot
+            .state
+            .streams
+            .borrow_mut()
+            .get_mut(&self.id)
+            .is_some_and(|entry| std::mem::replace(&mut entry.waiting, false));
+        if !was_waiting {
+            return;
         }
         if let Some(ticks) = lock(&TICKS).get_mut(&self.slot.state.worker_id) {
             ticks.schedulers.retain(|(id, _)| *id != self.id);
@@ -1080,9 +1095,16 @@ impl Drop for Stream {
         } else {
             self.slot.hits.request_ended()
         };
+        if !self.paused_by_worker && hits.is_none() {
+            // A request served from the cache at once: the worker holds nothing of it.
+            return;
+        }
         let id = self.id;
+        let paused_by_worker = self.paused_by_worker;
         self.slot.with_worker(None, |worker, host| {
-            worker.on_request_gone(id);
+            if paused_by_worker {
+                worker.on_request_gone(id);
+            }
             if let Some(hits) = hits {
                 host.add(Metric::CacheHit, hits);
             }
