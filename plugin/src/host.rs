@@ -1,6 +1,8 @@
-//! What the filter logic needs from its host, as a trait: proxy-wasm's host functions
-//! implement it in `filter`, and the tests use the recording fake in `fake`, whose
-//! clock they drive. Every effect of the worker goes through it.
+//! What the filter logic needs from its host, as a trait. Three hosts implement it:
+//! proxy-wasm's host functions in `filter`, the Envoy dynamic module's callbacks in the
+//! native build (`native/src/adapter.rs`, which also keeps the gateway cache itself:
+//! [`Host::keyed_store`]), and the recording fake in `fake`, whose clock the tests
+//! drive. Every effect of the worker goes through it.
 
 use tokengate_core::ErrorCode;
 
