@@ -182,8 +182,8 @@ pub struct Results {
     pub lease: Option<lease::LeaseBench>,
     /// Scenario 6.
     pub footprint: Option<footprint::Footprint>,
-    /// Scenario 7.
-    pub churn: Option<churn::Churn>,
+    /// Scenario 7, per build (wasm first).
+    pub churn: Vec<churn::Churn>,
     /// The file name of scenario 7's chart, beside the report.
     pub churn_chart: Option<String>,
     /// Scenarios that failed, with why.
@@ -241,9 +241,9 @@ fn main() -> ExitCode {
             let mut results = runtime.block_on(run(&options));
             results.command_line = command_line;
             results.load_before = load_before;
-            if let Some(found) = &results.churn {
+            if !results.churn.is_empty() {
                 let chart = churn_chart_path(&out);
-                if let Err(error) = std::fs::write(&chart, found.svg()) {
+                if let Err(error) = std::fs::write(&chart, churn::svg(&results.churn)) {
                     eprintln!("bench: cannot write {}: {error}", chart.display());
                     return ExitCode::FAILURE;
                 }
@@ -363,6 +363,16 @@ impl Options {
     }
 }
 
+/// The builds of the filter to measure, one after the other: wasm, and native when it
+/// is built.
+fn builds() -> Vec<FilterBuild> {
+    let mut builds = vec![FilterBuild::Wasm];
+    if envoy::native_module_built() {
+        builds.push(FilterBuild::Native);
+    }
+    builds
+}
+
 async fn run(options: &Options) -> Results {
     let started = Instant::now();
     let mut results = Results {
@@ -423,11 +433,7 @@ async fn run(options: &Options) -> Results {
     }
 
     if options.wants("stampede") || options.wants("wakeup") {
-        let mut builds = vec![FilterBuild::Wasm];
-        if envoy::native_module_built() {
-            builds.push(FilterBuild::Native);
-        }
-        for build in builds {
+        for build in builds() {
             if let Err(error) = stampede_and_wakeup(options, &mut results, build).await {
                 results
                     .failures
@@ -444,18 +450,25 @@ async fn run(options: &Options) -> Results {
     }
 
     if options.wants("churn") {
-        let settings = churn::Settings {
-            tenants: options
-                .churn_tenants
-                .unwrap_or(if quick { 20_000 } else { 1_000_000 }),
-            max_tenants: if quick { 2_000 } else { 100_000 },
-            connections: 32,
-            samples: 40,
-        };
-        eprintln!("bench: churn ({} distinct tenants)", settings.tenants);
-        match churn::run(settings).await {
-            Ok(found) => results.churn = Some(found),
-            Err(error) => results.failures.push(("churn".into(), error)),
+        for build in builds() {
+            let settings = churn::Settings {
+                tenants: options
+                    .churn_tenants
+                    .unwrap_or(if quick { 20_000 } else { 1_000_000 }),
+                max_tenants: if quick { 2_000 } else { 100_000 },
+                connections: 32,
+                samples: 40,
+                build,
+            };
+            eprintln!(
+                "bench: churn, {} build ({} distinct tenants)",
+                churn::build_name(build),
+                settings.tenants
+            );
+            match churn::run(settings).await {
+                Ok(found) => results.churn.push(found),
+                Err(error) => results.failures.push((format!("churn ({build:?})"), error)),
+            }
         }
     }
 

@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 
 use crate::Results;
 use crate::machine::Machine;
+use tokengate_tests::harness::FilterBuild;
+
 use crate::scenarios::churn;
 use crate::scenarios::hit_path::{CONTROL, ConfigRuns, HitPath, NATIVE, NATIVE_MANY};
 use crate::stats::{Latencies, ms};
@@ -311,18 +313,17 @@ impl Report<'_> {
                 kib_mib(hit.rss_d_warm_kib.saturating_sub(hit.rss_d_empty_kib))
             );
         }
-        if let Some(churn) = &r.churn {
-            for (name, memory) in [
-                (
-                    "Envoy",
-                    (|s: &churn::Sample| s.envoy_kib) as fn(&churn::Sample) -> u64,
-                ),
-                ("companion", |s: &churn::Sample| s.companion_kib),
-            ] {
+        for churn in &r.churn {
+            // The wasm rows keep the wording they had before the native build was measured.
+            let build = match churn.settings.build {
+                FilterBuild::Wasm => "",
+                FilterBuild::Native => "native: ",
+            };
+            for (name, memory) in churn::PROCESSES {
                 let growth = churn.growth_after_bound(memory);
                 let _ = writeln!(
                     out,
-                    "| 7 | {name} RSS growth after the cache bound, {} distinct tenants (bound {}) | {} | <= {:.0} % | {} |",
+                    "| 7 | {build}{name} RSS growth after the cache bound, {} distinct tenants (bound {}) | {} | <= {:.0} % | {} |",
                     churn.settings.tenants,
                     churn.settings.max_tenants,
                     growth.map_or_else(|| "not reached".to_owned(), |g| format!("{g:+.1} %")),
@@ -796,7 +797,8 @@ impl Report<'_> {
     }
 
     fn churn(&self, out: &mut String) {
-        let Some(churn) = &self.0.churn else {
+        let runs = &self.0.churn;
+        let Some(first) = runs.first() else {
             return;
         };
         let _ = writeln!(out, "## 7. Memory under tenant churn\n");
@@ -805,40 +807,81 @@ impl Report<'_> {
             "{} distinct generated tenants (`bench-0` ...), each asked for once through one Envoy \
              (2 workers) with `cache.maxTenants` {}, one companion and Redis, over {} keep-alive \
              connections: every request is a cold fetch (lease, Tenant Service, login, commit) \
-             and no tenant comes back, the worst case for anything kept per tenant. {} tenants \
-             in {:.1} min ({:.0} per second); {} requests failed; the login counted {} OAuth \
-             calls. Resident memory (`VmRSS`) was read every {} tenants. Redis keeps every \
-             token until its TTL (the cluster cache, by design) and is not shown.\n",
-            churn.settings.tenants,
-            churn.settings.max_tenants,
-            churn.settings.connections,
-            churn.settings.tenants,
-            churn.elapsed.as_secs_f64() / 60.0,
-            churn.rate(),
-            churn.errors,
-            churn.logins,
-            churn.settings.tenants / churn.settings.samples.max(1),
+             and no tenant comes back, the worst case for anything kept per tenant. The wasm \
+             build runs first, then the native build (when it is built), each with its own \
+             fleet. Resident memory (`VmRSS`) was read every {} tenants; growth after the bound \
+             is from the first reading at twice `cache.maxTenants` tenants to the last; the cost \
+             of a cached tenant is the growth from the first reading to that one divided by \
+             `cache.maxTenants` (anything else that grew on the way is counted in). Redis keeps \
+             every token until its TTL (the cluster cache, by design) and is not shown.\n",
+            first.settings.tenants,
+            first.settings.max_tenants,
+            first.settings.connections,
+            first.settings.tenants / first.settings.samples.max(1),
         );
-        if let Some(chart) = &self.0.churn_chart {
-            let _ = writeln!(out, "![resident memory against tenants seen]({chart})\n");
+        for run in runs {
+            let _ = writeln!(
+                out,
+                "- {} build: {} tenants in {:.1} min ({:.0} per second); {} requests failed; \
+                 the login counted {} OAuth calls.",
+                churn::build_name(run.settings.build),
+                run.settings.tenants,
+                run.elapsed.as_secs_f64() / 60.0,
+                run.rate(),
+                run.errors,
+                run.logins,
+            );
         }
         let _ = writeln!(
             out,
-            "| tenants seen | Envoy | companion |\n|---:|---:|---:|"
+            "\n| build | process | start | at the bound | end | growth after the bound | per cached tenant |\n|---|---|---:|---:|---:|---:|---:|"
         );
-        let shown = churn.samples.len().div_ceil(10).max(1);
-        for (index, sample) in churn.samples.iter().enumerate() {
-            if index % shown == 0 || index + 1 == churn.samples.len() {
+        for run in runs {
+            for (name, memory) in churn::PROCESSES {
+                let at = |sample: Option<churn::Sample>| {
+                    sample.map_or_else(|| "-".to_owned(), |s| kib_mib(memory(&s)))
+                };
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} |",
-                    sample.tenants_seen,
-                    kib_mib(sample.envoy_kib),
-                    kib_mib(sample.companion_kib)
+                    "| {} | {name} | {} | {} | {} | {} | {} |",
+                    churn::build_name(run.settings.build),
+                    at(run.samples.first().copied()),
+                    at(run.at_bound()),
+                    at(run.last()),
+                    run.growth_after_bound(memory)
+                        .map_or_else(|| "not reached".to_owned(), |g| format!("{g:+.1} %")),
+                    run.bytes_per_cached_tenant(memory)
+                        .map_or_else(|| "-".to_owned(), |b| format!("{b:.0} bytes")),
                 );
             }
         }
         let _ = writeln!(out);
+        if let Some(chart) = &self.0.churn_chart {
+            let _ = writeln!(
+                out,
+                "![resident memory against tenants seen, per build and process]({chart})\n"
+            );
+        }
+        for run in runs {
+            let _ = writeln!(
+                out,
+                "{} build:\n\n| tenants seen | Envoy | companion |\n|---:|---:|---:|",
+                churn::build_name(run.settings.build)
+            );
+            let shown = run.samples.len().div_ceil(10).max(1);
+            for (index, sample) in run.samples.iter().enumerate() {
+                if index % shown == 0 || index + 1 == run.samples.len() {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | {} |",
+                        sample.tenants_seen,
+                        kib_mib(sample.envoy_kib),
+                        kib_mib(sample.companion_kib)
+                    );
+                }
+            }
+            let _ = writeln!(out);
+        }
     }
 
     fn lease(&self, out: &mut String) {

@@ -25,7 +25,21 @@ use crate::fleet::{EchoProcess, Fleet, FleetSpec};
 pub const FLAT_PERCENT: f64 = 10.0;
 
 /// Which memory of a [`Sample`].
-type Memory = fn(&Sample) -> u64;
+pub type Memory = fn(&Sample) -> u64;
+
+/// The processes measured, by name, with their memory in a [`Sample`].
+pub const PROCESSES: [(&str, Memory); 2] = [
+    ("Envoy", |s| s.envoy_kib),
+    ("companion", |s| s.companion_kib),
+];
+
+/// How the report and the chart name `build`.
+pub fn build_name(build: FilterBuild) -> &'static str {
+    match build {
+        FilterBuild::Wasm => "wasm",
+        FilterBuild::Native => "native",
+    }
+}
 
 /// How to run it.
 #[derive(Debug, Clone)]
@@ -38,6 +52,8 @@ pub struct Settings {
     pub connections: usize,
     /// Memory readings over the run.
     pub samples: usize,
+    /// The build of the filter Envoy loads.
+    pub build: FilterBuild,
 }
 
 /// One memory reading.
@@ -94,48 +110,65 @@ impl Churn {
         self.settings.tenants as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
-    /// The readings as an SVG line chart: MiB against tenants seen, one line per process,
-    /// the bound marked.
-    pub fn svg(&self) -> String {
-        let (width, height, margin) = (720.0, 360.0, 56.0);
-        let max_x = self.settings.tenants.max(1) as f64;
-        let max_kib = self
-            .samples
-            .iter()
-            .map(|s| s.envoy_kib.max(s.companion_kib))
-            .max()
-            .unwrap_or(1) as f64;
-        let max_y = (max_kib / 1024.0 * 1.1).max(1.0);
-        let x = |tenants: f64| margin + (width - 2.0 * margin) * tenants / max_x;
-        let y = |mib: f64| height - margin - (height - 2.0 * margin) * mib / max_y;
-        let mut svg = String::new();
+    /// Growth of `memory` from the first reading to the bound, in bytes per
+    /// `cache.maxTenants` entry: what a cached tenant costs at most (whatever else grew
+    /// on the way, connection buffers or allocator pools, is counted in).
+    pub fn bytes_per_cached_tenant(&self, memory: impl Fn(&Sample) -> u64) -> Option<f64> {
+        let (first, at_bound) = (self.samples.first()?, self.at_bound()?);
+        let grown = memory(&at_bound).saturating_sub(memory(first));
+        Some(grown as f64 * 1024.0 / f64::from(self.settings.max_tenants.max(1)))
+    }
+}
+
+/// The runs' readings as one SVG line chart: MiB against tenants seen, a line per build
+/// and process (the process by colour, the build by dash), the first run's bound marked.
+pub fn svg(runs: &[Churn]) -> String {
+    let (width, height, margin, legend) = (860.0, 360.0, 56.0, 190.0);
+    let right = width - legend;
+    let max_x = runs
+        .iter()
+        .map(|run| run.settings.tenants)
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let max_kib = runs
+        .iter()
+        .flat_map(|run| &run.samples)
+        .map(|s| s.envoy_kib.max(s.companion_kib))
+        .max()
+        .unwrap_or(1) as f64;
+    let max_y = (max_kib / 1024.0 * 1.1).max(1.0);
+    let x = |tenants: f64| margin + (right - margin) * tenants / max_x;
+    let y = |mib: f64| height - margin - (height - 2.0 * margin) * mib / max_y;
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = write!(
+        svg,
+        r#"<rect width="{width}" height="{height}" fill="white"/><line x1="{m}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{m}" y1="{t}" x2="{m}" y2="{b}" stroke="black"/>"#,
+        m = margin,
+        b = height - margin,
+        r = right,
+        t = margin
+    );
+    for step in 0..=4 {
+        let tenants = max_x * f64::from(step) / 4.0;
+        let mib = max_y * f64::from(step) / 4.0;
         let _ = write!(
             svg,
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+            r#"<text x="{}" y="{}" text-anchor="middle">{:.0}k</text><text x="{}" y="{}" text-anchor="end">{:.0}</text>"#,
+            x(tenants),
+            height - margin + 18.0,
+            tenants / 1000.0,
+            margin - 6.0,
+            y(mib) + 4.0,
+            mib
         );
-        let _ = write!(
-            svg,
-            r#"<rect width="{width}" height="{height}" fill="white"/><line x1="{m}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{m}" y1="{t}" x2="{m}" y2="{b}" stroke="black"/>"#,
-            m = margin,
-            b = height - margin,
-            r = width - margin,
-            t = margin
-        );
-        for step in 0..=4 {
-            let tenants = max_x * f64::from(step) / 4.0;
-            let mib = max_y * f64::from(step) / 4.0;
-            let _ = write!(
-                svg,
-                r#"<text x="{}" y="{}" text-anchor="middle">{:.0}k</text><text x="{}" y="{}" text-anchor="end">{:.0}</text>"#,
-                x(tenants),
-                height - margin + 18.0,
-                tenants / 1000.0,
-                margin - 6.0,
-                y(mib) + 4.0,
-                mib
-            );
-        }
-        let bound = f64::from(self.settings.max_tenants);
+    }
+    if let Some(first) = runs.first() {
+        let bound = f64::from(first.settings.max_tenants);
         let _ = write!(
             svg,
             r#"<line x1="{bx}" y1="{t}" x2="{bx}" y2="{b}" stroke="gray" stroke-dasharray="4"/><text x="{tx}" y="{ty}" fill="gray">cache.maxTenants = {bound}</text>"#,
@@ -145,41 +178,53 @@ impl Churn {
             tx = x(bound) + 4.0,
             ty = margin + 12.0,
         );
-        let lines: [(&str, &str, Memory); 2] = [
-            ("Envoy", "#1f77b4", |s| s.envoy_kib),
-            ("companion", "#d62728", |s| s.companion_kib),
-        ];
-        for (index, (name, colour, memory)) in lines.into_iter().enumerate() {
-            let points: Vec<String> = self
-                .samples
-                .iter()
-                .map(|s| {
-                    format!(
-                        "{:.1},{:.1}",
-                        x(s.tenants_seen as f64),
-                        y(memory(s) as f64 / 1024.0)
-                    )
-                })
-                .collect();
-            let _ = write!(
-                svg,
-                r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/><text x="{}" y="{}" fill="{colour}">{name}</text>"#,
-                points.join(" "),
-                width - margin - 90.0,
-                margin + 14.0 + 16.0 * index as f64,
-            );
-        }
+    }
+    let colours = ["#1f77b4", "#d62728"];
+    let lines = runs.iter().flat_map(|run| {
+        PROCESSES
+            .into_iter()
+            .zip(colours)
+            .map(move |(process, colour)| (run, process, colour))
+    });
+    for (index, (run, (name, memory), colour)) in lines.enumerate() {
+        let dash = match run.settings.build {
+            FilterBuild::Wasm => "",
+            FilterBuild::Native => r#" stroke-dasharray="6 3""#,
+        };
+        let points: Vec<String> = run
+            .samples
+            .iter()
+            .map(|s| {
+                format!(
+                    "{:.1},{:.1}",
+                    x(s.tenants_seen as f64),
+                    y(memory(s) as f64 / 1024.0)
+                )
+            })
+            .collect();
+        let key_y = margin + 14.0 + 18.0 * index as f64;
         let _ = write!(
             svg,
-            r#"<text x="{}" y="{}" text-anchor="middle">distinct tenants seen</text><text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">resident memory, MiB</text></svg>"#,
-            width / 2.0,
-            height - 12.0,
-            height / 2.0,
-            height / 2.0
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2"{dash} points="{}"/><line x1="{}" y1="{}" x2="{}" y2="{}" stroke="{colour}" stroke-width="2"{dash}/><text x="{}" y="{key_y}" fill="{colour}">{name}, {}</text>"#,
+            points.join(" "),
+            right + 16.0,
+            key_y - 4.0,
+            right + 40.0,
+            key_y - 4.0,
+            right + 46.0,
+            build_name(run.settings.build),
         );
-        svg.push('\n');
-        svg
     }
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">distinct tenants seen</text><text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">resident memory, MiB</text></svg>"#,
+        (margin + right) / 2.0,
+        height - 12.0,
+        height / 2.0,
+        height / 2.0
+    );
+    svg.push('\n');
+    svg
 }
 
 /// Runs the scenario.
@@ -194,9 +239,13 @@ pub async fn run(settings: Settings) -> Result<Churn, String> {
         companions: 1,
         filter_config,
         echo: echo.addr,
-        build: FilterBuild::Wasm,
+        build: settings.build,
     };
-    eprintln!("bench: churn: generating {} tenants", settings.tenants);
+    let build = build_name(settings.build);
+    eprintln!(
+        "bench: churn, {build} build: generating {} tenants",
+        settings.tenants
+    );
     let fixture = Fixture::default_fixture()
         .with_generated_tenants(settings.tenants)
         .map_err(|e| e.to_string())?;
@@ -258,7 +307,7 @@ pub async fn run(settings: Settings) -> Result<Churn, String> {
             next_sample = seen + every;
             if samples.len() % 10 == 0 {
                 eprintln!(
-                    "bench: churn: {seen} tenants, Envoy {} MiB, companion {} MiB",
+                    "bench: churn, {build} build: {seen} tenants, Envoy {} MiB, companion {} MiB",
                     samples.last().map_or(0, |s| s.envoy_kib / 1024),
                     samples.last().map_or(0, |s| s.companion_kib / 1024)
                 );
@@ -298,6 +347,7 @@ mod tests {
                 max_tenants: 100,
                 connections: 1,
                 samples: samples.len(),
+                build: FilterBuild::Wasm,
             },
             samples: samples
                 .iter()
@@ -324,10 +374,36 @@ mod tests {
     }
 
     #[test]
+    fn a_cached_tenant_costs_the_growth_to_the_bound_over_max_tenants() {
+        let run = churn(&[(0, 100), (100, 150), (200, 200), (1_000, 900)]);
+        // 100 KiB over 100 entries.
+        assert_eq!(run.bytes_per_cached_tenant(|s| s.envoy_kib), Some(1_024.0));
+        let shrunk = churn(&[(0, 300), (200, 200)]);
+        assert_eq!(shrunk.bytes_per_cached_tenant(|s| s.envoy_kib), Some(0.0));
+        let short = churn(&[(0, 100), (150, 150)]);
+        assert_eq!(short.bytes_per_cached_tenant(|s| s.envoy_kib), None);
+    }
+
+    #[test]
     fn the_chart_has_a_line_per_process_and_the_bound() {
-        let svg = churn(&[(0, 100_000), (500, 120_000), (1_000, 121_000)]).svg();
+        let svg = svg(&[churn(&[(0, 100_000), (500, 120_000), (1_000, 121_000)])]);
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("cache.maxTenants = 100"));
+        assert!(svg.contains(">Envoy, wasm<") && svg.contains(">companion, wasm<"));
+        assert!(!svg.contains(r#"stroke-dasharray="6 3""#));
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn the_chart_has_a_line_per_build_and_process_the_native_ones_dashed() {
+        let wasm = churn(&[(0, 100_000), (500, 120_000), (1_000, 121_000)]);
+        let mut native = churn(&[(0, 40_000), (500, 60_000), (1_000, 61_000)]);
+        native.settings.build = FilterBuild::Native;
+        let svg = svg(&[wasm, native]);
+        assert_eq!(svg.matches("<polyline").count(), 4);
+        assert_eq!(svg.matches("cache.maxTenants").count(), 1);
+        assert!(svg.contains(">Envoy, native<") && svg.contains(">companion, native<"));
+        // Each native line and its key.
+        assert_eq!(svg.matches(r#"stroke-dasharray="6 3""#).count(), 4);
     }
 }
