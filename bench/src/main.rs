@@ -387,6 +387,12 @@ async fn run(options: &Options) -> Results {
         ("filter".into(), wasm_module().display().to_string()),
         ("companion".into(), companion_binary().display().to_string()),
     ];
+    if envoy::native_module_built() {
+        let module = envoy::native_module_dir().join("libtokengate_native.so");
+        results
+            .binaries
+            .insert(2, ("native filter".into(), module.display().to_string()));
+    }
     let pinning = (options.pin && results.machine.cpus >= 2).then(|| {
         let last = results.machine.cpus - 1;
         ("0".to_owned(), last.to_string())
