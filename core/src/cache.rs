@@ -227,7 +227,7 @@ mod tests {
         for tenant in 0..1_000 {
             let key = TokenKey::new(
                 Provider::genesys(),
-                TenantId::parse(format!("tenant-{tenant}")).unwrap(),
+                TenantId::parse(&format!("tenant-{tenant}")).unwrap(),
             );
             let at = refresh_moment(&key, issued_ms, expires_at_ms, 10, 30_000);
             let window_start = expires_at_ms - 360_000;

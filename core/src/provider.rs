@@ -89,9 +89,15 @@ pub const MAX_TENANT_ID_LEN: usize = 128;
 pub struct TenantId(String);
 
 impl TenantId {
-    /// Validates `raw` as a tenant id (taking an owned `String` without a copy).
-    pub fn parse(id: impl AsRef<str> + Into<String>) -> Result<Self, TokenError> {
-        let raw = id.as_ref();
+    /// Validates `raw` as a tenant id (see also `TryFrom<String>`, which keeps the
+    /// caller's buffer).
+    pub fn parse(raw: &str) -> Result<Self, TokenError> {
+        Self::check(raw)?;
+        Ok(TenantId(raw.to_owned()))
+    }
+
+    /// Why `raw` is not a tenant id, if it is not.
+    fn check(raw: &str) -> Result<(), TokenError> {
         let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
         if raw.is_empty() {
             return Err(TokenError::new(
@@ -111,12 +117,22 @@ impl TenantId {
                 "tenant id may only contain letters, digits, '.', '_' and '-'",
             ));
         }
-        Ok(TenantId(id.into()))
+        Ok(())
     }
 
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl TryFrom<String> for TenantId {
+    type Error = TokenError;
+
+    /// As [`TenantId::parse`], without copying `raw`.
+    fn try_from(raw: String) -> Result<Self, TokenError> {
+        Self::check(&raw)?;
+        Ok(TenantId(raw))
     }
 }
 
@@ -201,6 +217,7 @@ mod tests {
     fn tenant_ids_of_the_safe_charset_are_accepted() {
         for id in ["acme", "tenant-42", "a.b_c", &"x".repeat(MAX_TENANT_ID_LEN)] {
             assert_eq!(TenantId::parse(id).map(|t| t.0), Ok(id.to_owned()));
+            assert_eq!(TenantId::try_from(id.to_owned()), TenantId::parse(id));
         }
     }
 
@@ -210,6 +227,7 @@ mod tests {
         for id in ["", "a:b", "a*", "{a}", "a/b", "a b", "a\r\nb", "é", &long] {
             let err = TenantId::parse(id).unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidRequest, "{id:?}");
+            assert_eq!(TenantId::try_from(id.to_owned()), Err(err), "{id:?}");
         }
     }
 

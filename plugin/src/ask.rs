@@ -69,7 +69,7 @@ pub fn from_headers(
     match config.mode {
         Mode::Inject => {
             let wanted = single(headers, &config.tenant_header).and_then(|tenant| {
-                let tenant_id = TenantId::parse(tenant.unwrap_or_default())?;
+                let tenant_id = TenantId::try_from(tenant.unwrap_or_default())?;
                 let route = if config.routes.is_empty() {
                     None
                 } else {
