@@ -58,6 +58,7 @@ use tokengate::config::{CacheConfig, FilterConfig, Mode};
 use tokengate::delivery;
 use tokengate::hits::HitTally;
 use tokengate::host::{Callout, Host, Level, Metric};
+use tokengate::records::LruRecords;
 use tokengate::slots::KeyedStore;
 use tokengate::worker::{Decision, Delivery, Worker};
 use tokengate_core::token_api::TokenSource;
@@ -67,7 +68,6 @@ use tokengate_core::{
 
 use crate::abi;
 use crate::envoy::{self, ConfigScheduler, EnvoyConfig, EnvoyFilter, LogLevel, Scheduler};
-use crate::records::LruRecords;
 
 /// Scheduled event: apply the delivery recorded on the stream.
 const EVENT_DELIVER: u64 = 1;

@@ -106,7 +106,7 @@
 //!
 //! - One `Worker` per Envoy worker thread and configuration, in a `thread_local!`.
 //! - The gateway cache: one least-recently-used map per record table, process-wide,
-//!   bounded by `cache.maxTenants` (`records`), in place of proxy-wasm's shared data.
+//!   bounded by `cache.maxTenants` (`tokengate::records`), in place of proxy-wasm's shared data.
 //! - Callouts leave from the main thread (configuration callouts, sent from
 //!   `on_http_filter_config_scheduled`), so no request's end cancels them; answers come
 //!   back to the worker's thread through an inbox and a paused stream's scheduler.
@@ -142,4 +142,3 @@ pub mod abi;
 mod adapter;
 mod envoy;
 mod ffi;
-mod records;

@@ -3,7 +3,9 @@
 //! resumed request, reply, stat and log line kept for assertions.
 //!
 //! One [`FakeEnvoy`] holds what the workers of one Envoy share (the clock, shared data,
-//! wake-ups); each worker gets its own [`FakeHost`] on it:
+//! wake-ups, and optionally a keyed store for the gateway cache, as the native build
+//! keeps: [`FakeEnvoy::keeping_records_in`]); each worker gets its own [`FakeHost`] on
+//! it:
 //!
 //! ```
 //! use tokengate::fake::FakeEnvoy;
@@ -18,6 +20,8 @@ use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 use crate::host::{Callout, Host, Level, Metric};
+use crate::records::LruRecords;
+use crate::slots::KeyedStore;
 
 /// What the workers of one fake Envoy share.
 #[derive(Debug, Default)]
@@ -35,6 +39,8 @@ struct Shared {
 #[derive(Debug, Clone, Default)]
 pub struct FakeEnvoy {
     shared: Rc<RefCell<Shared>>,
+    /// The gateway cache, when the hosts keep it themselves; else slots of shared data.
+    records: Option<Rc<LruRecords>>,
 }
 
 impl FakeEnvoy {
@@ -43,6 +49,13 @@ impl FakeEnvoy {
         let envoy = Self::default();
         envoy.shared.borrow_mut().now_ms = now_ms;
         envoy
+    }
+
+    /// This Envoy with its workers' gateway cache in `records` (the native build's
+    /// least-recently-used maps) instead of slot tables over shared data.
+    pub fn keeping_records_in(mut self, records: LruRecords) -> Self {
+        self.records = Some(Rc::new(records));
+        self
     }
 
     /// A host for one more worker of this Envoy.
@@ -207,6 +220,13 @@ impl FakeHost {
 impl Host for FakeHost {
     fn now_ms(&self) -> u64 {
         self.envoy.now()
+    }
+
+    fn keyed_store(&self) -> Option<&dyn KeyedStore> {
+        self.envoy
+            .records
+            .as_deref()
+            .map(|records| records as &dyn KeyedStore)
     }
 
     fn dispatch(&mut self, callout: Callout<'_>) -> Result<u32, String> {

@@ -9,6 +9,8 @@
 //! - [`delivery`]: the header value and the body a token is delivered as.
 //! - [`inflight`]: the per-Envoy in-flight marker in shared data (tier 2 of collapsing).
 //! - [`slots`]: bounded shared data: per-key records in tables of reused slots.
+//! - `records` (native builds only): the same records in least-recently-used maps, for
+//!   hosts that can free memory (the native build; the fake host, on request).
 //! - [`hits`]: cache hits counted per worker, added to their stat in batches.
 //! - `filter` (wasm32 only): the proxy-wasm root and HTTP contexts, thin glue over [`worker`].
 
@@ -25,6 +27,8 @@ pub mod fake;
 pub mod hits;
 pub mod host;
 pub mod inflight;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod records;
 pub mod slots;
 pub mod worker;
 

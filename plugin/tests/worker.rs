@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 use tokengate::config::FilterConfig;
 use tokengate::fake::{FakeEnvoy, FakeHost, SentCallout};
 use tokengate::host::{Level, Metric, ProviderEvent};
+use tokengate::records::LruRecords;
 use tokengate::slots::Table;
 use tokengate::worker::{Decision, Delivery, TokenAsk, Worker};
 use tokengate_core::cache::{GatewayEntry, REFRESH_RETRY_MS};
@@ -16,6 +17,8 @@ use tokengate_core::{
 };
 
 const START_MS: u64 = 1_700_000_000_000;
+/// `cache.maxTenants` by default.
+const DEFAULT_MAX_TENANTS: u32 = 100_000;
 const COMPANION: &str = "tokengate_companion";
 const TENANT_SERVICE: &str = "tenant_service";
 const LOGIN: &str = "genesys_eu-west-1";
@@ -294,10 +297,22 @@ fn a_request_that_left_is_not_resumed_and_the_fetch_goes_on() {
 
 // --- Tier 2: one fetch per key per Envoy ----------------------------------------------
 
-/// Two workers of one Envoy, both asked for acme's token: the first (request 1) claims
+/// An Envoy of each kind of gateway cache, bounded to `max_tenants`: slot tables over
+/// shared data (the wasm build) and the host's own least-recently-used maps (the
+/// native build). The rules that share the cache between workers hold on both.
+fn envoys_of_both_caches(max_tenants: u32) -> [FakeEnvoy; 2] {
+    [
+        FakeEnvoy::starting_at(START_MS),
+        FakeEnvoy::starting_at(START_MS).keeping_records_in(LruRecords::new(max_tenants)),
+    ]
+}
+
+/// Two workers of `envoy`, both asked for acme's token: the first (request 1) claims
 /// the key and sends the lease returned; the second (request 2) waits on it.
-fn one_leases_the_other_waits(overrides: Value) -> (FakeEnvoy, Rig, Rig, SentCallout) {
-    let envoy = FakeEnvoy::starting_at(START_MS);
+fn one_leases_the_other_waits(
+    envoy: FakeEnvoy,
+    overrides: Value,
+) -> (FakeEnvoy, Rig, Rig, SentCallout) {
     let mut first = Rig::on(&envoy, overrides.clone(), 1);
     let mut second = Rig::on(&envoy, overrides, 2);
     let _ = first.ask(1, "acme");
@@ -311,60 +326,67 @@ fn one_leases_the_other_waits(overrides: Value) -> (FakeEnvoy, Rig, Rig, SentCal
 
 #[test]
 fn a_worker_waits_for_the_peer_that_fetches_and_is_woken_with_its_token() {
-    let (envoy, mut first, mut second, lease) = one_leases_the_other_waits(json!({}));
-    assert_eq!(second.host.stat(Metric::CollapsedWaiter), 1);
+    for envoy in envoys_of_both_caches(DEFAULT_MAX_TENANTS) {
+        let (envoy, mut first, mut second, lease) = one_leases_the_other_waits(envoy, json!({}));
+        assert_eq!(second.host.stat(Metric::CollapsedWaiter), 1);
 
-    first.answer(&lease, response(200, &lease_granted("lease-1")));
-    first.fetch_from_tenant_service("acme", "tok-acme", 3_600);
-    assert_eq!(
-        envoy.take_woken(),
-        [2],
-        "the waiting worker's queue is woken"
-    );
+        first.answer(&lease, response(200, &lease_granted("lease-1")));
+        first.fetch_from_tenant_service("acme", "tok-acme", 3_600);
+        assert_eq!(
+            envoy.take_woken(),
+            [2],
+            "the waiting worker's queue is woken"
+        );
 
-    second.worker.on_wake(&mut second.host);
-    assert_eq!(second.resumed_with("tok-acme"), [2]);
-    second.nothing_sent();
-    assert_eq!(second.host.stat(Metric::FetchStarted), 0);
+        second.worker.on_wake(&mut second.host);
+        assert_eq!(second.resumed_with("tok-acme"), [2]);
+        second.nothing_sent();
+        assert_eq!(second.host.stat(Metric::FetchStarted), 0);
+    }
 }
 
 #[test]
 fn a_peer_that_never_finishes_is_taken_over_when_its_claim_runs_out() {
     let overrides = json!({"companion": {"timeoutMs": 2_000}, "fetchDeadlineMs": 3_000});
-    let (envoy, _first, mut second, _lost) = one_leases_the_other_waits(overrides);
+    for envoy in envoys_of_both_caches(DEFAULT_MAX_TENANTS) {
+        let (envoy, _first, mut second, _lost) =
+            one_leases_the_other_waits(envoy, overrides.clone());
 
-    envoy.advance(4_999);
-    second.tick();
-    second.nothing_sent();
-    envoy.advance(1);
-    second.tick();
+        envoy.advance(4_999);
+        second.tick();
+        second.nothing_sent();
+        envoy.advance(1);
+        second.tick();
 
-    let lease = second.sent_one(COMPANION, "/v1/lease");
-    second.answer(&lease, response(200, &lease_granted("lease-2")));
-    second.fetch_from_tenant_service("acme", "tok-acme", 3_600);
-    assert_eq!(second.resumed_with("tok-acme"), [2]);
+        let lease = second.sent_one(COMPANION, "/v1/lease");
+        second.answer(&lease, response(200, &lease_granted("lease-2")));
+        second.fetch_from_tenant_service("acme", "tok-acme", 3_600);
+        assert_eq!(second.resumed_with("tok-acme"), [2]);
+    }
 }
 
 #[test]
 fn a_peers_failure_is_answered_to_the_workers_that_waited_on_it() {
-    let (_envoy, mut first, mut second, lease) = one_leases_the_other_waits(json!({}));
+    for envoy in envoys_of_both_caches(DEFAULT_MAX_TENANTS) {
+        let (_envoy, mut first, mut second, lease) = one_leases_the_other_waits(envoy, json!({}));
 
-    first.answer(&lease, response(200, &lease_granted("lease-1")));
-    let credentials = first.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
-    first.answer(&credentials, response(404, "{}"));
-    second.worker.on_wake(&mut second.host);
+        first.answer(&lease, response(200, &lease_granted("lease-1")));
+        let credentials = first.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
+        first.answer(&credentials, response(404, "{}"));
+        second.worker.on_wake(&mut second.host);
 
-    for rig in [&first, &second] {
-        let reply = rig.host.replies.last().expect("answered");
-        assert_eq!(
-            (reply.status, reply.body["code"].as_str()),
-            (404, Some("CREDENTIALS_NOT_FOUND"))
-        );
+        for rig in [&first, &second] {
+            let reply = rig.host.replies.last().expect("answered");
+            assert_eq!(
+                (reply.status, reply.body["code"].as_str()),
+                (404, Some("CREDENTIALS_NOT_FOUND"))
+            );
+        }
+        assert_eq!(second.host.replies[0].body["correlationId"], "req-2");
+        second.nothing_sent();
+        let abort = first.sent_one(COMPANION, "/v1/abort");
+        assert_eq!(abort.json()["leaseId"], "lease-1");
     }
-    assert_eq!(second.host.replies[0].body["correlationId"], "req-2");
-    second.nothing_sent();
-    let abort = first.sent_one(COMPANION, "/v1/abort");
-    assert_eq!(abort.json()["leaseId"], "lease-1");
 }
 
 // --- Tier 3 answers: the companion's cache, its errors, and its absence -----------------
@@ -829,28 +851,33 @@ fn fetch_by_companion_asks_its_token_api_and_keeps_no_secret() {
 
 #[test]
 fn a_tenant_pushed_out_of_the_gateway_cache_is_served_from_the_companions() {
-    let mut rig = Rig::new(json!({"cache": {"maxTenants": 1}}));
-    let _ = rig.ask(1, "acme");
-    rig.fetch_with_lease("acme", "tok-acme", 3_600);
-    let _commit = rig.sent_one(COMPANION, "/v1/commit");
-    let _ = rig.ask(2, "globex");
-    rig.fetch_with_lease("globex", "tok-globex", 3_600);
-    let _commit = rig.sent_one(COMPANION, "/v1/commit");
-    assert!(
-        rig.cached_entry("acme").is_none(),
-        "one slot: acme was pushed out"
-    );
-    assert_eq!(rig.host.stat(Metric::CacheEvicted), 1);
+    let [slots, lru] = envoys_of_both_caches(1);
+    for (envoy, shared_keys) in [(slots, 3), (lru, 0)] {
+        let mut rig = Rig::on(&envoy, json!({"cache": {"maxTenants": 1}}), 1);
+        let _ = rig.ask(1, "acme");
+        rig.fetch_with_lease("acme", "tok-acme", 3_600);
+        let _commit = rig.sent_one(COMPANION, "/v1/commit");
+        let _ = rig.ask(2, "globex");
+        rig.fetch_with_lease("globex", "tok-globex", 3_600);
+        let _commit = rig.sent_one(COMPANION, "/v1/commit");
+        assert!(
+            rig.cached_entry("acme").is_none(),
+            "room for one: acme was pushed out"
+        );
+        assert_eq!(rig.host.stat(Metric::CacheEvicted), 1);
 
-    assert!(matches!(rig.ask(3, "acme"), Decision::Pause));
-    rig.tick();
-    let lease = rig.sent_one(COMPANION, "/v1/lease");
-    let hit =
-        json!({"outcome": "hit", "accessToken": "tok-acme", "expiresAtMs": START_MS + 3_600_000});
-    rig.answer(&lease, response(200, &hit.to_string()));
+        assert!(matches!(rig.ask(3, "acme"), Decision::Pause));
+        rig.tick();
+        let lease = rig.sent_one(COMPANION, "/v1/lease");
+        let hit = json!({"outcome": "hit", "accessToken": "tok-acme", "expiresAtMs": START_MS + 3_600_000});
+        rig.answer(&lease, response(200, &hit.to_string()));
 
-    assert_eq!(rig.resumed_with("tok-acme"), [1, 3]);
-    rig.nothing_sent();
-    assert_eq!(rig.host.stat(Metric::FetchStarted), 2, "no third fetch");
-    assert!(rig.host.envoy().shared_len() <= 3, "one slot per table");
+        assert_eq!(rig.resumed_with("tok-acme"), [1, 3]);
+        rig.nothing_sent();
+        assert_eq!(rig.host.stat(Metric::FetchStarted), 2, "no third fetch");
+        assert!(
+            envoy.shared_len() <= shared_keys,
+            "slots: one per table; the keyed store: no shared data"
+        );
+    }
 }

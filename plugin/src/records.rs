@@ -1,18 +1,20 @@
-//! The native build's gateway cache: every per-key record of the worker (cached tokens,
-//! in-flight markers, purge records) in one least-recently-used map per table, in
-//! process memory, shared by all workers of the Envoy. Each table holds at most
+//! The native build's gateway cache (a [`KeyedStore`]): every per-key record of the
+//! worker (cached tokens, in-flight markers, purge records) in one least-recently-used
+//! map per table, in process memory, shared by all workers of the Envoy. Each table holds at most
 //! `cache.maxTenants` records: writing one more pushes out the record least recently
 //! read or written, so memory stays bounded under any tenant churn, and a tenant pushed
 //! out is fetched again through the companion (its Redis cache), not from the IdP.
 //!
 //! The proxy-wasm build cannot delete shared data and approximates this with tables of
-//! reused slots (`tokengate::slots`); the worker's calls are the same for both.
+//! reused slots ([`crate::slots`]); the worker's calls are the same for both. Native
+//! builds only: `native/` keeps one for its process, and the fake host can keep one so
+//! the worker's tests run on it too.
 
 use std::num::NonZeroUsize;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use crate::slots::{Eviction, KeyedStore, Placed, Table};
 use lru::LruCache;
-use tokengate::slots::{Eviction, KeyedStore, Placed, Table};
 use tokengate_core::TokenKey;
 
 /// The records of each table, least recently used first out.
