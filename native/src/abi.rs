@@ -184,9 +184,10 @@ unsafe extern "C" {
         label_names_length: usize,
         counter_id_ptr: *mut usize,
     ) -> MetricsResult;
-    /// Adds `value` to a counter defined by the configuration of this filter.
-    pub fn envoy_dynamic_module_callback_http_filter_increment_counter(
-        filter_envoy_ptr: HttpFilterEnvoyPtr,
+    /// Adds `value` to a counter of the configuration, without a stream (any thread:
+    /// Envoy's counters are atomic).
+    pub fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
         id: usize,
         label_values: *mut ModuleBuffer,
         label_values_length: usize,

@@ -2,13 +2,18 @@
 //! `tokengate::host`, `tokengate::hits`): `plugin/` is being refactored, and when it
 //! changes only this module follows.
 //!
-//! It drives one [`Worker`] per Envoy worker thread (and filter configuration) from the
-//! dynamic-module hooks, through [`DynamicHost`], the `tokengate::host::Host` of this
-//! build. Like the wasm glue, it translates and decides nothing:
+//! It drives one [`Worker`] per Envoy worker thread (and filter configuration) through
+//! [`DynamicHost`], the `tokengate::host::Host` of this build. Like the wasm glue, it
+//! translates and decides nothing. The rule it keeps: **no work waits for traffic.**
+//! Streams on the worker threads only ask (hit, or park until the worker delivers);
+//! everything that is due later (callout answers, ticks for backoffs, deadlines,
+//! refresh-ahead and lease-end retries, wake-ups from other workers) runs on Envoy's
+//! main thread, whether or not any request is alive.
 //!
 //! - **Worker per thread**: a `thread_local!` map from configuration generation to a
-//!   [`Slot`] (the `Worker`, its live streams). Every hook of a stream runs on the
-//!   stream's worker thread, so `RefCell`s suffice.
+//!   [`WorkerCell`]: the `Worker` behind a mutex, taken by the thread's stream hooks and
+//!   by the main thread's background work (uncontended on a hit, held for microseconds).
+//!   A process-wide registry ([`WORKERS`]) finds a worker by id from the main thread.
 //! - **Records** (cached tokens, in-flight markers, purge records): the host's keyed
 //!   store, [`LruRecords`], one process-wide least-recently-used map per table bounded
 //!   by the newest configuration's `cache.maxTenants`. No shared data.
@@ -17,39 +22,34 @@
 //!   outbox and commits the configuration scheduler; `on_http_filter_config_scheduled`
 //!   (main thread) sends it with `http_filter_config_http_callout` (which Envoy keeps in
 //!   an unlocked per-configuration map: main thread only); the answer arrives in
-//!   `on_http_filter_config_http_callout_done` (main thread) and goes to the worker's
-//!   inbox, with an event on one of its paused streams to hand it over on the worker's
-//!   own thread. (A first version carried callouts on the worker's streams: Envoy
+//!   `on_http_filter_config_http_callout_done` (main thread), where the worker handles
+//!   it at once. (A first version carried callouts on the worker's streams: Envoy
 //!   cancels a stream's callouts when it ends, and a companion commit carried by a
-//!   request that was just resumed was lost, holding the cluster lock to its TTL.)
+//!   request that was just resumed was lost, holding the cluster lock to its TTL. A
+//!   second version handed answers to the worker's thread through a paused stream: a
+//!   worker without one got its answers only with its next request, and a refresh-ahead
+//!   on a quiet Envoy held the cluster lock and aged its token meanwhile.)
+//! - **Ticks**: Envoy 1.40 gives HTTP filters no timer. A module-owned ticker thread
+//!   commits a tick event on the configuration scheduler of each worker whose period is
+//!   due (schedulers may be committed from any thread); the main thread runs the tick.
+//! - **Wake**: `wake(queue)` (queue = worker id, unique in the process) commits a wake
+//!   event for that worker on its configuration's scheduler: no polling.
 //! - **Resume / reply**: the worker's `resume_with_header` / `reply_json` record the
-//!   delivery on the paused stream and commit an event on that stream's scheduler; the
-//!   stream applies it in `on_http_filter_scheduled` (`set_header` +
-//!   `continue_decoding`, or `send_response`) on its own hook: no re-entry into another
-//!   stream's filter chain from inside a hook.
-//! - **Ticks**: no timer exists for HTTP filters. A process-wide ticker thread commits a
-//!   tick event on a paused stream of each worker whose period is due (schedulers may be
-//!   committed from any thread; the registry lock keeps every commit before the
-//!   scheduler's delete). A worker without paused streams ticks, and takes its callout
-//!   answers, at the start of its next request instead, before the worker decides that
-//!   request (`Slot::catch_up`).
-//! - **Wake**: `wake(queue)` commits a wake event on a paused stream of the woken worker
-//!   (queue = worker id, unique in the process): cross-worker wake-ups need no polling.
-//!
+//!   delivery on the parked stream ([`Parked`]) and commit an event on that stream's own
+//!   scheduler; the stream applies it in `on_http_filter_scheduled` (`set_header` +
+//!   `continue_decoding`, or `send_response`) on its own thread. A delivery to the
+//!   stream whose hook is running (a fetch that ended in the very call that paused it)
+//!   is applied when the hook returns. Streams are registered only when they park.
+//! - **Stats**: added on the configuration (`http_filter_config_increment_counter`),
+//!   so background work counts without a stream.
 //! - **Configuration updates**: each configuration Envoy loads gets its own workers
-//!   (its generation); when Envoy drops one, its slots leave each thread when that
-//!   thread makes its next slot. The cache (shared data) outlives configurations.
-//!
-//! Known limits: background work
-//! of a worker without paused requests (a refresh-ahead started by a hit, an invalidate,
-//! a lease-end retry) gets its answer on the worker's next request. The end-to-end
-//! suite (`TOKENGATE_FILTER=native`) states it where it shows: `tests/tests/refresh.rs`
-//! (a refresh-ahead), `tests/tests/faults.rs` (a lost commit sent once more).
+//!   (its generation); when Envoy drops one, its workers leave the registry, and each
+//!   thread's map when that thread makes its next worker. The cache outlives
+//!   configurations.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Once};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -69,16 +69,16 @@ use tokengate_core::{
 use crate::abi;
 use crate::envoy::{self, ConfigScheduler, EnvoyConfig, EnvoyFilter, LogLevel, Scheduler};
 
-/// Scheduled event: apply the delivery recorded on the stream.
+/// Stream event: apply the delivery recorded for the stream.
 const EVENT_DELIVER: u64 = 1;
-/// Scheduled event: run the worker's tick.
-const EVENT_TICK: u64 = 2;
-/// Scheduled event: run the worker's wake-up.
-const EVENT_WAKE: u64 = 3;
-/// Scheduled event: hand the callout answers in the worker's inbox over.
-const EVENT_ANSWER: u64 = 4;
 /// Main-thread event: send the callouts in the configuration's outbox.
 const EVENT_SEND: u64 = 1;
+/// Main-thread event, with a worker id above [`EVENT_KIND_BITS`]: run its tick.
+const EVENT_TICK: u64 = 2;
+/// Main-thread event, with a worker id above [`EVENT_KIND_BITS`]: run its wake-up.
+const EVENT_WAKE: u64 = 3;
+/// A main-thread event id is `worker id << EVENT_KIND_BITS | kind`.
+const EVENT_KIND_BITS: u32 = 4;
 
 /// The request header that marks the filter's own answers for Envoy's
 /// `local_reply_config` (as in the wasm build).
@@ -133,6 +133,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+
 // ---------------------------------------------------------------------------------
 // Process-wide state
 // ---------------------------------------------------------------------------------
@@ -142,60 +143,26 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 static RECORDS: LazyLock<LruRecords> =
     LazyLock::new(|| LruRecords::new(CacheConfig::default().max_tenants));
 
-/// Per worker (by worker id): its tick period and the schedulers of its paused streams.
-#[derive(Debug, Default)]
-struct TickEntry {
-    period_ms: u64,
-    next_ms: u64,
-    schedulers: Vec<(u32, Scheduler)>,
-}
+/// Every live worker by id, for the main thread (answers, ticks, wake-ups) and the
+/// ticker thread.
+static WORKERS: LazyLock<Mutex<HashMap<u64, Arc<WorkerCell>>>> =
+    LazyLock::new(Default::default);
 
-static TICKS: LazyLock<Mutex<HashMap<u64, TickEntry>>> = LazyLock::new(Default::default);
-
-/// Callout answers by worker id, waiting for their worker's thread.
-static INBOX: LazyLock<Mutex<HashMap<u64, Answers>>> = LazyLock::new(Default::default);
-
-/// Callout answers: (the worker's callout id, result).
-type Answers = Vec<(u32, CalloutResult)>;
-/// How many answers wait in [`INBOX`] (checked without the lock on every request).
-static INBOX_COUNT: AtomicUsize = AtomicUsize::new(0);
-
-/// Hands a callout answer to worker `worker_id` (any thread): into its inbox, and an
-/// event on one of its paused streams (without one, its next request takes it).
-fn post_answer(worker_id: u64, id: u32, result: CalloutResult) {
-    lock(&INBOX)
-        .entry(worker_id)
-        .or_default()
-        .push((id, result));
-    INBOX_COUNT.fetch_add(1, Ordering::SeqCst);
-    let ticks = lock(&TICKS);
-    if let Some((_, scheduler)) = ticks
-        .get(&worker_id)
-        .and_then(|entry| entry.schedulers.first())
-    {
-        scheduler.commit(EVENT_ANSWER);
-    }
-}
-
-/// The answers waiting for worker `worker_id`.
-fn take_answers(worker_id: u64) -> Vec<(u32, CalloutResult)> {
-    if INBOX_COUNT.load(Ordering::SeqCst) == 0 {
-        return Vec::new();
-    }
-    let answers = lock(&INBOX).remove(&worker_id).unwrap_or_default();
-    INBOX_COUNT.fetch_sub(answers.len(), Ordering::SeqCst);
-    answers
-}
 static TICKER: Once = Once::new();
 /// Worker ids (also their wake queues), unique in the process.
 static NEXT_WORKER_ID: AtomicU32 = AtomicU32::new(1);
 /// Configuration generations, unique in the process.
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
-/// Generations Envoy dropped: their slots are removed from each thread on its next new
-/// slot (a configuration is dropped only once its streams are gone).
+/// Generations Envoy dropped: their workers are removed from each thread's map when it
+/// next makes one (a configuration is dropped only once its streams are gone).
 static DROPPED: LazyLock<Mutex<Vec<u64>>> = LazyLock::new(Default::default);
 
-/// Starts the ticker thread once: it commits tick events on paused streams.
+/// The worker with id `worker_id`, if it lives.
+fn worker_by_id(worker_id: u64) -> Option<Arc<WorkerCell>> {
+    lock(&WORKERS).get(&worker_id).cloned()
+}
+
+/// Starts the ticker thread once: it commits tick events for due workers.
 fn start_ticker() {
     TICKER.call_once(|| {
         let spawned = std::thread::Builder::new()
@@ -209,32 +176,36 @@ fn start_ticker() {
         if spawned.is_err() {
             envoy::log(
                 LogLevel::Error,
-                "tokengate: no ticker thread: paused requests only move on new requests",
+                "tokengate: no ticker thread: backoffs, deadlines and refreshes wait for requests",
             );
         }
     });
 }
 
-/// Commits a tick on each due worker; returns how long to sleep.
+/// Commits a tick for each due worker on its configuration's scheduler; returns how
+/// long to sleep.
 fn tick_due_workers() -> u64 {
     let now = now_ms();
     let mut sleep_ms = 100u64;
-    let mut ticks = lock(&TICKS);
-    for entry in ticks.values_mut() {
-        if entry.period_ms == 0 {
+    let workers: Vec<Arc<WorkerCell>> = lock(&WORKERS).values().cloned().collect();
+    for cell in workers {
+        let period = cell.tick_period_ms.load(Ordering::Relaxed);
+        if period == 0 {
             continue;
         }
-        // Without a paused stream the worker ticks on its next request instead.
-        let Some((_, scheduler)) = entry.schedulers.first() else {
-            continue;
-        };
-        if now >= entry.next_ms {
-            scheduler.commit(EVENT_TICK);
-            entry.next_ms = now.saturating_add(entry.period_ms);
+        let next = cell.next_tick_ms.load(Ordering::Relaxed);
+        if now >= next {
+            // Pushed on at once, so a busy main thread gets one event, not a flood; the
+            // tick itself sets the next moment it wants.
+            let following = now.saturating_add(period);
+            cell.next_tick_ms.store(following, Ordering::Relaxed);
+            cell.commit_main(EVENT_TICK);
+            sleep_ms = sleep_ms.min(period);
+        } else {
+            sleep_ms = sleep_ms.min(next.saturating_sub(now));
         }
-        sleep_ms = sleep_ms.min(entry.next_ms.saturating_sub(now));
     }
-    sleep_ms.max(5)
+    sleep_ms.max(1)
 }
 
 // ---------------------------------------------------------------------------------
@@ -258,6 +229,7 @@ pub struct NativeConfig {
 const _: () = {
     const fn shared_across_threads<T: Send + Sync>() {}
     shared_across_threads::<NativeConfig>();
+    shared_across_threads::<WorkerCell>();
 };
 
 /// A callout a worker asked for, waiting for the main thread.
@@ -317,34 +289,45 @@ impl NativeConfig {
         })
     }
 
-    /// Envoy drops the configuration (main thread): no callout leaves any more; the
-    /// ones in flight are cancelled by Envoy, so their workers get `NoResponse`.
+    /// Envoy drops the configuration (main thread, once its streams are gone): no
+    /// callout leaves any more, the ones in flight are cancelled by Envoy, and its
+    /// workers leave the registry.
     pub fn shutdown(&self) {
-        let (scheduler, outbox, pending) = {
+        let scheduler = {
             let mut main = lock(&self.main);
-            (
-                main.scheduler.take(),
-                std::mem::take(&mut main.outbox),
-                std::mem::take(&mut main.pending),
-            )
+            main.outbox.clear();
+            main.pending.clear();
+            main.scheduler.take()
         };
         if let Some(scheduler) = scheduler {
             scheduler.delete();
         }
         lock(&DROPPED).push(self.generation);
-        for outgoing in outbox {
-            post_answer(outgoing.worker_id, outgoing.id, CalloutResult::NoResponse);
-        }
-        for (worker_id, id) in pending.into_values() {
-            post_answer(worker_id, id, CalloutResult::NoResponse);
+        lock(&WORKERS).retain(|_, cell| cell.generation != self.generation);
+    }
+
+    /// Main thread: an event of this configuration's scheduler.
+    pub fn on_main_scheduled(&self, event_id: u64) {
+        let kind = event_id & ((1 << EVENT_KIND_BITS) - 1);
+        let worker = || worker_by_id(event_id >> EVENT_KIND_BITS);
+        match kind {
+            EVENT_SEND => self.send_outbox(),
+            EVENT_TICK => {
+                if let Some(cell) = worker() {
+                    cell.with_worker(None, |worker, host| worker.on_tick(host));
+                }
+            }
+            EVENT_WAKE => {
+                if let Some(cell) = worker() {
+                    cell.with_worker(None, |worker, host| worker.on_wake(host));
+                }
+            }
+            _ => {}
         }
     }
 
-    /// Main thread: send the callouts the workers queued.
-    pub fn on_main_scheduled(&self, event_id: u64) {
-        if event_id != EVENT_SEND {
-            return;
-        }
+    /// Main thread: sends the callouts the workers queued.
+    fn send_outbox(&self) {
         let (envoy, outbox) = {
             let mut main = lock(&self.main);
             (main.envoy, std::mem::take(&mut main.outbox))
@@ -374,18 +357,18 @@ impl NativeConfig {
                             outgoing.cluster
                         ),
                     );
-                    post_answer(outgoing.worker_id, outgoing.id, CalloutResult::NoResponse);
+                    answer_worker(outgoing.worker_id, outgoing.id, CalloutResult::NoResponse);
                 }
             }
         }
     }
 
-    /// Main thread: a configuration callout ended.
+    /// Main thread: a configuration callout ended; its worker handles the answer now.
     pub fn on_main_callout_done(&self, envoy_id: u64, answer: Option<RawAnswer<'_>>) {
         let Some((worker_id, id)) = lock(&self.main).pending.remove(&envoy_id) else {
             return;
         };
-        post_answer(worker_id, id, callout_result(answer));
+        answer_worker(worker_id, id, callout_result(answer));
     }
 
     /// A line for the log naming what this configuration does.
@@ -402,11 +385,20 @@ impl NativeConfig {
     }
 }
 
+/// Main thread: hands callout answer `id` to worker `worker_id`, if it still lives.
+fn answer_worker(worker_id: u64, id: u32, result: CalloutResult) {
+    if let Some(cell) = worker_by_id(worker_id) {
+        cell.with_worker(None, |worker, host| {
+            worker.on_callout_response(host, id, result);
+        });
+    }
+}
+
 // ---------------------------------------------------------------------------------
-// Per worker thread
+// Per worker
 // ---------------------------------------------------------------------------------
 
-/// What a paused stream is to receive, applied in its own scheduled hook.
+/// What a parked stream is to receive, applied in its own scheduled hook.
 #[derive(Debug)]
 enum Handover {
     /// Set this header and continue.
@@ -415,184 +407,194 @@ enum Handover {
     Reply(u16, SecretBytes),
 }
 
-/// A live stream of a worker.
+/// A stream the worker paused, waiting for its delivery.
 #[derive(Debug)]
-struct StreamEntry {
-    envoy: EnvoyFilter,
-    /// Made when the stream pauses.
-    scheduler: Option<Scheduler>,
-    /// Paused, waiting on the worker.
-    waiting: bool,
+struct Parked {
+    /// The stream's scheduler (deleted by the stream after it left this map).
+    scheduler: Scheduler,
     /// Recorded by the worker, applied on `EVENT_DELIVER`.
     pending: Option<Handover>,
 }
 
-/// The host side of one worker: everything [`DynamicHost`] touches while the worker
-/// itself is borrowed.
+/// The worker and what its [`DynamicHost`] keeps, under one lock.
 #[derive(Debug)]
-struct HostState {
-    worker_id: u64,
+struct WorkerState {
+    worker: Worker,
+    next_callout: u32,
+}
+
+/// One worker (of one thread and configuration): its state behind a lock, and what the
+/// stream hooks and the main thread reach without it.
+#[derive(Debug)]
+struct WorkerCell {
+    id: u64,
+    /// The configuration generation it belongs to.
+    generation: u64,
+    state: Mutex<WorkerState>,
+    /// The worker's cache-hit tally, told by streams when they end.
+    hits: Arc<HitTally>,
+    /// The worker's configuration, read by streams without the lock.
+    config: Arc<FilterConfig>,
+    /// Streams the worker paused, by context id: where its deliveries go. Commits to a
+    /// parked stream's scheduler happen under this lock, and a stream leaves the map
+    /// under it before deleting its scheduler.
+    parked: Mutex<HashMap<u32, Parked>>,
+    /// Stat ids by metric, added on `envoy`.
     metrics: Arc<Vec<(Metric, usize)>>,
-    streams: RefCell<HashMap<u32, StreamEntry>>,
-    /// Where the worker's callouts leave from.
+    envoy: EnvoyConfig,
+    /// Where the worker's callouts leave from, and its scheduler for ticks and wakes.
     main: Arc<Mutex<Main>>,
-    next_callout: Cell<u32>,
-    /// The tick period the worker asked for, and when the next tick is due.
-    tick_period_ms: Cell<u64>,
-    next_tick_ms: Cell<u64>,
-}
-
-/// One worker and its host state.
-struct Slot {
-    worker: RefCell<Worker>,
-    hits: Rc<HitTally>,
-    config: Rc<FilterConfig>,
-    state: HostState,
-    /// Answers that arrived while the worker was busy (re-entry), handed over after.
-    deferred: RefCell<Vec<(u32, CalloutResult)>>,
-}
-
-impl std::fmt::Debug for Slot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slot")
-            .field("worker_id", &self.state.worker_id)
-            .finish_non_exhaustive()
-    }
+    /// The tick period the worker asked for (0: none), and when the next tick is due;
+    /// read by the ticker thread.
+    tick_period_ms: AtomicU64,
+    next_tick_ms: AtomicU64,
 }
 
 thread_local! {
-    static SLOTS: RefCell<HashMap<u64, Rc<Slot>>> = RefCell::new(HashMap::new());
+    static WORKERS_OF_THREAD: RefCell<HashMap<u64, Arc<WorkerCell>>> =
+        RefCell::new(HashMap::new());
     static NEXT_CONTEXT: Cell<u32> = const { Cell::new(1) };
+    /// Set while this thread runs a worker: a re-entry answers "busy" instead of
+    /// waiting on a lock this thread holds.
+    static IN_WORKER: Cell<bool> = const { Cell::new(false) };
 }
 
-impl Slot {
-    /// This thread's slot for `config`, made on first use.
-    fn for_config(config: &NativeConfig) -> Rc<Slot> {
-        SLOTS.with(|slots| {
-            let mut slots = slots.borrow_mut();
-            if !slots.contains_key(&config.generation) {
+impl WorkerCell {
+    /// This thread's worker for `config`, made on first use.
+    fn for_config(config: &NativeConfig) -> Arc<WorkerCell> {
+        WORKERS_OF_THREAD.with(|cells| {
+            let mut cells = cells.borrow_mut();
+            if !cells.contains_key(&config.generation) {
                 // A new configuration (an xDS update, say): forget the dropped ones.
                 let dropped = lock(&DROPPED).clone();
-                slots.retain(|generation, slot| {
-                    let keep = !dropped.contains(generation);
-                    if !keep {
-                        lock(&TICKS).remove(&slot.state.worker_id);
-                    }
-                    keep
-                });
+                cells.retain(|generation, _| !dropped.contains(generation));
             }
-            Rc::clone(slots.entry(config.generation).or_insert_with(|| {
-                let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
-                let worker = Worker::new(config.config.clone(), u64::from(id), Some(id));
-                let hits = Rc::clone(worker.hits());
-                let filter_config = Rc::clone(worker.config());
-                lock(&TICKS).insert(u64::from(id), TickEntry::default());
-                Rc::new(Slot {
-                    worker: RefCell::new(worker),
-                    hits,
-                    config: filter_config,
-                    state: HostState {
-                        worker_id: u64::from(id),
-                        metrics: Arc::clone(&config.metrics),
-                        streams: RefCell::new(HashMap::new()),
-                        main: Arc::clone(&config.main),
-                        next_callout: Cell::new(1),
-                        tick_period_ms: Cell::new(0),
-                        next_tick_ms: Cell::new(0),
-                    },
-                    deferred: RefCell::new(Vec::new()),
-                })
+            Arc::clone(cells.entry(config.generation).or_insert_with(|| {
+                let id = u64::from(NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed));
+                let queue = u32::try_from(id).ok();
+                let worker = Worker::new(config.config.clone(), id, queue);
+                let envoy = lock(&config.main).envoy;
+                let cell = Arc::new(WorkerCell {
+                    id,
+                    generation: config.generation,
+                    hits: Arc::clone(worker.hits()),
+                    config: Arc::clone(worker.config()),
+                    state: Mutex::new(WorkerState {
+                        worker,
+                        next_callout: 1,
+                    }),
+                    parked: Mutex::new(HashMap::new()),
+                    metrics: Arc::clone(&config.metrics),
+                    envoy,
+                    main: Arc::clone(&config.main),
+                    tick_period_ms: AtomicU64::new(0),
+                    next_tick_ms: AtomicU64::new(0),
+                });
+                lock(&WORKERS).insert(id, Arc::clone(&cell));
+                cell
             }))
         })
     }
 
-    /// Runs `call` on the worker with a host whose running stream is `current`; then
-    /// hands over answers deferred meanwhile. `None` when the worker is busy (re-entry).
+    /// Commits main-thread event `kind` for this worker on its configuration's
+    /// scheduler (from any thread).
+    fn commit_main(&self, kind: u64) {
+        let main = lock(&self.main);
+        // Committed under the lock: `shutdown` deletes the scheduler under it too.
+        if let Some(scheduler) = main.scheduler {
+            scheduler.commit(self.id << EVENT_KIND_BITS | kind);
+        }
+    }
+
+    /// Runs `call` on the worker with a host whose running stream is `current` (`None`:
+    /// background work on the main thread). Returns the call's value and a delivery for
+    /// `current` made during the call; `None` on a re-entry from this thread.
     fn with_worker<T>(
         &self,
         current: Option<u32>,
         call: impl FnOnce(&mut Worker, &mut DynamicHost<'_>) -> T,
-    ) -> Option<T> {
-        let mut host = DynamicHost {
-            state: &self.state,
-            current,
-        };
-        let value = {
-            let mut worker = self.worker.try_borrow_mut().ok()?;
-            call(&mut worker, &mut host)
-        };
-        loop {
-            let mut answers = std::mem::take(&mut *self.deferred.borrow_mut());
-            answers.extend(take_answers(self.state.worker_id));
-            if answers.is_empty() {
-                break;
-            }
-            let Ok(mut worker) = self.worker.try_borrow_mut() else {
-                self.deferred.borrow_mut().extend(answers);
-                break;
-            };
-            for (id, result) in answers {
-                worker.on_callout_response(&mut host, id, result);
-            }
+    ) -> Option<(T, Option<Handover>)> {
+        if IN_WORKER.with(Cell::get) {
+            return None;
         }
-        Some(value)
+        IN_WORKER.with(|flag| flag.set(true));
+        let result = {
+            let mut state = lock(&self.state);
+            let WorkerState {
+                worker,
+                next_callout,
+            } = &mut *state;
+            let mut host = DynamicHost {
+                cell: self,
+                next_callout,
+                current,
+                current_delivery: None,
+            };
+            let value = call(worker, &mut host);
+            (value, host.current_delivery.take())
+        };
+        IN_WORKER.with(|flag| flag.set(false));
+        Some(result)
     }
 
-    /// At the start of a request, before the worker decides it: runs the worker's tick
-    /// when it is due and no ticker event ran it (no paused stream), and hands over the
-    /// callout answers that arrived meanwhile. So the request is decided on what the
-    /// worker's background work already brought in (e.g. the token a refresh-ahead
-    /// fetched), not on the state before it.
-    fn catch_up(&self, current: u32) {
-        let period = self.state.tick_period_ms.get();
-        if period != 0 && now_ms() >= self.state.next_tick_ms.get() {
-            self.with_worker(Some(current), |worker, host| worker.on_tick(host));
-        } else if INBOX_COUNT.load(Ordering::SeqCst) > 0 || !self.deferred.borrow().is_empty() {
-            // `with_worker` hands the answers over after its call.
-            self.with_worker(Some(current), |_, _| ());
+    /// Adds `amount` to `metric`'s stat (from any thread, without the worker's lock).
+    fn count(&self, metric: Metric, amount: u64) {
+        if let Some((_, id)) = self.metrics.iter().find(|(defined, _)| *defined == metric) {
+            self.envoy.increment(*id, amount);
         }
+    }
+
+    /// Parks stream `id` (under the worker's lock, so no delivery can miss it).
+    fn park(&self, id: u32, scheduler: Scheduler) {
+        lock(&self.parked).insert(
+            id,
+            Parked {
+                scheduler,
+                pending: None,
+            },
+        );
+    }
+
+    /// The delivery recorded for parked stream `id`, which leaves the map with it.
+    fn take_delivery(&self, id: u32) -> Option<Handover> {
+        let mut parked = lock(&self.parked);
+        let delivery = parked.get_mut(&id)?.pending.take()?;
+        parked.remove(&id);
+        Some(delivery)
+    }
+
+    /// Stream `id` is going away: it leaves the map (no commit can reach its scheduler
+    /// after this).
+    fn unpark(&self, id: u32) {
+        lock(&self.parked).remove(&id);
     }
 }
 
 /// [`Host`] over the dynamic-module callbacks, for one worker, while one of its streams'
-/// hooks runs (`current`).
+/// hooks runs (`current`) or while the main thread runs its background work.
 #[derive(Debug)]
 pub struct DynamicHost<'a> {
-    state: &'a HostState,
+    cell: &'a WorkerCell,
+    next_callout: &'a mut u32,
     current: Option<u32>,
+    /// A delivery to `current`, applied by its hook when the worker returns.
+    current_delivery: Option<Handover>,
 }
 
 impl DynamicHost<'_> {
-    /// The stream whose hook runs, or any live stream of the worker.
-    fn some_stream(&self) -> Option<EnvoyFilter> {
-        let streams = self.state.streams.borrow();
-        self.current
-            .and_then(|id| streams.get(&id))
-            .or_else(|| streams.values().next())
-            .map(|entry| entry.envoy)
-    }
-
     /// Records `delivery` for paused stream `context_id` and schedules it.
     fn deliver(&mut self, context_id: u32, delivery: Handover) -> bool {
-        let mut streams = self.state.streams.borrow_mut();
-        let Some(entry) = streams.get_mut(&context_id) else {
+        if self.current == Some(context_id) {
+            self.current_delivery = Some(delivery);
+            return true;
+        }
+        let mut parked = lock(&self.cell.parked);
+        let Some(entry) = parked.get_mut(&context_id) else {
             return false;
         };
-        match entry.scheduler {
-            Some(scheduler) => {
-                entry.pending = Some(delivery);
-                scheduler.commit(EVENT_DELIVER);
-                true
-            }
-            // The stream whose hook runs now, which the worker paused in this very call
-            // and whose fetch ended before the hook returned (an answer handed over by
-            // `with_worker`): not held yet, so `Stream::ask` applies it on return.
-            None if self.current == Some(context_id) => {
-                entry.pending = Some(delivery);
-                true
-            }
-            None => false,
-        }
+        entry.pending = Some(delivery);
+        entry.scheduler.commit(EVENT_DELIVER);
+        true
     }
 }
 
@@ -602,8 +604,8 @@ impl Host for DynamicHost<'_> {
     }
 
     fn dispatch(&mut self, callout: Callout<'_>) -> Result<u32, String> {
-        let id = self.state.next_callout.get();
-        self.state.next_callout.set(id.wrapping_add(1).max(1));
+        let id = *self.next_callout;
+        *self.next_callout = id.wrapping_add(1).max(1);
         let mut headers: Vec<(String, SecretBytes)> = vec![
             (
                 ":method".to_owned(),
@@ -625,14 +627,14 @@ impl Host for DynamicHost<'_> {
             )
         }));
         let outgoing = Outgoing {
-            worker_id: self.state.worker_id,
+            worker_id: self.cell.id,
             id,
             cluster: callout.cluster.to_owned(),
             headers,
             body: SecretBytes::new(callout.body.unwrap_or_default().to_vec()),
             timeout_ms: callout.timeout_ms,
         };
-        let mut main = lock(&self.state.main);
+        let mut main = lock(&self.cell.main);
         let Some(scheduler) = main.scheduler else {
             return Err("the filter configuration is gone".to_owned());
         };
@@ -647,12 +649,8 @@ impl Host for DynamicHost<'_> {
     }
 
     fn wake(&mut self, queue: u32) {
-        let ticks = lock(&TICKS);
-        if let Some((_, scheduler)) = ticks
-            .get(&u64::from(queue))
-            .and_then(|entry| entry.schedulers.first())
-        {
-            scheduler.commit(EVENT_WAKE);
+        if let Some(cell) = worker_by_id(u64::from(queue)) {
+            cell.commit_main(EVENT_WAKE);
         }
     }
 
@@ -671,30 +669,17 @@ impl Host for DynamicHost<'_> {
     }
 
     fn set_tick_period_ms(&mut self, period_ms: u64) {
-        let next = now_ms().saturating_add(period_ms);
-        self.state.tick_period_ms.set(period_ms);
-        self.state.next_tick_ms.set(next);
-        if let Some(entry) = lock(&TICKS).get_mut(&self.state.worker_id) {
-            entry.period_ms = period_ms;
-            entry.next_ms = next;
-        }
+        let cell = self.cell;
+        cell.tick_period_ms.store(period_ms, Ordering::Relaxed);
+        cell.next_tick_ms
+            .store(now_ms().saturating_add(period_ms), Ordering::Relaxed);
         if period_ms > 0 {
             start_ticker();
         }
     }
 
     fn add(&mut self, metric: Metric, amount: u64) {
-        let Some((_, id)) = self
-            .state
-            .metrics
-            .iter()
-            .find(|(defined, _)| *defined == metric)
-        else {
-            return;
-        };
-        if let Some(stream) = self.some_stream() {
-            stream.increment(*id, amount);
-        }
+        self.cell.count(metric, amount);
     }
 
     fn log_level(&self) -> Level {
@@ -719,7 +704,6 @@ impl Host for DynamicHost<'_> {
         envoy::log(level, message);
     }
 }
-
 // ---------------------------------------------------------------------------------
 // Per stream
 // ---------------------------------------------------------------------------------
@@ -757,7 +741,7 @@ pub enum BodyVerdict {
 /// The module's object for one HTTP stream.
 #[derive(Debug)]
 pub struct Stream {
-    slot: Rc<Slot>,
+    cell: Arc<WorkerCell>,
     id: u32,
     envoy: EnvoyFilter,
     carried: Carried,
@@ -768,6 +752,10 @@ pub struct Stream {
     /// The worker paused the request (it knows the stream's id until it is gone); a
     /// request served from the cache at once never was.
     paused_by_worker: bool,
+    /// Parked in the worker's map, waiting for a delivery.
+    parked: bool,
+    /// Made when the stream parks; deleted when the stream goes.
+    scheduler: Option<Scheduler>,
 }
 
 /// A callout answer as Envoy hands it over.
@@ -784,24 +772,15 @@ pub struct RawAnswer<'a> {
 impl Stream {
     /// A stream of `config` starts on this thread.
     pub fn new(config: &NativeConfig, envoy: EnvoyFilter) -> Stream {
-        let slot = Slot::for_config(config);
+        let cell = WorkerCell::for_config(config);
         let id = NEXT_CONTEXT.with(|next| {
             let id = next.get();
             next.set(id.wrapping_add(1).max(1));
             id
         });
-        slot.state.streams.borrow_mut().insert(
-            id,
-            StreamEntry {
-                envoy,
-                scheduler: None,
-                waiting: false,
-                pending: None,
-            },
-        );
-        slot.hits.request_started();
+        cell.hits.request_started();
         Stream {
-            slot,
+            cell,
             id,
             envoy,
             carried: Carried::Nothing,
@@ -809,6 +788,8 @@ impl Stream {
             correlation_id: None,
             completed: false,
             paused_by_worker: false,
+            parked: false,
+            scheduler: None,
         }
     }
 
@@ -818,21 +799,14 @@ impl Stream {
             return;
         }
         self.completed = true;
-        if let Some(hits) = self.slot.hits.request_ended() {
-            let id = self.id;
-            self.slot
-                .with_worker(Some(id), |_, host| host.add(Metric::CacheHit, hits));
+        if let Some(hits) = self.cell.hits.request_ended() {
+            self.cell.count(Metric::CacheHit, hits);
         }
     }
 
     /// Whether the request is held (body and trailers must wait).
     pub fn paused(&self) -> bool {
-        self.slot
-            .state
-            .streams
-            .borrow()
-            .get(&self.id)
-            .is_some_and(|entry| entry.waiting)
+        self.parked
     }
 
     fn correlation_id(&mut self) -> Option<String> {
@@ -848,30 +822,9 @@ impl Stream {
         HeadersVerdict::Answered
     }
 
-    /// Makes the stream's scheduler and registers it for ticks and wake-ups.
-    fn hold(&self) {
-        let mut streams = self.slot.state.streams.borrow_mut();
-        let Some(entry) = streams.get_mut(&self.id) else {
-            return;
-        };
-        if entry.waiting {
-            return;
-        }
-        entry.waiting = true;
-        let scheduler = *entry
-            .scheduler
-            .get_or_insert_with(|| self.envoy.new_scheduler());
-        if let Some(ticks) = lock(&TICKS).get_mut(&self.slot.state.worker_id) {
-            ticks.schedulers.push((self.id, scheduler));
-        }
-        // Start the worker's queued fetch at once, on this (paused) stream.
-        scheduler.commit(EVENT_TICK);
-    }
-
     /// The request headers arrived.
     pub fn on_request_headers(&mut self, end_of_stream: bool) -> HeadersVerdict {
-        self.slot.catch_up(self.id);
-        let config = Rc::clone(&self.slot.config);
+        let config = Arc::clone(&self.cell.config);
         let headers = StreamHeaders(self.envoy);
         match ask::from_headers(&config, &headers, end_of_stream) {
             Ask::Token(wanted) => self.ask(wanted),
@@ -907,7 +860,7 @@ impl Stream {
             return BodyVerdict::Hold;
         }
         self.awaiting_body = false;
-        match ask::from_body(&self.slot.config, &body()) {
+        match ask::from_body(&self.cell.config, &body()) {
             Ask::Token(wanted) => {
                 self.ask(wanted);
             }
@@ -919,27 +872,37 @@ impl Stream {
         BodyVerdict::Hold
     }
 
-    /// Hands a validated request to the worker and applies its decision.
+    /// Hands a validated request to the worker and applies its decision. A paused
+    /// request parks (with a scheduler for its delivery) before the worker's lock is
+    /// released, so a delivery made on the main thread right after cannot miss it.
     fn ask(&mut self, wanted: Wanted) -> HeadersVerdict {
         let delivery = wanted.delivery;
-        let purge_on = !self.slot.config.purge.statuses.is_empty() && delivery == Delivery::Inject;
+        let purge_on = !self.cell.config.purge.statuses.is_empty() && delivery == Delivery::Inject;
         let carried_key = purge_on.then(|| wanted.key.clone());
         let correlation_id = self.correlation_id.clone();
         let envoy = self.envoy;
-        let ask = wanted.of(self.id);
+        let id = self.id;
+        let ask = wanted.of(id);
         let mut read_correlation = None;
-        let decision = self.slot.with_worker(Some(self.id), |worker, host| {
-            worker.on_request(host, ask, || {
+        let mut parked_with = None;
+        let outcome = self.cell.with_worker(Some(id), |worker, host| {
+            let decision = worker.on_request(host, ask, || {
                 let value = correlation_id
                     .unwrap_or_else(|| envoy.request_header("x-request-id").map(into_text));
                 read_correlation = Some(value.clone());
                 value
-            })
+            });
+            if matches!(decision, Decision::Pause) && host.current_delivery.is_none() {
+                let scheduler = envoy.new_scheduler();
+                host.cell.park(id, scheduler);
+                parked_with = Some(scheduler);
+            }
+            decision
         });
         if let Some(value) = read_correlation {
             self.correlation_id = Some(value);
         }
-        let Some(decision) = decision else {
+        let Some((decision, delivered_now)) = outcome else {
             return self.reject(
                 &TokenError::new(ErrorCode::InternalError, "tokengate worker busy"),
                 None,
@@ -949,7 +912,7 @@ impl Stream {
             Decision::Cached(token) => match delivery {
                 Delivery::Inject => {
                     let bearer = delivery::bearer(&token);
-                    let header = &self.slot.config.authorization_header;
+                    let header = &self.cell.config.authorization_header;
                     self.set_token_header(header, bearer.expose().as_bytes());
                     if let Some(key) = carried_key {
                         self.carried = Carried::Cached(key, token);
@@ -967,7 +930,7 @@ impl Stream {
                 if purge_on {
                     self.carried = Carried::FromWorker;
                 }
-                match self.take_pending() {
+                match delivered_now {
                     Some(Handover::Header(name, value)) => {
                         self.set_token_header(&name, value.expose().as_bytes());
                         HeadersVerdict::Continue
@@ -977,7 +940,8 @@ impl Stream {
                         HeadersVerdict::Answered
                     }
                     None => {
-                        self.hold();
+                        self.scheduler = parked_with;
+                        self.parked = parked_with.is_some();
                         HeadersVerdict::Pause
                     }
                 }
@@ -995,16 +959,6 @@ impl Stream {
         }
     }
 
-    /// What the worker handed this stream, if anything is waiting for it.
-    fn take_pending(&self) -> Option<Handover> {
-        self.slot
-            .state
-            .streams
-            .borrow_mut()
-            .get_mut(&self.id)
-            .and_then(|entry| entry.pending.take())
-    }
-
     /// Response headers: tell the worker the upstream's status (purge on rejection).
     pub fn on_response_headers(&mut self) {
         let injected = match std::mem::replace(&mut self.carried, Carried::Nothing) {
@@ -1020,95 +974,55 @@ impl Stream {
         // Only a purge status concerns the worker (what it keeps of a stream it resumed
         // goes when the stream does).
         if let Some(status) =
-            status.filter(|status| self.slot.config.purge.statuses.contains(status))
+            status.filter(|status| self.cell.config.purge.statuses.contains(status))
         {
             let id = self.id;
-            self.slot.with_worker(Some(id), |worker, host| {
+            self.cell.with_worker(Some(id), |worker, host| {
                 worker.on_upstream_status(host, id, injected, status);
             });
         }
     }
 
-    /// A scheduled event reached this stream.
+    /// A scheduled event reached this stream: the worker's delivery.
     pub fn on_scheduled(&mut self, event_id: u64) {
-        match event_id {
-            EVENT_DELIVER => match self.take_pending() {
-                Some(Handover::Header(name, value)) => {
-                    self.release();
-                    self.set_token_header(&name, value.expose().as_bytes());
-                    self.envoy.continue_decoding();
-                }
-                Some(Handover::Reply(status, body)) => {
-                    self.release();
-                    send_json(self.envoy, status, body.expose());
-                }
-                None => {}
-            },
-            EVENT_TICK => {
-                self.slot
-                    .with_worker(Some(self.id), |worker, host| worker.on_tick(host));
-            }
-            EVENT_WAKE => {
-                self.slot
-                    .with_worker(Some(self.id), |worker, host| worker.on_wake(host));
-            }
-            // The answers are handed over by `with_worker` itself.
-            EVENT_ANSWER => {
-                self.slot.with_worker(Some(self.id), |_, _| ());
-            }
-            _ => {}
-        }
-    }
-
-    /// The stream no longer waits: drop its scheduler from the tick registry (the
-    /// scheduler itself is deleted with the stream). The registry is only locked for a
-    /// stream that was in it (one that waited).
-    fn release(&self) {
-        let was_waiting = self
-            .slot
-            .state
-            .streams
-            .borrow_mut()
-            .get_mut(&self.id)
-            .is_some_and(|entry| std::mem::replace(&mut entry.waiting, false));
-        if !was_waiting {
+        if event_id != EVENT_DELIVER {
             return;
         }
-        if let Some(ticks) = lock(&TICKS).get_mut(&self.slot.state.worker_id) {
-            ticks.schedulers.retain(|(id, _)| *id != self.id);
+        match self.cell.take_delivery(self.id) {
+            Some(Handover::Header(name, value)) => {
+                self.parked = false;
+                self.set_token_header(&name, value.expose().as_bytes());
+                self.envoy.continue_decoding();
+            }
+            Some(Handover::Reply(status, body)) => {
+                self.parked = false;
+                send_json(self.envoy, status, body.expose());
+            }
+            None => {}
         }
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        let state = &self.slot.state;
-        // No commit may reach the scheduler after its delete: out of the registry first.
-        self.release();
-        let entry = state.streams.borrow_mut().remove(&self.id);
-        if let Some(scheduler) = entry.and_then(|entry| entry.scheduler) {
+        // No commit may reach the scheduler after its delete: out of the map first.
+        if self.parked {
+            self.cell.unpark(self.id);
+        }
+        if let Some(scheduler) = self.scheduler.take() {
             envoy::delete_scheduler(scheduler);
         }
-        // Envoy's object is going away: hits still pending are counted on another stream.
-        let hits = if self.completed {
-            None
-        } else {
-            self.slot.hits.request_ended()
-        };
-        if !self.paused_by_worker && hits.is_none() {
-            // A request served from the cache at once: the worker holds nothing of it.
-            return;
+        // Envoy's object is going away: hits still pending are counted now.
+        if !self.completed {
+            if let Some(hits) = self.cell.hits.request_ended() {
+                self.cell.count(Metric::CacheHit, hits);
+            }
         }
-        let id = self.id;
-        let paused_by_worker = self.paused_by_worker;
-        self.slot.with_worker(None, |worker, host| {
-            if paused_by_worker {
-                worker.on_request_gone(id);
-            }
-            if let Some(hits) = hits {
-                host.add(Metric::CacheHit, hits);
-            }
-        });
+        if self.paused_by_worker {
+            let id = self.id;
+            self.cell
+                .with_worker(None, |worker, _| worker.on_request_gone(id));
+        }
     }
 }
 

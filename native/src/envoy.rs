@@ -108,9 +108,12 @@ impl ConfigScheduler {
 #[derive(Debug, Clone, Copy)]
 pub struct EnvoyConfig(pub HttpFilterConfigEnvoyPtr);
 
-// SAFETY: only a handle; the module uses it on the main thread (callouts) or to make a
-// scheduler in `config_new` (see `adapter`).
+// SAFETY: only a handle; the module uses it on the main thread (callouts), to make a
+// scheduler in `config_new`, and to add to its counters, which Envoy keeps atomic, from
+// any thread while the configuration lives (see `adapter`).
 unsafe impl Send for EnvoyConfig {}
+// SAFETY: as for `Send`: the only call made from several threads is `increment`.
+unsafe impl Sync for EnvoyConfig {}
 
 impl EnvoyConfig {
     /// A scheduler to the main thread for this configuration.
@@ -151,6 +154,21 @@ impl EnvoyConfig {
             Ok(id)
         } else {
             Err(result)
+        }
+    }
+
+    /// Adds `value` to counter `id` (defined by this configuration), from any thread
+    /// while the configuration lives.
+    pub fn increment(self, id: usize, value: u64) {
+        // SAFETY: a live configuration; no labels (null, 0), as defined.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_config_increment_counter(
+                self.0,
+                id,
+                std::ptr::null_mut(),
+                0,
+                value,
+            );
         }
     }
 
@@ -347,19 +365,5 @@ impl EnvoyFilter {
     pub fn continue_decoding(self) {
         // SAFETY: valid filter pointer.
         unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_decoding(self.0) }
-    }
-
-    /// Adds `value` to counter `id` (defined by this stream's configuration).
-    pub fn increment(self, id: usize, value: u64) {
-        // SAFETY: valid filter pointer; no labels (null, 0), as defined.
-        unsafe {
-            abi::envoy_dynamic_module_callback_http_filter_increment_counter(
-                self.0,
-                id,
-                std::ptr::null_mut(),
-                0,
-                value,
-            );
-        }
     }
 }

@@ -104,25 +104,20 @@
 //!
 //! # How the worker is driven (details in `adapter`)
 //!
-//! - One `Worker` per Envoy worker thread and configuration, in a `thread_local!`.
+//! - One `Worker` per Envoy worker thread and configuration, behind a mutex that the
+//!   thread's stream hooks and Envoy's main thread share.
 //! - The gateway cache: one least-recently-used map per record table, process-wide,
 //!   bounded by `cache.maxTenants` (`tokengate::records`), in place of proxy-wasm's shared data.
-//! - Callouts leave from the main thread (configuration callouts, sent from
-//!   `on_http_filter_config_scheduled`), so no request's end cancels them; answers come
-//!   back to the worker's thread through an inbox and a paused stream's scheduler.
-//! - Resume / reply / tick / wake: events committed on the paused streams' schedulers,
-//!   handled in `on_http_filter_scheduled` on the stream's own thread; a process-wide
-//!   ticker thread commits the ticks.
+//! - No work waits for traffic: callouts leave from the main thread (configuration
+//!   callouts, sent from `on_http_filter_config_scheduled`), so no request's end cancels
+//!   them, and their answers are handled there at once; ticks (backoffs, deadlines,
+//!   refresh-ahead, lease-end retries) and wake-ups are events on the configuration's
+//!   scheduler, which a module-owned ticker thread commits when they are due.
+//! - Resume / reply: an event committed on the paused stream's own scheduler, applied
+//!   in `on_http_filter_scheduled` on the stream's thread.
 //!
 //! # Not done yet
 //!
-//! - Background work of a worker with no paused request (a refresh-ahead started by a
-//!   hit, an invalidate after a purge, lease-end retries) gets its answers and ticks on
-//!   that worker's next request (before it is decided), not on time; the end-to-end
-//!   suite on this build (`TOKENGATE_FILTER=native`) sends that request where a test
-//!   depends on it (`refresh.rs`, `faults.rs`). A per-worker timer would need a bootstrap
-//!   extension (`envoy.bootstrap.dynamic_modules` has timers and
-//!   `worker_thread_initialized`) or Envoy's `dispatcher`-level scheduling.
 //! - Per-route configuration; the hooks' `catch_unwind` has no automated test (a cdylib
 //!   linking Envoy's symbols has no native unit tests): checked by hand with a panic
 //!   planted in `request_headers`: Envoy logged `tokengate: panic in

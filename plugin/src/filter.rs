@@ -9,6 +9,7 @@
 
 use std::cell::{OnceCell, RefCell};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
@@ -424,8 +425,8 @@ impl RootContext for Root {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let worker = self.worker.clone()?;
-        let config = Rc::clone(worker.try_borrow().ok()?.config());
-        let hits = Rc::clone(worker.try_borrow().ok()?.hits());
+        let config = Arc::clone(worker.try_borrow().ok()?.config());
+        let hits = Arc::clone(worker.try_borrow().ok()?.hits());
         hits.request_started();
         Some(Box::new(Request {
             context_id,
@@ -450,10 +451,10 @@ struct Request {
     /// Host calls on behalf of the worker (its root context and stats).
     host: ProxyWasmHost,
     /// The worker's configuration, shared without borrowing the worker.
-    config: Rc<FilterConfig>,
+    config: Arc<FilterConfig>,
     worker: Rc<RefCell<Worker>>,
     /// The worker's cache-hit tally, told when this request ends.
-    hits: Rc<HitTally>,
+    hits: Arc<HitTally>,
     /// Set while an endpoint-mode `POST` waits for its body.
     awaiting_body: bool,
     /// The request's `x-request-id`, read when first needed (a cache hit never needs

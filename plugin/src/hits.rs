@@ -7,40 +7,40 @@
 //! the worker's last open request ends (after its answer, off the request's path). Under
 //! sustained load it lags by at most [`BATCH`] hits or [`MAX_DELAY_MS`].
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The pending hits are added once there are this many...
 pub const BATCH: u64 = 64;
 /// ... or on the first hit this long after the last addition.
 pub const MAX_DELAY_MS: u64 = 1_000;
 
-/// One worker's tally. Cells, because a request ends (its context is dropped) outside
-/// any borrow of the worker.
+/// One worker's tally. Atomics, because a request ends (its context is dropped) outside
+/// any borrow of the worker, and the native build runs a worker's background work on
+/// another thread than its requests (relaxed: each field is a counter of its own).
 #[derive(Debug, Default)]
 pub struct HitTally {
     /// Hits not yet added to the stat.
-    pending: Cell<u64>,
+    pending: AtomicU64,
     /// Requests of this worker that have started and not ended.
-    open_requests: Cell<u64>,
+    open_requests: AtomicU64,
     /// When a hit last brought the stat up to date.
-    added_at_ms: Cell<u64>,
+    added_at_ms: AtomicU64,
 }
 
 impl HitTally {
     /// A request of this worker started.
     pub fn request_started(&self) {
-        self.open_requests
-            .set(self.open_requests.get().saturating_add(1));
+        self.open_requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A request was served from the cache at `now_ms`. Returns the hits to add to the
     /// stat now, if it is time.
     #[must_use]
     pub fn hit(&self, now_ms: u64) -> Option<u64> {
-        let pending = self.pending.get().saturating_add(1);
-        self.pending.set(pending);
-        if pending >= BATCH || now_ms.saturating_sub(self.added_at_ms.get()) >= MAX_DELAY_MS {
-            self.added_at_ms.set(now_ms);
+        let pending = self.pending.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let added_at_ms = self.added_at_ms.load(Ordering::Relaxed);
+        if pending >= BATCH || now_ms.saturating_sub(added_at_ms) >= MAX_DELAY_MS {
+            self.added_at_ms.store(now_ms, Ordering::Relaxed);
             return self.take();
         }
         None
@@ -50,15 +50,19 @@ impl HitTally {
     /// pending hits to add now.
     #[must_use]
     pub fn request_ended(&self) -> Option<u64> {
-        let open = self.open_requests.get().saturating_sub(1);
-        self.open_requests.set(open);
-        if open == 0 { self.take() } else { None }
+        let before = self
+            .open_requests
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                Some(open.saturating_sub(1))
+            })
+            .unwrap_or(0);
+        if before <= 1 { self.take() } else { None }
     }
 
     /// Every pending hit, emptying the tally (on ticks).
     #[must_use]
     pub fn take(&self) -> Option<u64> {
-        Some(self.pending.replace(0)).filter(|pending| *pending > 0)
+        Some(self.pending.swap(0, Ordering::Relaxed)).filter(|pending| *pending > 0)
     }
 }
 

@@ -3,11 +3,11 @@
 //! configured margins) instead of the tests waiting for time to pass; the timing rules
 //! themselves are unit-tested on the fake host (`plugin/tests/worker.rs`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use serde_json::json;
-use tokengate_tests::harness::{Cluster, Envoy, FilterBuild, Stack, eventually};
+use tokengate_tests::harness::{Cluster, Envoy, Stack, eventually};
 use tokengate_tests::leak_scan::receive;
 use tokengate_tests::standins::Endpoint;
 
@@ -29,35 +29,14 @@ async fn a_request_in_the_refresh_window_is_served_at_once_and_starts_one_refres
 
     let near_expiry = join_all((0..10).map(|_| stack.get("/api", "acme"))).await;
 
-    // The native build's known limit (native/src/lib.rs, "Not done yet"): Envoy 1.40
-    // gives its HTTP filters no per-worker timer, so a worker with no paused request
-    // gets the answers of its background work (this refresh's callouts, one after the
-    // other) only with its next request. On that build the test keeps sending some.
-    let native = FilterBuild::from_env() == FilterBuild::Native;
     eventually(
         "the background refresh",
         Duration::from_secs(5),
         // The login counts a call on arrival and records its token when it answers.
-        async || {
-            if native {
-                stack.get("/api", "acme").await;
-            }
-            stack.bearers("acme").len() == 2
-        },
+        async || stack.bearers("acme").len() == 2,
     )
     .await;
     let refreshed = stack.bearers("acme").remove(1);
-    if native {
-        // Likewise the login's answer reaches the cache with a next request.
-        eventually(
-            "the refreshed token is served",
-            Duration::from_secs(5),
-            async || {
-                stack.get("/api", "acme").await.authorization.as_deref() == Some(refreshed.as_str())
-            },
-        )
-        .await;
-    }
     // Each request got the old token, or the new one if the refresh (a few ms on
     // loopback) finished while the burst was still arriving: none waited for a fetch.
     for answer in &near_expiry {
@@ -136,4 +115,97 @@ async fn a_token_the_companion_holds_inside_the_expiry_margin_is_not_injected() 
     assert_eq!(issued.len(), 2, "the second Envoy had a new token fetched");
     assert_eq!(first, Some(format!("Bearer {}", issued[0])));
     assert_eq!(second, Some(format!("Bearer {}", issued[1])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresh_started_by_hits_on_an_envoy_that_then_goes_quiet_finishes_on_its_own() {
+    // Two Envoys of one worker each, one companion. Envoy 2 serves hits inside the
+    // refresh window of a short-lived token until one of them starts a refresh-ahead,
+    // then receives nothing. The refresh (lease, Tenant Service, a slow login, commit)
+    // must finish without traffic: Envoy 1 is then served the new token from the
+    // companion's cache at once, with no login call of its own; and no request, on
+    // either Envoy, is ever given a token the login considers expired.
+    let config = Envoy::filter_config_with(json!({
+        "expiryMarginMs": 1_000,
+        "refreshAhead": { "percent": 50, "minLeadMs": 1_001 },
+        "fetchDeadlineMs": 5_000
+    }));
+    let cluster = Cluster::start(2, 1, 1, &config, &[]).await;
+    let (envoy_1, envoy_2) = (&cluster.envoys[0], &cluster.envoys[1]);
+    let standins = &cluster.standins;
+    // Every answer's token must still be valid for the login when the answer arrives.
+    let unexpired = |answer: &tokengate_tests::harness::Answer| {
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let token = answer
+            .authorization
+            .as_deref()
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or_else(|| panic!("no token: {}", answer.body));
+        let expiry = standins
+            .token_expiry(token)
+            .unwrap_or_else(|| panic!("{token} was not issued by the login"));
+        assert!(
+            Instant::now() < expiry,
+            "{token} was injected {:?} after the login's expiry",
+            Instant::now() - expiry
+        );
+        token.to_owned()
+    };
+
+    // Generation 1 lives 8 s: its refresh window is its last 4 s, and its refresh is
+    // due 4 to 6 s after it was issued.
+    standins.set_expires_in(8);
+    let first = unexpired(&envoy_2.get("/api", "acme").await);
+    // Generation 2 lives longer, and its login answers slowly: the refresh is still
+    // under way when Envoy 2's last request has been served.
+    standins.set_expires_in(20);
+    standins.set_latency(Endpoint::Login, Duration::from_millis(500));
+    let mut hits = 0;
+    eventually("a hit starts the refresh", Duration::from_secs(10), async || {
+        assert_eq!(unexpired(&envoy_2.get("/api", "acme").await), first);
+        hits += 1;
+        envoy_2.stat("tokengate.refresh_ahead").await >= 1
+    })
+    .await;
+    let quiet_since = Instant::now();
+
+    // Nothing reaches Envoy 2 from here on.
+    eventually(
+        "the refresh's login call",
+        Duration::from_secs(3),
+        async || standins.tokens_issued_to("acme").len() == 2,
+    )
+    .await;
+    let second = standins.tokens_issued_to("acme").remove(1);
+    eventually(
+        "Envoy 2's refresh is committed",
+        Duration::from_secs(3),
+        async || envoy_2.stat("tokengate.fetch_succeeded").await == 2,
+    )
+    .await;
+    let asked = Instant::now();
+    let served = envoy_1.get("/api", "acme").await;
+    let waited = asked.elapsed();
+    assert_eq!(unexpired(&served), second, "Envoy 1 got the refreshed token");
+    assert!(
+        waited < Duration::from_secs(2),
+        "Envoy 1 waited {waited:?} for a refresh that Envoy 2 started {:?} earlier",
+        asked - quiet_since
+    );
+    assert_eq!(
+        envoy_1.stat("tokengate.cluster_cache_hit").await,
+        1,
+        "served from the companion's cache"
+    );
+
+    // Envoy 2 is asked again only once generation 1 has expired: its cache holds the
+    // successor, whose life was counted from when its login call was sent.
+    let first_expiry = standins.token_expiry(&first).unwrap_or_else(|| panic!("{first}"));
+    tokio::time::sleep_until((first_expiry + Duration::from_millis(200)).into()).await;
+    assert_eq!(unexpired(&envoy_2.get("/api", "acme").await), second);
+    assert_eq!(
+        standins.calls(Endpoint::Login),
+        2,
+        "one login call per token generation ({hits} hits on Envoy 2)"
+    );
 }

@@ -46,7 +46,7 @@ mod fetch;
 mod purge;
 
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use tokengate_core::limit::FetchLog;
 use tokengate_core::{CachedToken, CalloutResult, FetchConfig, SecretString, TokenKey};
@@ -92,7 +92,7 @@ pub struct TokenAsk {
 /// One worker's filter state; see the module documentation.
 #[derive(Debug)]
 pub struct Worker {
-    config: Rc<FilterConfig>,
+    config: Arc<FilterConfig>,
     fetch_config: FetchConfig,
     /// The gateway cache's bounded tables in shared data.
     slots: Slots,
@@ -121,7 +121,7 @@ pub struct Worker {
     lease_end_retries: Vec<(u64, LeaseEnd)>,
     /// Cache hits not yet added to their stat (shared with the request contexts, which
     /// report when they end).
-    hits: Rc<HitTally>,
+    hits: Arc<HitTally>,
     /// Whether the host writes debug lines (the per-hit line is only built then), and
     /// when that was last asked.
     debug_logging: Option<(bool, u64)>,
@@ -147,7 +147,7 @@ impl Worker {
         let fetch_config = config.fetch_config();
         Self {
             slots: config.slots(),
-            config: Rc::new(config),
+            config: Arc::new(config),
             fetch_config,
             worker_id,
             wake_queue,
@@ -160,18 +160,18 @@ impl Worker {
             pending_invalidations: Vec::new(),
             lease_ends: HashMap::new(),
             lease_end_retries: Vec::new(),
-            hits: Rc::default(),
+            hits: Arc::default(),
             debug_logging: None,
         }
     }
 
     /// The tally of cache hits, for the request contexts to report their end to.
-    pub fn hits(&self) -> &Rc<HitTally> {
+    pub fn hits(&self) -> &Arc<HitTally> {
         &self.hits
     }
 
     /// The configuration in force.
-    pub fn config(&self) -> &Rc<FilterConfig> {
+    pub fn config(&self) -> &Arc<FilterConfig> {
         &self.config
     }
 

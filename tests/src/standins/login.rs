@@ -213,11 +213,11 @@ fn check<'s>(
 
 /// Issues a token to the client: the Genesys success answer.
 fn grant(shared: &Shared, client: &GenesysClient) -> Response {
-    let token = shared.issue_token(&client.tenant);
+    let (token, expires_in) = shared.issue_token(&client.tenant);
     let body = json!({
         "access_token": token,
         "token_type": "bearer",
-        "expires_in": shared.expires_in(),
+        "expires_in": expires_in,
     });
     (
         StatusCode::OK,

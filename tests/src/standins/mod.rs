@@ -39,7 +39,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use tokio::net::TcpListener;
@@ -214,6 +214,12 @@ impl StandIns {
             .get(tenant)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// When `token` (as issued, without `Bearer `) expires for the login that issued it:
+    /// its issue time plus the `expires_in` it was answered with.
+    pub fn token_expiry(&self, token: &str) -> Option<Instant> {
+        lock(&self.shared.expiries).get(token).copied()
     }
 
     /// A handle on every secret the stand-ins know or will issue, readable after they

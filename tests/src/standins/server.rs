@@ -1,11 +1,11 @@
 //! Plumbing shared by the three servers: shared state, shutdown, the per-request
 //! arrive/settle steps, the `/_standin/*` control routes and request logging.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher as _, RandomState};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::handler::Handler;
@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub(crate) wrong_host_calls: AtomicU64,
     /// Tokens issued by the login, per tenant, in issue order.
     pub(crate) issued: Mutex<BTreeMap<String, Vec<String>>>,
+    /// When each issued token expires for the login (issue time plus `expires_in`).
+    pub(crate) expiries: Mutex<HashMap<String, Instant>>,
     /// `expires_in` the login answers.
     pub(crate) expires_in: AtomicI64,
     /// Tokens issued so far; numbers each token so tokens are unique and ordered.
@@ -69,6 +71,7 @@ impl Shared {
             last_service_name: Mutex::new(None),
             wrong_host_calls: AtomicU64::new(0),
             issued: Mutex::new(BTreeMap::new()),
+            expiries: Mutex::new(HashMap::new()),
             expires_in: AtomicI64::new(DEFAULT_EXPIRES_IN_SECS),
             tokens_minted: AtomicU64::new(0),
             token_entropy: RandomState::new(),
@@ -119,16 +122,20 @@ impl Shared {
         self.expires_in.load(Ordering::SeqCst)
     }
 
-    /// Mints a unique token for a tenant and records it: `gen-<tenant>-<n>-<16 hex>`.
-    pub(crate) fn issue_token(&self, tenant: &str) -> String {
+    /// Mints a unique token for a tenant and records it and its expiry:
+    /// `gen-<tenant>-<n>-<16 hex>`, with the `expires_in` to answer.
+    pub(crate) fn issue_token(&self, tenant: &str) -> (String, i64) {
         let n = self.tokens_minted.fetch_add(1, Ordering::SeqCst) + 1;
         let noise = self.token_entropy.hash_one((n, tenant));
         let token = format!("gen-{tenant}-{n}-{noise:016x}");
+        let expires_in = self.expires_in();
+        let lifetime = Duration::from_secs(u64::try_from(expires_in).unwrap_or(0));
+        lock(&self.expiries).insert(token.clone(), Instant::now() + lifetime);
         lock(&self.issued)
             .entry(tenant.to_owned())
             .or_default()
             .push(token.clone());
-        token
+        (token, expires_in)
     }
 }
 
