@@ -37,6 +37,14 @@ async fn a_request_in_the_refresh_window_is_served_at_once_and_starts_one_refres
     )
     .await;
     let refreshed = stack.bearers("acme").remove(1);
+    // The login records a token as it answers; the refresh ends when the gateway has
+    // cached it.
+    eventually(
+        "the refresh ends",
+        Duration::from_secs(5),
+        async || stack.envoy.stat("tokengate.fetch_succeeded").await == 2,
+    )
+    .await;
     // Each request got the old token, or the new one if the refresh (a few ms on
     // loopback) finished while the burst was still arriving: none waited for a fetch.
     for answer in &near_expiry {
