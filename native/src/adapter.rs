@@ -50,7 +50,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Once};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokengate::ask::{self, Ask, RequestHeaders, Wanted};
@@ -77,6 +77,8 @@ const EVENT_SEND: u64 = 1;
 const EVENT_TICK: u64 = 2;
 /// Main-thread event, with a worker id above [`EVENT_KIND_BITS`]: run its wake-up.
 const EVENT_WAKE: u64 = 3;
+/// A tick period this short is run at once (and then every period by the ticker).
+const IMMEDIATE_TICK_MS: u64 = 1;
 /// A main-thread event id is `worker id << EVENT_KIND_BITS | kind`.
 const EVENT_KIND_BITS: u32 = 4;
 
@@ -148,7 +150,8 @@ static RECORDS: LazyLock<LruRecords> =
 static WORKERS: LazyLock<Mutex<HashMap<u64, Arc<WorkerCell>>>> =
     LazyLock::new(Default::default);
 
-static TICKER: Once = Once::new();
+/// The ticker thread, unparked when a worker asks for a tick sooner than it planned.
+static TICKER: OnceLock<std::thread::Thread> = OnceLock::new();
 /// Worker ids (also their wake queues), unique in the process.
 static NEXT_WORKER_ID: AtomicU32 = AtomicU32::new(1);
 /// Configuration generations, unique in the process.
@@ -162,24 +165,30 @@ fn worker_by_id(worker_id: u64) -> Option<Arc<WorkerCell>> {
     lock(&WORKERS).get(&worker_id).cloned()
 }
 
-/// Starts the ticker thread once: it commits tick events for due workers.
-fn start_ticker() {
-    TICKER.call_once(|| {
+/// Starts the ticker thread once (it commits tick events for due workers), or wakes it
+/// to look at the periods again.
+fn wake_ticker() {
+    let ticker = TICKER.get_or_init(|| {
         let spawned = std::thread::Builder::new()
             .name("tokengate-ticker".to_owned())
             .spawn(|| {
                 loop {
                     let sleep_ms = std::panic::catch_unwind(tick_due_workers).unwrap_or(100);
-                    std::thread::sleep(Duration::from_millis(sleep_ms));
+                    std::thread::park_timeout(Duration::from_millis(sleep_ms));
                 }
             });
-        if spawned.is_err() {
-            envoy::log(
-                LogLevel::Error,
-                "tokengate: no ticker thread: backoffs, deadlines and refreshes wait for requests",
-            );
+        match spawned {
+            Ok(handle) => handle.thread().clone(),
+            Err(_) => {
+                envoy::log(
+                    LogLevel::Error,
+                    "tokengate: no ticker thread: backoffs, deadlines and refreshes wait for requests",
+                );
+                std::thread::current()
+            }
         }
     });
+    ticker.unpark();
 }
 
 /// Commits a tick for each due worker on its configuration's scheduler; returns how
@@ -673,9 +682,15 @@ impl Host for DynamicHost<'_> {
         cell.tick_period_ms.store(period_ms, Ordering::Relaxed);
         cell.next_tick_ms
             .store(now_ms().saturating_add(period_ms), Ordering::Relaxed);
-        if period_ms > 0 {
-            start_ticker();
+        if period_ms == 0 {
+            return;
         }
+        if period_ms <= IMMEDIATE_TICK_MS {
+            // Work waits for the worker's next turn (a request just queued a fetch):
+            // no need to wait for the ticker.
+            cell.commit_main(EVENT_TICK);
+        }
+        wake_ticker();
     }
 
     fn add(&mut self, metric: Metric, amount: u64) {
