@@ -191,9 +191,14 @@ async fn a_refresh_started_by_hits_on_an_envoy_that_then_goes_quiet_finishes_on_
         async || envoy_2.stat("tokengate.fetch_succeeded").await == 2,
     )
     .await;
+    let refreshed_after_quiet = quiet_since.elapsed();
     let asked = Instant::now();
     let served = envoy_1.get("/api", "acme").await;
     let waited = asked.elapsed();
+    println!(
+        "the refresh ended {refreshed_after_quiet:?} after Envoy 2's last request (login \
+         latency 500 ms); Envoy 1 was served in {waited:?}"
+    );
     assert_eq!(unexpired(&served), second, "Envoy 1 got the refreshed token");
     assert!(
         waited < Duration::from_secs(2),
