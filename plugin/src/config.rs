@@ -10,6 +10,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 use crate::slots::Slots;
+use tokengate_core::cache::Lifetimes;
 use tokengate_core::limit::{self, RefreshThrottle};
 use tokengate_core::providers::{ProviderDocument, ProviderKind, ProviderTable};
 use tokengate_core::{FetchConfig, Provider, RegionTable, SecretString};
@@ -602,6 +603,15 @@ impl FilterConfig {
     }
 
     /// The core fetch settings this configuration implies.
+    /// The expiry margin and refresh lead, which core fits to each token's lifetime.
+    pub fn lifetimes(&self) -> Lifetimes {
+        Lifetimes {
+            percent: self.refresh_ahead.percent,
+            min_lead_ms: self.refresh_ahead.min_lead_ms,
+            expiry_margin_ms: self.expiry_margin_ms,
+        }
+    }
+
     pub fn fetch_config(&self) -> FetchConfig {
         FetchConfig {
             service_name: self.tenant_service.service_name.clone(),
