@@ -313,6 +313,7 @@ impl TokenApi {
             provider: key.provider.clone(),
             tenant_id: key.tenant_id.clone(),
             lease_id,
+            error: None,
         };
         if let Err(error) = self.service.abort(abort).await {
             tracing::warn!(

@@ -53,6 +53,10 @@ pub struct FilterConfig {
     /// A cached token is not injected when it expires within this margin.
     #[serde(default = "default_expiry_margin_ms")]
     pub expiry_margin_ms: u64,
+    /// How long a key whose fetch failed with rejected or missing credentials is
+    /// answered that error from memory, on every worker of this Envoy (0: never).
+    #[serde(default = "default_negative_cache_ms")]
+    pub negative_cache_ms: u64,
     /// A whole fetch (Tenant Service and OAuth, every retry) ends within this long.
     /// Keep it below the companion's `--lock-ttl-ms`.
     #[serde(default = "default_fetch_deadline_ms")]
@@ -100,6 +104,9 @@ impl Default for CacheConfig {
 
 /// The most slots a table may have: ten million tokens of ~600 bytes is already 6 GB.
 const MAX_TENANTS_LIMIT: u32 = 10_000_000;
+
+/// The longest `negativeCacheMs`: a tenant whose secret was fixed is served within it.
+const MAX_NEGATIVE_CACHE_MS: u64 = 300_000;
 
 /// Refresh-ahead: a token in the last part of its life is still served while one
 /// background refresh per Envoy fetches its successor, so no request waits at expiry.
@@ -237,6 +244,9 @@ fn default_authorization_header() -> String {
     "authorization".to_owned()
 }
 fn default_expiry_margin_ms() -> u64 {
+    5_000
+}
+fn default_negative_cache_ms() -> u64 {
     5_000
 }
 fn default_fetch_deadline_ms() -> u64 {
@@ -491,6 +501,14 @@ impl FilterConfig {
             return fail(
                 "cache.maxTenants",
                 &format!("must be at most {MAX_TENANTS_LIMIT}"),
+            );
+        }
+        if self.negative_cache_ms > MAX_NEGATIVE_CACHE_MS {
+            return fail(
+                "negativeCacheMs",
+                &format!(
+                    "must be at most {MAX_NEGATIVE_CACHE_MS} (a fixed secret must be noticed soon)"
+                ),
             );
         }
         if self.refresh_ahead.percent > 100 {

@@ -408,6 +408,7 @@ impl Companion {
             provider: Provider::genesys(),
             tenant_id: TenantId::parse(tenant).unwrap(),
             lease_id: lease_id.clone(),
+            error: None,
         };
         let response = self
             .post(ABORT_PATH, &serde_json::to_value(request).unwrap())

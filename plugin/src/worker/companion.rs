@@ -7,8 +7,8 @@
 use serde::Serialize;
 
 use tokengate_core::lease::{
-    ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, INVALIDATE_PATH, InvalidateRequest,
-    LEASE_PATH, LeaseId, LeaseRequest, LeaseResponse,
+    ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, FetchFailure, INVALIDATE_PATH,
+    InvalidateRequest, LEASE_PATH, LeaseId, LeaseRequest, LeaseResponse,
 };
 use tokengate_core::token_api::{TOKEN_PATH, TokenResponse, TokenSource};
 use tokengate_core::{
@@ -242,13 +242,15 @@ impl Worker {
         }
     }
 
-    /// Commits a cacheable token to the companion, or aborts the lease.
+    /// Commits a cacheable token to the companion, or aborts the lease (reporting
+    /// `failure` when it is an error the companion caches for the key's other leases).
     pub(super) fn end_lease(
         &mut self,
         host: &mut impl Host,
         key: &TokenKey,
         lease_id: LeaseId,
         token: Option<&FetchedToken>,
+        failure: Option<&TokenError>,
     ) {
         let provider = key.provider.clone();
         let tenant_id = key.tenant_id.clone();
@@ -271,6 +273,7 @@ impl Worker {
                     provider,
                     tenant_id,
                     lease_id,
+                    error: failure.and_then(FetchFailure::of),
                 }),
             ),
         };

@@ -227,8 +227,15 @@ impl Worker {
                 return self.finish(host, &key, Ok(token), TokenSource::Cache);
             }
         }
-        // A peer's recent failure is only handed to requests that waited on it; a new
-        // request tries again.
+        // A failure that asking again cannot fix is answered from memory for a while
+        // (unless the request forces a refresh); any other recent failure of a peer is
+        // only handed to the requests that waited on it, and a new request tries again.
+        if !force_refresh {
+            if let Some(error) = inflight::cached_error(host, &self.slots, &key, now_ms) {
+                host.count(Metric::NegativeCacheHit);
+                return self.finish(host, &key, Err(error), TokenSource::Cache);
+            }
+        }
         if inflight::peer_state(host, &self.slots, &key, self.worker_id, now_ms) == Peer::Busy {
             return self.wait_on_peer(host, &key);
         }
@@ -321,7 +328,7 @@ impl Worker {
             self.drive(host, &key);
         } else if let Some(lease_id) = lease_id {
             // Every waiter left while leasing: hand the lock back at once.
-            self.end_lease(host, &key, lease_id, None);
+            self.end_lease(host, &key, lease_id, None, None);
         }
     }
 
@@ -461,7 +468,7 @@ impl Worker {
             ..
         } = fetch.stage
         {
-            self.end_lease(host, key, lease_id, cacheable);
+            self.end_lease(host, key, lease_id, cacheable, result.as_ref().err());
         }
         if claimed {
             if let Some(token) = cacheable {
@@ -480,7 +487,8 @@ impl Worker {
                     host.count(Metric::CacheEvicted);
                 }
             }
-            let released = Marker::release(now_ms, result.as_ref().err());
+            let released =
+                Marker::release(now_ms, result.as_ref().err(), self.config.negative_cache_ms);
             inflight::release(host, &self.slots, key, &released, self.wake_queue);
         }
         let first = fetch.waiters.first();
