@@ -674,8 +674,9 @@ impl FetchFlow {
                 let expires_at_ms = times
                     .sent_at_ms
                     .saturating_add(expires_in_secs.saturating_mul(1000));
-                if expires_at_ms > now_ms {
-                    let remaining_secs = (expires_at_ms - now_ms) / 1000;
+                // What is left of its life when handled, in seconds rounded up.
+                let remaining_secs = expires_at_ms.saturating_sub(now_ms).div_ceil(1000);
+                if remaining_secs > 0 {
                     return Phase::Finished(Ok(FetchedToken {
                         access_token,
                         expires_in_secs: i64::try_from(remaining_secs).unwrap_or(i64::MAX),
@@ -683,7 +684,7 @@ impl FetchFlow {
                         cacheable: true,
                     }));
                 }
-                // Handled after the token's life: it must not be served; fetch anew.
+                // Handled after the token's life: never served; fetch anew.
                 self.last_failure = format!(
                     "the {expires_in_secs} s token's answer was handled {} ms after its request",
                     now_ms.saturating_sub(times.sent_at_ms)
