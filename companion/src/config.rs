@@ -27,6 +27,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// Default `--lock-ttl-ms`.
 pub const DEFAULT_LOCK_TTL_MS: u64 = 30_000;
+/// Default `--negative-cache-ms`.
+pub const DEFAULT_NEGATIVE_CACHE_MS: u64 = 5_000;
+/// Largest `--negative-cache-ms`: a tenant whose secret was fixed is served within it.
+pub const MAX_NEGATIVE_CACHE_MS: u64 = 300_000;
 /// Default `--lease-wait-ms`.
 pub const DEFAULT_LEASE_WAIT_MS: u64 = 35_000;
 /// Default `--recheck-interval-ms`.
@@ -141,6 +145,15 @@ pub struct Config {
     #[arg(long, env = "TOKENGATE_DEGRADED_FETCHES_PER_MINUTE", default_value_t = DEFAULT_FETCHES_PER_MINUTE,
           value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_DEGRADED_FETCHES_PER_MINUTE)))]
     pub degraded_fetches_per_minute: u32,
+
+    /// How long, in milliseconds, a key whose fetch failed with rejected or missing
+    /// credentials (OAUTH_INVALID_GRANT, CREDENTIALS_NOT_FOUND, as the fetching gateway or
+    /// this token API reports them) is answered that error from the cluster cache,
+    /// without a new fetch (negative caching; in degraded mode, from this process's
+    /// memory). A forced refresh or an invalidation of the key clears it. 0 turns it off.
+    #[arg(long, env = "TOKENGATE_NEGATIVE_CACHE_MS", default_value_t = DEFAULT_NEGATIVE_CACHE_MS,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_NEGATIVE_CACHE_MS))]
+    pub negative_cache_ms: u64,
 
     /// At most one forced refresh (`"forceRefresh": true` on /auth/token) per (provider,
     /// tenant) and process in this many milliseconds, so a client looping forced
@@ -607,6 +620,18 @@ mod tests {
             assert!(parse(&[flag, "10"]).is_ok());
             assert!(parse(&[flag, "11"]).is_err(), "{flag} 11 was accepted");
         }
+    }
+
+    #[test]
+    fn negative_caching_lasts_5_s_by_default_may_be_off_and_is_bounded() {
+        assert_eq!(Config::default().negative_cache_ms, 5_000);
+        assert_eq!(
+            parse(&["--negative-cache-ms", "0"])
+                .unwrap()
+                .negative_cache_ms,
+            0
+        );
+        assert!(parse(&["--negative-cache-ms", "300001"]).is_err());
     }
 
     #[test]

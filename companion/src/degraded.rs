@@ -18,6 +18,9 @@
 //!   (it causes no fetch). The logs survive recoveries, so a flapping Redis cannot
 //!   multiply the fetches; logs with no admission left in the window are swept once per
 //!   window, so the map holds only recently fetched keys.
+//! - **Cached failures**: an abort that reports rejected or missing credentials answers
+//!   the key's degraded leases with that error until `--negative-cache-ms` has passed
+//!   (negative caching, as Redis does while healthy); swept with the limiter's logs.
 //! - **Deferred invalidations**: an invalidation received while Redis is unhealthy is
 //!   remembered and applied once Redis is healthy again, so a token an upstream
 //!   rejected during the outage does not come back from the cluster cache after it.
@@ -29,7 +32,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
-use tokengate_core::lease::LeaseId;
+use tokengate_core::lease::{FetchFailure, LeaseId};
 use tokengate_core::limit::{Admission, FetchLog, WINDOW_MS};
 use tokengate_core::{CachedToken, SecretString, TokenKey};
 use tokio::sync::watch;
@@ -77,6 +80,9 @@ pub enum Begin {
         /// When the flight expires if its holder never finishes.
         expires_at: Instant,
     },
+    /// The key's last fetch failed in a way asking again cannot fix, moments ago:
+    /// answer its error.
+    Failed(FetchFailure),
     /// No fetch in flight, and the limit is reached.
     Refused {
         /// When the oldest admission of the key leaves the window.
@@ -106,6 +112,8 @@ struct State {
     last_sweep_ms: u64,
     /// Invalidations waiting for Redis: key -> the token to drop (`None`: any).
     deferred: HashMap<TokenKey, Option<SecretString>>,
+    /// Failures answered from memory: key -> the failure and when it stops answering.
+    failures: HashMap<TokenKey, (FetchFailure, Instant)>,
 }
 
 /// Degraded mode's state for one companion process.
@@ -132,6 +140,7 @@ impl Degraded {
                 admissions: HashMap::new(),
                 last_sweep_ms: 0,
                 deferred: HashMap::new(),
+                failures: HashMap::new(),
             }),
             origin,
             per_minute,
@@ -148,7 +157,12 @@ impl Degraded {
     pub fn begin(&self, key: &TokenKey, now: Instant) -> Begin {
         let now_ms = self.millis(now);
         let mut state = self.lock();
-        state.sweep(now_ms);
+        state.sweep(now_ms, now);
+        if let Some((failure, until)) = state.failures.get(key) {
+            if *until > now {
+                return Begin::Failed(failure.clone());
+            }
+        }
         if let Some(flight) = state.flights.get(key) {
             if flight.expires_at > now {
                 return Begin::Join {
@@ -200,6 +214,16 @@ impl Degraded {
         true
     }
 
+    /// Answers `key`'s degraded leases with `failure` until `until` (negative caching).
+    pub fn remember_failure(&self, key: &TokenKey, failure: FetchFailure, until: Instant) {
+        self.lock().failures.insert(key.clone(), (failure, until));
+    }
+
+    /// Forgets `key`'s failure (an invalidation).
+    pub fn forget_failure(&self, key: &TokenKey) {
+        self.lock().failures.remove(key);
+    }
+
     /// Remembers an invalidation of `key` until Redis is back (see [`Degraded::take_deferred`]).
     ///
     /// Two invalidations of one key naming different tokens merge into "drop whatever is
@@ -248,13 +272,14 @@ impl Degraded {
 
 impl State {
     /// Once per window, drops the limiter logs of keys with no admission in the last
-    /// window, so the map holds only recently fetched keys.
-    fn sweep(&mut self, now_ms: u64) {
+    /// window and the failures no longer answered, so the maps hold only recent keys.
+    fn sweep(&mut self, now_ms: u64, now: Instant) {
         if now_ms.saturating_sub(self.last_sweep_ms) < WINDOW_MS {
             return;
         }
         self.last_sweep_ms = now_ms;
         self.admissions.retain(|_, log| !log.is_idle(now_ms));
+        self.failures.retain(|_, (_, until)| *until > now);
     }
 }
 

@@ -13,8 +13,13 @@
 //!    `hit`, a freed lock (abort or expiry) sends it back to step 1, and the end of the
 //!    wait budget answers `503 LOCK_ACQUISITION_FAILED`.
 //!
-//! A lease with `forceRefresh` skips step 1 for the token cached when it arrives (see
-//! [`Service::lease`]).
+//! Between steps 1 and 2, a key whose last fetch failed with rejected or missing
+//! credentials within `--negative-cache-ms` (the holder's abort said so) is answered
+//! that fetch's error, with its status, code and message, instead of the lock
+//! (negative caching): every gateway asking gets the same answer and the IdP no call.
+//!
+//! A lease with `forceRefresh` skips step 1 for the token cached when it arrives, and
+//! clears the key's cached failure (see [`Service::lease`]).
 //!
 //! While Redis is unhealthy, leases bypass it entirely and are answered in degraded
 //! mode (see [`crate::degraded`]): `fetch` with a `local-` lease id if the in-memory
@@ -29,9 +34,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 use tokengate_core::lease::{
-    AbortRequest, CommitRequest, InvalidateRequest, LeaseId, LeaseResponse,
+    AbortRequest, CommitRequest, FetchFailure, InvalidateRequest, LeaseId, LeaseResponse,
 };
-use tokengate_core::{CachedToken, TokenKey};
+use tokengate_core::{CachedToken, TokenError, TokenKey};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -67,6 +72,9 @@ pub struct Service {
     clock: Arc<dyn Clock>,
     /// How long a lease waits for another holder before it is answered 503.
     lease_wait: Duration,
+    /// How long a fetch failure that asking again cannot fix answers the key's leases
+    /// (zero: never).
+    negative_cache: Duration,
     /// Turns `true` when the companion shuts down, so waiting leases are answered at once.
     stopping: watch::Receiver<bool>,
 }
@@ -82,6 +90,7 @@ impl Service {
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
         lease_wait: Duration,
+        negative_cache: Duration,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -93,6 +102,7 @@ impl Service {
             metrics,
             clock,
             lease_wait,
+            negative_cache,
             stopping,
         }
     }
@@ -135,6 +145,7 @@ impl Service {
             Ok((_, outcome)) => *outcome,
             Err(ApiError::LockWaitExhausted { .. }) => LeaseOutcome::LockTimeout,
             Err(ApiError::DegradedLimitReached { .. }) => LeaseOutcome::DegradedRefused,
+            Err(ApiError::Fetch { .. }) => LeaseOutcome::CachedFailure,
             Err(_) => LeaseOutcome::Error,
         };
         self.metrics.lease(outcome, took);
@@ -226,6 +237,7 @@ impl Service {
                     self.hot.keep(&tag, &token, generation);
                     return Ok((hit(token), hit_outcome(has_waited)));
                 }
+                Acquire::Failed(failure) => return Err(cached_failure(key, failure)),
                 Acquire::Locked => {
                     let lease_ttl_ms = self.store.lock_ttl_ms();
                     let outcome = if has_waited {
@@ -294,6 +306,7 @@ impl Service {
         let mut stopping = self.stopping.clone();
         loop {
             let (mut outcome, expires_at) = match self.degraded.begin(key, Instant::now()) {
+                Begin::Failed(failure) => return Err(cached_failure(key, failure)),
                 Begin::Fetch(lease_id) => {
                     let fetch = LeaseResponse::Fetch {
                         lease_id,
@@ -422,15 +435,36 @@ impl Service {
 
     /// Releases the lock of a failed fetch, so a waiter takes over. Releasing a lock the
     /// lease no longer holds is not an error: there is nothing left to do.
+    ///
+    /// A failure the abort reports, if asking again cannot fix it (credentials rejected
+    /// or not found), answers the key's leases for `--negative-cache-ms` first: the
+    /// waiters the release wakes get it too, instead of each fetching in turn.
     pub async fn abort(&self, request: AbortRequest) -> Result<(), ApiError> {
         let key = TokenKey::new(request.provider, request.tenant_id);
         let (provider, tenant) = (key.provider.as_str(), key.tenant_id.as_str());
         let lease_id = request.lease_id;
+        let failure = request.error.filter(|failure| {
+            failure.code.is_negatively_cached() && !self.negative_cache.is_zero()
+        });
         if degraded::is_local(&lease_id) {
+            if let Some(failure) = failure {
+                let until = Instant::now() + self.negative_cache;
+                self.degraded.remember_failure(&key, failure, until);
+            }
             let current = self.degraded.finish(&key, &lease_id, None);
             self.metrics.abort(AbortResult::Local);
             tracing::info!(provider, tenant, lease_id = %lease_id.0, current, "degraded-mode lease aborted");
             return Ok(());
+        }
+        if let Some(failure) = &failure {
+            let ttl_ms = millis(self.negative_cache);
+            if let Err(error) = self
+                .store
+                .record_failure(&key_tag(&key), failure, ttl_ms)
+                .await
+            {
+                tracing::warn!(provider, tenant, %error, "the fetch's failure could not be cached");
+            }
         }
         match self.store.release(&key_tag(&key), &lease_id).await {
             Ok(true) => {
@@ -485,6 +519,7 @@ impl Service {
         let compared = request.access_token.is_some();
         // The other companions drop theirs when the deletion's message arrives.
         self.hot.forget(&key_tag(&key));
+        self.degraded.forget_failure(&key);
 
         if !self.health().is_healthy() {
             if !self.degraded.defer_invalidation(&key, request.access_token) {
@@ -508,11 +543,15 @@ impl Service {
             return Ok(());
         }
 
-        match self
-            .store
-            .invalidate(&key_tag(&key), request.access_token.as_ref())
-            .await
-        {
+        let invalidated = match self.store.forget_failure(&key_tag(&key)).await {
+            Ok(()) => {
+                self.store
+                    .invalidate(&key_tag(&key), request.access_token.as_ref())
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        match invalidated {
             Ok(found) => {
                 let result = match found {
                     Invalidated::Deleted => InvalidateResult::Deleted,
@@ -649,6 +688,14 @@ fn hit_outcome(has_waited: bool) -> LeaseOutcome {
         LeaseOutcome::WaitedHit
     } else {
         LeaseOutcome::Hit
+    }
+}
+
+/// The error a lease of `key` is answered while its last fetch's `failure` is cached.
+fn cached_failure(key: &TokenKey, failure: FetchFailure) -> ApiError {
+    ApiError::Fetch {
+        key: key.clone(),
+        error: TokenError::new(failure.code, failure.message),
     }
 }
 

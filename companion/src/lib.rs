@@ -202,6 +202,7 @@ pub async fn serve(
         Arc::clone(&metrics),
         Arc::clone(&clock),
         config.lease_wait(),
+        Duration::from_millis(config.negative_cache_ms),
         stopping_rx,
     ));
     let _subscriber = AbortOnDrop(tokio::spawn(waits::run_subscriber(
@@ -276,6 +277,7 @@ pub async fn serve(
         health_interval_ms = config.health_interval_ms,
         health_failure_threshold = config.health_failure_threshold,
         degraded_fetches_per_minute = config.degraded_fetches_per_minute,
+        negative_cache_ms = config.negative_cache_ms,
         min_refresh_interval_ms = config.min_refresh_interval_ms,
         shutdown_timeout_ms = config.shutdown_timeout_ms,
         "tokengate companion listening"

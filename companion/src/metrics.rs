@@ -83,6 +83,9 @@ label_enum! {
         DegradedWaitedHit => "degraded_waited_hit",
         /// Redis is unhealthy and the in-memory limit was reached (`503 CACHE_UNAVAILABLE`).
         DegradedRefused => "degraded_refused",
+        /// The key's last fetch failed with rejected or missing credentials moments ago:
+        /// its error was answered from the cache (negative caching), without a fetch.
+        CachedFailure => "cached_failure",
         /// Any other failure: Redis failed during the lease, or the companion stopped.
         Error => "error",
     }

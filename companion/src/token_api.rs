@@ -33,7 +33,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use tokengate_core::lease::{AbortRequest, CommitRequest, LeaseId, LeaseResponse};
+use tokengate_core::lease::{AbortRequest, CommitRequest, FetchFailure, LeaseId, LeaseResponse};
 use tokengate_core::limit::RefreshThrottle;
 use tokengate_core::token_api::{
     CREDENTIAL_TYPE_HEADER, TOKEN_PATH, TokenRequest, TokenResponse, TokenSource,
@@ -259,11 +259,11 @@ impl TokenApi {
             }
             Some(Ok(token)) => {
                 // A WhatsApp token at the end of its life: served once, never cached.
-                self.abort(&key, lease_id).await;
+                self.abort(&key, lease_id, None).await;
                 Ok(self.fresh(token))
             }
             Some(Err(error)) => {
-                self.abort(&key, lease_id).await;
+                self.abort(&key, lease_id, FetchFailure::of(&error)).await;
                 Err(ApiError::Fetch { key, error })
             }
             None => {
@@ -272,7 +272,7 @@ impl TokenApi {
                     tenant = key.tenant_id.as_str(),
                     "shutting down: the fetch gives up and releases its lock"
                 );
-                self.abort(&key, lease_id).await;
+                self.abort(&key, lease_id, None).await;
                 Err(ApiError::ShuttingDown { key })
             }
         }
@@ -307,12 +307,15 @@ impl TokenApi {
         }
     }
 
-    /// Aborts the lease; a failure (Redis) is logged: the lock expires at its TTL.
-    async fn abort(&self, key: &TokenKey, lease_id: LeaseId) {
+    /// Aborts the lease, reporting `failure` (which the key's leases are then answered
+    /// for `--negative-cache-ms`); a failure of the abort itself (Redis) is logged: the
+    /// lock expires at its TTL.
+    async fn abort(&self, key: &TokenKey, lease_id: LeaseId, failure: Option<FetchFailure>) {
         let abort = AbortRequest {
             provider: key.provider.clone(),
             tenant_id: key.tenant_id.clone(),
             lease_id,
+            error: failure,
         };
         if let Err(error) = self.service.abort(abort).await {
             tracing::warn!(

@@ -5,7 +5,7 @@ mod common;
 
 use common::{
     Companion, ManualClock, RedisServer, assert_hit, config, error_of, now_ms,
-    wait_until_subscribed,
+    wait_until_a_lease_waits, wait_until_subscribed,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,16 +15,6 @@ use tokengate_core::lease::LeaseResponse;
 
 const LOCK: &str = "tokengate:{genesys:acme}:lock";
 const TOKEN: &str = "tokengate:{genesys:acme}:token";
-
-/// Waits until some lease of the companion is in its wait loop (the loop, and only it,
-/// reads the lock with EXISTS).
-async fn wait_until_a_lease_waits(redis: &RedisServer, exists_before: u64) {
-    redis
-        .wait_until("a lease waits", Duration::from_secs(5), || async {
-            redis.calls("exists").await > exists_before
-        })
-        .await;
-}
 
 /// A configuration whose waiting leases re-check only every 10 s: a quick answer can
 /// only come from the pub/sub wake-up. Locks and waits outlast any test.

@@ -6,7 +6,7 @@ use crate::provider::{TokenKey, mix};
 use crate::secret::SecretString;
 
 /// Format version of [`CachedToken::encode`]; bump when the layout changes.
-const FORMAT_VERSION: u8 = 2;
+const FORMAT_VERSION: u8 = 3;
 
 /// A token and the moment it stops being usable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,13 +18,74 @@ pub struct CachedToken {
 }
 
 /// A token in the gateway cache (Envoy shared data), with the moment to start
-/// refreshing it.
+/// refreshing it and the moment to stop serving it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayEntry {
     /// The token and its expiry.
     pub token: CachedToken,
     /// From this moment on it is still served, but a refresh runs in the background.
     pub refresh_at_ms: u64,
+    /// From this moment on it is no longer served: its expiry less the expiry margin
+    /// that fits its lifetime ([`Lifetimes::margin_ms`]).
+    pub stale_at_ms: u64,
+}
+
+/// How a token's lifetime shapes its use in a cache: the operator's expiry margin and
+/// refresh lead, each capped so that a short-lived token is neither stale nor due for
+/// refresh on arrival. For a token that lives `L` from when it was cached:
+///
+/// - it is served until `expiry - margin`, where the margin is `expiryMarginMs` but at
+///   most `L / 4`;
+/// - its refresh window is the last `max(percent % of L, minLeadMs)` of its life, but at
+///   most `L / 2`; the refresh starts in the first half of that window, and always
+///   before the token stops being served (half of the window's part before that
+///   moment is left for the refresh itself).
+///
+/// A 24 h token with the defaults (10 %, 30 s, 5 s) is untouched by the caps; a 20 s
+/// token is served for 15 s and refreshed between 10 and 12.5 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// `refreshAhead.percent`: the refresh window's share of the lifetime.
+    pub percent: u8,
+    /// `refreshAhead.minLeadMs`: the shortest refresh window, within `L / 2`.
+    pub min_lead_ms: u64,
+    /// `expiryMarginMs`: how long before its expiry a token stops being served, within
+    /// `L / 4`.
+    pub expiry_margin_ms: u64,
+}
+
+impl Lifetimes {
+    /// The expiry margin applied to a token that lives `lifetime_ms`.
+    pub fn margin_ms(&self, lifetime_ms: u64) -> u64 {
+        self.expiry_margin_ms.min(lifetime_ms / 4)
+    }
+
+    /// The refresh window of a token that lives `lifetime_ms`.
+    pub fn lead_ms(&self, lifetime_ms: u64) -> u64 {
+        (lifetime_ms / 100)
+            .saturating_mul(u64::from(self.percent.min(100)))
+            .max(self.min_lead_ms)
+            .min(lifetime_ms / 2)
+    }
+
+    /// Whether the configured margin or minimum lead had to be cut for a token that
+    /// lives `lifetime_ms` (worth a warning: the configuration does not fit the IdP).
+    pub fn capped(&self, lifetime_ms: u64) -> bool {
+        self.margin_ms(lifetime_ms) < self.expiry_margin_ms || self.min_lead_ms > lifetime_ms / 2
+    }
+
+    /// The cache entry of `key`'s `token`, cached at `now_ms`: its refresh moment (see
+    /// [`refresh_moment`]) and the moment it stops being served.
+    pub fn entry(&self, key: &TokenKey, token: CachedToken, now_ms: u64) -> GatewayEntry {
+        let lifetime_ms = token.expires_at_ms.saturating_sub(now_ms);
+        GatewayEntry {
+            refresh_at_ms: refresh_moment(key, now_ms, token.expires_at_ms, *self),
+            stale_at_ms: token
+                .expires_at_ms
+                .saturating_sub(self.margin_ms(lifetime_ms)),
+            token,
+        }
+    }
 }
 
 /// After a refresh-ahead failed, the old token still serves and no new refresh of that
@@ -34,7 +95,8 @@ pub const REFRESH_RETRY_MS: u64 = 5_000;
 /// When to start refreshing `key`'s token that lives from `now_ms` to `expires_at_ms`.
 ///
 /// The refresh window is the last `percent` of its life, but at least `min_lead_ms`
-/// before it expires. The refresh starts in the first half of that window, at a moment
+/// before it expires, and at most half its life ([`Lifetimes`]). The refresh starts in
+/// the first half of that window (and before the expiry margin), at a moment
 /// spread by a jitter derived from the key and the token's expiry: every worker and
 /// every Envoy holding the token agree on it, and tokens fetched in the same second
 /// (after an outage, at start-up) do not all come due in the same second again, so
@@ -44,16 +106,14 @@ pub fn refresh_moment(
     key: &TokenKey,
     now_ms: u64,
     expires_at_ms: u64,
-    percent: u8,
-    min_lead_ms: u64,
+    lifetimes: Lifetimes,
 ) -> u64 {
     let lifetime_ms = expires_at_ms.saturating_sub(now_ms);
-    let lead_ms = (lifetime_ms / 100)
-        .saturating_mul(u64::from(percent.min(100)))
-        .max(min_lead_ms);
+    let lead_ms = lifetimes.lead_ms(lifetime_ms);
+    let before_margin_ms = lead_ms.saturating_sub(lifetimes.margin_ms(lifetime_ms));
     // The same fraction of the spread for every holder: Envoys that received the token
     // a moment apart (so with leads a little apart) still refresh moments apart.
-    let spread_ms = u128::from(lead_ms / 2);
+    let spread_ms = u128::from((lead_ms / 2).min(before_margin_ms / 2));
     let fraction = u128::from(jitter_seed(key, expires_at_ms) >> 32);
     let jitter_ms = u64::try_from((spread_ms * fraction) >> 32).unwrap_or(0);
     expires_at_ms
@@ -76,19 +136,25 @@ impl CachedToken {
 }
 
 impl GatewayEntry {
+    /// Whether it may still be served at `now_ms`.
+    pub fn is_servable(&self, now_ms: u64) -> bool {
+        now_ms < self.stale_at_ms
+    }
+
     /// Whether a background refresh should run at `now_ms`.
     pub fn wants_refresh(&self, now_ms: u64) -> bool {
         now_ms >= self.refresh_at_ms
     }
 
-    /// Encodes as `[version][expires_at_ms][refresh_at_ms][token bytes]`, integers
-    /// big-endian.
+    /// Encodes as `[version][expires_at_ms][refresh_at_ms][stale_at_ms][token bytes]`,
+    /// integers big-endian.
     pub fn encode(&self) -> Vec<u8> {
         let token = self.token.access_token.expose().as_bytes();
-        let mut bytes = Vec::with_capacity(1 + 16 + token.len());
+        let mut bytes = Vec::with_capacity(1 + 24 + token.len());
         bytes.push(FORMAT_VERSION);
         bytes.extend_from_slice(&self.token.expires_at_ms.to_be_bytes());
         bytes.extend_from_slice(&self.refresh_at_ms.to_be_bytes());
+        bytes.extend_from_slice(&self.stale_at_ms.to_be_bytes());
         bytes.extend_from_slice(token);
         bytes
     }
@@ -97,17 +163,19 @@ impl GatewayEntry {
     /// value, another version, a token that is not UTF-8).
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         let (&version, rest) = bytes.split_first()?;
-        if version != FORMAT_VERSION || rest.len() <= 16 {
+        if version != FORMAT_VERSION || rest.len() <= 24 {
             return None;
         }
         let (expiry, rest) = rest.split_at(8);
-        let (refresh, token) = rest.split_at(8);
+        let (refresh, rest) = rest.split_at(8);
+        let (stale, token) = rest.split_at(8);
         Some(Self {
             token: CachedToken {
                 expires_at_ms: u64::from_be_bytes(expiry.try_into().ok()?),
                 access_token: SecretString::new(String::from_utf8(token.to_vec()).ok()?),
             },
             refresh_at_ms: u64::from_be_bytes(refresh.try_into().ok()?),
+            stale_at_ms: u64::from_be_bytes(stale.try_into().ok()?),
         })
     }
 }
@@ -158,6 +226,15 @@ mod tests {
         GatewayEntry {
             token,
             refresh_at_ms,
+            stale_at_ms: expires_at_ms,
+        }
+    }
+
+    fn lifetimes(percent: u8, min_lead_ms: u64, expiry_margin_ms: u64) -> Lifetimes {
+        Lifetimes {
+            percent,
+            min_lead_ms,
+            expiry_margin_ms,
         }
     }
 
@@ -174,8 +251,12 @@ mod tests {
             GatewayEntry::decode(&[1, 0, 0, 0, 0, 0, 0, 0, 1, b't']),
             None
         );
-        assert_eq!(GatewayEntry::decode(&[2, 0, 0, 0]), None);
-        assert_eq!(GatewayEntry::decode(&[2; 17]), None, "no token bytes");
+        assert_eq!(GatewayEntry::decode(&[3, 0, 0, 0]), None);
+        assert_eq!(GatewayEntry::decode(&[3; 25]), None, "no token bytes");
+        let mut older = vec![2];
+        older.extend_from_slice(&[0; 16]);
+        older.push(b't');
+        assert_eq!(GatewayEntry::decode(&older), None, "the previous layout");
     }
 
     #[test]
@@ -194,23 +275,66 @@ mod tests {
     fn refresh_starts_in_the_first_half_of_the_last_part_of_the_life() {
         // A 24 h token's window is its last 10 %, 2.4 h; it refreshes in the first 1.2 h of it.
         let day = 86_400_000;
-        let at = refresh_moment(&acme(), 0, day, 10, 60_000);
+        let at = refresh_moment(&acme(), 0, day, lifetimes(10, 60_000, 5_000));
         assert!((day - day / 10..=day - day / 20).contains(&at), "{at}");
         // A 10 s token's window is at least its last 2 s.
-        let at = refresh_moment(&acme(), 0, 10_000, 10, 2_000);
+        let at = refresh_moment(&acme(), 0, 10_000, lifetimes(10, 2_000, 0));
         assert!((8_000..=9_000).contains(&at), "{at}");
         assert!(token(10_000, at).wants_refresh(at));
         assert!(!token(10_000, at).wants_refresh(at - 1));
     }
 
     #[test]
+    fn a_short_token_is_neither_stale_nor_due_for_refresh_on_arrival() {
+        // The defaults (10 %, 30 s, 5 s) and a 20 s token: margin 5 s (a quarter), window
+        // 10 s (half its life); refreshed between 10 and 12.5 s, served until 15 s.
+        let defaults = lifetimes(10, 30_000, 5_000);
+        let twenty = CachedToken {
+            access_token: SecretString::from("t"),
+            expires_at_ms: 20_000,
+        };
+        let entry = defaults.entry(&acme(), twenty, 0);
+        assert!(
+            (10_000..=12_500).contains(&entry.refresh_at_ms),
+            "{entry:?}"
+        );
+        assert_eq!(entry.stale_at_ms, 15_000);
+        assert!(!entry.wants_refresh(0) && entry.is_servable(0));
+        assert!(defaults.capped(20_000));
+        // An 8 s token under a 5 s margin: served 6 s (margin cut to 2 s), refreshed in
+        // the first 3 s of its second half, before it goes stale.
+        let eight = CachedToken {
+            access_token: SecretString::from("t"),
+            expires_at_ms: 8_000,
+        };
+        let entry = defaults.entry(&acme(), eight, 0);
+        assert_eq!(entry.stale_at_ms, 6_000);
+        assert!((4_000..=5_000).contains(&entry.refresh_at_ms), "{entry:?}");
+        // A 24 h token is untouched: the margin and window of today.
+        let day = 86_400_000;
+        assert_eq!(defaults.margin_ms(day), 5_000);
+        assert_eq!(defaults.lead_ms(day), day / 10);
+        assert!(!defaults.capped(day));
+        let genesys = CachedToken {
+            access_token: SecretString::from("t"),
+            expires_at_ms: day,
+        };
+        let entry = defaults.entry(&acme(), genesys, 0);
+        assert_eq!(entry.stale_at_ms, day - 5_000);
+        assert!((day - day / 10..=day - day / 20).contains(&entry.refresh_at_ms));
+    }
+
+    #[test]
     fn every_holder_of_a_token_agrees_on_its_refresh_moment() {
-        let first = refresh_moment(&acme(), 1_000, 3_600_000, 10, 30_000);
-        assert_eq!(first, refresh_moment(&acme(), 1_000, 3_600_000, 10, 30_000));
+        let first = refresh_moment(&acme(), 1_000, 3_600_000, lifetimes(10, 30_000, 5_000));
+        assert_eq!(
+            first,
+            refresh_moment(&acme(), 1_000, 3_600_000, lifetimes(10, 30_000, 5_000))
+        );
         // Another Envoy that got the token a second later (its lead is 0.1 s shorter).
-        let later = refresh_moment(&acme(), 2_000, 3_600_000, 10, 30_000);
+        let later = refresh_moment(&acme(), 2_000, 3_600_000, lifetimes(10, 30_000, 5_000));
         assert!(first.abs_diff(later) <= 100, "{first} vs {later}");
-        let next_token = refresh_moment(&acme(), 1_000, 3_600_001, 10, 30_000);
+        let next_token = refresh_moment(&acme(), 1_000, 3_600_001, lifetimes(10, 30_000, 5_000));
         assert!(
             first.abs_diff(next_token) > 1_000,
             "each token has its own moment"
@@ -229,7 +353,7 @@ mod tests {
                 Provider::genesys(),
                 TenantId::parse(&format!("tenant-{tenant}")).unwrap(),
             );
-            let at = refresh_moment(&key, issued_ms, expires_at_ms, 10, 30_000);
+            let at = refresh_moment(&key, issued_ms, expires_at_ms, lifetimes(10, 30_000, 5_000));
             let window_start = expires_at_ms - 360_000;
             assert!((window_start..window_start + 180_000).contains(&at));
             *per_second.entry((at - window_start) / 1_000).or_insert(0) += 1;

@@ -55,6 +55,19 @@ impl ErrorCode {
         ErrorCode::InternalError,
     ];
 
+    /// Whether a fetch that failed with this code is answered from memory for a while
+    /// (negative caching): the IdP rejected the tenant's credentials, or the Tenant
+    /// Service has none. Asking again at once would get the same answer and cost the
+    /// IdP a failed login (which IdPs answer by locking the client). Failures that may
+    /// heal on the next call (5xx, timeouts, rate limits, the cache or companion
+    /// unavailable) never are.
+    pub fn is_negatively_cached(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::OauthInvalidGrant | ErrorCode::CredentialsNotFound
+        )
+    }
+
     /// The HTTP status this code is answered with.
     pub fn http_status(self) -> u16 {
         match self {

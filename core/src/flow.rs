@@ -12,13 +12,20 @@
 //! let mut flow = FetchFlow::new(key, &config);
 //! loop {
 //!     match flow.poll(now) {
-//!         Step::Send(request)        => { dispatch it; later flow.handle_response(now, result) }
+//!         Step::Send(request)        => { dispatch it now; later flow.handle_response(now, result) }
 //!         Step::WaitUntil { at_ms, .. } => { arm a timer; poll again at at_ms }
 //!         Step::AwaitResponse        => { a response is still outstanding: wait for it }
 //!         Step::Done(result)         => break result,
 //!     }
 //! }
 //! ```
+//!
+//! A token's life starts when its request was sent, not when its answer was handled:
+//! the flow takes the `now` of the [`FetchFlow::poll`] that returned a [`Step::Send`] as
+//! the moment the request left, so a driver must dispatch it at once. An answer handled
+//! late (a worker busy, or with no traffic to run on) then yields a token that expires
+//! when the issuer says it does, `sent + expires_in`, never later. A static token's
+//! `expiresAt`, the issuer's own time, is used as it is.
 //!
 //! Retry policy (seed 001, corrected by FACTS §4):
 //! - Tenant Service: up to `tenant_service_retries` retries on 5xx, 429 or no response,
@@ -198,6 +205,8 @@ enum Phase {
     },
     AwaitCredentials {
         attempt: u32,
+        /// When the request left (the lifetime of a static token counts from it).
+        sent_at_ms: u64,
     },
     /// Exchange the credentials at the token endpoint once `now >= not_before`.
     Exchange {
@@ -208,6 +217,8 @@ enum Phase {
     AwaitExchange {
         exchange: Exchange,
         attempt: u32,
+        /// When the request left: the token's `expires_in` counts from it.
+        sent_at_ms: u64,
     },
     Finished(Result<FetchedToken, TokenError>),
 }
@@ -236,7 +247,7 @@ pub struct FetchFlow {
 impl std::fmt::Debug for FetchFlow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let phase = match &self.phase {
-            Phase::FetchCredentials { attempt, .. } | Phase::AwaitCredentials { attempt } => {
+            Phase::FetchCredentials { attempt, .. } | Phase::AwaitCredentials { attempt, .. } => {
                 format!("credentials attempt {attempt}")
             }
             Phase::Exchange { attempt, .. } | Phase::AwaitExchange { attempt, .. } => {
@@ -305,7 +316,10 @@ impl FetchFlow {
                 }
             }
             Phase::FetchCredentials { attempt, .. } => {
-                self.phase = Phase::AwaitCredentials { attempt };
+                self.phase = Phase::AwaitCredentials {
+                    attempt,
+                    sent_at_ms: now_ms,
+                };
                 Step::Send(self.credentials_request(attempt_budget_ms))
             }
             Phase::Exchange {
@@ -327,7 +341,11 @@ impl FetchFlow {
                 exchange, attempt, ..
             } => {
                 let request = self.exchange_request(&exchange, attempt_budget_ms);
-                self.phase = Phase::AwaitExchange { exchange, attempt };
+                self.phase = Phase::AwaitExchange {
+                    exchange,
+                    attempt,
+                    sent_at_ms: now_ms,
+                };
                 Step::Send(request)
             }
             waiting @ (Phase::AwaitCredentials { .. } | Phase::AwaitExchange { .. }) => {
@@ -341,8 +359,9 @@ impl FetchFlow {
         }
     }
 
-    /// Feeds the result of the request last returned by [`FetchFlow::poll`].
-    /// A result that arrives when none is outstanding is ignored.
+    /// Feeds the result of the request last returned by [`FetchFlow::poll`], handled at
+    /// `now_ms` (backoffs count from it; a token's lifetime counts from when the request
+    /// was sent). A result that arrives when none is outstanding is ignored.
     pub fn handle_response(&mut self, now_ms: u64, result: CalloutResult) {
         self.phase = match std::mem::replace(
             &mut self.phase,
@@ -351,10 +370,15 @@ impl FetchFlow {
                 not_before: 0,
             },
         ) {
-            Phase::AwaitCredentials { attempt } => self.on_credentials(now_ms, attempt, result),
-            Phase::AwaitExchange { exchange, attempt } => {
-                self.on_exchange(now_ms, exchange, attempt, result)
-            }
+            Phase::AwaitCredentials {
+                attempt,
+                sent_at_ms,
+            } => self.on_credentials(Times { sent_at_ms, now_ms }, attempt, result),
+            Phase::AwaitExchange {
+                exchange,
+                attempt,
+                sent_at_ms,
+            } => self.on_exchange(Times { sent_at_ms, now_ms }, exchange, attempt, result),
             other => other,
         };
     }
@@ -446,7 +470,8 @@ impl FetchFlow {
         Phase::Finished(Err(TokenError::new(code, message)))
     }
 
-    fn on_credentials(&mut self, now_ms: u64, attempt: u32, result: CalloutResult) -> Phase {
+    fn on_credentials(&mut self, times: Times, attempt: u32, result: CalloutResult) -> Phase {
+        let now_ms = times.now_ms;
         let tenant = &self.key.tenant_id;
         let provider = self.key.provider.clone();
         let body = match result {
@@ -547,10 +572,10 @@ impl FetchFlow {
                     safety_buffer_secs: self.config.whatsapp_safety_buffer_secs,
                     default_ttl_secs: self.config.whatsapp_default_ttl_secs,
                 };
-                self.static_token(now_ms, display, body.expose(), lifetimes)
+                self.static_token(times, display, body.expose(), lifetimes)
             }
             Some(ProviderKind::Static(lifetimes)) => {
-                self.static_token(now_ms, display, body.expose(), *lifetimes)
+                self.static_token(times, display, body.expose(), *lifetimes)
             }
             None => self.fail(
                 ErrorCode::InvalidRequest,
@@ -580,16 +605,17 @@ impl FetchFlow {
         }
     }
 
-    /// A static token (WhatsApp's, a `static` provider's) from the Tenant Service's answer.
+    /// A static token (WhatsApp's, a `static` provider's) from the Tenant Service's
+    /// answer.
     fn static_token(
         &self,
-        now_ms: u64,
+        times: Times,
         display: &str,
         body: &[u8],
         lifetimes: StaticSpec,
     ) -> Phase {
         match StaticCredentials::parse(&self.key, display, body) {
-            Ok(credentials) => Phase::Finished(Ok(static_token_of(now_ms, credentials, lifetimes))),
+            Ok(credentials) => Phase::Finished(Ok(static_token_of(times, credentials, lifetimes))),
             Err(error) => Phase::Finished(Err(error)),
         }
     }
@@ -618,11 +644,12 @@ impl FetchFlow {
 
     fn on_exchange(
         &mut self,
-        now_ms: u64,
+        times: Times,
         exchange: Exchange,
         attempt: u32,
         result: CalloutResult,
     ) -> Phase {
+        let now_ms = times.now_ms;
         let oauth2 = self.oauth2_spec();
         let default_expires_in_secs = oauth2.and_then(|spec| spec.default_expires_in_secs);
         let retries = oauth2
@@ -644,12 +671,25 @@ impl FetchFlow {
                 access_token,
                 expires_in_secs,
             } => {
-                return Phase::Finished(Ok(FetchedToken {
-                    access_token,
-                    expires_in_secs: i64::try_from(expires_in_secs).unwrap_or(i64::MAX),
-                    expires_at_ms: now_ms.saturating_add(expires_in_secs.saturating_mul(1000)),
-                    cacheable: true,
-                }));
+                let expires_at_ms = times
+                    .sent_at_ms
+                    .saturating_add(expires_in_secs.saturating_mul(1000));
+                // What is left of its life when handled, in seconds rounded up.
+                let remaining_secs = expires_at_ms.saturating_sub(now_ms).div_ceil(1000);
+                if remaining_secs > 0 {
+                    return Phase::Finished(Ok(FetchedToken {
+                        access_token,
+                        expires_in_secs: i64::try_from(remaining_secs).unwrap_or(i64::MAX),
+                        expires_at_ms,
+                        cacheable: true,
+                    }));
+                }
+                // Handled after the token's life: never served; fetch anew.
+                self.last_failure = format!(
+                    "the {expires_in_secs} s token's answer was handled {} ms after its request",
+                    now_ms.saturating_sub(times.sent_at_ms)
+                );
+                retry_backoff_ms(attempt)
             }
             ExchangeOutcome::CredentialsRejected { description } => {
                 return self.fail(
@@ -711,26 +751,38 @@ impl FetchFlow {
     }
 }
 
-/// The token of a static credential, its lifetime per `lifetimes` (a token with none
-/// left is served once, not cached).
-fn static_token_of(
+/// When an answer's request was sent, and when the answer is handled.
+#[derive(Debug, Clone, Copy)]
+struct Times {
+    sent_at_ms: u64,
     now_ms: u64,
+}
+
+/// The token of a static credential, its lifetime per `lifetimes`: it ends at the
+/// issuer's `expiresAt` less the safety buffer, or else the default lifetime after the
+/// request was sent. A token with no life left when its answer is handled is served
+/// once, not cached.
+fn static_token_of(
+    times: Times,
     credentials: StaticCredentials,
     lifetimes: StaticSpec,
 ) -> FetchedToken {
-    let expires_in_secs = match credentials.expires_at_ms {
+    let usable_until_ms = match credentials.expires_at_ms {
         Some(at_ms) => {
-            let remaining_ms = i128::from(at_ms) - i128::from(now_ms);
-            let remaining_secs = i64::try_from(remaining_ms.div_euclid(1000)).unwrap_or(i64::MAX);
-            remaining_secs.saturating_sub_unsigned(lifetimes.safety_buffer_secs)
+            i128::from(at_ms) - i128::from(lifetimes.safety_buffer_secs).saturating_mul(1000)
         }
-        None => i64::try_from(lifetimes.default_ttl_secs).unwrap_or(i64::MAX),
+        None => {
+            i128::from(times.sent_at_ms)
+                + i128::from(lifetimes.default_ttl_secs).saturating_mul(1000)
+        }
     };
+    let remaining_ms = usable_until_ms - i128::from(times.now_ms);
+    let expires_in_secs = i64::try_from(remaining_ms.div_euclid(1000)).unwrap_or(i64::MAX);
     let cacheable = expires_in_secs > 0;
     let expires_at_ms = if cacheable {
-        now_ms.saturating_add(expires_in_secs.unsigned_abs().saturating_mul(1000))
+        u64::try_from(usable_until_ms).unwrap_or(u64::MAX)
     } else {
-        credentials.expires_at_ms.unwrap_or(now_ms)
+        credentials.expires_at_ms.unwrap_or(times.now_ms)
     };
     FetchedToken {
         access_token: credentials.token,

@@ -9,7 +9,9 @@
 //!    `fetch`), or the wait budget runs out (`503 LOCK_ACQUISITION_FAILED`).
 //! 2. The lock holder ends its lease with exactly one of
 //!    `POST /v1/commit` ([`CommitRequest`]: store the token, release the lock, wake waiters) or
-//!    `POST /v1/abort` ([`AbortRequest`]: release the lock so a waiter takes over).
+//!    `POST /v1/abort` ([`AbortRequest`]: release the lock so a waiter takes over; a
+//!    fetch that failed with rejected or missing credentials says so, and the companion
+//!    answers that error to every lease of the key for a while: negative caching).
 //!
 //! 3. `POST /v1/invalidate` ([`InvalidateRequest`]) drops a token from the cluster cache
 //!    (an upstream rejected it, or a caller forces a refresh).
@@ -136,6 +138,31 @@ pub struct AbortRequest {
     pub tenant_id: TenantId,
     /// The lease being ended.
     pub lease_id: LeaseId,
+    /// Why the fetch failed, when asking again cannot fix it
+    /// ([`crate::ErrorCode::is_negatively_cached`]): the companion then answers this
+    /// error to the key's leases for its `--negative-cache-ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<FetchFailure>,
+}
+
+/// The error a fetch ended with, as an abort reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FetchFailure {
+    /// The error code.
+    pub code: crate::ErrorCode,
+    /// The message the clients were answered (never a secret).
+    pub message: String,
+}
+
+impl FetchFailure {
+    /// The report of `error` if it is one to cache, else `None`.
+    pub fn of(error: &crate::TokenError) -> Option<Self> {
+        error.code.is_negatively_cached().then(|| Self {
+            code: error.code,
+            message: error.message.clone(),
+        })
+    }
 }
 
 /// Drops a token from the cluster cache.

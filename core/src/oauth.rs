@@ -160,11 +160,12 @@ pub fn classify_response(
         },
         400 | 401 | 403 => {
             let error: ErrorDocument = serde_json::from_slice(body.expose()).unwrap_or_default();
-            let description = if error.error_description.is_empty() {
-                error.description.clone()
-            } else {
-                error.error_description.clone()
-            };
+            // The most specific reason the IdP gave: its description, else its error
+            // code, else the status alone (a bare `401`).
+            let description = [&error.error_description, &error.description, &error.error]
+                .into_iter()
+                .find(|text| !text.trim().is_empty())
+                .map_or_else(|| format!("login answered {status}"), Clone::clone);
             let rate_limited = [&error.description, &error.error_description]
                 .iter()
                 .any(|text| text.to_ascii_lowercase().contains("rate limit exceeded"));
@@ -406,6 +407,31 @@ mod tests {
             classify(401, ""),
             ExchangeOutcome::CredentialsRejected { .. }
         ));
+    }
+
+    #[test]
+    fn a_rejection_without_description_names_the_error_code_or_the_status() {
+        assert_eq!(
+            classify(400, r#"{"error":"invalid_client"}"#),
+            ExchangeOutcome::CredentialsRejected {
+                description: "invalid_client".into()
+            }
+        );
+        assert_eq!(
+            classify(401, r#"{"error":"invalid_client","error_description":" "}"#),
+            ExchangeOutcome::CredentialsRejected {
+                description: "invalid_client".into()
+            }
+        );
+        for body in ["", "<html>denied</html>", "{}"] {
+            assert_eq!(
+                classify(401, body),
+                ExchangeOutcome::CredentialsRejected {
+                    description: "login answered 401".into()
+                },
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -612,7 +612,16 @@ mod tests {
             .endpoint_for(Some("http://127.0.0.1:9000/token"))
             .unwrap();
         assert_eq!(allowed.to_string(), "http://127.0.0.1:9000/token");
+        // A host-only entry: that host in any case, by either scheme, on the scheme's
+        // default port only (an explicit port, even 443, must be listed as host:port).
+        for url in ["https://IDP.A.example/token", "http://idp.a.example/t?x=1"] {
+            assert!(oauth2.endpoint_for(Some(url)).is_ok(), "{url}");
+        }
         for (url, why) in [
+            (Some("https://idp.a.example:443/token"), "not allowed"),
+            (Some("https://idp.a.example:8443/token"), "not allowed"),
+            (Some("https://sub.idp.a.example/token"), "not allowed"),
+            (Some("http://127.0.0.1/token"), "not allowed"),
             (Some("https://evil.example/token"), "not allowed"),
             (
                 Some("https://idp.a.example@evil.example/t"),

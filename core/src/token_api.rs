@@ -138,14 +138,15 @@ impl TokenResponse {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// The token this response hands out, as the result of a fetch received at
-    /// `now_ms`: expiring at `expiresAt` (or, if that cannot be read, `expiresIn` from
-    /// now), and cacheable only while it has life left (a WhatsApp token inside its
-    /// safety buffer is served once, never cached).
-    pub fn into_fetched(self, now_ms: u64) -> FetchedToken {
+    /// The token this response hands out, as the result of a request sent at
+    /// `sent_at_ms`: expiring at `expiresAt` (or, if that cannot be read, `expiresIn`
+    /// after the request was sent, however late the answer is handled), and cacheable
+    /// only while it has life left (a WhatsApp token inside its safety buffer is served
+    /// once, never cached).
+    pub fn into_fetched(self, sent_at_ms: u64) -> FetchedToken {
         let expires_at_ms = parse_rfc3339_ms(&self.expires_at).unwrap_or_else(|| {
             let expires_in_ms = self.expires_in.max(0).unsigned_abs().saturating_mul(1000);
-            now_ms.saturating_add(expires_in_ms)
+            sent_at_ms.saturating_add(expires_in_ms)
         });
         FetchedToken {
             access_token: self.access_token,

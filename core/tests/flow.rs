@@ -31,6 +31,8 @@ struct Driver {
     /// (destination kind, when sent), in order.
     sent_at: Vec<(&'static str, u64)>,
     requests: Vec<SentRequest>,
+    /// How long after sending each answer is handled (a busy or idle driver).
+    answer_delay_ms: u64,
 }
 
 fn ok(body: &str) -> CalloutResult {
@@ -55,6 +57,7 @@ impl Driver {
             login_calls: 0,
             sent_at: Vec::new(),
             requests: Vec::new(),
+            answer_delay_ms: 0,
         }
     }
 
@@ -96,6 +99,7 @@ impl Driver {
                         // No answer means the attempt ran into its timeout.
                         self.now_ms += request.timeout_ms;
                     }
+                    self.now_ms += self.answer_delay_ms;
                     flow.handle_response(self.now_ms, result);
                 }
                 Step::WaitUntil { at_ms, .. } => {
@@ -301,6 +305,53 @@ fn whatsapp_token_without_expiry_gets_the_default_ttl() {
     assert_eq!(token.expires_in_secs, 3600);
     assert!(token.cacheable);
     assert_eq!(driver.login_calls, 0);
+}
+
+#[test]
+fn a_tokens_life_counts_from_when_its_request_was_sent_not_when_its_answer_was_handled() {
+    // Each answer is handled 9 s after its request left: the 20 s token still expires
+    // 20 s after the OAuth request was sent.
+    let mut driver = Driver::new(
+        vec![ok(GENESYS_CREDENTIALS)],
+        vec![ok(
+            r#"{"access_token":"tok-20","token_type":"bearer","expires_in":20}"#,
+        )],
+    );
+    driver.answer_delay_ms = 9_000;
+    let token = driver
+        .run(Provider::genesys(), &FetchConfig::default())
+        .unwrap();
+    let (_, oauth_sent_ms) = driver.sent_at[1];
+    assert_eq!(oauth_sent_ms, START_MS + 9_000);
+    assert_eq!(token.expires_at_ms, oauth_sent_ms + 20_000);
+    assert_eq!(token.expires_in_secs, 11, "what is left when handled");
+    assert_eq!(driver.now_ms, START_MS + 18_000);
+
+    // A static token without expiresAt: its default lifetime counts from the request.
+    let mut driver = Driver::new(vec![ok(r#"{"systemUserToken":"wa-1"}"#)], vec![]);
+    driver.answer_delay_ms = 9_000;
+    let token = driver
+        .run(Provider::whatsapp(), &FetchConfig::default())
+        .unwrap();
+    assert_eq!(token.expires_at_ms, START_MS + 3_600_000);
+}
+
+#[test]
+fn a_token_answer_handled_after_the_tokens_life_is_fetched_anew_never_returned() {
+    let mut driver = Driver::new(
+        vec![ok(GENESYS_CREDENTIALS)],
+        vec![
+            ok(r#"{"access_token":"dead","token_type":"bearer","expires_in":5}"#),
+            ok(r#"{"access_token":"live","token_type":"bearer","expires_in":60}"#),
+        ],
+    );
+    driver.answer_delay_ms = 6_000;
+    let token = driver
+        .run(Provider::genesys(), &FetchConfig::default())
+        .unwrap();
+    assert_eq!(token.access_token.expose(), "live");
+    assert_eq!(driver.login_calls, 2);
+    assert!(token.expires_at_ms > driver.now_ms);
 }
 
 #[test]

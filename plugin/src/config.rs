@@ -10,6 +10,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 use crate::slots::Slots;
+use tokengate_core::cache::Lifetimes;
 use tokengate_core::limit::{self, RefreshThrottle};
 use tokengate_core::providers::{ProviderDocument, ProviderKind, ProviderTable};
 use tokengate_core::{FetchConfig, Provider, RegionTable, SecretString};
@@ -52,6 +53,10 @@ pub struct FilterConfig {
     /// A cached token is not injected when it expires within this margin.
     #[serde(default = "default_expiry_margin_ms")]
     pub expiry_margin_ms: u64,
+    /// How long a key whose fetch failed with rejected or missing credentials is
+    /// answered that error from memory, on every worker of this Envoy (0: never).
+    #[serde(default = "default_negative_cache_ms")]
+    pub negative_cache_ms: u64,
     /// A whole fetch (Tenant Service and OAuth, every retry) ends within this long.
     /// Keep it below the companion's `--lock-ttl-ms`.
     #[serde(default = "default_fetch_deadline_ms")]
@@ -99,6 +104,9 @@ impl Default for CacheConfig {
 
 /// The most slots a table may have: ten million tokens of ~600 bytes is already 6 GB.
 const MAX_TENANTS_LIMIT: u32 = 10_000_000;
+
+/// The longest `negativeCacheMs`: a tenant whose secret was fixed is served within it.
+const MAX_NEGATIVE_CACHE_MS: u64 = 300_000;
 
 /// Refresh-ahead: a token in the last part of its life is still served while one
 /// background refresh per Envoy fetches its successor, so no request waits at expiry.
@@ -236,6 +244,9 @@ fn default_authorization_header() -> String {
     "authorization".to_owned()
 }
 fn default_expiry_margin_ms() -> u64 {
+    5_000
+}
+fn default_negative_cache_ms() -> u64 {
     5_000
 }
 fn default_fetch_deadline_ms() -> u64 {
@@ -492,6 +503,14 @@ impl FilterConfig {
                 &format!("must be at most {MAX_TENANTS_LIMIT}"),
             );
         }
+        if self.negative_cache_ms > MAX_NEGATIVE_CACHE_MS {
+            return fail(
+                "negativeCacheMs",
+                &format!(
+                    "must be at most {MAX_NEGATIVE_CACHE_MS} (a fixed secret must be noticed soon)"
+                ),
+            );
+        }
         if self.refresh_ahead.percent > 100 {
             return fail("refreshAhead.percent", "must be between 0 and 100");
         }
@@ -602,6 +621,15 @@ impl FilterConfig {
     }
 
     /// The core fetch settings this configuration implies.
+    /// The expiry margin and refresh lead, which core fits to each token's lifetime.
+    pub fn lifetimes(&self) -> Lifetimes {
+        Lifetimes {
+            percent: self.refresh_ahead.percent,
+            min_lead_ms: self.refresh_ahead.min_lead_ms,
+            expiry_margin_ms: self.expiry_margin_ms,
+        }
+    }
+
     pub fn fetch_config(&self) -> FetchConfig {
         FetchConfig {
             service_name: self.tenant_service.service_name.clone(),

@@ -45,6 +45,9 @@ pub enum Metric {
     CompanionFallback,
     /// A background refresh of a token near its expiry started.
     RefreshAhead,
+    /// A request was answered the error its key's last fetch failed with, from memory
+    /// (negative caching: credentials rejected or not found, for `negativeCacheMs`).
+    NegativeCacheHit,
     /// A token the upstream rejected was dropped.
     Purge,
     /// A rejection was not acted on: the key was purged too recently.
@@ -95,6 +98,7 @@ impl Metric {
             Metric::ClusterCacheHit,
             Metric::CompanionFallback,
             Metric::RefreshAhead,
+            Metric::NegativeCacheHit,
             Metric::Purge,
             Metric::PurgeSuppressed,
         ]
@@ -125,6 +129,7 @@ impl Metric {
             Metric::ClusterCacheHit => "cluster_cache_hit",
             Metric::CompanionFallback => "companion_fallback",
             Metric::RefreshAhead => "refresh_ahead",
+            Metric::NegativeCacheHit => "negative_cache_hit",
             Metric::Purge => "purge",
             Metric::PurgeSuppressed => "purge_suppressed",
             Metric::Provider(index, event) => {

@@ -8,7 +8,11 @@
 //! companion's lock is the authority. Markers live in a bounded table of slots
 //! ([`crate::slots`]), as shared data has no delete: a finished
 //! fetch leaves the marker released, or holding its error briefly so the waiting
-//! workers answer with it instead of each retrying a failing fetch.
+//! workers answer with it instead of each retrying a failing fetch. An error that
+//! asking again cannot fix ([`ErrorCode::is_negatively_cached`]: credentials rejected
+//! or not found) is held for `negativeCacheMs` and answered to every new request of
+//! the key on this Envoy too (negative caching), until a forced refresh or a purge
+//! clears it.
 //!
 //! A waiting worker adds its wake queue (a proxy-wasm shared queue it registered) to
 //! the marker, with a compare-and-swap write; the owner releases the marker the same
@@ -35,6 +39,8 @@ pub struct Marker {
     pub until_ms: u64,
     /// The error the fetch ended with, for the workers that waited on it.
     pub error: Option<SharedError>,
+    /// Whether the error also answers new requests until `until_ms` (negative caching).
+    pub cached: bool,
     /// The wake queues of the workers waiting on this fetch (at most
     /// [`MAX_WAITERS`]; beyond, a worker only polls).
     pub waiters: Vec<u32>,
@@ -46,6 +52,9 @@ const WRITE_ATTEMPTS: usize = 4;
 
 /// The most wake queues a marker holds (one per waiting worker).
 pub const MAX_WAITERS: usize = 255;
+
+/// Set in an encoded error code when the error is cached ([`Marker::cached`]).
+const CACHED_BIT: u8 = 0x80;
 
 /// A fetch error as stored in the marker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,26 +83,37 @@ impl Marker {
             owner,
             until_ms,
             error: None,
+            cached: false,
             waiters: Vec::new(),
         }
     }
 
-    /// A released marker carrying the fetch's outcome for a moment.
-    pub fn release(now_ms: u64, error: Option<&TokenError>) -> Self {
+    /// A released marker carrying the fetch's outcome for a moment: for
+    /// `negative_cache_ms` (when not 0) if the error is one to cache, else for
+    /// [`ERROR_SHARE_MS`] and only to the workers that waited.
+    pub fn release(now_ms: u64, error: Option<&TokenError>, negative_cache_ms: u64) -> Self {
+        let cached = negative_cache_ms > 0 && error.is_some_and(|e| e.code.is_negatively_cached());
+        let lasts_ms = if cached {
+            negative_cache_ms
+        } else {
+            ERROR_SHARE_MS
+        };
         Self {
             owner: 0,
-            until_ms: now_ms.saturating_add(ERROR_SHARE_MS),
+            until_ms: now_ms.saturating_add(lasts_ms),
             error: error.map(|error| SharedError {
                 code: error.code,
                 message: error.message.clone(),
             }),
+            cached,
             waiters: Vec::new(),
         }
     }
 
     /// Encodes for shared data: owner and expiry (8 bytes each, big-endian), the number
     /// of waiters (1 byte) and their queues (4 bytes each), then, if the fetch failed,
-    /// its error code's place in [`ErrorCode::ALL`] (1 byte) and its message.
+    /// its error code's place in [`ErrorCode::ALL`] (1 byte, its high bit set when the
+    /// error is cached) and its message.
     pub fn encode(&self) -> Vec<u8> {
         let waiters = self.waiters.get(..MAX_WAITERS).unwrap_or(&self.waiters);
         let mut bytes = Vec::with_capacity(17 + 4 * waiters.len());
@@ -109,7 +129,7 @@ impl Marker {
                 .position(|code| *code == error.code)
                 .and_then(|place| u8::try_from(place).ok())
                 .unwrap_or(u8::MAX);
-            bytes.push(code);
+            bytes.push(if self.cached { code | CACHED_BIT } else { code });
             bytes.extend_from_slice(error.message.as_bytes());
         }
         bytes
@@ -126,19 +146,29 @@ impl Marker {
             waiters.push(u32::from_be_bytes(*queue));
             rest = after;
         }
-        let error = match rest.split_first() {
-            None => None,
-            Some((&code, message)) => Some(SharedError {
-                code: *ErrorCode::ALL.get(usize::from(code))?,
-                message: String::from_utf8(message.to_vec()).ok()?,
-            }),
+        let (error, cached) = match rest.split_first() {
+            None => (None, false),
+            Some((&code, message)) => {
+                let error = SharedError {
+                    code: *ErrorCode::ALL.get(usize::from(code & !CACHED_BIT))?,
+                    message: String::from_utf8(message.to_vec()).ok()?,
+                };
+                (Some(error), code & CACHED_BIT != 0)
+            }
         };
         Some(Self {
             owner: u64::from_be_bytes(*owner),
             until_ms: u64::from_be_bytes(*until_ms),
             error,
+            cached,
             waiters,
         })
+    }
+
+    /// The error this marker answers new requests with at `now_ms` (negative caching).
+    pub fn cached_error(&self, now_ms: u64) -> Option<TokenError> {
+        let error = self.error.as_ref().filter(|_| self.cached)?;
+        (now_ms < self.until_ms).then(|| TokenError::new(error.code, error.message.clone()))
     }
 
     /// What this marker means to worker `me` at `now_ms`.
@@ -160,6 +190,43 @@ pub fn peer_state(host: &impl Host, slots: &Slots, key: &TokenKey, me: u64, now_
         .find(host, Table::Markers, key)
         .and_then(|found| Marker::decode(&found.record))
         .map_or(Peer::Free, |marker| marker.peer_state(me, now_ms))
+}
+
+/// The error `key`'s marker answers new requests with at `now_ms`, if it caches one.
+pub fn cached_error(
+    host: &impl Host,
+    slots: &Slots,
+    key: &TokenKey,
+    now_ms: u64,
+) -> Option<TokenError> {
+    slots
+        .find(host, Table::Markers, key)
+        .and_then(|found| Marker::decode(&found.record))
+        .and_then(|marker| marker.cached_error(now_ms))
+}
+
+/// Drops the error `key`'s marker caches (a purge: the tenant's credentials may have
+/// changed). A claim or a fetch in flight is left alone.
+pub fn forget_cached_error(host: &mut impl Host, slots: &Slots, key: &TokenKey, now_ms: u64) {
+    for _ in 0..WRITE_ATTEMPTS {
+        let Some(found) = slots.find(host, Table::Markers, key) else {
+            return;
+        };
+        let Some(marker) = Marker::decode(&found.record) else {
+            return;
+        };
+        if marker.cached_error(now_ms).is_none() {
+            return;
+        }
+        if slots.replace(
+            host,
+            &found,
+            key,
+            &Marker::release(now_ms, None, 0).encode(),
+        ) {
+            return;
+        }
+    }
 }
 
 /// Claims `key` for worker `me` from `now_ms` until `until_ms`; false when another
@@ -289,13 +356,46 @@ mod tests {
     #[test]
     fn a_released_marker_shares_its_error_for_a_moment() {
         let error = TokenError::new(ErrorCode::OauthInvalidGrant, "rejected");
-        let marker = Marker::decode(&Marker::release(5_000, Some(&error)).encode()).unwrap();
+        let marker = Marker::decode(&Marker::release(5_000, Some(&error), 0).encode()).unwrap();
         assert_eq!(marker.peer_state(8, 5_500), Peer::Failed(error));
         assert_eq!(marker.peer_state(8, 5_000 + ERROR_SHARE_MS), Peer::Free);
         assert_eq!(
-            Marker::release(5_000, None).peer_state(8, 5_500),
+            Marker::release(5_000, None, 0).peer_state(8, 5_500),
             Peer::Free
         );
+    }
+
+    #[test]
+    fn a_rejection_is_cached_for_new_requests_and_a_passing_failure_is_not() {
+        let rejected =
+            TokenError::new(ErrorCode::OauthInvalidGrant, "crm rejected: invalid_client");
+        let marker = Marker::decode(&Marker::release(5_000, Some(&rejected), 3_000).encode());
+        let marker = marker.unwrap();
+        assert_eq!(marker.cached_error(7_999), Some(rejected.clone()));
+        assert_eq!(marker.peer_state(8, 7_999), Peer::Failed(rejected.clone()));
+        assert_eq!(marker.cached_error(8_000), None, "for negativeCacheMs only");
+        let not_found = TokenError::new(ErrorCode::CredentialsNotFound, "none");
+        assert!(
+            Marker::release(0, Some(&not_found), 3_000)
+                .cached_error(1)
+                .is_some()
+        );
+        let off = Marker::release(5_000, Some(&rejected), 0);
+        assert_eq!(off.cached_error(5_001), None, "0 turns it off");
+        assert_eq!(
+            off.peer_state(8, 5_001),
+            Peer::Failed(rejected),
+            "waiters still hear it"
+        );
+        for code in [
+            ErrorCode::OauthExchangeFailed,
+            ErrorCode::TenantServiceUnavailable,
+        ] {
+            let passing = TokenError::new(code, "5xx or timeout");
+            let marker = Marker::release(5_000, Some(&passing), 3_000);
+            assert_eq!(marker.cached_error(5_001), None, "{code:?}");
+            assert_eq!(marker.until_ms, 5_000 + ERROR_SHARE_MS);
+        }
     }
 
     #[test]
@@ -305,7 +405,7 @@ mod tests {
         marker.waiters = vec![3, u32::MAX];
         assert_eq!(Marker::decode(&marker.encode()), Some(marker));
         let error = TokenError::new(ErrorCode::CompanionUnavailable, "no companion: é");
-        let released = Marker::release(9_000, Some(&error));
+        let released = Marker::release(9_000, Some(&error), 5_000);
         assert_eq!(Marker::decode(&released.encode()), Some(released));
     }
 

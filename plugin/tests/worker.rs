@@ -126,11 +126,29 @@ impl Rig {
     /// Runs a fetch of `tenant` from its lease on: the companion grants the lease, the
     /// Tenant Service and the login answer, and `token` is issued for `lifetime_secs`.
     fn fetch_with_lease(&mut self, tenant: &str, token: &str, lifetime_secs: u64) {
+        self.lease_granted(tenant);
+        self.fetch_from_tenant_service(tenant, token, lifetime_secs);
+    }
+
+    /// Request `context_id` for `tenant`, whose credentials the Tenant Service does not
+    /// have: the lease is granted, then aborted.
+    fn not_found(&mut self, context_id: u32, tenant: &str) {
+        let _ = self.ask(context_id, tenant);
+        self.lease_granted(tenant);
+        let credentials = self.sent_one(
+            TENANT_SERVICE,
+            &format!("/tenants/{tenant}/credentials/genesys"),
+        );
+        self.answer(&credentials, response(404, ""));
+        let _abort = self.sent_one(COMPANION, "/v1/abort");
+    }
+
+    /// On the next tick the worker leases `tenant`'s key, and the companion grants it.
+    fn lease_granted(&mut self, tenant: &str) {
         self.tick();
         let lease = self.sent_one(COMPANION, "/v1/lease");
         assert_eq!(lease.json()["tenantId"], tenant);
         self.answer(&lease, response(200, &lease_granted("lease-1")));
-        self.fetch_from_tenant_service(tenant, token, lifetime_secs);
     }
 
     /// The Tenant Service and login steps of a fetch already under way.
@@ -517,9 +535,7 @@ fn local_mode_admits_a_limited_number_of_fetches_per_key_per_rolling_minute() {
 fn a_backoff_sets_the_timer_to_its_end_and_retries_then() {
     let mut rig = Rig::new(json!({}));
     let _ = rig.ask(1, "acme");
-    rig.tick();
-    let lease = rig.sent_one(COMPANION, "/v1/lease");
-    rig.answer(&lease, response(200, &lease_granted("lease-1")));
+    rig.lease_granted("acme");
     let credentials = rig.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
     rig.answer(&credentials, response(503, ""));
     assert_eq!(rig.host.tick_period_ms, 500, "the seed's first backoff");
@@ -555,9 +571,7 @@ fn a_callout_the_host_refuses_counts_as_no_answer_and_is_retried() {
 fn a_fetch_that_cannot_finish_before_its_deadline_fails_instead_of_retrying() {
     let mut rig = Rig::new(json!({"fetchDeadlineMs": 1_000}));
     let _ = rig.ask(1, "acme");
-    rig.tick();
-    let lease = rig.sent_one(COMPANION, "/v1/lease");
-    rig.answer(&lease, response(200, &lease_granted("lease-1")));
+    rig.lease_granted("acme");
     let credentials = rig.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
     assert!(
         credentials.timeout_ms <= 1_000,
@@ -688,6 +702,232 @@ fn after_a_failed_refresh_the_old_token_serves_and_every_worker_waits_for_the_re
     assert_eq!(
         first.host.stat(Metric::RefreshAhead) + second.host.stat(Metric::RefreshAhead),
         2
+    );
+}
+
+// --- Token lifetimes -----------------------------------------------------------------
+
+#[test]
+fn a_token_answered_late_lives_from_when_its_request_was_sent() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.lease_granted("acme");
+    let credentials = rig.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
+    rig.answer(&credentials, response(200, CREDENTIALS));
+    let login = rig.sent_one(LOGIN, "/oauth/token");
+    let sent_at_ms = rig.host.now();
+    // The worker only gets to the answer 9 s after it sent the request.
+    rig.advance(9_000);
+    rig.answer(&login, response(200, &login_answer("tok-late", 60)));
+
+    assert_eq!(rig.resumed_with("tok-late"), [1]);
+    let entry = rig.cached_entry("acme").unwrap();
+    assert_eq!(entry.token.expires_at_ms, sent_at_ms + 60_000);
+    let commit = rig.sent_one(COMPANION, "/v1/commit");
+    assert_eq!(commit.json()["expiresAtMs"], sent_at_ms + 60_000);
+}
+
+#[test]
+fn a_companion_token_answered_late_without_a_readable_expiry_lives_from_the_request() {
+    let mut rig = Rig::new(json!({"fetch": "companion"}));
+    let _ = rig.ask(1, "acme");
+    rig.tick();
+    let request = rig.sent_one(COMPANION, "/auth/token");
+    rig.advance(9_000);
+    let answer = json!({
+        "accessToken": "tok-acme", "expiresIn": 600, "tokenType": "Bearer",
+        "source": "fresh", "expiresAt": "unreadable"
+    });
+    rig.answer(&request, response(200, &answer.to_string()));
+
+    assert_eq!(rig.resumed_with("tok-acme"), [1]);
+    let entry = rig.cached_entry("acme").unwrap();
+    assert_eq!(entry.token.expires_at_ms, START_MS + 600_000);
+}
+
+#[test]
+fn a_short_lived_token_is_not_due_for_refresh_on_arrival_and_the_misfit_is_warned_once() {
+    // The defaults: refreshAhead 10 % / 30 s, expiryMarginMs 5 s; the IdP issues 20 s
+    // tokens.
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-20", 20);
+    let _ = rig.host.take_sent();
+
+    for (context_id, at_ms) in [(2, 1_000), (3, 9_000)] {
+        rig.advance(at_ms - (rig.host.now() - START_MS));
+        assert_eq!(
+            cached_token(rig.ask(context_id, "acme"))
+                .access_token
+                .expose(),
+            "tok-20"
+        );
+    }
+    rig.tick();
+    rig.nothing_sent();
+    assert_eq!(
+        rig.host.stat(Metric::RefreshAhead),
+        0,
+        "not due in its first half"
+    );
+    let entry = rig.cached_entry("acme").unwrap();
+    assert!(
+        (START_MS + 10_000..=START_MS + 12_500).contains(&entry.refresh_at_ms),
+        "{entry:?}"
+    );
+    assert_eq!(
+        entry.stale_at_ms,
+        START_MS + 15_000,
+        "a 5 s margin: a quarter"
+    );
+
+    let warnings = rig.host.logs_at(Level::Warn);
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].starts_with("provider genesys issues tokens that live 20000 ms")
+            && warnings[0].contains("expiryMarginMs 5000")
+            && warnings[0].contains("refreshAhead.minLeadMs 30000"),
+        "{}",
+        warnings[0]
+    );
+    // Another tenant of the same provider: no second warning on this worker.
+    let _ = rig.ask(4, "globex");
+    rig.fetch_with_lease("globex", "tok-globex", 20);
+    assert_eq!(rig.host.logs_at(Level::Warn).len(), 1);
+}
+
+#[test]
+fn a_day_long_token_keeps_the_configured_margin_and_window_without_a_warning() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-day", 86_400);
+    let entry = rig.cached_entry("acme").unwrap();
+    let expiry = START_MS + 86_400_000;
+    assert_eq!(entry.stale_at_ms, expiry - 5_000);
+    assert!((expiry - 8_640_000..=expiry - 4_320_000).contains(&entry.refresh_at_ms));
+    assert!(rig.host.logs_at(Level::Warn).is_empty());
+}
+
+// --- Negative caching ----------------------------------------------------------------
+
+const REJECTED: &str = r#"{"error":"invalid_client"}"#;
+
+#[test]
+fn rejected_credentials_are_answered_from_memory_on_every_worker_then_asked_again() {
+    for envoy in envoys_of_both_caches(DEFAULT_MAX_TENANTS) {
+        let mut first = Rig::on(&envoy, json!({"negativeCacheMs": 3_000}), 1);
+        let mut second = Rig::on(&envoy, json!({"negativeCacheMs": 3_000}), 2);
+        let _ = first.ask(1, "acme");
+        first.lease_granted("acme");
+        let credentials = first.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
+        first.answer(&credentials, response(200, CREDENTIALS));
+        let login = first.sent_one(LOGIN, "/oauth/token");
+        first.answer(&login, response(400, REJECTED));
+        let abort = first.sent_one(COMPANION, "/v1/abort");
+        let answered = first.host.replies[0].body.clone();
+        assert_eq!(answered["code"], "OAUTH_INVALID_GRANT");
+        assert_eq!(
+            answered["message"],
+            "Genesys rejected the OAuth credentials of tenant acme: invalid_client"
+        );
+        assert_eq!(
+            abort.json()["error"],
+            json!({"code": "OAUTH_INVALID_GRANT", "message": answered["message"]}),
+            "the companion caches it for the other Envoys"
+        );
+
+        envoy.advance(2_999);
+        for (rig, context_id) in [(&mut second, 2), (&mut first, 3)] {
+            assert!(matches!(rig.ask(context_id, "acme"), Decision::Pause));
+            rig.tick();
+            rig.nothing_sent();
+            let reply = rig.host.replies.last().unwrap();
+            assert_eq!(
+                (reply.context_id, reply.status, &reply.body["message"]),
+                (context_id, 502, &answered["message"])
+            );
+            assert_eq!(reply.body["code"], "OAUTH_INVALID_GRANT");
+            assert_eq!(rig.host.stat(Metric::NegativeCacheHit), 1);
+        }
+        envoy.advance(1);
+        let _ = second.ask(4, "acme");
+        second.tick();
+        let _lease = second.sent_one(COMPANION, "/v1/lease");
+    }
+}
+
+#[test]
+fn credentials_not_found_are_cached_and_a_5xx_or_timeout_never_is() {
+    let mut rig = Rig::new(json!({}));
+    rig.not_found(1, "acme");
+    let _ = rig.ask(2, "acme");
+    rig.tick();
+    rig.nothing_sent();
+    assert_eq!(rig.host.replies[1].body["code"], "CREDENTIALS_NOT_FOUND");
+
+    let _ = rig.ask(3, "globex");
+    rig.lease_granted("globex");
+    for _ in 0..3 {
+        let credentials = rig.sent_one(TENANT_SERVICE, "/tenants/globex/credentials/genesys");
+        rig.answer(&credentials, CalloutResult::NoResponse);
+        rig.advance(4_000);
+        rig.tick();
+    }
+    let abort = rig.sent_one(COMPANION, "/v1/abort");
+    assert_eq!(
+        abort.json().get("error"),
+        None,
+        "not for the companion to cache"
+    );
+    assert_eq!(
+        rig.host.replies[2].body["code"],
+        "TENANT_SERVICE_UNAVAILABLE"
+    );
+    let _ = rig.ask(4, "globex");
+    rig.tick();
+    let _lease = rig.sent_one(COMPANION, "/v1/lease");
+}
+
+#[test]
+fn a_forced_refresh_skips_the_cached_error_and_zero_turns_negative_caching_off() {
+    let mut rig = Rig::new(json!({}));
+    rig.not_found(1, "acme");
+    let _ = rig.ask_for(2, "acme", Delivery::Respond, true);
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    assert_eq!(lease.json()["forceRefresh"], true);
+
+    let mut off = Rig::new(json!({"negativeCacheMs": 0}));
+    off.not_found(1, "acme");
+    let _ = off.ask(2, "acme");
+    off.tick();
+    let _lease = off.sent_one(COMPANION, "/v1/lease");
+}
+
+#[test]
+fn a_purge_clears_the_cached_error_of_its_key() {
+    let mut rig = Rig::new(json!({"purge": {"statuses": [401]}}));
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-old", 60);
+    let _ = rig.host.take_sent();
+    // A refresh-ahead whose login is rejected: the old token still serves.
+    rig.advance(45_000);
+    let _ = cached_token(rig.ask(2, "acme"));
+    rig.lease_granted("acme");
+    let credentials = rig.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
+    rig.answer(&credentials, response(200, CREDENTIALS));
+    let login = rig.sent_one(LOGIN, "/oauth/token");
+    rig.answer(&login, response(401, ""));
+    let _abort = rig.sent_one(COMPANION, "/v1/abort");
+
+    // The upstream rejects the old token: purged, and the error is forgotten with it.
+    rig.worker.on_upstream_status(&mut rig.host, 1, None, 401);
+    let _ = rig.ask(3, "acme");
+    rig.tick();
+    let sent = rig.host.take_sent();
+    assert!(
+        sent.iter().any(|callout| callout.path == "/v1/lease"),
+        "asked again, not answered from memory: {sent:#?}"
     );
 }
 

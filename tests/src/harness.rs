@@ -383,6 +383,21 @@ impl Redis {
     }
 }
 
+/// The value of Prometheus series `series` (the first line starting with it) on the
+/// `/metrics` of the companion at `port`; 0 when absent or unreachable.
+pub async fn companion_metric(port: u16, series: &str) -> f64 {
+    let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
 /// A companion process.
 #[derive(Debug)]
 pub struct Companion {
@@ -444,6 +459,12 @@ impl Companion {
         })
         .await;
         process
+    }
+
+    /// The value of Prometheus series `series` on its `/metrics` (see
+    /// [`companion_metric`]).
+    pub async fn metric(&self, series: &str) -> f64 {
+        companion_metric(self.port, series).await
     }
 
     /// Kills the companion (SIGKILL): no goodbye to Redis or the filter.

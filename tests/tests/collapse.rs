@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use serde_json::{Value, json};
-use tokengate_tests::harness::{Cluster, Envoy, eventually};
+use tokengate_tests::harness::{Cluster, Envoy, companion_metric, eventually};
 use tokengate_tests::leak_scan::receive;
 use tokengate_tests::standins::Endpoint;
 
@@ -198,20 +198,6 @@ async fn readiness(port: u16) -> u16 {
         Ok(response) => response.status().as_u16(),
         Err(_) => 0,
     }
-}
-
-/// A companion's Prometheus series value (first line starting with `series`).
-async fn companion_metric(port: u16, series: &str) -> f64 {
-    let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
-        Ok(response) => response.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
-    };
-    text.lines()
-        .find_map(|line| {
-            line.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

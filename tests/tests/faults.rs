@@ -163,6 +163,19 @@ mod upstream_failures {
         Error(u16, &'static str),
     }
 
+    impl Expect {
+        /// The error, if it is one answered from memory for a while afterwards
+        /// (negative caching: credentials rejected or not found).
+        fn negatively_cached(self) -> Option<(u16, &'static str)> {
+            match self {
+                Expect::Error(status, code @ ("OAUTH_INVALID_GRANT" | "CREDENTIALS_NOT_FOUND")) => {
+                    Some((status, code))
+                }
+                _ => None,
+            }
+        }
+    }
+
     /// One row of the matrix.
     struct Case {
         name: &'static str,
@@ -284,8 +297,28 @@ mod upstream_failures {
                 "{name}: every fault was used"
             );
             assert_no_lock_left(&cluster.redis, LOCK_RELEASE).await;
-            // The next request is served at once: no lock to wait out, no error cached.
+            // The next request is served at once: no lock to wait out. An error that
+            // asking again cannot fix is answered from memory (negative caching), the
+            // same and without a call; any other is not cached: the next request fetches.
             let next = send(&client, &url, &tenant).await;
+            if let Some((status, code)) = case.expect.negatively_cached() {
+                assert_eq!(
+                    (next.status, next.code(), &next.body["message"]),
+                    (status, Some(code), &outcome.body["message"]),
+                    "{name}: the next request"
+                );
+                let calls_now = [
+                    cluster.standins.calls(Endpoint::TenantService),
+                    cluster.standins.calls(Endpoint::Login),
+                ];
+                assert_eq!(
+                    calls_now,
+                    [before[0] + calls[0], before[1] + calls[1]],
+                    "{name}: answered from memory"
+                );
+                println!("{name}: {} in {took:?}, then from memory", outcome.status);
+                continue;
+            }
             let issued = cluster.standins.tokens_issued_to(&tenant);
             assert_eq!(
                 (next.status, next.authorization.as_deref()),
@@ -1024,5 +1057,68 @@ async fn an_expires_in_beyond_48_hours_is_clamped_to_48_hours() {
         (max_ms - 60_000..=max_ms).contains(&ttl_ms),
         "cached for 48 h, not 31,000 years: {ttl_ms} ms"
     );
+    assert_no_lock_left(&cluster.redis, LOCK_RELEASE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_tenant_is_answered_from_memory_by_every_worker_and_envoy_then_asked_again() {
+    // Two Envoys of two workers; both the filter and the companion remember a rejection
+    // for 1.5 s.
+    let config = Envoy::filter_config_with(json!({ "negativeCacheMs": 1_500 }));
+    let cluster = Cluster::start(2, 2, 1, &config, &["--negative-cache-ms", "1500"]).await;
+    let client = fresh_connections();
+    cluster
+        .standins
+        .push_fault(Endpoint::Login, Fault::InvalidClient);
+
+    let rejected_at = Instant::now();
+    let first = send(&client, &cluster.envoys[0].url(), "acme").await;
+    assert_eq!(
+        (first.status, first.code()),
+        (502, Some("OAUTH_INVALID_GRANT")),
+        "{}",
+        first.body
+    );
+    // Every worker of both Envoys (new connections land on either worker) answers the
+    // same error, without a call to the Tenant Service or the login.
+    let urls = [cluster.envoys[0].url(), cluster.envoys[1].url()];
+    let again = join_all((0..20).map(|i| send(&client, &urls[i % 2], "acme"))).await;
+    assert!(
+        rejected_at.elapsed() < Duration::from_millis(1_500),
+        "the burst ran inside the window: {:?}",
+        rejected_at.elapsed()
+    );
+    for outcome in &again {
+        assert_eq!(
+            (outcome.status, outcome.code(), &outcome.body["message"]),
+            (502, Some("OAUTH_INVALID_GRANT"), &first.body["message"]),
+        );
+    }
+    assert_eq!(
+        [
+            cluster.standins.calls(Endpoint::TenantService),
+            cluster.standins.calls(Endpoint::Login)
+        ],
+        [1, 1],
+        "one rejected login for 21 requests"
+    );
+    // Envoy 1 answered from its own memory; Envoy 2's lease was answered the error by
+    // the companion (then Envoy 2 remembered it too).
+    assert!(cluster.envoys[0].stat("tokengate.negative_cache_hit").await >= 1);
+    let from_companion = cluster.companions[0]
+        .metric("tokengate_companion_leases_total{outcome=\"cached_failure\"}")
+        .await;
+    assert!(from_companion >= 1.0, "{from_companion}");
+
+    // Once the window is over, the next request asks again (and the login, without a
+    // fault now, issues a token).
+    eventually(
+        "a token after the window",
+        Duration::from_secs(5),
+        async || send(&client, &urls[1], "acme").await.status == 200,
+    )
+    .await;
+    assert!(rejected_at.elapsed() >= Duration::from_millis(1_400));
+    assert_eq!(cluster.standins.calls(Endpoint::Login), 2);
     assert_no_lock_left(&cluster.redis, LOCK_RELEASE).await;
 }

@@ -1,6 +1,7 @@
-//! Refresh-ahead and expiry through real Envoy. Envoy's clock cannot be driven, so the
-//! tokens are issued already inside the window under test (their lifetimes against the
-//! configured margins) instead of the tests waiting for time to pass; the timing rules
+//! Refresh-ahead and expiry through real Envoy. Envoy's clock cannot be driven, and no
+//! token is due for refresh or stale on arrival (the refresh window is at most half a
+//! token's life, the expiry margin at most a quarter), so the tests use tokens of a few
+//! seconds and wait, on the wall clock, for the moment under test; the timing rules
 //! themselves are unit-tested on the fake host (`plugin/tests/worker.rs`).
 
 use std::time::{Duration, Instant};
@@ -13,20 +14,25 @@ use tokengate_tests::standins::Endpoint;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_in_the_refresh_window_is_served_at_once_and_starts_one_refresh() {
-    // The refresh window is the last two minutes of a token's life and its refresh
-    // starts in the first half of it: a one-minute token is due from the moment it is
-    // issued, so no test time passes waiting for it.
+    // The window asked for is two minutes, the margin 5 s; an 8 s token cuts them to
+    // half and a quarter of its life: served until 6 s, refreshed between 4 and 5 s.
     let config = Envoy::filter_config_with(json!({
         "refreshAhead": { "percent": 0, "minLeadMs": 120_000 }
     }));
     let stack = Stack::start_with(config, 2).await;
-    stack.standins.set_expires_in(60);
+    stack.standins.set_expires_in(8);
+    let issued = Instant::now();
     let first = stack.get("/api", "acme").await;
     let first_token = stack.bearers("acme").remove(0);
     assert_eq!(first.authorization.as_deref(), Some(first_token.as_str()));
     // Its successor lives an hour: outside the window, so it starts no refresh itself.
     stack.standins.set_expires_in(3_600);
+    // Not due on arrival: served from the cache, no refresh.
+    let early = stack.get("/api", "acme").await;
+    assert_eq!(early.authorization.as_deref(), Some(first_token.as_str()));
+    assert_eq!(stack.standins.calls(Endpoint::Login), 1);
 
+    tokio::time::sleep_until((issued + Duration::from_millis(5_200)).into()).await;
     let near_expiry = join_all((0..10).map(|_| stack.get("/api", "acme"))).await;
 
     eventually(
@@ -76,19 +82,24 @@ async fn a_request_in_the_refresh_window_is_served_at_once_and_starts_one_refres
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cached_token_inside_the_expiry_margin_is_never_injected() {
-    // Tokens live 1 s, the margin is 2 s: a cached one is never good enough to inject.
+    // Tokens live 2 s and the margin asked is 2 s: it is cut to a quarter of the life,
+    // so a cached token serves for 1.5 s (the margin does not swallow it), not after.
     let config = Envoy::filter_config_with(json!({
         "expiryMarginMs": 2_000,
         "refreshAhead": { "percent": 0, "minLeadMs": 2_001 }
     }));
     let stack = Stack::start_with(config, 2).await;
-    stack.standins.set_expires_in(1);
+    stack.standins.set_expires_in(2);
 
+    let issued_at = Instant::now();
     let first = stack.get("/api", "acme").await;
+    let again = stack.get("/api", "acme").await;
+    tokio::time::sleep_until((issued_at + Duration::from_millis(1_600)).into()).await;
     let later = stack.get("/api", "acme").await;
 
     let issued = stack.bearers("acme");
     assert_eq!(first.authorization.as_deref(), Some(issued[0].as_str()));
+    assert_eq!(again.authorization.as_deref(), Some(issued[0].as_str()));
     assert_eq!(issued.len(), 2, "the token inside the margin was replaced");
     assert_eq!(later.authorization.as_deref(), Some(issued[1].as_str()));
 }

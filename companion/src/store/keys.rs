@@ -24,6 +24,12 @@ pub fn lock_key(tag: &str) -> String {
     format!("tokengate:{{{tag}}}:lock")
 }
 
+/// The Redis key of a fetch failure answered from memory (negative caching): JSON
+/// `{"code","message"}`, set with `PX --negative-cache-ms`.
+pub fn failure_key(tag: &str) -> String {
+    format!("tokengate:{{{tag}}}:failure")
+}
+
 /// The pub/sub channel announcing that a key's lock holder committed or aborted.
 pub fn ready_channel(tag: &str) -> String {
     format!("tokengate:{{{tag}}}:ready")
@@ -48,6 +54,7 @@ mod tests {
         let tag = key_tag(&key());
         assert_eq!(token_key(&tag), "tokengate:{genesys:acme}:token");
         assert_eq!(lock_key(&tag), "tokengate:{genesys:acme}:lock");
+        assert_eq!(failure_key(&tag), "tokengate:{genesys:acme}:failure");
         assert_eq!(ready_channel(&tag), "tokengate:{genesys:acme}:ready");
     }
 

@@ -7,6 +7,9 @@
 //!   `PXAT expiresAtMs` so Redis drops it when it expires;
 //! - `tokengate:{p:t}:lock`: the fetch lock: a random lease id, set only if absent
 //!   (`NX`, inside the acquire script) with `PX <lock ttl>`;
+//! - `tokengate:{p:t}:failure`: the error of a fetch that failed with rejected or
+//!   missing credentials, JSON `{"code","message"}`, set with `PX --negative-cache-ms`:
+//!   while it lasts, leases are answered that error instead of a lock (negative caching);
 //! - channel `tokengate:{p:t}:ready`: published when the lock holder commits or aborts,
 //!   so waiting companions re-check at once instead of at their next poll, and when a
 //!   cached token is invalidated, so companions drop their copies of it
@@ -29,7 +32,9 @@ pub mod ops;
 pub mod scripts;
 
 pub use backend::{Backend, Connection};
-pub use keys::{READY_PATTERN, key_tag, lock_key, ready_channel, tag_of_ready_channel, token_key};
+pub use keys::{
+    READY_PATTERN, failure_key, key_tag, lock_key, ready_channel, tag_of_ready_channel, token_key,
+};
 pub use ops::{Acquire, CommitOutcome, Invalidated, Peek, Store};
 
 use redis::RedisError;

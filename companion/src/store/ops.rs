@@ -9,11 +9,11 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokengate_core::lease::LeaseId;
+use tokengate_core::lease::{FetchFailure, LeaseId};
 use tokengate_core::{CachedToken, SecretBytes, SecretString};
 
 use super::backend::{Backend, Connection};
-use super::keys::{lock_key, ready_channel, token_key};
+use super::keys::{failure_key, lock_key, ready_channel, token_key};
 use super::scripts::{
     ACQUIRE_SCRIPT, COMMIT_SCRIPT, DELETE_IF_UNCHANGED_SCRIPT, DELETE_SCRIPT, RELEASE_SCRIPT,
 };
@@ -25,6 +25,9 @@ use crate::codec::Codec;
 pub enum Acquire {
     /// A usable token is cached.
     Hit(CachedToken),
+    /// No usable token, and the key's last fetch failed in a way asking again cannot
+    /// fix, recently (negative caching): answer its error.
+    Failed(FetchFailure),
     /// No usable token, and the lease now holds the lock.
     Locked,
     /// No usable token, and another lease holds the lock.
@@ -202,6 +205,7 @@ impl Store {
             invocation
                 .key(token_key(tag))
                 .key(lock_key(tag))
+                .key(failure_key(tag))
                 .arg(&lease_id.0)
                 .arg(self.lock_ttl_ms)
                 .arg(usable_after_ms.unwrap_or(0))
@@ -217,6 +221,12 @@ impl Store {
                     Some(token) => return Ok(Acquire::Hit(token)),
                     // Unreadable value: skip it, so this lease fetches a token that
                     // overwrites it. (Skipping the cache never answers "hit" again.)
+                    None => usable_after_ms = None,
+                },
+                "failed" => match raw.and_then(|raw| serde_json::from_slice(&raw).ok()) {
+                    Some(failure) => return Ok(Acquire::Failed(failure)),
+                    // Unreadable (another version wrote it): skip the cache, which
+                    // deletes it, and fetch.
                     None => usable_after_ms = None,
                 },
                 "locked" => return Ok(Acquire::Locked),
@@ -273,6 +283,35 @@ impl Store {
             lock_was_held: held == 1,
             stored: stored == 1,
         })
+    }
+
+    /// Remembers `failure` as the key's for `ttl_ms` (negative caching), before the lock
+    /// is released, so the waiters it wakes find it.
+    pub async fn record_failure(
+        &self,
+        tag: &str,
+        failure: &FetchFailure,
+        ttl_ms: u64,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(failure).unwrap_or_default();
+        let mut set = redis::cmd("SET");
+        set.arg(failure_key(tag)).arg(value).arg("PX").arg(ttl_ms);
+        self.query(|mut conn| {
+            let set = &set;
+            async move { set.query_async::<()>(&mut conn).await }
+        })
+        .await
+    }
+
+    /// Forgets the key's failure (an invalidation: its credentials may have changed).
+    pub async fn forget_failure(&self, tag: &str) -> Result<(), StoreError> {
+        let mut del = redis::cmd("DEL");
+        del.arg(failure_key(tag));
+        self.query(|mut conn| {
+            let del = &del;
+            async move { del.query_async::<()>(&mut conn).await }
+        })
+        .await
     }
 
     /// Releases the lock if `lease_id` holds it (then wakes waiters): `true` if released.

@@ -7,20 +7,29 @@ use redis::Script;
 use std::sync::LazyLock;
 
 /// Answers the cached token if it expires after `ARGV[3]` (unless `ARGV[4]` is `1`: skip
-/// the cache), else takes the lock if free. A lock this lease already holds counts as
-/// taken, so a retried call answers the same.
+/// the cache), else the cached failure of the key's last fetch (negative caching; a lease
+/// that skips the cache deletes it instead), else takes the lock if free. A lock this
+/// lease already holds counts as taken, so a retried call answers the same.
 ///
 /// The token key expires at the token's `expiresAtMs` (it was stored with `PXAT`), so
 /// `PEXPIRETIME` is the token's expiry without decoding the JSON.
-/// KEYS: token, lock. ARGV: lease id, lock TTL ms, usable-after ms, skip-cache flag.
-/// Returns `{'hit', value, 0}`, `{'locked', nil, 0}` or `{'held', nil, expiry}` where
-/// expiry is the cached token's (negative if none).
+/// KEYS: token, lock, failure. ARGV: lease id, lock TTL ms, usable-after ms, skip-cache
+/// flag. Returns `{'hit', value, 0}`, `{'failed', failure, 0}`, `{'locked', nil, 0}` or
+/// `{'held', nil, expiry}` where expiry is the cached token's (negative if none).
 pub(super) static ACQUIRE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local expiry = redis.call('pexpiretime', KEYS[1])
 if ARGV[4] ~= '1' and expiry > tonumber(ARGV[3]) then
   return {'hit', redis.call('get', KEYS[1]), 0}
+end
+if ARGV[4] == '1' then
+  redis.call('del', KEYS[3])
+else
+  local failure = redis.call('get', KEYS[3])
+  if failure then
+    return {'failed', failure, 0}
+  end
 end
 local holder = redis.call('get', KEYS[2])
 if not holder then

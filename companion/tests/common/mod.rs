@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokengate_companion::{Clock, Config};
 use tokengate_core::lease::{
-    ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, INVALIDATE_PATH, InvalidateRequest,
-    LEASE_PATH, LeaseId, LeaseRequest, LeaseResponse,
+    ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, FetchFailure, INVALIDATE_PATH,
+    InvalidateRequest, LEASE_PATH, LeaseId, LeaseRequest, LeaseResponse,
 };
 use tokengate_core::{ErrorBody, Provider, SecretString, TenantId};
 
@@ -404,10 +404,21 @@ impl Companion {
 
     /// Aborts `lease_id`; returns the status.
     pub async fn abort(&self, tenant: &str, lease_id: &LeaseId) -> u16 {
+        self.abort_failed(tenant, lease_id, None).await
+    }
+
+    /// Aborts `lease_id`, reporting the fetch's `error`; returns the status.
+    pub async fn abort_failed(
+        &self,
+        tenant: &str,
+        lease_id: &LeaseId,
+        error: Option<FetchFailure>,
+    ) -> u16 {
         let request = AbortRequest {
             provider: Provider::genesys(),
             tenant_id: TenantId::parse(tenant).unwrap(),
             lease_id: lease_id.clone(),
+            error,
         };
         let response = self
             .post(ABORT_PATH, &serde_json::to_value(request).unwrap())
@@ -429,6 +440,17 @@ impl Drop for Companion {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Waits until some lease of the companion is in its wait loop (the loop, and only it,
+/// reads the lock with EXISTS).
+#[allow(dead_code)] // not every test file waits on a lease
+pub async fn wait_until_a_lease_waits(redis: &RedisServer, exists_before: u64) {
+    redis
+        .wait_until("a lease waits", Duration::from_secs(5), || async {
+            redis.calls("exists").await > exists_before
+        })
+        .await;
 }
 
 /// Reads an error response: its status and JSON body (panics if the body is not ours).

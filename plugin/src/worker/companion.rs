@@ -7,8 +7,8 @@
 use serde::Serialize;
 
 use tokengate_core::lease::{
-    ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, INVALIDATE_PATH, InvalidateRequest,
-    LEASE_PATH, LeaseId, LeaseRequest, LeaseResponse,
+    ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, FetchFailure, INVALIDATE_PATH,
+    InvalidateRequest, LEASE_PATH, LeaseId, LeaseRequest, LeaseResponse,
 };
 use tokengate_core::token_api::{TOKEN_PATH, TokenResponse, TokenSource};
 use tokengate_core::{
@@ -119,14 +119,14 @@ impl Worker {
                 self.send_to_companion(host, &key, Purpose::Lease, LEASE_PATH, &body, timeout_ms)
             });
         match sent {
-            Ok(_) => self.set_leasing(&key),
+            Ok(_) => self.set_leasing(&key, host.now_ms()),
             Err(reason) => self.companion_unreachable(host, key, &reason),
         }
     }
 
-    fn set_leasing(&mut self, key: &TokenKey) {
+    fn set_leasing(&mut self, key: &TokenKey, sent_at_ms: u64) {
         if let Some(fetch) = self.fetches.get_mut(key) {
-            fetch.stage = Stage::Leasing;
+            fetch.stage = Stage::Leasing { sent_at_ms };
         }
     }
 
@@ -204,7 +204,7 @@ impl Worker {
         let timeout_ms = self.config.companion.timeout_ms;
         let purpose = Purpose::CompanionToken;
         match self.send_to_companion(host, &key, purpose, TOKEN_PATH, &body, timeout_ms) {
-            Ok(_) => self.set_leasing(&key),
+            Ok(_) => self.set_leasing(&key, host.now_ms()),
             Err(reason) => {
                 let error = companion_down(&reason);
                 self.finish(host, &key, Err(error), TokenSource::Fresh);
@@ -218,13 +218,17 @@ impl Worker {
         key: TokenKey,
         result: CalloutResult,
     ) {
+        let sent_at_ms = match self.fetches.get(&key).map(|fetch| &fetch.stage) {
+            Some(Stage::Leasing { sent_at_ms }) => *sent_at_ms,
+            _ => host.now_ms(),
+        };
         let outcome = match &result {
             CalloutResult::Response {
                 status: 200, body, ..
             } => serde_json::from_slice::<TokenResponse>(body.expose())
                 .map(|response| {
                     let source = response.source;
-                    (response.into_fetched(host.now_ms()), source)
+                    (response.into_fetched(sent_at_ms), source)
                 })
                 .map_err(|_| companion_down("an unreadable token response")),
             CalloutResult::Response { .. } => Err(answered_error(&result)
@@ -238,13 +242,15 @@ impl Worker {
         }
     }
 
-    /// Commits a cacheable token to the companion, or aborts the lease.
+    /// Commits a cacheable token to the companion, or aborts the lease (reporting
+    /// `failure` when it is an error the companion caches for the key's other leases).
     pub(super) fn end_lease(
         &mut self,
         host: &mut impl Host,
         key: &TokenKey,
         lease_id: LeaseId,
         token: Option<&FetchedToken>,
+        failure: Option<&TokenError>,
     ) {
         let provider = key.provider.clone();
         let tenant_id = key.tenant_id.clone();
@@ -267,6 +273,7 @@ impl Worker {
                     provider,
                     tenant_id,
                     lease_id,
+                    error: failure.and_then(FetchFailure::of),
                 }),
             ),
         };

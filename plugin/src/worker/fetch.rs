@@ -3,7 +3,7 @@
 //! refresh-ahead, local mode and its limiter, driving core's fetch flow, and the end
 //! of a fetch, which hands its outcome to every request paused on it.
 
-use tokengate_core::cache::{GatewayEntry, PurgeRecord, REFRESH_RETRY_MS, refresh_moment};
+use tokengate_core::cache::{GatewayEntry, PurgeRecord, REFRESH_RETRY_MS};
 use tokengate_core::lease::LeaseId;
 use tokengate_core::limit::Admission;
 use tokengate_core::token_api::TokenSource;
@@ -40,7 +40,10 @@ pub(super) enum Stage {
     /// Another worker of this Envoy fetches the key: watch the shared cache.
     WaitingOnPeer,
     /// The lease (or `fetch: companion` token) call is outstanding.
-    Leasing,
+    Leasing {
+        /// When it was sent: a token answered with only its `expiresIn` lives from then.
+        sent_at_ms: u64,
+    },
     /// This worker runs the fetch.
     Fetching {
         /// The core state machine doing the fetch.
@@ -127,7 +130,7 @@ impl Worker {
     ) -> Option<GatewayEntry> {
         let found = self.slots.find(host, Table::Tokens, key)?;
         GatewayEntry::decode(&found.record).filter(|entry| {
-            entry.token.is_fresh(now_ms, self.config.expiry_margin_ms)
+            entry.is_servable(now_ms)
                 && newer_than_ms.is_none_or(|newer_than| entry.token.expires_at_ms > newer_than)
         })
     }
@@ -224,8 +227,15 @@ impl Worker {
                 return self.finish(host, &key, Ok(token), TokenSource::Cache);
             }
         }
-        // A peer's recent failure is only handed to requests that waited on it; a new
-        // request tries again.
+        // A failure that asking again cannot fix is answered from memory for a while
+        // (unless the request forces a refresh); any other recent failure of a peer is
+        // only handed to the requests that waited on it, and a new request tries again.
+        if !force_refresh {
+            if let Some(error) = inflight::cached_error(host, &self.slots, &key, now_ms) {
+                host.count(Metric::NegativeCacheHit);
+                return self.finish(host, &key, Err(error), TokenSource::Cache);
+            }
+        }
         if inflight::peer_state(host, &self.slots, &key, self.worker_id, now_ms) == Peer::Busy {
             return self.wait_on_peer(host, &key);
         }
@@ -318,7 +328,7 @@ impl Worker {
             self.drive(host, &key);
         } else if let Some(lease_id) = lease_id {
             // Every waiter left while leasing: hand the lock back at once.
-            self.end_lease(host, &key, lease_id, None);
+            self.end_lease(host, &key, lease_id, None, None);
         }
     }
 
@@ -451,31 +461,24 @@ impl Worker {
         let fetched_here = matches!(fetch.stage, Stage::Fetching { .. });
         // This worker claimed the key's marker when it leased or fetched; a request
         // served from the shared cache or by another worker's fetch claimed nothing.
-        let claimed = fetched_here || matches!(fetch.stage, Stage::Leasing);
+        let claimed = fetched_here || matches!(fetch.stage, Stage::Leasing { .. });
         let cacheable = result.as_ref().ok().filter(|token| token.cacheable);
         if let Stage::Fetching {
             lease_id: Some(lease_id),
             ..
         } = fetch.stage
         {
-            self.end_lease(host, key, lease_id, cacheable);
+            self.end_lease(host, key, lease_id, cacheable, result.as_ref().err());
         }
         if claimed {
             if let Some(token) = cacheable {
-                let refresh = &self.config.refresh_ahead;
-                let entry = GatewayEntry {
-                    token: CachedToken {
-                        access_token: token.access_token.clone(),
-                        expires_at_ms: token.expires_at_ms,
-                    },
-                    refresh_at_ms: refresh_moment(
-                        key,
-                        now_ms,
-                        token.expires_at_ms,
-                        refresh.percent,
-                        refresh.min_lead_ms,
-                    ),
+                let lifetimes = self.config.lifetimes();
+                self.warn_if_lifetime_misfits(host, key, token.expires_at_ms, now_ms);
+                let token = CachedToken {
+                    access_token: token.access_token.clone(),
+                    expires_at_ms: token.expires_at_ms,
                 };
+                let entry = lifetimes.entry(key, token, now_ms);
                 let worth = |record: &[u8]| token_worth(record, now_ms);
                 let record = entry.encode();
                 let slots = self.slots;
@@ -484,7 +487,8 @@ impl Worker {
                     host.count(Metric::CacheEvicted);
                 }
             }
-            let released = Marker::release(now_ms, result.as_ref().err());
+            let released =
+                Marker::release(now_ms, result.as_ref().err(), self.config.negative_cache_ms);
             inflight::release(host, &self.slots, key, &released, self.wake_queue);
         }
         let first = fetch.waiters.first();
@@ -541,6 +545,36 @@ impl Worker {
             Level::Info,
             &format!(
                 "token request {key} source={source_name} duration_ms={duration_ms} waiters={delivered} correlation_id={correlation_id}"
+            ),
+        );
+    }
+
+    /// Warns, once per provider on this worker, when a token of `key`'s provider lives
+    /// too short for `expiryMarginMs` or `refreshAhead.minLeadMs`, which core then cuts
+    /// to fit (see [`tokengate_core::cache::Lifetimes`]).
+    fn warn_if_lifetime_misfits(
+        &mut self,
+        host: &mut impl Host,
+        key: &TokenKey,
+        expires_at_ms: u64,
+        now_ms: u64,
+    ) {
+        let lifetime_ms = expires_at_ms.saturating_sub(now_ms);
+        let lifetimes = self.config.lifetimes();
+        if !lifetimes.capped(lifetime_ms) || !self.misfit_warned.insert(key.provider.clone()) {
+            return;
+        }
+        host.log(
+            Level::Warn,
+            &format!(
+                "provider {} issues tokens that live {} ms (tenant {}): expiryMarginMs {} and refreshAhead.minLeadMs {} do not fit; this token is served until {} ms before it expires and refreshed in its last {} ms (at most a quarter and a half of its life)",
+                key.provider,
+                lifetime_ms,
+                key.tenant_id,
+                lifetimes.expiry_margin_ms,
+                lifetimes.min_lead_ms,
+                lifetimes.margin_ms(lifetime_ms),
+                lifetimes.lead_ms(lifetime_ms),
             ),
         );
     }

@@ -45,11 +45,11 @@ mod companion;
 mod fetch;
 mod purge;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tokengate_core::limit::FetchLog;
-use tokengate_core::{CachedToken, CalloutResult, FetchConfig, SecretString, TokenKey};
+use tokengate_core::{CachedToken, CalloutResult, FetchConfig, Provider, SecretString, TokenKey};
 
 use crate::config::FilterConfig;
 use crate::hits::HitTally;
@@ -125,6 +125,8 @@ pub struct Worker {
     /// Whether the host writes debug lines (the per-hit line is only built then), and
     /// when that was last asked.
     debug_logging: Option<(bool, u64)>,
+    /// Providers already warned of tokens too short for the margin and refresh lead.
+    misfit_warned: HashSet<Provider>,
 }
 
 /// Tick period while work waits for the worker's next turn.
@@ -162,6 +164,7 @@ impl Worker {
             lease_end_retries: Vec::new(),
             hits: Arc::default(),
             debug_logging: None,
+            misfit_warned: HashSet::new(),
         }
     }
 

@@ -10,6 +10,7 @@ use tokengate_core::{CachedToken, TokenKey};
 
 use super::Worker;
 use crate::host::{Host, Level, Metric};
+use crate::inflight;
 use crate::slots::{Eviction, Table};
 
 impl Worker {
@@ -41,6 +42,7 @@ impl Worker {
         if let Some(found) = cached {
             self.slots.clear(host, &found, &key);
         }
+        inflight::forget_cached_error(host, &self.slots, &key, now_ms);
         host.count(Metric::Purge);
         host.log(
             Level::Warn,
