@@ -430,6 +430,44 @@ fn a_token_from_the_cluster_cache_is_used_without_fetching() {
 }
 
 #[test]
+fn a_cluster_token_that_expired_before_its_answer_was_handled_is_never_injected() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    // The answer is handled 20 s after it was sent; the token it carries lived 10 s.
+    rig.advance(20_000);
+    let hit =
+        json!({"outcome": "hit", "accessToken": "tok-cluster", "expiresAtMs": START_MS + 10_000});
+    rig.answer(&lease, response(200, &hit.to_string()));
+
+    assert!(rig.resumed_with("tok-cluster").is_empty());
+    let reply = &rig.host.replies[0];
+    assert_eq!((reply.context_id, reply.status), (1, 503));
+    assert_eq!(reply.body["code"], "COMPANION_UNAVAILABLE");
+    assert!(rig.cached_entry("acme").is_none(), "not cached either");
+}
+
+#[test]
+fn a_companion_token_answered_after_its_expiry_is_never_injected() {
+    let mut rig = Rig::new(json!({"fetch": "companion"}));
+    let _ = rig.ask(1, "acme");
+    rig.tick();
+    let request = rig.sent_one(COMPANION, "/auth/token");
+    rig.advance(20_000);
+    // Lived 10 s from the request: expired 10 s before the answer was handled.
+    let answer = json!({
+        "accessToken": "tok-acme", "expiresIn": 10, "tokenType": "Bearer",
+        "source": "fresh", "expiresAt": "unreadable"
+    });
+    rig.answer(&request, response(200, &answer.to_string()));
+
+    assert!(rig.resumed_with("tok-acme").is_empty());
+    let reply = &rig.host.replies[0];
+    assert_eq!((reply.context_id, reply.status), (1, 503));
+}
+
+#[test]
 fn the_companions_own_error_reaches_the_client_and_a_refused_key_is_the_gateways_fault() {
     let mut rig = Rig::new(json!({}));
     let _ = rig.ask(1, "acme");

@@ -148,11 +148,17 @@ impl Worker {
                 expires_at_ms,
             }) => {
                 host.count(Metric::ClusterCacheHit);
+                let now_ms = host.now_ms();
+                if expires_at_ms <= now_ms {
+                    let error = expired_on_arrival(expires_at_ms, now_ms);
+                    self.finish(host, &key, Err(error), TokenSource::Cache);
+                    return;
+                }
                 let token = CachedToken {
                     access_token,
                     expires_at_ms,
                 };
-                let token = token_of(token, host.now_ms());
+                let token = token_of(token, now_ms);
                 self.finish(host, &key, Ok(token), TokenSource::Cache);
             }
             Some(LeaseResponse::Fetch { lease_id, .. }) => {
@@ -236,7 +242,12 @@ impl Worker {
                 .unwrap_or_else(|| companion_down(&describe(&result)))),
             CalloutResult::NoResponse => Err(companion_down("no answer")),
         };
+        let now_ms = host.now_ms();
         match outcome {
+            Ok((token, _)) if token.expires_at_ms <= now_ms => {
+                let error = expired_on_arrival(token.expires_at_ms, now_ms);
+                self.finish(host, &key, Err(error), TokenSource::Fresh);
+            }
             Ok((token, source)) => self.finish(host, &key, Ok(token), source),
             Err(error) => self.finish(host, &key, Err(error), TokenSource::Fresh),
         }
@@ -484,4 +495,16 @@ fn envoy_connect_failure(body: &[u8]) -> Option<String> {
     }
     let reason = text.split("reset reason: ").nth(1).unwrap_or("reset");
     Some(reason.chars().take(120).collect())
+}
+
+/// The error for a companion answer whose token had expired when it was handled (an
+/// answer held up longer than the token lived): never delivered, the requests get this.
+fn expired_on_arrival(expires_at_ms: u64, now_ms: u64) -> TokenError {
+    TokenError::new(
+        ErrorCode::CompanionUnavailable,
+        format!(
+            "the companion's token had expired {} ms before its answer was handled",
+            now_ms.saturating_sub(expires_at_ms)
+        ),
+    )
 }
