@@ -390,3 +390,138 @@ fn every_alert_has_a_severity_a_summary_a_runbook_anchor_and_promtool_cases() {
         );
     }
 }
+
+/// The keys Grafana's dashboard schema allows in a panel (`#Panel` of
+/// `kinds/dashboard/dashboard_kind.cue`, a closed definition).
+const PANEL_KEYS: [&str; 24] = [
+    "type",
+    "id",
+    "pluginVersion",
+    "tags",
+    "targets",
+    "title",
+    "description",
+    "transparent",
+    "datasource",
+    "gridPos",
+    "links",
+    "repeat",
+    "repeatDirection",
+    "repeatPanelId",
+    "maxDataPoints",
+    "thresholds",
+    "timeRegions",
+    "transformations",
+    "interval",
+    "timeFrom",
+    "timeShift",
+    "libraryPanel",
+    "options",
+    "fieldConfig",
+];
+
+/// The variable types of the schema's `#VariableType`.
+const VARIABLE_TYPES: [&str; 8] = [
+    "query",
+    "adhoc",
+    "constant",
+    "datasource",
+    "interval",
+    "textbox",
+    "custom",
+    "system",
+];
+
+/// Whether `value` is an unsigned integer below `bound`.
+fn below(value: &Value, bound: u64) -> bool {
+    value.as_u64().is_some_and(|value| value < bound)
+}
+
+/// The constraints of Grafana's published dashboard schema (`dashboard_kind.cue`, CUE;
+/// no CUE toolchain runs here) on the fields the dashboard uses, written out: panel keys,
+/// types, grid positions, data source references, field configuration, thresholds,
+/// value mappings, variables, and the top-level fields' types.
+#[test]
+fn the_dashboard_keeps_to_grafanas_dashboard_schema() {
+    let dashboard: Value = serde_json::from_str(&read(DASHBOARD)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(below(&dashboard["schemaVersion"], 65_536));
+    assert!(below(&dashboard["graphTooltip"], 3));
+    assert!(dashboard["editable"].is_boolean());
+    assert!(dashboard["title"].is_string() && dashboard["uid"].is_string());
+    assert!(
+        dashboard.get("id").is_none_or(Value::is_i64),
+        "id: int64 or absent"
+    );
+    for annotation in dashboard["annotations"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for key in ["name", "datasource", "enable", "iconColor"] {
+            assert!(annotation.get(key).is_some(), "annotation without {key}");
+        }
+    }
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let kind = variable["type"].as_str().unwrap_or_default();
+        assert!(VARIABLE_TYPES.contains(&kind), "variable type {kind:?}");
+        assert!(variable["name"].is_string());
+        assert!(below(&variable["hide"], 3));
+    }
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        let title = panel["title"].as_str().unwrap_or_default();
+        let keys = panel
+            .as_object()
+            .map(|panel| panel.keys().cloned().collect::<Vec<_>>());
+        for key in keys.unwrap_or_default() {
+            assert!(
+                PANEL_KEYS.contains(&key.as_str()),
+                "panel {title:?}: key {key:?}"
+            );
+        }
+        assert!(panel["type"].as_str().is_some_and(|kind| !kind.is_empty()));
+        assert!(below(&panel["id"], 1 << 32));
+        let grid = &panel["gridPos"];
+        assert!(
+            below(&grid["x"], 24) && grid["y"].is_u64(),
+            "{title:?}: {grid}"
+        );
+        assert!(grid["w"].as_u64().is_some_and(|w| (1..=24).contains(&w)));
+        assert!(grid["h"].as_u64().is_some_and(|h| h > 0));
+        for reference in std::iter::once(&panel["datasource"]).chain(
+            panel["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|target| &target["datasource"]),
+        ) {
+            let keys = reference
+                .as_object()
+                .map(|r| r.keys().cloned().collect::<Vec<_>>());
+            assert_eq!(keys.unwrap_or_default(), ["type", "uid"], "{title:?}");
+        }
+        assert!(panel["options"].is_object(), "{title:?}: options");
+        let field_config = &panel["fieldConfig"];
+        assert!(field_config["defaults"].is_object() && field_config["overrides"].is_array());
+        let defaults = &field_config["defaults"];
+        for step in defaults["thresholds"]["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            assert!(step["color"].is_string(), "{title:?}: {step}");
+            assert!(
+                step.get("value").is_none_or(Value::is_number),
+                "{title:?}: {step}"
+            );
+        }
+        for mapping in defaults["mappings"].as_array().into_iter().flatten() {
+            let kind = mapping["type"].as_str().unwrap_or_default();
+            assert!(["value", "range", "regex", "special"].contains(&kind));
+            assert!(mapping["options"].is_object(), "{title:?}: {mapping}");
+        }
+    }
+}
