@@ -5,6 +5,12 @@
 //!
 //! The id is the request's own `x-request-id` when it has a usable one (1 to 128
 //! visible ASCII characters, e.g. Envoy's UUIDs), else a new UUID v4.
+//!
+//! Trace context: a request carrying a valid W3C `traceparent` has its trace id in the
+//! span too (`trace_id`), and the token API's Tenant Service and token endpoint calls
+//! for it carry the same `traceparent` ([`traceparent`], [`with_traceparent`]), so the
+//! fetch shows in the caller's trace. Only the header is passed on: no secret or token
+//! goes into a span.
 
 use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue};
@@ -18,9 +24,53 @@ pub static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id
 /// Longest `x-request-id` taken over from a request.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
 
+/// The W3C trace context header (<https://www.w3.org/TR/trace-context/>).
+pub static TRACEPARENT_HEADER: HeaderName = HeaderName::from_static("traceparent");
+
 tokio::task_local! {
     /// The correlation id of the request being served by this task.
     static REQUEST_ID: String;
+    /// The valid `traceparent` of the request being served by this task, if it had one.
+    static TRACEPARENT: Option<String>;
+}
+
+/// The `traceparent` of the request the current task serves, if it had a valid one.
+pub fn traceparent() -> Option<String> {
+    TRACEPARENT.try_with(Clone::clone).ok().flatten()
+}
+
+/// Runs `future` (a task of its own, such as the token API's fetch) with `traceparent`
+/// as its request's, so its upstream calls pass it on.
+pub async fn with_traceparent<F: Future>(traceparent: Option<String>, future: F) -> F::Output {
+    TRACEPARENT.scope(traceparent, future).await
+}
+
+/// A W3C `traceparent` header value, if valid: `<version>-<trace-id>-<parent-id>-<flags>`
+/// in lower-case hex (2, 32, 16 and 2 digits), version not `ff`, ids not all zeros.
+/// Returns the value and its trace id.
+pub fn parse_traceparent(header: Option<&HeaderValue>) -> Option<(String, String)> {
+    let value = header?.to_str().ok()?;
+    let mut parts = value.split('-');
+    let (version, trace_id, parent_id, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |part: &str, len: usize| {
+        part.len() == len
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let zeros = |part: &str| part.bytes().all(|b| b == b'0');
+    // Version 00 has exactly four fields; later versions may append more.
+    let fields_fit = version != "00" || parts.next().is_none();
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace_id, 32)
+        && !zeros(trace_id)
+        && hex(parent_id, 16)
+        && !zeros(parent_id)
+        && hex(flags, 2)
+        && fields_fit;
+    valid.then(|| (value.to_owned(), trace_id.to_owned()))
 }
 
 /// The correlation id of the request the current task serves, if any.
@@ -42,15 +92,21 @@ pub fn request_id(header: Option<&HeaderValue>) -> String {
 /// echoes the id in the response.
 pub async fn layer(request: Request, next: Next) -> Response {
     let id = request_id(request.headers().get(&REQUEST_ID_HEADER));
+    let trace = parse_traceparent(request.headers().get(&TRACEPARENT_HEADER));
     let span = tracing::info_span!(
         "request",
         request_id = %id,
+        trace_id = tracing::field::Empty,
         method = %request.method(),
         path = %request.uri().path(),
     );
+    let traceparent = trace.map(|(traceparent, trace_id)| {
+        span.record("trace_id", tracing::field::display(&trace_id));
+        traceparent
+    });
     let started = tokio::time::Instant::now();
     let mut response = REQUEST_ID
-        .scope(id.clone(), next.run(request))
+        .scope(id.clone(), with_traceparent(traceparent, next.run(request)))
         .instrument(span.clone())
         .await;
     let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -86,6 +142,44 @@ mod tests {
             assert_eq!(id.len(), 36, "{bad:?} -> {id}");
         }
         assert_ne!(request_id(None), request_id(None));
+    }
+
+    #[test]
+    fn a_valid_traceparent_is_kept_with_its_trace_id_and_others_are_dropped() {
+        let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            parse_traceparent(Some(&HeaderValue::from_static(valid))),
+            Some((
+                valid.to_owned(),
+                "4bf92f3577b34da6a3ce929d0e0e4736".to_owned()
+            ))
+        );
+        let later_version = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra";
+        assert!(parse_traceparent(Some(&HeaderValue::from_static(later_version))).is_some());
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(
+                parse_traceparent(Some(&HeaderValue::from_static(bad))),
+                None,
+                "{bad}"
+            );
+        }
+        assert_eq!(parse_traceparent(None), None);
+    }
+
+    #[tokio::test]
+    async fn the_traceparent_is_visible_inside_its_scope_only() {
+        assert_eq!(traceparent(), None);
+        let inside = with_traceparent(Some("00-ab".to_owned()), async { traceparent() }).await;
+        assert_eq!(inside.as_deref(), Some("00-ab"));
     }
 
     #[tokio::test]

@@ -29,6 +29,7 @@ use zeroize::Zeroizing;
 
 use crate::clock::Clock;
 use crate::config::{self, Config, RedactedUrl};
+use crate::correlation;
 use crate::metrics::{CalloutOutcome, Metrics, Upstream};
 
 /// Largest upstream answer read; real ones are a few hundred bytes.
@@ -203,6 +204,9 @@ impl Fetcher {
                 value.set_sensitive(true);
             }
             builder = builder.header(name, value);
+        }
+        if let Some(traceparent) = correlation::traceparent() {
+            builder = builder.header(&correlation::TRACEPARENT_HEADER, traceparent);
         }
         if !request.body.expose().is_empty() {
             builder = builder.body(request.body.expose().to_vec());

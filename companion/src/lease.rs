@@ -421,6 +421,14 @@ impl Service {
         } else {
             CommitResult::NotStored
         });
+        if let Some(replaced_expires_in_ms) = early_replacement(&outcome, now_ms, expires_in_ms) {
+            self.metrics.early_replacement();
+            tracing::warn!(
+                provider, tenant, lease_id = %lease_id.0, expires_in_ms, replaced_expires_in_ms,
+                "token replaced early: the cached one had more than half of the new one's \
+                 lifetime left (a forced refresh, or fetches beyond one per token lifetime)"
+            );
+        }
         if outcome.lock_was_held {
             tracing::info!(provider, tenant, lease_id = %lease_id.0, expires_in_ms, "token committed");
         } else {
@@ -708,4 +716,65 @@ fn hit(token: CachedToken) -> LeaseResponse {
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// When a commit stored its token over a cached one that still had more than half of
+/// the new token's lifetime (`expires_in_ms`) left, how long that one had left. A
+/// healthy cluster replaces a cached token only in its refresh window (the filter's
+/// `refreshAhead`, at most half of its life) or after an invalidation deleted it, so an
+/// early replacement is a forced refresh or a fetch beyond one per token lifetime.
+fn early_replacement(
+    outcome: &store::CommitOutcome,
+    now_ms: u64,
+    expires_in_ms: u64,
+) -> Option<u64> {
+    let replaced_expires_in_ms = outcome.previous_expires_at_ms?.checked_sub(now_ms)?;
+    (outcome.stored && replaced_expires_in_ms.saturating_mul(2) > expires_in_ms)
+        .then_some(replaced_expires_in_ms)
+}
+
+#[cfg(test)]
+mod early_replacements {
+    use super::*;
+
+    fn stored_over(previous_expires_at_ms: Option<u64>) -> store::CommitOutcome {
+        store::CommitOutcome {
+            lock_was_held: true,
+            stored: true,
+            previous_expires_at_ms,
+        }
+    }
+
+    #[test]
+    fn a_token_replaced_with_more_than_half_of_the_new_ones_life_left_is_early() {
+        let now = 1_000_000;
+        assert_eq!(
+            early_replacement(&stored_over(Some(now + 60_001)), now, 120_000),
+            Some(60_001)
+        );
+        assert_eq!(
+            early_replacement(&stored_over(Some(now + 60_000)), now, 120_000),
+            None
+        );
+    }
+
+    #[test]
+    fn a_refresh_in_the_window_a_first_token_an_expired_one_or_a_kept_one_is_not() {
+        let now = 1_000_000;
+        // Refresh-ahead: the cached token is in its last 10 %.
+        assert_eq!(
+            early_replacement(&stored_over(Some(now + 8_000)), now, 86_400_000),
+            None
+        );
+        assert_eq!(early_replacement(&stored_over(None), now, 86_400_000), None);
+        assert_eq!(
+            early_replacement(&stored_over(Some(now - 1)), now, 86_400_000),
+            None
+        );
+        let kept = store::CommitOutcome {
+            stored: false,
+            ..stored_over(Some(now + 86_000_000))
+        };
+        assert_eq!(early_replacement(&kept, now, 60_000), None);
+    }
 }

@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | `tokengate_companion_leases_total` | counter | `outcome` ([`LeaseOutcome`]) |
 //! | `tokengate_companion_commits_total` | counter | `result` ([`CommitResult`]) |
+//! | `tokengate_companion_early_replacements_total` | counter | |
 //! | `tokengate_companion_aborts_total` | counter | `result` ([`AbortResult`]) |
 //! | `tokengate_companion_invalidations_total` | counter | `result` ([`InvalidateResult`]) |
 //! | `tokengate_companion_redis_healthy` | gauge | |
@@ -273,6 +274,8 @@ pub struct Metrics {
     leases: Counters<LeaseOutcome>,
     /// Commits, by [`CommitResult`].
     commits: Counters<CommitResult>,
+    /// Tokens stored over a cached one that had more than half the new one's life left.
+    early_replacements: Counter,
     /// Aborts, by [`AbortResult`].
     aborts: Counters<AbortResult>,
     /// Invalidations, by [`InvalidateResult`].
@@ -309,6 +312,7 @@ impl Metrics {
             registry: Registry::default(),
             leases: Family::default(),
             commits: Family::default(),
+            early_replacements: Counter::default(),
             aborts: Family::default(),
             invalidations: Family::default(),
             redis_health: RedisHealthMetrics::default(),
@@ -368,6 +372,11 @@ impl Metrics {
             "tokengate_companion_commits",
             "Commits, by result",
             self.commits.clone(),
+        );
+        registry.register(
+            "tokengate_companion_early_replacements",
+            "Tokens stored over a cached token that had more than half of the new one's lifetime left (fetches beyond one per token lifetime)",
+            self.early_replacements.clone(),
         );
         registry.register(
             "tokengate_companion_aborts",
@@ -463,6 +472,12 @@ impl Metrics {
     /// Counts a commit.
     pub fn commit(&self, result: CommitResult) {
         self.commits.get_or_create(&result_label(result)).inc();
+    }
+
+    /// Counts a token stored over a cached one that still had more than half of the new
+    /// one's lifetime left.
+    pub fn early_replacement(&self) {
+        self.early_replacements.inc();
     }
 
     /// Counts an abort.
@@ -651,9 +666,10 @@ mod exposition {
     use super::*;
 
     /// Every family's `# HELP` / `# TYPE` lines, as operators' scrapers have seen them.
-    const FAMILIES: [(&str, &str); 13] = [
+    const FAMILIES: [(&str, &str); 14] = [
         ("tokengate_companion_leases_total", "counter"),
         ("tokengate_companion_commits_total", "counter"),
+        ("tokengate_companion_early_replacements_total", "counter"),
         ("tokengate_companion_aborts_total", "counter"),
         ("tokengate_companion_invalidations_total", "counter"),
         ("tokengate_companion_redis_healthy", "gauge"),

@@ -44,6 +44,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::clock::Clock;
+use crate::correlation;
 use crate::error::ApiError;
 use crate::fetch::Fetcher;
 use crate::lease::Service;
@@ -222,9 +223,12 @@ impl TokenApi {
             LeaseResponse::Fetch { lease_id, .. } => {
                 let api = Arc::clone(self);
                 let guard = self.tasks.enter();
+                // A task of its own: it takes the request's trace context along.
+                let traceparent = correlation::traceparent();
                 let fetch = async move {
                     let _running = guard;
-                    api.fetch_and_end_lease(key, lease_id).await
+                    let fetched = api.fetch_and_end_lease(key, lease_id);
+                    correlation::with_traceparent(traceparent, fetched).await
                 };
                 tokio::spawn(fetch.in_current_span())
                     .await

@@ -459,3 +459,56 @@ async fn sigterm_with_a_hung_fetch_releases_its_lock_and_exits_within_the_bound(
     assert!(log.contains("SIGTERM received"), "{log}");
     assert!(log.contains("release their locks"), "{log}");
 }
+
+#[tokio::test]
+async fn a_traceparent_reaches_the_upstream_calls_and_its_trace_id_the_log_lines() {
+    let redis = RedisServer::start();
+    let standins = standins().await;
+    let args = token_api_args(&redis, &standins);
+    let mut binary = Binary::start(&strs(&args), &[("RUST_LOG", "info")]).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let http = reqwest::Client::new();
+    let token = async |tenant: &str, traceparent: Option<&str>| {
+        let mut request = http
+            .post(format!("{}/auth/token", binary.base))
+            .header("x-request-id", format!("corr-trace-{tenant}"))
+            .json(&serde_json::json!({"tenantId": tenant, "type": "genesys"}));
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        request.send().await.unwrap().status()
+    };
+
+    assert_eq!(token("acme", Some(traceparent)).await, 200);
+    for endpoint in [Endpoint::TenantService, Endpoint::Login] {
+        assert_eq!(
+            standins.last_traceparent(endpoint).as_deref(),
+            Some(traceparent),
+            "{endpoint}"
+        );
+    }
+    // Without one (or with an invalid one), none is sent.
+    assert_eq!(token("globex", None).await, 200);
+    assert_eq!(token("initech", Some("00-not-a-trace-01")).await, 200);
+    for endpoint in [Endpoint::TenantService, Endpoint::Login] {
+        assert_eq!(standins.last_traceparent(endpoint), None, "{endpoint}");
+    }
+    binary.terminate();
+    assert!(binary.exit_within(Duration::from_secs(10)).await.success());
+
+    let log = binary.log_text();
+    let request_line = |tenant: &str| {
+        log.lines()
+            .find(|line| {
+                line.contains("token request") && line.contains(&format!("corr-trace-{tenant}"))
+            })
+            .unwrap_or_else(|| panic!("no token request line of {tenant}:\n{log}"))
+            .to_owned()
+    };
+    let traced = request_line("acme");
+    assert!(
+        traced.contains("trace_id=4bf92f3577b34da6a3ce929d0e0e4736"),
+        "{traced}"
+    );
+    assert!(!request_line("globex").contains("trace_id"), "{log}");
+}

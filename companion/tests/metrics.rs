@@ -105,3 +105,40 @@ async fn metrics_are_served_as_prometheus_text_0_0_4() {
     assert!(text.contains("# TYPE tokengate_companion_leases_total counter\n"));
     assert!(text.contains("\ntokengate_companion_redis_healthy 1\n"));
 }
+
+#[tokio::test]
+async fn a_token_replaced_with_most_of_its_life_left_counts_as_an_early_replacement() {
+    let redis = RedisServer::start();
+    let companion = Companion::start(config(&redis)).await;
+    let early = "tokengate_companion_early_replacements_total";
+
+    // A forced lease fetches past the cached token; its commit replaces that token.
+    let replace = async |token: &str, expires_in_ms: u64| {
+        let lease_id = match companion.lease_forced("acme").await {
+            tokengate_core::lease::LeaseResponse::Fetch { lease_id, .. } => lease_id,
+            other => panic!("expected fetch, got {other:?}"),
+        };
+        let expires_at_ms = now_ms() + expires_in_ms;
+        companion
+            .commit("acme", &lease_id, token, expires_at_ms)
+            .await
+    };
+
+    // A first token, and its successor fetched with 20 s of its life left (the refresh
+    // window): not early.
+    let lease_id = companion.lease_fetch("acme").await;
+    let first_expiry = now_ms() + 20_000;
+    let first = companion.commit("acme", &lease_id, "first", first_expiry);
+    assert_eq!(first.await, 204);
+    assert_eq!(replace("second", 3_600_000).await, 204);
+    assert_eq!(companion.metrics().await.value(early), 0.0);
+
+    // A third token while the second has nearly all its hour left: early.
+    assert_eq!(replace("third", 3_600_000).await, 204);
+    let metrics = companion.metrics().await;
+    assert_eq!(metrics.value(early), 1.0);
+    assert_eq!(
+        metrics.value("tokengate_companion_commits_total{result=\"stored\"}"),
+        3.0
+    );
+}

@@ -56,6 +56,8 @@ pub struct CommitOutcome {
     /// The token was stored. `false` only when the lease had lost its lock and Redis
     /// already held a token that lives longer, which a stale commit must not replace.
     pub stored: bool,
+    /// The expiry of the token cached before the commit (stored over or kept), if any.
+    pub previous_expires_at_ms: Option<u64>,
 }
 
 /// What an invalidation found.
@@ -273,7 +275,7 @@ impl Store {
             .arg(value.expose())
             .arg(token.expires_at_ms)
             .arg(ready_channel(tag));
-        let (held, stored): (i64, i64) = self
+        let (held, stored, previous): (i64, i64, i64) = self
             .query(|mut conn| {
                 let invocation = &invocation;
                 async move { invocation.invoke_async(&mut conn).await }
@@ -282,6 +284,8 @@ impl Store {
         Ok(CommitOutcome {
             lock_was_held: held == 1,
             stored: stored == 1,
+            // PEXPIRETIME: -2 without a key, -1 for a key without expiry (never written).
+            previous_expires_at_ms: u64::try_from(previous).ok(),
         })
     }
 

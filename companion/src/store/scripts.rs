@@ -49,7 +49,8 @@ return {'held', false, expiry}
 /// a longer-lived token is already cached.
 ///
 /// KEYS: token, lock. ARGV: lease id, token JSON, expiresAtMs, ready channel.
-/// Returns `{lock_was_held, stored}` as 0/1.
+/// Returns `{lock_was_held, stored, previous}`: 0/1, 0/1, and the `PEXPIRETIME` of the
+/// token cached before (-2 when there was none).
 pub(super) static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -57,8 +58,9 @@ local held = 0
 if redis.call('get', KEYS[2]) == ARGV[1] then
   held = 1
 end
+local previous = redis.call('pexpiretime', KEYS[1])
 local stored = 0
-if held == 1 or redis.call('pexpiretime', KEYS[1]) < tonumber(ARGV[3]) then
+if held == 1 or previous < tonumber(ARGV[3]) then
   redis.call('set', KEYS[1], ARGV[2], 'PXAT', ARGV[3])
   stored = 1
 end
@@ -66,7 +68,7 @@ if held == 1 then
   redis.call('del', KEYS[2])
 end
 redis.call('publish', ARGV[4], 'committed')
-return {held, stored}
+return {held, stored, previous}
 ",
     )
 });

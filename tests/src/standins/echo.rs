@@ -26,7 +26,7 @@ pub(crate) fn router(ctx: ServerCtx) -> Router {
 
 async fn handle(State(ctx): State<ServerCtx>, request: Request) -> Response {
     let shared = &ctx.shared;
-    let arrival = shared.arrive(Endpoint::Echo);
+    let arrival = shared.arrive(Endpoint::Echo, request.headers());
     let (parts, body) = request.into_parts();
     let Ok(body) = to_bytes(body, MAX_BODY_BYTES).await else {
         return (

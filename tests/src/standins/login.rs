@@ -45,7 +45,7 @@ pub(crate) fn router(ctx: ServerCtx) -> Router {
 
 async fn handle(State(ctx): State<ServerCtx>, request: Request) -> Response {
     let shared = &ctx.shared;
-    let arrival = shared.arrive(Endpoint::Login);
+    let arrival = shared.arrive(Endpoint::Login, request.headers());
     let (parts, body) = request.into_parts();
     let body = to_bytes(body, MAX_BODY_BYTES).await;
     let client_id = body

@@ -246,6 +246,12 @@ impl StandIns {
         self.shared.wrong_host_calls()
     }
 
+    /// The W3C `traceparent` header of `endpoint`'s last request; `None` if that request
+    /// had none or there was no request yet.
+    pub fn last_traceparent(&self, endpoint: Endpoint) -> Option<String> {
+        self.shared.last_traceparent(endpoint)
+    }
+
     /// The `X-Service-Name` header of the last Tenant Service request; `None` if that
     /// request had none or there was no request yet.
     pub fn last_service_name(&self) -> Option<String> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::handler::Handler;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -39,6 +39,9 @@ pub(crate) struct Shared {
     /// `X-Service-Name` of the last Tenant Service request (`None`: header absent),
     /// so tests can check the gateway identifies itself.
     pub(crate) last_service_name: Mutex<Option<String>>,
+    /// The W3C `traceparent` header of the last request, per [`endpoint_index`]
+    /// (`None`: header absent), so tests can check trace context is passed on.
+    last_traceparent: Mutex<[Option<String>; 3]>,
     /// Login requests sent to a host that is not the client's region's login host.
     pub(crate) wrong_host_calls: AtomicU64,
     /// Tokens issued by the login, per tenant, in issue order.
@@ -69,6 +72,7 @@ impl Shared {
             fixture,
             endpoints: Default::default(),
             last_service_name: Mutex::new(None),
+            last_traceparent: Mutex::new(Default::default()),
             wrong_host_calls: AtomicU64::new(0),
             issued: Mutex::new(BTreeMap::new()),
             expiries: Mutex::new(HashMap::new()),
@@ -83,9 +87,19 @@ impl Shared {
         &self.endpoints[endpoint_index(endpoint)]
     }
 
-    /// Step 1 of every request: count it and take its fault, if any.
-    pub(crate) fn arrive(&self, endpoint: Endpoint) -> Arrival {
+    /// Step 1 of every request: count it, note its `traceparent`, and take its fault,
+    /// if any.
+    pub(crate) fn arrive(&self, endpoint: Endpoint, headers: &HeaderMap) -> Arrival {
+        let traceparent = headers
+            .get("traceparent")
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+        lock(&self.last_traceparent)[endpoint_index(endpoint)] = traceparent;
         self.endpoint(endpoint).arrive()
+    }
+
+    /// The `traceparent` header of `endpoint`'s last request.
+    pub(crate) fn last_traceparent(&self, endpoint: Endpoint) -> Option<String> {
+        lock(&self.last_traceparent)[endpoint_index(endpoint)].clone()
     }
 
     /// Step 2 of every request: wait the latency, then apply the fault.

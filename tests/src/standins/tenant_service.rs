@@ -22,7 +22,7 @@ pub(crate) fn router(ctx: ServerCtx) -> Router {
 
 async fn handle(State(ctx): State<ServerCtx>, request: Request) -> Response {
     let shared = &ctx.shared;
-    let arrival = shared.arrive(Endpoint::TenantService);
+    let arrival = shared.arrive(Endpoint::TenantService, request.headers());
     let service_name = request
         .headers()
         .get(SERVICE_NAME_HEADER)
