@@ -17,6 +17,7 @@ use super::keys::{lock_key, ready_channel, token_key};
 use super::scripts::{
     ACQUIRE_SCRIPT, COMMIT_SCRIPT, DELETE_IF_UNCHANGED_SCRIPT, DELETE_SCRIPT, RELEASE_SCRIPT,
 };
+use super::shards::slot_of_tag;
 use super::{Observer, StoreError};
 use crate::codec::Codec;
 
@@ -142,11 +143,11 @@ impl Store {
             .await;
         match result {
             Ok(_) => {
-                self.observer.answered();
+                self.observer.answered(None);
                 Ok(())
             }
             Err(error) => {
-                self.observer.unavailable(&error);
+                self.observer.unavailable(None, &error);
                 Err(error)
             }
         }
@@ -162,7 +163,7 @@ impl Store {
         let mut cmd = redis::cmd("INFO");
         cmd.arg("server");
         let info: String = self
-            .query(|conn| {
+            .query(None, |conn| {
                 let cmd = cmd.clone();
                 async move {
                     match conn {
@@ -207,7 +208,7 @@ impl Store {
                 .arg(usable_after_ms.unwrap_or(0))
                 .arg(if usable_after_ms.is_some() { "0" } else { "1" });
             let (outcome, raw, expiry): (String, Option<Vec<u8>>, i64) = self
-                .query(|mut conn| {
+                .query(Some(tag), |mut conn| {
                     let invocation = &invocation;
                     async move { invocation.invoke_async(&mut conn).await }
                 })
@@ -238,7 +239,7 @@ impl Store {
             .cmd("EXISTS")
             .arg(lock_key(tag));
         let (raw, lock_held): (Option<Vec<u8>>, bool) = self
-            .query(|mut conn| {
+            .query(Some(tag), |mut conn| {
                 let pipe = &pipe;
                 async move { pipe.query_async(&mut conn).await }
             })
@@ -264,7 +265,7 @@ impl Store {
             .arg(token.expires_at_ms)
             .arg(ready_channel(tag));
         let (held, stored): (i64, i64) = self
-            .query(|mut conn| {
+            .query(Some(tag), |mut conn| {
                 let invocation = &invocation;
                 async move { invocation.invoke_async(&mut conn).await }
             })
@@ -284,7 +285,7 @@ impl Store {
             .arg(&lease_id.0)
             .arg(ready_channel(tag));
         let released: i64 = self
-            .query(|mut conn| {
+            .query(Some(tag), |mut conn| {
                 let eval = &eval;
                 async move { eval.query_async(&mut conn).await }
             })
@@ -308,7 +309,7 @@ impl Store {
             let mut invocation = DELETE_SCRIPT.prepare_invoke();
             invocation.key(&key).arg(ready_channel(tag));
             let deleted: i64 = self
-                .query(|mut conn| {
+                .query(Some(tag), |mut conn| {
                     let invocation = &invocation;
                     async move { invocation.invoke_async(&mut conn).await }
                 })
@@ -322,7 +323,7 @@ impl Store {
         let mut get = redis::cmd("GET");
         get.arg(&key);
         let raw: Option<Vec<u8>> = self
-            .query(|mut conn| {
+            .query(Some(tag), |mut conn| {
                 let get = &get;
                 async move { get.query_async(&mut conn).await }
             })
@@ -343,7 +344,7 @@ impl Store {
             .arg(raw.expose())
             .arg(ready_channel(tag));
         let found: i64 = self
-            .query(|mut conn| {
+            .query(Some(tag), |mut conn| {
                 let invocation = &invocation;
                 async move { invocation.invoke_async(&mut conn).await }
             })
@@ -357,16 +358,17 @@ impl Store {
 
     /// [`Store::attempt`], with the outcome reported to the observer: a success, an
     /// unavailability failure, or (an error reply, which is no evidence either way)
-    /// nothing.
-    async fn query<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
+    /// nothing; with the slot of the key (hash tag `tag`) the operation touched.
+    async fn query<T, F, Fut>(&self, tag: Option<&str>, operation: F) -> Result<T, StoreError>
     where
         F: Fn(Connection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let result = self.attempt(operation).await;
+        let slot = tag.map(slot_of_tag);
         match &result {
-            Ok(_) => self.observer.answered(),
-            Err(error) if error.is_unavailability() => self.observer.unavailable(error),
+            Ok(_) => self.observer.answered(slot),
+            Err(error) if error.is_unavailability() => self.observer.unavailable(slot, error),
             Err(_) => {}
         }
         result
