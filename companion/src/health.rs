@@ -11,8 +11,10 @@
 //!   ([`NodeProber`]): each primary's answer is a signal of its shard, and Redis as a
 //!   whole is healthy while any primary answers;
 //! - every Redis operation of a real request: a connection failure or a timeout counts
-//!   as a failure ([`StoreError::is_unavailability`]); an error *reply* (a script error,
-//!   `READONLY`, ...) is no evidence either way and is ignored;
+//!   as a failure ([`StoreError::is_unavailability`]), and so does a reply that says
+//!   the node cannot serve the key now (`CLUSTERDOWN`, `TRYAGAIN`, `READONLY`, a
+//!   redirection the client's retries did not settle); another error *reply* (a
+//!   script error, `NOPERM`, ...) is no evidence either way and is ignored;
 //! - any success.
 //!
 //! The store reports them through its [`Observer`] trait, which [`Health`] implements;

@@ -84,9 +84,10 @@ pub enum StoreError {
 impl StoreError {
     /// Whether this failure says Redis (or, on a cluster, the key's shard) cannot be
     /// reached or used (connection refused or lost, timeout, loading, no master, a
-    /// cluster that is down, failing over or still redirecting after the client's
-    /// retries), as opposed to an error reply to one command. Only these count towards
-    /// the unhealthy verdict, and only these send a lease to degraded mode.
+    /// replica answering for a primary, a cluster that is down, failing over or still
+    /// redirecting after the client's retries), as opposed to an error reply to one
+    /// command. Only these count towards the unhealthy verdict, and only these send a
+    /// lease to degraded mode.
     pub fn is_unavailability(&self) -> bool {
         use redis::{ErrorKind, ServerErrorKind};
         match self {
@@ -100,14 +101,16 @@ impl StoreError {
                     || error.is_unrecoverable_error()
                     || matches!(
                         error.kind(),
-                        ErrorKind::Server(
-                            ServerErrorKind::BusyLoading
-                                | ServerErrorKind::MasterDown
-                                | ServerErrorKind::ClusterDown
-                                | ServerErrorKind::TryAgain
-                                | ServerErrorKind::Moved
-                                | ServerErrorKind::Ask
-                        )
+                        ErrorKind::ClusterConnectionNotFound
+                            | ErrorKind::Server(
+                                ServerErrorKind::BusyLoading
+                                    | ServerErrorKind::MasterDown
+                                    | ServerErrorKind::ClusterDown
+                                    | ServerErrorKind::TryAgain
+                                    | ServerErrorKind::Moved
+                                    | ServerErrorKind::Ask
+                                    | ServerErrorKind::ReadOnly
+                            )
                     )
             }
         }
@@ -137,8 +140,10 @@ mod tests {
         assert!(!StoreError::Redis(reply).is_unavailability());
         assert!(!StoreError::Encode(CodecError::Encrypt).is_unavailability());
         assert!(StoreError::Timeout(Duration::from_millis(5)).is_unavailability());
-        use redis::ServerErrorKind::{ClusterDown, Moved, TryAgain};
-        for kind in [ClusterDown, TryAgain, Moved] {
+        let no_node: RedisError = (redis::ErrorKind::ClusterConnectionNotFound, "gone").into();
+        assert!(StoreError::Redis(no_node).is_unavailability());
+        use redis::ServerErrorKind::{ClusterDown, Moved, ReadOnly, TryAgain};
+        for kind in [ClusterDown, TryAgain, Moved, ReadOnly] {
             let reply: RedisError = (redis::ErrorKind::Server(kind), "cluster").into();
             assert!(StoreError::Redis(reply).is_unavailability(), "{kind:?}");
         }

@@ -636,3 +636,154 @@ pub fn eventually_blocking(what: &str, limit: Duration, mut condition: impl FnMu
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A Redis Cluster of real `redis-server` processes on free loopback ports: `primaries`
+/// primaries with `replicas` replicas each (`redis-cli --cluster create`). A node dies
+/// (SIGKILL) when [killed](RedisCluster::kill) or when the cluster is dropped.
+pub struct RedisCluster {
+    /// The nodes, `None` once killed; primaries first, as `--cluster create` assigns them.
+    nodes: Vec<Option<RedisProcess>>,
+    /// Every node's port, in the same order.
+    pub ports: Vec<u16>,
+    /// Their `nodes.conf` files.
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// Starts the nodes with `args` added (e.g. `--cluster-node-timeout`), creates the
+    /// cluster, and waits until every node sees it `ok` and every replica is in sync.
+    pub fn start(primaries: usize, replicas: usize, args: &[&str]) -> RedisCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let count = primaries * (1 + replicas);
+        let nodes: Vec<RedisProcess> = (0..count)
+            .map(|_| {
+                let port = free_port();
+                let conf = dir.path().join(format!("nodes-{port}.conf"));
+                let mut node_args = vec![
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    conf.to_str().unwrap(),
+                    "--dir",
+                    dir.path().to_str().unwrap(),
+                ];
+                node_args.extend(args);
+                RedisProcess::start_on(port, &node_args)
+            })
+            .collect();
+        let ports: Vec<u16> = nodes.iter().map(|node| node.port).collect();
+        for port in &ports {
+            eventually_blocking("a cluster node answers", Duration::from_secs(10), || {
+                redis_cli_answers(*port, &["PING"]).is_some_and(|out| out.trim() == "PONG")
+            });
+        }
+        let addrs: Vec<String> = ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let replicas = replicas.to_string();
+        let mut create = vec!["--cluster", "create"];
+        create.extend(addrs.iter().map(String::as_str));
+        create.extend(["--cluster-replicas", &replicas, "--cluster-yes"]);
+        redis_cli(&create);
+        for port in &ports {
+            eventually_blocking("the cluster is ok", Duration::from_secs(20), || {
+                redis_cli_answers(*port, &["CLUSTER", "INFO"])
+                    .is_some_and(|out| out.contains("cluster_state:ok"))
+            });
+            eventually_blocking("a replica is in sync", Duration::from_secs(20), || {
+                redis_cli_answers(*port, &["INFO", "replication"]).is_some_and(|out| {
+                    out.contains("role:master") || out.contains("master_link_status:up")
+                })
+            });
+        }
+        RedisCluster {
+            nodes: nodes.into_iter().map(Some).collect(),
+            ports,
+            _dir: dir,
+        }
+    }
+
+    /// Every node's URL, comma-separated (the companion's `--redis-url` for a cluster).
+    pub fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// SIGKILLs the node on `port`.
+    pub fn kill(&mut self, port: u16) {
+        let index = self.ports.iter().position(|p| *p == port).unwrap();
+        drop(self.nodes[index].take());
+    }
+
+    /// The port of a node still running.
+    pub fn live_port(&self) -> u16 {
+        let index = self.nodes.iter().position(Option::is_some).unwrap();
+        self.ports[index]
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT`).
+    pub fn slot_of(&self, key: &str) -> u16 {
+        redis_cli(&[
+            "-p",
+            &self.live_port().to_string(),
+            "CLUSTER",
+            "KEYSLOT",
+            key,
+        ])
+        .trim()
+        .parse()
+        .unwrap()
+    }
+
+    /// The port of the primary serving `slot` as a live node sees it, and whether that
+    /// primary is flagged failed; `None` if no primary serves it.
+    pub fn owner_of(&self, slot: u16) -> Option<(u16, bool)> {
+        let nodes = redis_cli(&["-p", &self.live_port().to_string(), "CLUSTER", "NODES"]);
+        // `<id> <ip:port@cport> <flags> <master> <ping> <pong> <epoch> <state> <ranges…>`
+        nodes.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port: u16 = fields
+                .get(1)?
+                .split('@')
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()?;
+            let flags = fields.get(2)?;
+            let serves = fields.iter().skip(8).any(|range| {
+                let (first, last) = range.split_once('-').unwrap_or((range, range));
+                match (first.parse::<u16>(), last.parse::<u16>()) {
+                    (Ok(first), Ok(last)) => (first..=last).contains(&slot),
+                    _ => false,
+                }
+            });
+            (serves && flags.contains("master")).then(|| (port, flags.contains("fail")))
+        })
+    }
+
+    /// The port of the primary holding `key`.
+    pub fn node_of(&self, key: &str) -> u16 {
+        let slot = self.slot_of(key);
+        self.owner_of(slot)
+            .unwrap_or_else(|| panic!("no node holds slot {slot}"))
+            .0
+    }
+}
+
+/// Runs `redis-cli -p <port> <args>`; its standard output, or `None` if it failed.
+fn redis_cli_answers(port: u16, args: &[&str]) -> Option<String> {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
