@@ -172,14 +172,30 @@ async fn warm_up(companions: &[Arc<Companion>; 2]) {
     }
 }
 
-/// `/readyz` of `companion`.
-async fn readiness(companion: &Companion) -> serde_json::Value {
-    companion.readiness().await.1
+/// A cluster, its stand-ins, two companions and the load, just after a primary was
+/// SIGKILLed.
+struct Run {
+    cluster: RedisCluster,
+    standins: StandIns,
+    companions: [Arc<Companion>; 2],
+    /// Ends the load.
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+    clients: tokio::task::JoinSet<()>,
+    /// The port of the primary killed: the one holding the first warm tenant.
+    victim: u16,
+    /// The first warm tenant's slot.
+    victim_slot: u16,
+    /// OAuth calls before the kill.
+    calls_before: u64,
+    killed: Instant,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_primary_killed_under_load_fails_over_to_its_replica_without_a_failed_request() {
-    let mut cluster = RedisCluster::start(3, 1, &cluster_args());
+/// Starts a cluster of three primaries with `replicas` each, two companions, warms
+/// [`WARM`] tenants through both (one OAuth call each), starts the load, and half a
+/// second later SIGKILLs the primary of the first warm tenant's shard.
+async fn kill_a_primary_under_load(replicas: usize) -> Run {
+    let mut cluster = RedisCluster::start(3, replicas, &cluster_args());
     let standins = stand_ins().await;
     let companions = companions(&cluster, &standins).await;
     warm_up(&companions).await;
@@ -187,15 +203,47 @@ async fn a_primary_killed_under_load_fails_over_to_its_replica_without_a_failed_
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
-    let mut clients = start_load(&companions, &stop, &tally);
+    let clients = start_load(&companions, &stop, &tally);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // SIGKILL the primary of the first warm tenant's shard.
     let victim_slot = cluster.slot_of(&token_key(&generated_tenant_id(0)));
     let victim = cluster.node_of(&token_key(&generated_tenant_id(0)));
     let calls_before = standins.tokens_issued();
     let killed = Instant::now();
     cluster.kill(victim);
+    Run {
+        cluster,
+        standins,
+        companions,
+        stop,
+        tally,
+        clients,
+        victim,
+        victim_slot,
+        calls_before,
+        killed,
+    }
+}
+
+/// `/readyz` of `companion`.
+async fn readiness(companion: &Companion) -> serde_json::Value {
+    companion.readiness().await.1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_killed_under_load_fails_over_to_its_replica_without_a_failed_request() {
+    let Run {
+        cluster,
+        standins,
+        companions,
+        stop,
+        tally,
+        mut clients,
+        victim,
+        victim_slot,
+        calls_before,
+        killed,
+    } = kill_a_primary_under_load(1).await;
 
     // The failover window: until a replica serves the slots, then until both
     // companions use it (no shard down any more).
@@ -274,26 +322,13 @@ async fn a_primary_killed_under_load_fails_over_to_its_replica_without_a_failed_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_primary_killed_without_replica_leaves_its_tenants_to_degraded_mode_and_the_rest_collapsed()
  {
-    let mut cluster = RedisCluster::start(3, 0, &cluster_args());
-    let standins = stand_ins().await;
-    let companions = companions(&cluster, &standins).await;
-    warm_up(&companions).await;
-    assert_eq!(standins.tokens_issued(), WARM as u64, "warm-up collapses");
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
-    let mut clients = start_load(&companions, &stop, &tally);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    let victim = cluster.node_of(&token_key(&generated_tenant_id(0)));
-    let calls_before = standins.tokens_issued();
-    let killed = Instant::now();
-    cluster.kill(victim);
-    // Past the node timeout: the cluster marks the node failed, and stays so.
+    let mut run = kill_a_primary_under_load(0).await;
+    let victim = run.victim;
+    // Past the node timeout: the run.cluster marks the node failed, and stays so.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    stop.store(true, Ordering::Relaxed);
-    while clients.join_next().await.is_some() {}
-    let during_load = standins.tokens_issued() - calls_before;
+    run.stop.store(true, Ordering::Relaxed);
+    while run.clients.join_next().await.is_some() {}
+    let during_load = run.standins.tokens_issued() - run.calls_before;
 
     // A burst of concurrent requests for tenants never asked for: five per tenant at
     // each companion.
@@ -304,15 +339,21 @@ async fn a_primary_killed_without_replica_leaves_its_tenants_to_degraded_mode_an
     let mut requests = tokio::task::JoinSet::new();
     for tenant in &burst {
         for n in 0..10 {
-            let request =
-                companions[n % 2].token_at(&companions[n % 2].base, tenant, "genesys", false);
-            let tally = Arc::clone(&burst_tally);
-            requests.spawn(async move { tally.record(request.await).await });
+            let request = run.companions[n % 2].token_at(
+                &run.companions[n % 2].base,
+                tenant,
+                "genesys",
+                false,
+            );
+            let burst_tally = Arc::clone(&burst_tally);
+            requests.spawn(async move { burst_tally.record(request.await).await });
         }
     }
     while requests.join_next().await.is_some() {}
     let on_victim = |tenant: &str| {
-        let owner = cluster.owner_of(cluster.slot_of(&token_key(tenant)));
+        let owner = run
+            .cluster
+            .owner_of(run.cluster.slot_of(&token_key(tenant)));
         owner.is_none_or(|(port, _)| port == victim)
     };
     let (on_dead, on_live): (Vec<&String>, Vec<&String>) =
@@ -320,7 +361,7 @@ async fn a_primary_killed_without_replica_leaves_its_tenants_to_degraded_mode_an
     let calls = |tenants: &[&String]| -> Vec<usize> {
         tenants
             .iter()
-            .map(|tenant| standins.tokens_issued_to(tenant).len())
+            .map(|tenant| run.standins.tokens_issued_to(tenant).len())
             .collect()
     };
     let (dead_calls, live_calls) = (calls(&on_dead), calls(&on_live));
@@ -333,12 +374,12 @@ async fn a_primary_killed_without_replica_leaves_its_tenants_to_degraded_mode_an
          ({warm_on_dead} of {WARM} warm tenants on the dead shard); burst of 10 requests per tenant: {} failed, \
          OAuth calls per live-shard tenant {live_calls:?}, per dead-shard tenant {dead_calls:?}; \
          {:?} since the kill",
-        tally.answered.load(Ordering::Relaxed),
-        tally.failed(),
+        run.tally.answered.load(Ordering::Relaxed),
+        run.tally.failed(),
         burst_tally.failed(),
-        killed.elapsed(),
+        run.killed.elapsed(),
     );
-    for companion in &companions {
+    for companion in &run.companions {
         let body = readiness(companion).await;
         assert_eq!(body["status"], "ready", "{body}");
         assert_eq!(body["redis"], "degraded", "{body}");
@@ -355,7 +396,7 @@ async fn a_primary_killed_without_replica_leaves_its_tenants_to_degraded_mode_an
             metrics.text
         );
     }
-    let failures = tally.failures.lock().unwrap().clone();
+    let failures = run.tally.failures.lock().unwrap().clone();
     assert!(
         failures.is_empty(),
         "{} failed requests, e.g. {:?}",
