@@ -85,7 +85,8 @@ impl StoreError {
     /// Whether this failure says Redis (or, on a cluster, the key's shard) cannot be
     /// reached or used (connection refused or lost, timeout, loading, no master, a
     /// replica answering for a primary, a cluster that is down, failing over or still
-    /// redirecting after the client's retries), as opposed to an error reply to one
+    /// redirecting after the client's retries, a script still unknown to a promoted
+    /// replica), as opposed to an error reply to one
     /// command. Only these count towards the unhealthy verdict, and only these send a
     /// lease to degraded mode.
     pub fn is_unavailability(&self) -> bool {
@@ -110,6 +111,7 @@ impl StoreError {
                                     | ServerErrorKind::Moved
                                     | ServerErrorKind::Ask
                                     | ServerErrorKind::ReadOnly
+                                    | ServerErrorKind::NoScript
                             )
                     )
             }
@@ -142,8 +144,8 @@ mod tests {
         assert!(StoreError::Timeout(Duration::from_millis(5)).is_unavailability());
         let no_node: RedisError = (redis::ErrorKind::ClusterConnectionNotFound, "gone").into();
         assert!(StoreError::Redis(no_node).is_unavailability());
-        use redis::ServerErrorKind::{ClusterDown, Moved, ReadOnly, TryAgain};
-        for kind in [ClusterDown, TryAgain, Moved, ReadOnly] {
+        use redis::ServerErrorKind::{ClusterDown, Moved, NoScript, ReadOnly, TryAgain};
+        for kind in [ClusterDown, TryAgain, Moved, ReadOnly, NoScript] {
             let reply: RedisError = (redis::ErrorKind::Server(kind), "cluster").into();
             assert!(StoreError::Redis(reply).is_unavailability(), "{kind:?}");
         }

@@ -2,7 +2,7 @@
 //! and the health monitor ask of it, each bounded by the Redis timeout and reported to
 //! the store's [`Observer`].
 
-use redis::RedisError;
+use redis::{ErrorKind, RedisError, ServerErrorKind};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterConfig;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
@@ -377,7 +377,9 @@ impl Store {
     /// Runs one Redis operation under the store's timeout. If the connection turns out
     /// to be dead (Redis restarted, a proxy dropped it), the operation runs once more on
     /// the connection the manager re-establishes, so a restart costs no failed request.
-    /// Every operation here is safe to repeat: reads, and scripts that recognise their
+    /// So does a script that is still unknown where its key lives after the client
+    /// loaded it (`NOSCRIPT`: a replica just promoted, while the client's view of the
+    /// cluster catches up). Every operation here is safe to repeat: reads, and scripts that recognise their
     /// own earlier effect (the lock already held by this lease, the token already stored,
     /// the token already deleted).
     async fn attempt<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
@@ -389,6 +391,10 @@ impl Store {
             match operation(self.conn.clone()).await {
                 Err(error) if error.is_unrecoverable_error() => {
                     tracing::debug!(%error, "redis connection lost; retrying once on a new connection");
+                    operation(self.conn.clone()).await
+                }
+                Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    tracing::debug!(%error, "script unknown where its key lives; retrying once");
                     operation(self.conn.clone()).await
                 }
                 result => result,
