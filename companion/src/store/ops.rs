@@ -2,10 +2,10 @@
 //! and the health monitor ask of it, each bounded by the Redis timeout and reported to
 //! the store's [`Observer`].
 
-use redis::{ErrorKind, RedisError, ServerErrorKind};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterConfig;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{ErrorKind, RedisError, ServerErrorKind};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
