@@ -4,14 +4,15 @@
 mod common;
 
 use common::{
-    Companion, RedisCluster, RedisProcess, assert_hit, config_for, error_of, eventually_blocking,
-    free_port, now_ms, redis_cli, standins, token_of,
+    Companion, RedisProcess, assert_hit, config_for, error_of, eventually_blocking, free_port,
+    now_ms, redis_cli, standins, token_of,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokengate_companion::Config;
 use tokengate_core::ErrorCode;
 use tokengate_core::token_api::TokenSource;
+use tokengate_tests::redis_cluster::RedisCluster;
 use tokengate_tests::standins::Endpoint;
 
 const PASSWORD: &str = "redis-pass-5e1d";
@@ -271,7 +272,7 @@ async fn rediss_without_the_ca_is_refused() {
 
 #[tokio::test]
 async fn a_redis_cluster_serves_leases_waits_and_the_token_api() {
-    let cluster = RedisCluster::start(3, 0, &[]);
+    let cluster = RedisCluster::start(3, 0, &[]).await;
     let standins = standins().await;
     let config = Config {
         recheck_interval_ms: 10_000,
