@@ -250,3 +250,55 @@ async fn an_invalidation_while_redis_is_unhealthy_is_applied_when_it_is_back() {
         LeaseResponse::Fetch { lease_id, .. } if !lease_id.0.starts_with("local-")
     ));
 }
+
+/// Stale-if-error: a token this companion served answers its leases from memory while
+/// Redis is down, unless an invalidation purged it first, also one made at another
+/// companion (heard through pub/sub).
+#[tokio::test]
+async fn tokens_served_before_redis_died_answer_from_memory_unless_purged_elsewhere() {
+    let mut redis = RedisServer::start();
+    let patient = |redis: &RedisServer| Config {
+        recheck_interval_ms: 10_000,
+        lease_wait_ms: 20_000,
+        lock_ttl_ms: 30_000,
+        ..degraded_config(redis, 6)
+    };
+    let this = Arc::new(Companion::start(patient(&redis)).await);
+    common::wait_until_subscribed(&redis).await;
+    let other = Companion::start(patient(&redis)).await;
+    let expires_at_ms = now_ms() + 60_000;
+    for tenant in ["acme", "globex"] {
+        let lease_id = this.lease_fetch(tenant).await;
+        let token = format!("tok-{tenant}");
+        assert_eq!(
+            this.commit(tenant, &lease_id, &token, expires_at_ms).await,
+            204
+        );
+    }
+    assert_eq!(other.invalidate("globex", None).await, 204);
+
+    // A commit at the other companion wakes this one's waiter through pub/sub, after
+    // the invalidation's message, which it has therefore heard.
+    let holder = other.lease_fetch("marker").await;
+    let waiter = tokio::spawn({
+        let this = Arc::clone(&this);
+        async move { this.lease("marker").await }
+    });
+    this.wait_until_metric("tokengate_companion_leases_waiting", 1.0)
+        .await;
+    assert_eq!(
+        other
+            .commit("marker", &holder, "tok-marker", expires_at_ms)
+            .await,
+        204
+    );
+    assert_hit(&waiter.await.unwrap(), "tok-marker", expires_at_ms);
+
+    redis.kill();
+    this.wait_until_ready_is(503).await;
+    assert_hit(&this.lease("acme").await, "tok-acme", expires_at_ms);
+    local_fetch(&this, "globex").await;
+    let metrics = this.metrics().await;
+    assert_eq!(metrics.leases("degraded_hit"), 1.0);
+    assert_eq!(metrics.leases("degraded_fetch"), 1.0);
+}
