@@ -28,6 +28,18 @@ impl Clock for SystemClock {
     }
 }
 
+/// A clock the unit tests set by hand.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct FixedClock(pub std::sync::atomic::AtomicU64);
+
+#[cfg(test)]
+impl Clock for FixedClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -127,14 +127,16 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_timeout_ms: u64,
 
-    /// How often the health monitor PINGs Redis, in milliseconds.
+    /// How often the health monitor PINGs Redis (a cluster: asks for its shards and PINGs
+    /// every primary), in milliseconds.
     #[arg(long, env = "TOKENGATE_HEALTH_INTERVAL_MS", default_value_t = DEFAULT_HEALTH_INTERVAL_MS,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub health_interval_ms: u64,
 
     /// How many Redis failures in a row (monitor PINGs, and connection failures or
     /// timeouts of requests' own operations) make Redis unhealthy, which switches leases
-    /// to degraded mode. One success makes it healthy again.
+    /// to degraded mode; on a cluster, the same per shard (its primary's PINGs, its keys'
+    /// operations) for its keys alone. One success makes it healthy again.
     #[arg(long, env = "TOKENGATE_HEALTH_FAILURE_THRESHOLD", default_value_t = DEFAULT_HEALTH_FAILURE_THRESHOLD,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub health_failure_threshold: u32,

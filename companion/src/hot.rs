@@ -120,15 +120,7 @@ impl HotTokens {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Debug, Default)]
-    struct FixedClock(AtomicU64);
-
-    impl Clock for FixedClock {
-        fn now_ms(&self) -> u64 {
-            self.0.load(Ordering::Relaxed)
-        }
-    }
+    use crate::clock::FixedClock;
 
     const TAG: &str = "genesys:acme";
 

@@ -9,7 +9,7 @@
 //! | `POST /v1/abort`      | `AbortRequest`      | 204                               |
 //! | `POST /v1/invalidate` | `InvalidateRequest` | 204                               |
 //! | `GET /healthz`        |                     | 200 `{"status":"ok"}` (liveness)  |
-//! | `GET /readyz`         |                     | 200 `{"status":"ready","redis":"healthy"}`, or 503 `{"status":"degraded","redis":"unhealthy"}` |
+//! | `GET /readyz`         |                     | 200 `{"status":"ready","redis":"healthy"}`; on a cluster with shards down 200 `{"status":"ready","redis":"degraded","down":[{"node","slots"}]}`; or 503 `{"status":"degraded","redis":"unhealthy"}` |
 //! | `GET /metrics`        |                     | 200 Prometheus text               |
 //! | `POST`/`GET /auth/token` | see [`crate::token_api`] | 200 `TokenResponse`       |
 //!
@@ -182,10 +182,21 @@ async fn health() -> Json<serde_json::Value> {
 
 /// Readiness: whether Redis is healthy. A degraded companion still answers leases, from
 /// its in-memory limiter; this tells operators and load balancers it runs without the
-/// cluster cache and lock.
+/// cluster cache and lock. A cluster with some shards down is still ready while any
+/// shard answers (their keys alone are served in degraded mode); the body names them.
 async fn ready(State(service): State<Arc<Service>>) -> (StatusCode, Json<serde_json::Value>) {
     if service.health().is_healthy() {
-        let body = serde_json::json!({ "status": "ready", "redis": "healthy" });
+        let down: Vec<serde_json::Value> = service
+            .health()
+            .down_shards()
+            .iter()
+            .map(|shard| serde_json::json!({ "node": shard.node, "slots": shard.slots() }))
+            .collect();
+        let body = if down.is_empty() {
+            serde_json::json!({ "status": "ready", "redis": "healthy" })
+        } else {
+            serde_json::json!({ "status": "ready", "redis": "degraded", "down": down })
+        };
         (StatusCode::OK, Json(body))
     } else {
         let body = serde_json::json!({ "status": "degraded", "redis": "unhealthy" });

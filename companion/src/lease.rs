@@ -21,11 +21,18 @@
 //! A lease with `forceRefresh` skips step 1 for the token cached when it arrives, and
 //! clears the key's cached failure (see [`Service::lease`]).
 //!
-//! While Redis is unhealthy, leases bypass it entirely and are answered in degraded
-//! mode (see [`crate::degraded`]): `fetch` with a `local-` lease id if the in-memory
+//! While Redis is unhealthy, or (on a Redis Cluster) the key's shard is down, or a Redis
+//! operation of the lease fails for want of Redis (refused, timed out, `CLUSTERDOWN`,
+//! `TRYAGAIN`, redirections that do not settle), the lease bypasses Redis and is
+//! answered without it: `hit` with the token this companion last served or saw
+//! committed for the key, if still usable (see [`crate::stale`]), else in degraded mode
+//! (see [`crate::degraded`]): `fetch` with a `local-` lease id if the in-memory
 //! limiter admits it, the commit of another local fetch of the same key in this process
-//! (`hit`), or `503 CACHE_UNAVAILABLE`. Commits and aborts of `local-` leases never
-//! touch Redis; other commits and aborts always go to Redis, since they hold a Redis lock.
+//! (`hit`), or `503 CACHE_UNAVAILABLE`. So a dead shard costs its own keys the cluster
+//! cache and lock, and no other key anything. Commits and aborts of `local-` leases
+//! never touch Redis; other commits and aborts go to Redis, since they hold a Redis
+//! lock, unless the key's shard is down: then a commit keeps its token in this
+//! process's memory (answered `204`), and an invalidation is deferred.
 //!
 //! Every lease logs one line with provider, tenant, outcome and time spent (at debug for
 //! a plain `hit`, the common case; at info otherwise), and is counted in [`Metrics`] by
@@ -46,7 +53,10 @@ use crate::error::ApiError;
 use crate::health::Health;
 use crate::hot::HotTokens;
 use crate::metrics::{AbortResult, CommitResult, InvalidateResult, LeaseOutcome, Metrics};
-use crate::store::{self, Acquire, Invalidated, Store, StoreError, USABLE_MARGIN_MS, key_tag};
+use crate::stale::StaleTokens;
+use crate::store::{
+    self, Acquire, Invalidated, Store, StoreError, USABLE_MARGIN_MS, key_tag, slot_of_tag,
+};
 use crate::waits::{WaitOutcome, Waits};
 
 /// Largest `expiresAtMs` a commit may carry: 2^53, the largest integer the Lua scripts
@@ -64,6 +74,8 @@ pub struct Service {
     waits: Arc<Waits>,
     /// Copies of the tokens recently read from Redis, to answer hits without it.
     hot: Arc<HotTokens>,
+    /// The last token served per key, answered while the key cannot use Redis.
+    stale: Arc<StaleTokens>,
     /// Flights, limiter and deferred invalidations of degraded mode.
     degraded: Arc<Degraded>,
     /// Counters of outcomes, exposed on `/metrics`.
@@ -98,6 +110,7 @@ impl Service {
             health,
             waits,
             hot: Arc::new(HotTokens::new(Arc::clone(&clock))),
+            stale: Arc::new(StaleTokens::new(Arc::clone(&clock))),
             degraded,
             metrics,
             clock,
@@ -115,6 +128,11 @@ impl Service {
     /// The copies of cached tokens, which the pub/sub subscriber keeps honest.
     pub fn hot(&self) -> &Arc<HotTokens> {
         &self.hot
+    }
+
+    /// The tokens kept for stale-if-error, which the pub/sub subscriber purges.
+    pub fn stale(&self) -> &Arc<StaleTokens> {
+        &self.stale
     }
 
     /// The service's metrics.
@@ -193,11 +211,14 @@ impl Service {
         started: Instant,
     ) -> Result<(LeaseResponse, LeaseOutcome), ApiError> {
         let tag = key_tag(key);
+        let slot = slot_of_tag(&tag);
         let deadline = started + self.lease_wait;
         let cache_error = |source: StoreError| ApiError::CacheUnavailable {
             key: key.clone(),
             source,
         };
+        let without_redis =
+            || self.lease_without_redis(key, &tag, force_refresh, min_expires_at_ms, started);
         let mut stopping = self.stopping.clone();
         // A token answers this lease only if it expires after this (and is usable).
         // `None`: not known yet, because the lease skips the cached token and learns its
@@ -209,10 +230,10 @@ impl Service {
         };
         let mut has_waited = false;
         loop {
-            // Checked on every round, so a lease whose wait outlives Redis' health
-            // continues in degraded mode instead of on a dead Redis.
-            if !self.health().is_healthy() {
-                return self.lease_degraded(key, started).await;
+            // Checked on every round, so a lease whose wait outlives Redis' health (or
+            // its shard's) continues in degraded mode instead of on a dead Redis.
+            if !self.health.serves(slot) {
+                return without_redis().await;
             }
             let usable_after_ms = self.clock.now_ms().saturating_add(USABLE_MARGIN_MS);
             let usable_after_ms = newer_than_ms.map(|newer_than| newer_than.max(usable_after_ms));
@@ -226,15 +247,19 @@ impl Service {
                 tag: tag.clone(),
                 lease_id: Some(lease_id.clone()),
             };
-            let acquired = self
-                .store
-                .acquire(&tag, &lease_id, usable_after_ms)
-                .await
-                .map_err(cache_error)?;
+            let acquired = match self.store.acquire(&tag, &lease_id, usable_after_ms).await {
+                Ok(acquired) => acquired,
+                Err(source) if source.is_unavailability() => {
+                    tracing::debug!(%source, "redis failed for this key; the lease goes without it");
+                    return without_redis().await;
+                }
+                Err(source) => return Err(cache_error(source)),
+            };
             unanswered.answered();
             match acquired {
                 Acquire::Hit(token) => {
                     self.hot.keep(&tag, &token, generation);
+                    self.stale.keep(&tag, &token);
                     return Ok((hit(token), hit_outcome(has_waited)));
                 }
                 Acquire::Failed(failure) => return Err(cached_failure(key, failure)),
@@ -278,20 +303,48 @@ impl Service {
                         waited_ms,
                     });
                 }
-                // Redis failed under the wait. If that made it unhealthy, the next round
-                // continues in degraded mode; otherwise the caller hears of it.
+                // Redis failed under the wait: for want of Redis, the lease goes without
+                // it; else, if that made the key unusable, the next round does; otherwise
+                // the caller hears of it.
                 Ok(Err(source)) => {
-                    if self.health().is_healthy() {
+                    if source.is_unavailability() {
+                        return without_redis().await;
+                    }
+                    if self.health.serves(slot) {
                         return Err(cache_error(source));
                     }
                 }
                 Ok(Ok(WaitOutcome::Ready(token))) => {
+                    self.stale.keep(&tag, &token);
                     return Ok((hit(token), LeaseOutcome::WaitedHit));
                 }
                 // The holder aborted or its lock expired: race the other waiters for it.
                 Ok(Ok(WaitOutcome::LockFree)) => {}
             }
         }
+    }
+
+    /// A lease that cannot use Redis: the token this companion last served for the key
+    /// if it answers the lease (not with `force_refresh`), else a degraded-mode lease.
+    async fn lease_without_redis(
+        &self,
+        key: &TokenKey,
+        tag: &str,
+        force_refresh: bool,
+        min_expires_at_ms: Option<u64>,
+        started: Instant,
+    ) -> Result<(LeaseResponse, LeaseOutcome), ApiError> {
+        if !force_refresh {
+            let usable_after_ms = self
+                .clock
+                .now_ms()
+                .saturating_add(USABLE_MARGIN_MS)
+                .max(min_expires_at_ms.unwrap_or(0));
+            if let Some(token) = self.stale.get(tag, usable_after_ms) {
+                return Ok((hit(token), LeaseOutcome::DegradedHit));
+            }
+        }
+        self.lease_degraded(key, started).await
     }
 
     /// A lease while Redis is unhealthy: join this process's fetch of the key, or start
@@ -385,6 +438,10 @@ impl Service {
             return Ok(());
         }
         let tag = key_tag(&key);
+        if !self.health.serves(slot_of_tag(&tag)) {
+            self.commit_unreachable(&key, &lease_id, &token, "redis is unavailable for this key");
+            return Ok(());
+        }
         let cache_error = |source: StoreError| {
             let error = ApiError::CacheUnavailable {
                 key: key.clone(),
@@ -410,11 +467,15 @@ impl Service {
             return Ok(());
         }
 
-        let outcome = self
-            .store
-            .commit(&tag, &lease_id, &token)
-            .await
-            .map_err(cache_error)?;
+        let outcome = match self.store.commit(&tag, &lease_id, &token).await {
+            Ok(outcome) => outcome,
+            Err(source) if source.is_unavailability() => {
+                self.commit_unreachable(&key, &lease_id, &token, &source.to_string());
+                return Ok(());
+            }
+            Err(source) => return Err(cache_error(source)),
+        };
+        self.stale.keep(&tag, &token);
         let expires_in_ms = request.expires_at_ms - now_ms;
         self.metrics.commit(if outcome.stored {
             CommitResult::Stored
@@ -439,6 +500,28 @@ impl Service {
             );
         }
         Ok(())
+    }
+
+    /// A commit of a Redis lease whose key cannot use Redis now: the token is kept in
+    /// this process's memory ([`crate::stale`]), so the key's next leases here are
+    /// answered with it; its lock, if the shard still holds it, expires at its TTL.
+    fn commit_unreachable(
+        &self,
+        key: &TokenKey,
+        lease_id: &LeaseId,
+        token: &CachedToken,
+        why: &str,
+    ) {
+        let usable = store::is_usable(token, self.clock.now_ms());
+        if usable {
+            self.stale.keep(&key_tag(key), token);
+        }
+        self.metrics.commit(CommitResult::Local);
+        tracing::warn!(
+            provider = key.provider.as_str(), tenant = key.tenant_id.as_str(), lease_id = %lease_id.0,
+            usable, error = why,
+            "commit without redis: the token is kept in this process's memory for its leases, not cluster-wide"
+        );
     }
 
     /// Releases the lock of a failed fetch, so a waiter takes over. Releasing a lock the
@@ -502,6 +585,9 @@ impl Service {
     /// fetch get the token if it is usable, or else start a new fetch.
     fn commit_local(&self, key: &TokenKey, lease_id: &LeaseId, token: CachedToken) {
         let usable = store::is_usable(&token, self.clock.now_ms());
+        if usable {
+            self.stale.keep(&key_tag(key), &token);
+        }
         let current = self.degraded.finish(key, lease_id, usable.then_some(token));
         self.metrics.commit(CommitResult::Local);
         tracing::info!(
@@ -526,74 +612,86 @@ impl Service {
         let (provider, tenant) = (key.provider.as_str(), key.tenant_id.as_str());
         let compared = request.access_token.is_some();
         // The other companions drop theirs when the deletion's message arrives.
-        self.hot.forget(&key_tag(&key));
+        let tag = key_tag(&key);
+        self.hot.forget(&tag);
+        self.stale.forget(&tag);
         self.degraded.forget_failure(&key);
 
-        if !self.health().is_healthy() {
-            if !self.degraded.defer_invalidation(&key, request.access_token) {
-                self.metrics.invalidate(InvalidateResult::Error);
-                let error = ApiError::DeferredInvalidationsFull { key: key.clone() };
-                tracing::warn!(provider, tenant, compared, %error, "invalidate");
-                return Err(error);
+        let slot = slot_of_tag(&tag);
+        if self.health.serves(slot) {
+            let invalidated = match self.store.forget_failure(&tag).await {
+                Ok(()) => {
+                    self.store
+                        .invalidate(&tag, request.access_token.as_ref())
+                        .await
+                }
+                Err(error) => Err(error),
+            };
+            match invalidated {
+                Ok(found) => {
+                    let result = match found {
+                        Invalidated::Deleted => InvalidateResult::Deleted,
+                        Invalidated::Mismatch => InvalidateResult::Mismatch,
+                        Invalidated::NotCached => InvalidateResult::NotCached,
+                    };
+                    self.metrics.invalidate(result);
+                    tracing::info!(
+                        provider,
+                        tenant,
+                        compared,
+                        result = result.as_str(),
+                        "invalidate"
+                    );
+                    return Ok(());
+                }
+                // For want of Redis: deferred, below.
+                Err(source) if source.is_unavailability() => {
+                    tracing::debug!(provider, tenant, %source, "invalidate failed; deferred");
+                }
+                Err(source) => {
+                    self.metrics.invalidate(InvalidateResult::Error);
+                    let error = ApiError::CacheUnavailable {
+                        key: key.clone(),
+                        source,
+                    };
+                    tracing::warn!(provider, tenant, compared, %error, "invalidate failed");
+                    return Err(error);
+                }
             }
-            self.metrics.invalidate(InvalidateResult::Deferred);
-            tracing::info!(
-                provider,
-                tenant,
-                compared,
-                result = InvalidateResult::Deferred.as_str(),
-                "invalidate: redis is unhealthy; applied once it is healthy again"
-            );
-            // Redis may have recovered since the check, after the replay ran.
-            if self.health().is_healthy() {
-                self.replay_deferred_invalidations().await;
-            }
-            return Ok(());
         }
 
-        let invalidated = match self.store.forget_failure(&key_tag(&key)).await {
-            Ok(()) => {
-                self.store
-                    .invalidate(&key_tag(&key), request.access_token.as_ref())
-                    .await
-            }
-            Err(error) => Err(error),
-        };
-        match invalidated {
-            Ok(found) => {
-                let result = match found {
-                    Invalidated::Deleted => InvalidateResult::Deleted,
-                    Invalidated::Mismatch => InvalidateResult::Mismatch,
-                    Invalidated::NotCached => InvalidateResult::NotCached,
-                };
-                self.metrics.invalidate(result);
-                tracing::info!(
-                    provider,
-                    tenant,
-                    compared,
-                    result = result.as_str(),
-                    "invalidate"
-                );
-                Ok(())
-            }
-            Err(source) => {
-                self.metrics.invalidate(InvalidateResult::Error);
-                let error = ApiError::CacheUnavailable {
-                    key: key.clone(),
-                    source,
-                };
-                tracing::warn!(provider, tenant, compared, %error, "invalidate failed");
-                Err(error)
-            }
+        if !self.degraded.defer_invalidation(&key, request.access_token) {
+            self.metrics.invalidate(InvalidateResult::Error);
+            let error = ApiError::DeferredInvalidationsFull { key: key.clone() };
+            tracing::warn!(provider, tenant, compared, %error, "invalidate");
+            return Err(error);
         }
+        self.metrics.invalidate(InvalidateResult::Deferred);
+        tracing::info!(
+            provider,
+            tenant,
+            compared,
+            result = InvalidateResult::Deferred.as_str(),
+            "invalidate: redis is unavailable for this key; applied once it is back"
+        );
+        // Redis may have recovered since the check, after the replay ran.
+        if self.health.serves(slot) {
+            self.replay_deferred_invalidations().await;
+        }
+        Ok(())
     }
 
-    /// Applies the invalidations deferred while Redis was unhealthy. If Redis fails
-    /// again, the rest stay deferred until the next recovery.
+    /// Applies the invalidations deferred while Redis (or their key's shard) was
+    /// unavailable. Those of keys whose shard is still down stay deferred; if Redis
+    /// fails again, the rest stay deferred until the next recovery.
     pub async fn replay_deferred_invalidations(&self) {
         let mut deferred = self.degraded.take_deferred().into_iter();
         let (mut applied, mut deleted) = (0_usize, 0_usize);
         while let Some((key, access_token)) = deferred.next() {
+            if !self.health.serves(slot_of_tag(&key_tag(&key))) {
+                self.degraded.defer_invalidation(&key, access_token);
+                continue;
+            }
             match self
                 .store
                 .invalidate(&key_tag(&key), access_token.as_ref())

@@ -9,7 +9,10 @@
 //!
 //! While Redis is unhealthy (a health monitor PINGs it; request failures count too),
 //! leases are served in *degraded mode*: no cluster cache, no lock, one fetch per key
-//! per process at a time, and an in-memory limit of fetches per key per minute.
+//! per process at a time, and an in-memory limit of fetches per key per minute. On a
+//! Redis Cluster this holds per shard: only the keys of a shard that is down (or of an
+//! operation that failed for want of Redis) go without it, and a token this companion
+//! served recently answers them from memory while it is valid (stale-if-error).
 //!
 //! The companion also serves the original service's token API (`/auth/token`)
 //! natively, for clients that are not behind Envoy: the same lease, with the companion
@@ -36,10 +39,11 @@
 //!   degraded mode.
 //! - [`waits`]: per-process shared waits on a held lock, woken by Redis pub/sub.
 //! - [`hot`]: in-process copies of recently read tokens, dropped by the same pub/sub.
+//! - [`stale`]: the last token served per key, answered while its key cannot use Redis.
 //! - [`degraded`]: degraded mode's in-process single flight, limiter (core's
 //!   `FetchLog`) and deferred invalidations.
-//! - [`health`]: the Redis health verdict, fed by the store through its
-//!   [`store::Observer`] trait, and its monitor task.
+//! - [`health`]: the Redis health verdict (per shard on a cluster), fed by the store
+//!   through its [`store::Observer`] trait, and its monitor task.
 //! - [`metrics`]: the `prometheus-client` registry and its Prometheus text exposition.
 //! - [`store`]: everything Redis: [`store::keys`] (names), [`store::scripts`] (Lua),
 //!   [`store::backend`] (one server or a cluster), [`store::ops`] (the operations);
@@ -62,6 +66,7 @@ pub mod http;
 pub mod keys;
 pub mod lease;
 pub mod metrics;
+pub mod stale;
 pub mod store;
 pub mod token_api;
 pub mod waits;
@@ -196,7 +201,7 @@ pub async fn serve(
     ));
     let service = Arc::new(lease::Service::new(
         store.clone(),
-        health,
+        Arc::clone(&health),
         Arc::clone(&waits),
         degraded,
         Arc::clone(&metrics),
@@ -209,11 +214,18 @@ pub async fn serve(
         backend.subscriber_clients(),
         waits,
         Arc::clone(service.hot()),
+        Arc::clone(service.stale()),
         config.redis_timeout(),
         SUBSCRIBER_KEEPALIVE,
     )));
+    let prober = match &backend {
+        store::Backend::Cluster(_, nodes) => store::NodeProber::new(nodes, config.redis_timeout()),
+        store::Backend::Single(_) => None,
+    };
     let _monitor = AbortOnDrop(tokio::spawn(health::run_monitor(
         store,
+        health,
+        prober,
         config.health_interval(),
     )));
     let _replay = AbortOnDrop(tokio::spawn(lease::replay_on_recovery(Arc::clone(

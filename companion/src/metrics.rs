@@ -2,8 +2,9 @@
 //! request paths (and by the health verdict, [`RedisHealthMetrics`]), served on
 //! `GET /metrics` in the Prometheus text format 0.0.4 ([`CONTENT_TYPE`]).
 //!
-//! Every label takes a value from a fixed list (an outcome, a result, a direction):
-//! tenant ids, lease ids and tokens are never labels, so the number of series is fixed.
+//! Every label takes a value from a fixed list (an outcome, a result, a direction), or
+//! names one of a Redis Cluster's primaries and its slot range: tenant ids, lease ids
+//! and tokens are never labels, so the number of series is bounded.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -14,6 +15,7 @@
 //! | `tokengate_companion_invalidations_total` | counter | `result` ([`InvalidateResult`]) |
 //! | `tokengate_companion_redis_healthy` | gauge | |
 //! | `tokengate_companion_redis_health_transitions_total` | counter | `to` (`healthy`, `unhealthy`) |
+//! | `tokengate_companion_redis_node_up` | gauge | `node`, `slots` (a Redis Cluster's primaries) |
 //! | `tokengate_companion_leases_waiting` | gauge | |
 //! | `tokengate_companion_lease_wait_seconds` | histogram | |
 //! | `tokengate_companion_token_requests_total` | counter | `outcome` ([`TokenOutcome`]) |
@@ -77,6 +79,9 @@ label_enum! {
         WaitedFetch => "waited_fetch",
         /// The lease waited for the whole wait budget (`503 LOCK_ACQUISITION_FAILED`).
         LockTimeout => "lock_timeout",
+        /// Redis (or the key's shard) is unavailable; a token this companion served or
+        /// fetched earlier, still valid, answered from its memory (stale-if-error).
+        DegradedHit => "degraded_hit",
         /// Redis is unhealthy; the in-memory limiter admitted a fetch.
         DegradedFetch => "degraded_fetch",
         /// Redis is unhealthy; another lease of this process was fetching and its commit
@@ -245,12 +250,42 @@ pub struct RedisHealthMetrics {
     healthy: Gauge,
     /// `tokengate_companion_redis_health_transitions_total`, by the state changed to.
     transitions: Counters<HealthState>,
+    /// `tokengate_companion_redis_node_up`: per primary of a cluster, 1 while its shard
+    /// serves its keys, 0 while they are served in degraded mode.
+    nodes: Family<NodeLabels, Gauge>,
+}
+
+/// The labels of a cluster primary's gauge.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NodeLabels {
+    /// `host:port`.
+    node: String,
+    /// `first-last`.
+    slots: String,
 }
 
 impl RedisHealthMetrics {
     /// Sets the healthy gauge.
     pub fn set_healthy(&self, healthy: bool) {
         self.healthy.set(i64::from(healthy));
+    }
+
+    /// Replaces every primary's gauge: `(node, slots, up)` per shard, so the primaries
+    /// of a past topology (a node failed over) leave the exposition.
+    pub fn set_nodes<'a>(&self, nodes: impl IntoIterator<Item = (&'a str, String, bool)>) {
+        self.nodes.clear();
+        for (node, slots, up) in nodes {
+            self.set_node(node, slots, up);
+        }
+    }
+
+    /// Sets one primary's gauge.
+    pub fn set_node(&self, node: &str, slots: String, up: bool) {
+        let labels = NodeLabels {
+            node: node.to_owned(),
+            slots,
+        };
+        self.nodes.get_or_create(&labels).set(i64::from(up));
     }
 
     /// Counts a transition to `to`.
@@ -397,6 +432,12 @@ impl Metrics {
             "tokengate_companion_redis_health_transitions",
             "Changes of the Redis health verdict, by the state changed to",
             self.redis_health.transitions.clone(),
+        );
+        registry.register(
+            "tokengate_companion_redis_node_up",
+            "Per primary of a Redis Cluster and its slot range: 1 while its keys use Redis, \
+             0 while they are served in degraded mode",
+            self.redis_health.nodes.clone(),
         );
         registry.register(
             "tokengate_companion_leases_waiting",
@@ -734,5 +775,29 @@ mod exposition {
                 "tokengate_companion_redis_health_transitions_total{to=\"unhealthy\"} 1\n"
             )
         );
+    }
+
+    #[test]
+    fn a_clusters_primaries_have_a_gauge_each_only_for_the_current_topology() {
+        let metrics = Metrics::new();
+        let health = metrics.redis_health();
+        assert!(
+            !metrics.render().contains("redis_node_up"),
+            "none for one server"
+        );
+        health.set_nodes([("10.0.0.1:6379", "0-8191".to_owned(), true)]);
+        health.set_nodes([
+            ("10.0.0.2:6379", "0-8191".to_owned(), true),
+            ("10.0.0.3:6379", "8192-16383".to_owned(), false),
+        ]);
+        let text = metrics.render();
+        assert!(text.contains("# TYPE tokengate_companion_redis_node_up gauge\n"));
+        assert!(text.contains(
+            "tokengate_companion_redis_node_up{node=\"10.0.0.3:6379\",slots=\"8192-16383\"} 0\n"
+        ));
+        assert!(text.contains(
+            "tokengate_companion_redis_node_up{node=\"10.0.0.2:6379\",slots=\"0-8191\"} 1\n"
+        ));
+        assert!(!text.contains("10.0.0.1"), "a past primary is gone");
     }
 }

@@ -33,6 +33,7 @@ use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::hot::HotTokens;
+use crate::stale::StaleTokens;
 use crate::store::{self, Store, StoreError};
 
 /// How a shared wait ended.
@@ -269,12 +270,13 @@ impl Drop for Joined {
 /// Reconnects with backoff when the connection fails; after each (re)subscription it
 /// wakes every wait, since messages sent while it was down are lost. A ping every
 /// `keepalive` detects a connection that died silently. Each message also drops the
-/// key's copy in `hot`, which is only used while the subscription is up. Runs until its
-/// task is aborted.
+/// key's copy in `hot`, which is only used while the subscription is up, and an
+/// invalidation's message the key's token in `stale`. Runs until its task is aborted.
 pub async fn run_subscriber(
     clients: Vec<redis::Client>,
     waits: Arc<Waits>,
     hot: Arc<HotTokens>,
+    stale: Arc<StaleTokens>,
     timeout: Duration,
     keepalive: Duration,
 ) {
@@ -302,7 +304,7 @@ pub async fn run_subscriber(
                 next = next.wrapping_sub(1);
                 hot.set_live(true);
                 waits.wake_all();
-                let reason = pump(pubsub, &waits, &hot, timeout, keepalive).await;
+                let reason = pump(pubsub, &waits, &hot, &stale, timeout, keepalive).await;
                 hot.set_live(false);
                 tracing::warn!(
                     reason,
@@ -345,6 +347,7 @@ async fn pump(
     pubsub: redis::aio::PubSub,
     waits: &Waits,
     hot: &HotTokens,
+    stale: &StaleTokens,
     timeout: Duration,
     keepalive: Duration,
 ) -> &'static str {
@@ -357,6 +360,9 @@ async fn pump(
                 Some(message) => match store::tag_of_ready_channel(message.get_channel_name()) {
                     Some(tag) => {
                         hot.forget(tag);
+                        if message.get_payload_bytes() == store::INVALIDATED_MESSAGE.as_bytes() {
+                            stale.forget(tag);
+                        }
                         waits.wake(tag);
                     }
                     None => tracing::debug!(channel = message.get_channel_name(), "ignoring message on unexpected channel"),
@@ -460,6 +466,7 @@ mod tests {
             vec![client],
             waits,
             Arc::clone(&hot),
+            Arc::new(StaleTokens::new(Arc::new(SystemClock))),
             Duration::from_secs(1),
             keepalive,
         ));

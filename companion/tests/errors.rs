@@ -3,11 +3,11 @@
 
 mod common;
 
-use common::{Companion, RedisServer, config, config_for, error_of, free_port, now_ms};
+use common::{Companion, RedisServer, assert_hit, config, config_for, error_of, free_port, now_ms};
 use std::time::{Duration, Instant};
 use tokengate_companion::Config;
 use tokengate_core::ErrorCode;
-use tokengate_core::lease::{ABORT_PATH, COMMIT_PATH, LEASE_PATH, LeaseResponse};
+use tokengate_core::lease::{ABORT_PATH, LEASE_PATH, LeaseId};
 
 #[tokio::test]
 async fn malformed_lease_bodies_answer_invalid_request_json() {
@@ -131,22 +131,19 @@ fn without_degraded_mode(config: Config) -> Config {
     }
 }
 
+/// Redis dies under a lease: the next leases are served without it at once (before the
+/// health verdict turns), the lease's commit keeps its token in memory for the key's
+/// leases, and only what cannot do without Redis (releasing its lock) answers 503.
 #[tokio::test]
-async fn redis_going_down_answers_cache_unavailable_json_and_recovers() {
+async fn redis_going_down_serves_leases_without_it_at_once_and_recovers() {
     let mut redis = RedisServer::start();
     let companion = Companion::start(without_degraded_mode(config(&redis))).await;
     let lease_id = companion.lease_fetch("acme").await;
 
     redis.kill();
     let started = Instant::now();
-    let (status, error) = error_of(companion.lease_raw("acme").await).await;
-    assert_eq!((status, error.code), (503, ErrorCode::CacheUnavailable));
-    assert_eq!(error.tenant_id.as_deref(), Some("acme"));
-    assert!(
-        !error.message.to_lowercase().contains("io error"),
-        "{}",
-        error.message
-    );
+    let local = companion.lease_fetch("globex").await;
+    assert!(local.0.starts_with("local-"), "{local:?}");
     // Bounded by the 500 ms Redis timeout (plus slack), not by reconnect retries.
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -154,22 +151,30 @@ async fn redis_going_down_answers_cache_unavailable_json_and_recovers() {
         started.elapsed()
     );
 
-    let commit = serde_json::json!({
-        "provider": "genesys", "tenantId": "acme", "leaseId": lease_id,
-        "accessToken": "tok", "expiresAtMs": now_ms() + 60_000,
-    });
-    let (status, error) = error_of(companion.post(COMMIT_PATH, &commit).await).await;
-    assert_eq!((status, error.code), (503, ErrorCode::CacheUnavailable));
+    let expires_at_ms = now_ms() + 60_000;
+    assert_eq!(
+        companion
+            .commit("acme", &lease_id, "tok", expires_at_ms)
+            .await,
+        204
+    );
+    assert_hit(&companion.lease("acme").await, "tok", expires_at_ms);
     let abort = serde_json::json!({"provider": "genesys", "tenantId": "acme", "leaseId": lease_id});
     let (status, error) = error_of(companion.post(ABORT_PATH, &abort).await).await;
     assert_eq!((status, error.code), (503, ErrorCode::CacheUnavailable));
+    assert_eq!(error.tenant_id.as_deref(), Some("acme"));
+    assert!(
+        !error.message.to_lowercase().contains("io error"),
+        "{}",
+        error.message
+    );
+    let metrics = companion.metrics().await;
+    assert_eq!(metrics.leases("degraded_hit"), 1.0);
+    assert_eq!(metrics.value("tokengate_companion_redis_healthy"), 1.0);
 
     // Redis comes back on the same port (empty): the companion reconnects by itself.
     let _redis = RedisServer::start_on(redis.port).expect("redis restarts on its port");
-    assert!(matches!(
-        lease_until_answered(&companion).await,
-        LeaseResponse::Fetch { .. }
-    ));
+    lease_until_redis_answers(&companion, "initech").await;
 }
 
 #[tokio::test]
@@ -178,13 +183,12 @@ async fn the_companion_starts_without_redis_and_serves_once_it_is_up() {
     let config = config_for(format!("redis://127.0.0.1:{port}"));
     let companion = Companion::start(without_degraded_mode(config)).await;
 
-    let (status, error) = error_of(companion.lease_raw("acme").await).await;
-    assert_eq!((status, error.code), (503, ErrorCode::CacheUnavailable));
+    let local = companion.lease_fetch("acme").await;
+    assert!(local.0.starts_with("local-"), "{local:?}");
+    assert_eq!(companion.abort("acme", &local).await, 204);
 
     let _redis = RedisServer::start_on(port).expect("redis starts on the free port");
-    let LeaseResponse::Fetch { lease_id, .. } = lease_until_answered(&companion).await else {
-        panic!("expected fetch");
-    };
+    let lease_id = lease_until_redis_answers(&companion, "acme").await;
     assert_eq!(companion.abort("acme", &lease_id).await, 204);
 }
 
@@ -205,15 +209,16 @@ async fn an_invalid_configuration_stops_run_with_a_message() {
     );
 }
 
-/// Leases until the answer is not 503 (Redis reconnecting), for up to 10 s.
-async fn lease_until_answered(companion: &Companion) -> LeaseResponse {
+/// Leases `tenant` until Redis answers (a fetch holding the Redis lock, not a
+/// degraded-mode one) while it reconnects, for up to 10 s; the Redis lease id.
+async fn lease_until_redis_answers(companion: &Companion, tenant: &str) -> LeaseId {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let response = companion.lease_raw("acme").await;
-        if response.status() == 200 {
-            return response.json().await.unwrap();
+        let lease_id = companion.lease_fetch(tenant).await;
+        if !lease_id.0.starts_with("local-") {
+            return lease_id;
         }
-        assert_eq!(response.status(), 503);
+        assert_eq!(companion.abort(tenant, &lease_id).await, 204);
         assert!(
             Instant::now() < deadline,
             "redis never came back for the companion"

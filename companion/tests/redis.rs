@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tokengate_companion::Config;
 use tokengate_core::ErrorCode;
 use tokengate_core::token_api::TokenSource;
+use tokengate_tests::redis_cluster::RedisCluster;
 use tokengate_tests::standins::Endpoint;
 
 const PASSWORD: &str = "redis-pass-5e1d";
@@ -86,7 +87,10 @@ async fn a_password_in_the_url_authenticates_every_connection() {
 }
 
 #[tokio::test]
-async fn a_wrong_password_answers_cache_unavailable() {
+/// Redis refuses the companion: leases are served in degraded mode at once, and what
+/// still needs Redis (releasing a Redis lock) answers `503 CACHE_UNAVAILABLE`, without
+/// the password.
+async fn a_wrong_password_is_served_in_degraded_mode() {
     let redis = RedisProcess::start(&["--requirepass", PASSWORD]);
     eventually_blocking("redis answers", Duration::from_secs(10), || {
         answers_with_password(redis.port)
@@ -97,7 +101,11 @@ async fn a_wrong_password_answers_cache_unavailable() {
         ..config_for(url)
     })
     .await;
-    let (status, error) = error_of(companion.lease_raw("acme").await).await;
+    let lease_id = companion.lease_fetch("acme").await;
+    assert!(lease_id.0.starts_with("local-"), "{lease_id:?}");
+    let abort =
+        serde_json::json!({"provider": "genesys", "tenantId": "acme", "leaseId": "held-in-redis"});
+    let (status, error) = error_of(companion.post("/v1/abort", &abort).await).await;
     assert_eq!((status, error.code), (503, ErrorCode::CacheUnavailable));
     assert!(!error.message.contains("not-the-password"));
 }
@@ -218,6 +226,8 @@ async fn rediss_with_a_private_ca_serves_leases() {
 }
 
 #[tokio::test]
+/// The server's certificate is not trusted: no connection, so leases are served in
+/// degraded mode.
 async fn rediss_without_the_ca_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     certificates(dir.path());
@@ -256,108 +266,13 @@ async fn rediss_without_the_ca_is_refused() {
         ..config_for(format!("rediss://127.0.0.1:{tls_port}"))
     })
     .await;
-    let (status, error) = error_of(companion.lease_raw("acme").await).await;
-    assert_eq!((status, error.code), (503, ErrorCode::CacheUnavailable));
-}
-
-/// A three-node Redis Cluster (no replicas) on free ports; the nodes die on drop.
-struct Cluster {
-    nodes: Vec<RedisProcess>,
-    _dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let nodes: Vec<RedisProcess> = (0..3)
-            .map(|_| {
-                let port = free_port();
-                let conf = dir.path().join(format!("nodes-{port}.conf"));
-                RedisProcess::start_on(
-                    port,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        &conf.display().to_string(),
-                        "--dir",
-                        &dir.path().display().to_string(),
-                    ],
-                )
-            })
-            .collect();
-        for node in &nodes {
-            eventually_blocking("a cluster node answers", Duration::from_secs(10), || {
-                std::process::Command::new("redis-cli")
-                    .args(["-p", &node.port.to_string(), "PING"])
-                    .output()
-                    .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "PONG")
-            });
-        }
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let mut args = vec!["--cluster", "create"];
-        args.extend(addrs.iter().map(String::as_str));
-        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
-        redis_cli(&args);
-        for node in &nodes {
-            eventually_blocking("the cluster is ok", Duration::from_secs(20), || {
-                redis_cli(&["-p", &node.port.to_string(), "CLUSTER", "INFO"])
-                    .contains("cluster_state:ok")
-            });
-        }
-        Cluster { nodes, _dir: dir }
-    }
-
-    fn url(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|node| format!("redis://127.0.0.1:{}", node.port))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    /// The port of the node holding `key`.
-    fn node_of(&self, key: &str) -> u16 {
-        let slot: u16 = redis_cli(&[
-            "-p",
-            &self.nodes[0].port.to_string(),
-            "CLUSTER",
-            "KEYSLOT",
-            key,
-        ])
-        .trim()
-        .parse()
-        .unwrap();
-        let shards = redis_cli(&["-p", &self.nodes[0].port.to_string(), "CLUSTER", "NODES"]);
-        // `<id> <ip:port@cport> <flags> <master> <ping> <pong> <epoch> <state> <ranges…>`
-        for line in shards.lines() {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let Some(addr) = fields.get(1) else { continue };
-            let port: u16 = addr
-                .split(['@'])
-                .next()
-                .and_then(|hostport| hostport.rsplit(':').next())
-                .and_then(|port| port.parse().ok())
-                .unwrap_or(0);
-            for range in fields.iter().skip(8) {
-                let (start, end) = range.split_once('-').unwrap_or((range, range));
-                if let (Ok(start), Ok(end)) = (start.parse::<u16>(), end.parse::<u16>()) {
-                    if (start..=end).contains(&slot) {
-                        return port;
-                    }
-                }
-            }
-        }
-        panic!("no node holds slot {slot}:\n{shards}");
-    }
+    let lease_id = companion.lease_fetch("acme").await;
+    assert!(lease_id.0.starts_with("local-"), "{lease_id:?}");
 }
 
 #[tokio::test]
 async fn a_redis_cluster_serves_leases_waits_and_the_token_api() {
-    let cluster = Cluster::start();
+    let cluster = RedisCluster::start(3, 0, &[]).await;
     let standins = standins().await;
     let config = Config {
         recheck_interval_ms: 10_000,
@@ -401,7 +316,7 @@ async fn a_redis_cluster_serves_leases_waits_and_the_token_api() {
     // A waiter is woken by the holder's commit through pub/sub (re-checks only every
     // 10 s), also when the key lives on another node than the subscription (on the
     // first seed node): a cluster forwards every PUBLISH to all its nodes.
-    let subscribed_on = cluster.nodes[0].port;
+    let subscribed_on = cluster.ports[0];
     let tenant = (0..100)
         .map(|n| format!("waiter-{n}"))
         .find(|t| cluster.node_of(&format!("tokengate:{{genesys:{t}}}:token")) != subscribed_on)

@@ -410,12 +410,18 @@ async fn without_redis_the_token_api_serves_in_degraded_mode() {
 
     let first = token_of(companion.token("acme", "genesys", false).await).await;
     assert_eq!(first.source, TokenSource::Fresh);
-    // Nothing is cached without Redis: the next request fetches again, within the limit.
+    // Nothing is cached cluster-wide without Redis, but this process remembers the token
+    // it fetched: the next request is answered from memory.
     let second = token_of(companion.token("acme", "genesys", false).await).await;
-    assert_eq!(second.source, TokenSource::Fresh);
+    assert_eq!(second.source, TokenSource::Cache);
+    assert_eq!(second.access_token, first.access_token);
+    // A forced refresh fetches again, within the limit.
+    let forced = token_of(companion.token("acme", "genesys", true).await).await;
+    assert_eq!(forced.source, TokenSource::Fresh);
     assert_eq!(standins.calls(Endpoint::Login), 2);
     let metrics = companion.metrics().await;
     assert_eq!(metrics.leases("degraded_fetch"), 2.0);
+    assert_eq!(metrics.leases("degraded_hit"), 1.0);
     assert_eq!(
         metrics.value("tokengate_companion_commits_total{result=\"local\"}"),
         2.0

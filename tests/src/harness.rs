@@ -336,6 +336,12 @@ impl Redis {
 
     /// Starts Redis on `port` (again, after a kill) and waits until it answers `PING`.
     pub async fn start_on(dir: &Path, port: u16) -> Redis {
+        Self::start_with(dir, port, &[]).await
+    }
+
+    /// Starts Redis on `port` with `args` added (e.g. cluster mode) and waits until it
+    /// answers `PING`.
+    pub async fn start_with(dir: &Path, port: u16, args: &[&str]) -> Redis {
         let mut command = Command::new("redis-server");
         command.args([
             "--port",
@@ -347,6 +353,7 @@ impl Redis {
             "--appendonly",
             "no",
         ]);
+        command.args(args);
         let process = Process::spawn("redis", command, dir.join(format!("redis-{port}.log")));
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         wait_until("redis", Duration::from_secs(10), || {

@@ -2,4 +2,5 @@
 pub mod authserver;
 pub mod harness;
 pub mod leak_scan;
+pub mod redis_cluster;
 pub mod standins;

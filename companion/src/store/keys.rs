@@ -35,6 +35,10 @@ pub fn ready_channel(tag: &str) -> String {
     format!("tokengate:{{{tag}}}:ready")
 }
 
+/// The message an invalidation publishes on a key's `ready` channel (the deletion
+/// scripts, [`super::scripts`]); a commit publishes `committed`, a release `released`.
+pub const INVALIDATED_MESSAGE: &str = "invalidated";
+
 /// The hash tag of a `ready` channel name, or `None` if the name is not one of ours.
 pub fn tag_of_ready_channel(channel: &str) -> Option<&str> {
     channel.strip_prefix("tokengate:{")?.strip_suffix("}:ready")

@@ -24,18 +24,23 @@
 //! - [`keys`]: the key and channel names;
 //! - [`scripts`]: the Lua scripts;
 //! - [`backend`]: one server or a cluster, and the shared connection;
-//! - [`ops`]: [`Store`], the operations.
+//! - [`ops`]: [`Store`], the operations;
+//! - [`shards`]: a cluster's slot ranges and primaries, probed node by node by the
+//!   health monitor.
 
 pub mod backend;
 pub mod keys;
 pub mod ops;
 pub mod scripts;
+pub mod shards;
 
 pub use backend::{Backend, Connection};
 pub use keys::{
-    READY_PATTERN, failure_key, key_tag, lock_key, ready_channel, tag_of_ready_channel, token_key,
+    INVALIDATED_MESSAGE, READY_PATTERN, failure_key, key_tag, lock_key, ready_channel,
+    tag_of_ready_channel, token_key,
 };
 pub use ops::{Acquire, CommitOutcome, Invalidated, Peek, Store};
+pub use shards::{NodeProber, Shard, ShardProbe, slot_of_tag};
 
 use redis::RedisError;
 use std::time::Duration;
@@ -80,9 +85,13 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether this failure says Redis cannot be reached or used at all (connection
-    /// refused or lost, timeout, loading, no master), as opposed to an error reply to
-    /// one command. Only these count towards the unhealthy verdict.
+    /// Whether this failure says Redis (or, on a cluster, the key's shard) cannot be
+    /// reached or used (connection refused or lost, timeout, loading, no master, a
+    /// replica answering for a primary, a cluster that is down, failing over or still
+    /// redirecting after the client's retries, a script still unknown to a promoted
+    /// replica), as opposed to an error reply to one
+    /// command. Only these count towards the unhealthy verdict, and only these send a
+    /// lease to degraded mode.
     pub fn is_unavailability(&self) -> bool {
         use redis::{ErrorKind, ServerErrorKind};
         match self {
@@ -96,11 +105,17 @@ impl StoreError {
                     || error.is_unrecoverable_error()
                     || matches!(
                         error.kind(),
-                        ErrorKind::Server(
-                            ServerErrorKind::BusyLoading
-                                | ServerErrorKind::MasterDown
-                                | ServerErrorKind::ClusterDown
-                        )
+                        ErrorKind::ClusterConnectionNotFound
+                            | ErrorKind::Server(
+                                ServerErrorKind::BusyLoading
+                                    | ServerErrorKind::MasterDown
+                                    | ServerErrorKind::ClusterDown
+                                    | ServerErrorKind::TryAgain
+                                    | ServerErrorKind::Moved
+                                    | ServerErrorKind::Ask
+                                    | ServerErrorKind::ReadOnly
+                                    | ServerErrorKind::NoScript
+                            )
                     )
             }
         }
@@ -108,14 +123,16 @@ impl StoreError {
 }
 
 /// Told whether Redis could be used, after every operation: the health verdict
-/// ([`crate::health::Health`]) listens, so real traffic feeds it.
+/// ([`crate::health::Health`]) listens, so real traffic feeds it. `slot` is the cluster
+/// slot of the key the operation touched ([`slot_of_tag`]; `None` for an operation on
+/// no key), so a cluster's verdict is kept per shard.
 pub trait Observer: Send + Sync + std::fmt::Debug {
     /// Redis answered.
-    fn answered(&self);
+    fn answered(&self, slot: Option<u16>);
     /// Redis could not be reached or used: an unavailability failure of a request's
     /// operation ([`StoreError::is_unavailability`]), or any failure of the monitor's
     /// `PING`.
-    fn unavailable(&self, error: &StoreError);
+    fn unavailable(&self, slot: Option<u16>, error: &StoreError);
 }
 
 #[cfg(test)]
@@ -128,6 +145,13 @@ mod tests {
         assert!(!StoreError::Redis(reply).is_unavailability());
         assert!(!StoreError::Encode(CodecError::Encrypt).is_unavailability());
         assert!(StoreError::Timeout(Duration::from_millis(5)).is_unavailability());
+        let no_node: RedisError = (redis::ErrorKind::ClusterConnectionNotFound, "gone").into();
+        assert!(StoreError::Redis(no_node).is_unavailability());
+        use redis::ServerErrorKind::{ClusterDown, Moved, NoScript, ReadOnly, TryAgain};
+        for kind in [ClusterDown, TryAgain, Moved, ReadOnly, NoScript] {
+            let reply: RedisError = (redis::ErrorKind::Server(kind), "cluster").into();
+            assert!(StoreError::Redis(reply).is_unavailability(), "{kind:?}");
+        }
     }
 
     #[test]

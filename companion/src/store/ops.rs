@@ -2,10 +2,10 @@
 //! and the health monitor ask of it, each bounded by the Redis timeout and reported to
 //! the store's [`Observer`].
 
-use redis::RedisError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterConfig;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{ErrorKind, RedisError, ServerErrorKind};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use super::keys::{failure_key, lock_key, ready_channel, token_key};
 use super::scripts::{
     ACQUIRE_SCRIPT, COMMIT_SCRIPT, DELETE_IF_UNCHANGED_SCRIPT, DELETE_SCRIPT, RELEASE_SCRIPT,
 };
+use super::shards::slot_of_tag;
 use super::{Observer, StoreError};
 use crate::codec::Codec;
 
@@ -147,11 +148,11 @@ impl Store {
             .await;
         match result {
             Ok(_) => {
-                self.observer.answered();
+                self.observer.answered(None);
                 Ok(())
             }
             Err(error) => {
-                self.observer.unavailable(&error);
+                self.observer.unavailable(None, &error);
                 Err(error)
             }
         }
@@ -167,7 +168,7 @@ impl Store {
         let mut cmd = redis::cmd("INFO");
         cmd.arg("server");
         let info: String = self
-            .query(|conn| {
+            .query(None, |conn| {
                 let cmd = cmd.clone();
                 async move {
                     match conn {
@@ -213,7 +214,7 @@ impl Store {
                 .arg(usable_after_ms.unwrap_or(0))
                 .arg(if usable_after_ms.is_some() { "0" } else { "1" });
             let (outcome, raw, expiry): (String, Option<Vec<u8>>, i64) = self
-                .query(|mut conn| {
+                .query(Some(tag), |mut conn| {
                     let invocation = &invocation;
                     async move { invocation.invoke_async(&mut conn).await }
                 })
@@ -250,7 +251,7 @@ impl Store {
             .cmd("EXISTS")
             .arg(lock_key(tag));
         let (raw, lock_held): (Option<Vec<u8>>, bool) = self
-            .query(|mut conn| {
+            .query(Some(tag), |mut conn| {
                 let pipe = &pipe;
                 async move { pipe.query_async(&mut conn).await }
             })
@@ -276,7 +277,7 @@ impl Store {
             .arg(token.expires_at_ms)
             .arg(ready_channel(tag));
         let (held, stored, previous): (i64, i64, i64) = self
-            .query(|mut conn| {
+            .query(Some(tag), |mut conn| {
                 let invocation = &invocation;
                 async move { invocation.invoke_async(&mut conn).await }
             })
@@ -300,7 +301,7 @@ impl Store {
         let value = serde_json::to_vec(failure).unwrap_or_default();
         let mut set = redis::cmd("SET");
         set.arg(failure_key(tag)).arg(value).arg("PX").arg(ttl_ms);
-        self.query(|mut conn| {
+        self.query(Some(tag), |mut conn| {
             let set = &set;
             async move { set.query_async::<()>(&mut conn).await }
         })
@@ -311,7 +312,7 @@ impl Store {
     pub async fn forget_failure(&self, tag: &str) -> Result<(), StoreError> {
         let mut del = redis::cmd("DEL");
         del.arg(failure_key(tag));
-        self.query(|mut conn| {
+        self.query(Some(tag), |mut conn| {
             let del = &del;
             async move { del.query_async::<()>(&mut conn).await }
         })
@@ -327,7 +328,7 @@ impl Store {
             .arg(&lease_id.0)
             .arg(ready_channel(tag));
         let released: i64 = self
-            .query(|mut conn| {
+            .query(Some(tag), |mut conn| {
                 let eval = &eval;
                 async move { eval.query_async(&mut conn).await }
             })
@@ -351,7 +352,7 @@ impl Store {
             let mut invocation = DELETE_SCRIPT.prepare_invoke();
             invocation.key(&key).arg(ready_channel(tag));
             let deleted: i64 = self
-                .query(|mut conn| {
+                .query(Some(tag), |mut conn| {
                     let invocation = &invocation;
                     async move { invocation.invoke_async(&mut conn).await }
                 })
@@ -365,7 +366,7 @@ impl Store {
         let mut get = redis::cmd("GET");
         get.arg(&key);
         let raw: Option<Vec<u8>> = self
-            .query(|mut conn| {
+            .query(Some(tag), |mut conn| {
                 let get = &get;
                 async move { get.query_async(&mut conn).await }
             })
@@ -386,7 +387,7 @@ impl Store {
             .arg(raw.expose())
             .arg(ready_channel(tag));
         let found: i64 = self
-            .query(|mut conn| {
+            .query(Some(tag), |mut conn| {
                 let invocation = &invocation;
                 async move { invocation.invoke_async(&mut conn).await }
             })
@@ -400,16 +401,17 @@ impl Store {
 
     /// [`Store::attempt`], with the outcome reported to the observer: a success, an
     /// unavailability failure, or (an error reply, which is no evidence either way)
-    /// nothing.
-    async fn query<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
+    /// nothing; with the slot of the key (hash tag `tag`) the operation touched.
+    async fn query<T, F, Fut>(&self, tag: Option<&str>, operation: F) -> Result<T, StoreError>
     where
         F: Fn(Connection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let result = self.attempt(operation).await;
+        let slot = tag.map(slot_of_tag);
         match &result {
-            Ok(_) => self.observer.answered(),
-            Err(error) if error.is_unavailability() => self.observer.unavailable(error),
+            Ok(_) => self.observer.answered(slot),
+            Err(error) if error.is_unavailability() => self.observer.unavailable(slot, error),
             Err(_) => {}
         }
         result
@@ -418,7 +420,9 @@ impl Store {
     /// Runs one Redis operation under the store's timeout. If the connection turns out
     /// to be dead (Redis restarted, a proxy dropped it), the operation runs once more on
     /// the connection the manager re-establishes, so a restart costs no failed request.
-    /// Every operation here is safe to repeat: reads, and scripts that recognise their
+    /// So does a script that is still unknown where its key lives after the client
+    /// loaded it (`NOSCRIPT`: a replica just promoted, while the client's view of the
+    /// cluster catches up). Every operation here is safe to repeat: reads, and scripts that recognise their
     /// own earlier effect (the lock already held by this lease, the token already stored,
     /// the token already deleted).
     async fn attempt<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
@@ -430,6 +434,10 @@ impl Store {
             match operation(self.conn.clone()).await {
                 Err(error) if error.is_unrecoverable_error() => {
                     tracing::debug!(%error, "redis connection lost; retrying once on a new connection");
+                    operation(self.conn.clone()).await
+                }
+                Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    tracing::debug!(%error, "script unknown where its key lives; retrying once");
                     operation(self.conn.clone()).await
                 }
                 result => result,
