@@ -1749,3 +1749,94 @@ fn oci_package_is_an_istio_compat_wasm_image_with_consistent_digests() {
         .collect();
     assert_eq!(blobs, referenced, "no stray blobs");
 }
+
+/// `skopeo ARGS`: its standard output, or a panic with its error.
+fn skopeo(args: &[&str]) -> String {
+    let output = Command::new("skopeo")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run skopeo (scripts/setup installs it): {e}"));
+    assert!(
+        output.status.success(),
+        "skopeo {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The tarball read by a real OCI tool, skopeo (as `skopeo copy ... docker://` would
+/// push it): Istio's compat layout, the module's very bytes, and the digest a
+/// WasmPlugin pins (Istio compares spec.sha256, or the url's @sha256:, with the image's
+/// manifest digest).
+#[test]
+fn oci_package_read_by_skopeo_holds_the_module_and_gives_the_digest_to_pin() {
+    let module = std::fs::read(wasm_module())
+        .unwrap_or_else(|e| panic!("no {} (scripts/build-wasm): {e}", wasm_module().display()));
+    let dir = tempfile::Builder::new()
+        .prefix("tokengate-skopeo-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("cannot create a temporary folder: {e}"));
+    let archive = dir.path().join("tokengate-oci.tar");
+    let printed = package(&archive);
+    let reference = format!("oci-archive:{}", archive.display());
+
+    let manifest = json_of(
+        skopeo(&["inspect", "--raw", &reference]).as_bytes(),
+        "skopeo's manifest",
+    );
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(
+        manifest["annotations"]["module.wasm.image/variant"],
+        "compat"
+    );
+    let layers = array(&manifest, "/layers");
+    assert_eq!(layers.len(), 1, "compat: one layer");
+    assert_eq!(
+        layers[0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    let image = json_of(
+        skopeo(&["inspect", &reference]).as_bytes(),
+        "skopeo inspect",
+    );
+    let digest = text(&image, "/Digest");
+    assert!(
+        printed.contains(&format!("manifest {digest}"))
+            && printed.contains(&format!(
+                "WasmPlugin: sha256: {}",
+                digest.trim_start_matches("sha256:")
+            )),
+        "package-wasm-oci prints the digest skopeo sees, {digest}: {printed}"
+    );
+
+    // The layer as a registry would hold it: plugin.wasm, byte for byte the module.
+    let copy = dir.path().join("copy");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        &reference,
+        &format!("dir:{}", copy.display()),
+    ]);
+    let layer_digest = text(&layers[0], "/digest");
+    let layer = std::fs::read(copy.join(layer_digest.trim_start_matches("sha256:")))
+        .unwrap_or_else(|e| panic!("skopeo copied no layer {layer_digest}: {e}"));
+    let mut layer_tar = Vec::new();
+    flate2::read::GzDecoder::new(layer.as_slice())
+        .read_to_end(&mut layer_tar)
+        .unwrap_or_else(|e| panic!("the layer is not gzip: {e}"));
+    let files = tar_files(&layer_tar, "the layer");
+    assert_eq!(files.keys().collect::<Vec<_>>(), ["plugin.wasm"]);
+    assert!(
+        files["plugin.wasm"] == module,
+        "the image holds target/tokengate.wasm"
+    );
+    let sha256 = digest.trim_start_matches("sha256:");
+    eprintln!(
+        "WasmPlugin for this module: spec.sha256: {sha256} \
+         (or url: oci://REGISTRY/tokengate@{digest}); module sha256 {}",
+        sha256_hex(&module)
+    );
+}
