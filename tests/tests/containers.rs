@@ -17,7 +17,9 @@
 //!   configuration (they are secrets, read from files);
 //! - through Envoy's published port: the app stand-in receives `Authorization: Bearer`
 //!   with the tenant's token, a second request is served from the cache (one login),
-//!   and a companion stopped then started again is survived;
+//!   Envoy leased and committed it through the companion (its calls carried the
+//!   secret key), Redis holds it encrypted (the other secret), and a companion stopped
+//!   then started again is survived;
 //! - the teardown leaves no container, network or volume of the project, also when the
 //!   test fails (each container's last log lines are printed then).
 //!
@@ -228,6 +230,16 @@ impl Stack {
                 std::thread::sleep(Duration::from_millis(250));
             }
         }
+    }
+
+    /// `redis-cli ARGS` in the Redis container: its output.
+    fn redis(&self, args: &[&str]) -> String {
+        run(
+            podman()
+                .args(["exec", &self.container("redis"), "redis-cli"])
+                .args(args),
+            "redis-cli",
+        )
     }
 
     fn login_calls(&self) -> u64 {
@@ -496,10 +508,18 @@ fn stack_serves_tenants_and_survives_a_companion_restart(build: FilterBuild) {
         "the second request hits the cache"
     );
     assert_eq!(stack.login_calls(), 1, "one login call for two requests");
-    let companion_leases = stack.logs("companion", "-1");
+    // Envoy's calls carried the key the companion requires (a refused call would have
+    // been a local fetch, with no commit), and Redis holds the token encrypted.
+    let companion_log = stack.logs("companion", "-1");
     assert!(
-        companion_leases.contains("tenant=\"acme\""),
-        "Envoy went through the companion:\n{companion_leases}"
+        companion_log.contains("token committed provider=\"genesys\" tenant=\"acme\""),
+        "Envoy leased and committed through the companion:\n{companion_log}"
+    );
+    let stored = stack.redis(&["--raw", "GET", "tokengate:{genesys:acme}:token"]);
+    assert!(!stored.trim().is_empty(), "the token is in Redis");
+    assert!(
+        !stored.contains(first.as_str()),
+        "Redis holds the token encrypted under the secret key"
     );
 
     // The companion stops: cached tenants are still served, a new tenant is fetched
