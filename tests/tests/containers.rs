@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -37,6 +37,9 @@ use tokengate_tests::harness::{FilterBuild, free_port, workspace_root};
 
 /// One stack at a time: they share the images and the machine's two cores.
 static ONE_STACK: Mutex<()> = Mutex::new(());
+
+/// The images, built once for both builds' stacks.
+static IMAGES: OnceLock<Vec<(String, String)>> = OnceLock::new();
 
 /// The compose project's services.
 const SERVICES: [&str; 4] = ["envoy", "standins", "companion", "redis"];
@@ -473,9 +476,9 @@ fn stack_serves_tenants_and_survives_a_companion_restart(build: FilterBuild) {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let started = Instant::now();
-    let images = build_images();
+    let images = IMAGES.get_or_init(build_images);
     let built = started.elapsed();
-    let mut stack = Stack::up(build, &images);
+    let mut stack = Stack::up(build, images);
     stack.wait_healthy(&SERVICES);
     let healthy = started.elapsed();
 
