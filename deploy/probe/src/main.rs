@@ -63,11 +63,11 @@ fn get(address: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), ProbeError> {
     stream
         .set_write_timeout(Some(TIMEOUT))
         .map_err(ProbeError::Io)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(ProbeError::Io)?;
+    // One write: the whole request in one segment.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(ProbeError::Io)?;
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).map_err(ProbeError::Io)?;
     let head_end = answer
@@ -122,8 +122,14 @@ mod tests {
         let address = listener.local_addr().unwrap();
         std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
-            let mut request = [0u8; 1024];
-            let _ = stream.read(&mut request);
+            // The whole request first: closing on unread bytes would reset the connection.
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let read = stream.read(&mut chunk).unwrap();
+                assert!(read > 0, "the request ended early");
+                request.extend_from_slice(&chunk[..read]);
+            }
             stream.write_all(answer.as_bytes()).unwrap();
         });
         format!("http://{address}/readyz")
