@@ -10,9 +10,10 @@
 //! - The production chain runs end to end: `envoy/production.yaml` with its upstreams
 //!   pointed at the stand-ins and the JWT keys made local, so a client that forges
 //!   `x-tenant-id` is shown to get its JWT's tenant, not the forged one.
-//! - The compose file, the Dockerfiles and the Istio manifests cannot run here (no Docker
-//!   engine, no cluster): they are parsed and checked for consistency with each other,
-//!   with the Envoy configurations, the README and the filter's region table.
+//! - The compose file and the Dockerfiles are parsed and checked for consistency with each
+//!   other and with the Envoy configuration that `deploy/envoy-entrypoint` renders for
+//!   both builds (tests/tests/containers.rs runs them); the Istio manifests (no cluster
+//!   here) with the README and the filter's region table.
 //! - `deploy/package-wasm-oci` runs and its tarball is checked digest by digest.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,7 +34,7 @@ use tokengate_core::Provider;
 use tokengate_core::regions::GENESYS_REGIONS;
 use tokengate_tests::harness::{
     Companion, Envoy, EnvoyPorts, EnvoyUpstreams, FilterBuild, Process, Redis, envoy_binary,
-    envoy_log_args, free_port, render_envoy_config, wasm_module, workspace_root,
+    envoy_log_args, free_port, native_module_dir, render_envoy_config, wasm_module, workspace_root,
 };
 use tokengate_tests::leak_scan::{LeakScan, receive};
 use tokengate_tests::standins::{Endpoint, Fixture, Ports, StandIns};
@@ -81,6 +82,62 @@ fn rendered(relative: &str) -> String {
     text.replace(WASM_PLACEHOLDER, &wasm_module().display().to_string())
 }
 
+/// The companion API key the compose renderings below are given (any 16+ characters).
+const COMPOSE_TEST_KEY: &str = "0123456789abcdef0123456789abcdef";
+
+/// `deploy/envoy-entrypoint` run on the host: Envoy's configuration as the compose
+/// stack's Envoy container renders it for `build`, with the compose file's filter
+/// configuration, a test key and the built wasm module's path; Err(its stderr) when the
+/// entrypoint refuses.
+fn compose_rendering(build: &str, plugin_config: &str, key: &str) -> Result<String, String> {
+    let dir = tempfile::Builder::new()
+        .prefix("tokengate-compose-render-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("cannot create a temporary folder: {e}"));
+    let key_file = dir.path().join("companion_api_key");
+    std::fs::write(&key_file, format!("{key}\n")).unwrap_or_else(|e| panic!("{e}"));
+    let output_path = dir.path().join("envoy.yaml");
+    let root = workspace_root();
+    let result = Command::new(root.join("deploy/envoy-entrypoint"))
+        .arg("true")
+        .env(
+            "TOKENGATE_ENVOY_TEMPLATE",
+            root.join("envoy/compose.yaml.tmpl"),
+        )
+        .env("TOKENGATE_FILTER", build)
+        .env("TOKENGATE_FILTER_TEMPLATES", root.join("envoy"))
+        .env("TOKENGATE_WASM", wasm_module())
+        .env("TOKENGATE_PLUGIN_CONFIG", plugin_config)
+        .env("TOKENGATE_COMPANION_API_KEY_FILE", &key_file)
+        .env("TOKENGATE_ENVOY_CONFIG", &output_path)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run deploy/envoy-entrypoint: {e}"));
+    if result.status.success() {
+        Ok(std::fs::read_to_string(&output_path).unwrap_or_else(|e| panic!("{e}")))
+    } else {
+        Err(String::from_utf8_lossy(&result.stderr).into_owned())
+    }
+}
+
+/// The compose file's filter configuration (Envoy's TOKENGATE_PLUGIN_CONFIG).
+fn compose_plugin_config() -> String {
+    let compose = yaml(
+        &read("deploy/docker-compose.yml"),
+        "deploy/docker-compose.yml",
+    );
+    text(
+        &compose,
+        "/services/envoy/environment/TOKENGATE_PLUGIN_CONFIG",
+    )
+    .to_owned()
+}
+
+/// Envoy's configuration in the compose stack, for `build` (`wasm` or `native`).
+fn compose_rendered(build: &str) -> String {
+    compose_rendering(build, &compose_plugin_config(), COMPOSE_TEST_KEY)
+        .unwrap_or_else(|e| panic!("deploy/envoy-entrypoint refuses the compose stack: {e}"))
+}
+
 /// `envoy/local.yaml.tmpl` as the harness renders it for the wasm build, with dummy ports.
 fn local_template_rendered() -> String {
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
@@ -115,8 +172,8 @@ fn shipped_envoy_configs() -> Vec<(&'static str, Value)> {
             yaml(&read("envoy/jwt-authn.yaml"), "envoy/jwt-authn.yaml"),
         ),
         (
-            "envoy/compose.yaml",
-            yaml(&read("envoy/compose.yaml"), "envoy/compose.yaml"),
+            "envoy/compose.yaml.tmpl",
+            yaml(&compose_rendered("wasm"), "envoy/compose.yaml.tmpl"),
         ),
         (
             "envoy/local.yaml.tmpl",
@@ -302,6 +359,7 @@ fn envoy_validate(name: &str, config: &str) -> Result<String, String> {
         .arg("validate")
         .arg("-c")
         .arg(&path)
+        .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", native_module_dir())
         .args(["--log-level", "warn", "--disable-hot-restart", "--base-id"])
         .arg(free_port().to_string())
         .stdin(Stdio::null())
@@ -349,8 +407,36 @@ fn jwt_authn_example_is_valid_for_envoy() {
 }
 
 #[test]
-fn compose_config_is_valid_for_envoy() {
-    assert_valid("compose", &rendered("envoy/compose.yaml"));
+fn compose_config_is_valid_for_envoy_on_both_builds() {
+    FilterBuild::Native.assert_built();
+    for build in ["wasm", "native"] {
+        let config = compose_rendered(build);
+        assert!(
+            config.contains(&format!("\"apiKey\": \"{COMPOSE_TEST_KEY}\"")),
+            "{build}: the secret's key is the filter's companion.apiKey"
+        );
+        assert!(!config.contains("{{"), "{build}: a placeholder is left");
+        assert_valid(&format!("compose-{build}"), &config);
+    }
+}
+
+#[test]
+fn envoy_entrypoint_refuses_a_bad_key_or_build() {
+    let config = compose_plugin_config();
+    for (build, key, refusal) in [
+        ("wasm", "short", "16 to 256 characters"),
+        (
+            "wasm",
+            "0123456789abcdef'; rm -rf /",
+            "16 to 256 characters",
+        ),
+        ("lua", COMPOSE_TEST_KEY, "expected wasm or native"),
+    ] {
+        let error = compose_rendering(build, &config, key)
+            .err()
+            .unwrap_or_else(|| panic!("{build} with key {key:?} was rendered"));
+        assert!(error.contains(refusal), "{build}, {key:?}: {error}");
+    }
 }
 
 #[test]
@@ -1012,11 +1098,12 @@ fn compose_file_is_consistent_with_the_repository_and_envoy_config() {
         }
     }
 
-    // Envoy: the validated image version, its config and module mounted where it reads them.
+    // Envoy: the validated image version by default; the entrypoint renders the mounted
+    // template and filter blocks (with the mounted module) where Envoy's command reads it.
     let envoy = &services["envoy"];
     assert!(
-        text(envoy, "/image").starts_with("envoyproxy/envoy:v1.40"),
-        "Envoy 1.40"
+        text(envoy, "/image").contains(":-docker.io/envoyproxy/envoy:v1.40."),
+        "Envoy 1.40 by default"
     );
     let mounts: BTreeMap<&str, &str> = array(envoy, "/volumes")
         .iter()
@@ -1025,22 +1112,37 @@ fn compose_file_is_consistent_with_the_repository_and_envoy_config() {
             (target, source)
         })
         .collect();
-    let config_target = "/etc/envoy/envoy.yaml";
-    assert_eq!(mounts.get(config_target), Some(&"../envoy/compose.yaml"));
+    for (target, source) in [
+        ("/etc/tokengate/envoy-entrypoint", "./envoy-entrypoint"),
+        (
+            "/etc/tokengate/compose.yaml.tmpl",
+            "../envoy/compose.yaml.tmpl",
+        ),
+        (
+            "/etc/tokengate/filter-wasm.yaml.tmpl",
+            "../envoy/filter-wasm.yaml.tmpl",
+        ),
+        (
+            "/etc/tokengate/filter-native.yaml.tmpl",
+            "../envoy/filter-native.yaml.tmpl",
+        ),
+        ("/etc/tokengate/tokengate.wasm", "../target/tokengate.wasm"),
+    ] {
+        assert_eq!(mounts.get(target), Some(&source), "Envoy's {target}");
+    }
     assert_eq!(
-        mounts.get(WASM_PLACEHOLDER),
-        Some(&"../target/tokengate.wasm")
+        array(envoy, "/entrypoint"),
+        &[json!("/etc/tokengate/envoy-entrypoint")]
     );
-    assert!(
-        array(envoy, "/command")
-            .iter()
-            .any(|arg| arg == config_target),
-        "Envoy runs the mounted configuration"
+    assert_eq!(
+        array(envoy, "/command")[..3],
+        [json!("envoy"), json!("-c"), json!("/tmp/envoy.yaml")],
+        "Envoy runs the rendered configuration"
     );
 
     // The Envoy configuration names the compose services; the stand-ins, which bind
     // loopback only, share Envoy's network namespace on their default ports.
-    let config = yaml(&read("envoy/compose.yaml"), "envoy/compose.yaml");
+    let config = yaml(&compose_rendered("wasm"), "envoy/compose.yaml.tmpl");
     let sidecars: Vec<&str> = services
         .iter()
         .filter(|(_, service)| service["network_mode"] == "service:envoy")
@@ -1126,15 +1228,22 @@ fn dockerfiles_build_with_the_documented_commands() {
         .lines()
         .filter(|l| l.starts_with("FROM "))
         .collect();
-    assert!(stages.len() >= 2, "a builder stage and a runtime stage");
-    assert!(
-        stages[0].contains("rust:") && stages[0].contains(" AS "),
-        "{}",
-        stages[0]
+    assert_eq!(
+        stages,
+        ["FROM ${BUILDER_IMAGE} AS build", "FROM ${RUNTIME_IMAGE}"],
+        "a builder stage and a runtime stage, both images build arguments"
     );
-    let runtime = stages[stages.len() - 1];
+    let default = |argument: &str| -> &str {
+        dockerfile
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("ARG {argument}=")))
+            .unwrap_or_else(|| panic!("no default for the build argument {argument}"))
+    };
+    let builder = default("BUILDER_IMAGE");
+    assert!(builder.contains("/rust:"), "{builder}");
+    let runtime = default("RUNTIME_IMAGE");
     assert!(
-        !runtime.contains("rust:"),
+        runtime.starts_with("gcr.io/distroless/cc-debian12"),
         "the runtime image is not the toolchain: {runtime}"
     );
     assert!(dockerfile.contains("target/release/tokengate-companion"));
@@ -1145,11 +1254,11 @@ fn dockerfiles_build_with_the_documented_commands() {
     );
 
     // The builder's Rust is at least the workspace's rust-version.
-    let toolchain = stages[0]
+    let toolchain = builder
         .split("rust:")
         .nth(1)
         .and_then(|tag| tag.split('-').next())
-        .unwrap_or_else(|| panic!("{}", stages[0]));
+        .unwrap_or_else(|| panic!("{builder}"));
     let manifest = read("Cargo.toml");
     let minimum = manifest
         .lines()
@@ -1639,4 +1748,95 @@ fn oci_package_is_an_istio_compat_wasm_image_with_consistent_digests() {
         .cloned()
         .collect();
     assert_eq!(blobs, referenced, "no stray blobs");
+}
+
+/// `skopeo ARGS`: its standard output, or a panic with its error.
+fn skopeo(args: &[&str]) -> String {
+    let output = Command::new("skopeo")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run skopeo (scripts/setup installs it): {e}"));
+    assert!(
+        output.status.success(),
+        "skopeo {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The tarball read by a real OCI tool, skopeo (as `skopeo copy ... docker://` would
+/// push it): Istio's compat layout, the module's very bytes, and the digest a
+/// WasmPlugin pins (Istio compares spec.sha256, or the url's @sha256:, with the image's
+/// manifest digest).
+#[test]
+fn oci_package_read_by_skopeo_holds_the_module_and_gives_the_digest_to_pin() {
+    let module = std::fs::read(wasm_module())
+        .unwrap_or_else(|e| panic!("no {} (scripts/build-wasm): {e}", wasm_module().display()));
+    let dir = tempfile::Builder::new()
+        .prefix("tokengate-skopeo-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("cannot create a temporary folder: {e}"));
+    let archive = dir.path().join("tokengate-oci.tar");
+    let printed = package(&archive);
+    let reference = format!("oci-archive:{}", archive.display());
+
+    let manifest = json_of(
+        skopeo(&["inspect", "--raw", &reference]).as_bytes(),
+        "skopeo's manifest",
+    );
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(
+        manifest["annotations"]["module.wasm.image/variant"],
+        "compat"
+    );
+    let layers = array(&manifest, "/layers");
+    assert_eq!(layers.len(), 1, "compat: one layer");
+    assert_eq!(
+        layers[0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    let image = json_of(
+        skopeo(&["inspect", &reference]).as_bytes(),
+        "skopeo inspect",
+    );
+    let digest = text(&image, "/Digest");
+    assert!(
+        printed.contains(&format!("manifest {digest}"))
+            && printed.contains(&format!(
+                "WasmPlugin: sha256: {}",
+                digest.trim_start_matches("sha256:")
+            )),
+        "package-wasm-oci prints the digest skopeo sees, {digest}: {printed}"
+    );
+
+    // The layer as a registry would hold it: plugin.wasm, byte for byte the module.
+    let copy = dir.path().join("copy");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        &reference,
+        &format!("dir:{}", copy.display()),
+    ]);
+    let layer_digest = text(&layers[0], "/digest");
+    let layer = std::fs::read(copy.join(layer_digest.trim_start_matches("sha256:")))
+        .unwrap_or_else(|e| panic!("skopeo copied no layer {layer_digest}: {e}"));
+    let mut layer_tar = Vec::new();
+    flate2::read::GzDecoder::new(layer.as_slice())
+        .read_to_end(&mut layer_tar)
+        .unwrap_or_else(|e| panic!("the layer is not gzip: {e}"));
+    let files = tar_files(&layer_tar, "the layer");
+    assert_eq!(files.keys().collect::<Vec<_>>(), ["plugin.wasm"]);
+    assert!(
+        files["plugin.wasm"] == module,
+        "the image holds target/tokengate.wasm"
+    );
+    let sha256 = digest.trim_start_matches("sha256:");
+    eprintln!(
+        "WasmPlugin for this module: spec.sha256: {sha256} \
+         (or url: oci://REGISTRY/tokengate@{digest}); module sha256 {}",
+        sha256_hex(&module)
+    );
 }
