@@ -7,7 +7,7 @@ use futures::future::join_all;
 use serde_json::{Value, json};
 use tokengate_tests::harness::{Cluster, Envoy, companion_metric, eventually};
 use tokengate_tests::leak_scan::receive;
-use tokengate_tests::standins::Endpoint;
+use tokengate_tests::standins::{Endpoint, Fault};
 
 /// What one request through Envoy came back with.
 struct Outcome {
@@ -278,7 +278,7 @@ async fn with_redis_down_warm_tenants_keep_working_cold_ones_are_fetched_once_pe
 async fn when_the_lock_holders_companion_dies_mid_fetch_the_waiters_take_over_after_the_lock_ttl() {
     let companion_args = [
         "--lock-ttl-ms",
-        "1500",
+        "3000",
         "--lease-wait-ms",
         "6000",
         "--fetch-deadline-ms",
@@ -287,9 +287,11 @@ async fn when_the_lock_holders_companion_dies_mid_fetch_the_waiters_take_over_af
     let config =
         filter_config(json!({ "genesys": { "timeoutMs": 3000 }, "fetchDeadlineMs": 3000 }));
     let cluster = Cluster::start(2, 2, 2, &config, &companion_args).await;
+    // The holder's login answers after 2.5 s: time enough, even on a loaded machine, for
+    // the waiters to reach companion 1 and wait there before the holder could commit.
     cluster
         .standins
-        .set_latency(Endpoint::Login, Duration::from_millis(1000));
+        .push_fault(Endpoint::Login, Fault::Delay(Duration::from_millis(2500)));
     let cluster = std::sync::Arc::new(tokio::sync::Mutex::new(cluster));
 
     // Envoy 0 (companion 0) takes the lock and calls the slow login.
