@@ -203,14 +203,12 @@ async fn a_requests_traceparent_reaches_every_call_of_its_fetch_and_an_invalid_o
     const TRACE_ID: &str = "trace_id=4bf92f3577b34da6a3ce929d0e0e4736";
     let stack = Stack::start().await;
     let get = async |tenant: &str, traceparent: &str| {
-        let response = reqwest::Client::new()
-            .get(format!("{}/api", stack.envoy.url()))
-            .header("x-tenant-id", tenant)
-            .header("traceparent", traceparent)
-            .send()
+        let headers = [("traceparent", traceparent)];
+        stack
+            .envoy
+            .get_with_headers("/api", tenant, &headers)
             .await
-            .unwrap_or_else(|e| panic!("request through Envoy failed: {e}"));
-        receive(response).await.status
+            .status
     };
     let endpoints = [Endpoint::TenantService, Endpoint::Login];
 
