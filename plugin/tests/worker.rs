@@ -1260,7 +1260,7 @@ fn every_callout_of_a_fetch_carries_the_traceparent_of_its_request() {
 }
 
 #[test]
-fn a_fetch_without_the_companion_or_by_it_carries_the_traceparent_too() {
+fn a_local_an_oauth2_and_a_companion_fetch_carry_the_traceparent_too() {
     let mut local = Rig::new(json!({}));
     local.ask_with_headers(1, "acme", &[("traceparent", TRACE)]);
     local.tick();
@@ -1276,6 +1276,35 @@ fn a_fetch_without_the_companion_or_by_it_carries_the_traceparent_too() {
             ("/oauth/token", Some(TRACE)),
         ]
     );
+
+    let mut oauth2 = Rig::new(json!({
+        "provider": "crm",
+        "providers": {"crm": {"kind": "oauth2", "tokenUrl": "https://idp.crm.example/token"}},
+        "tokenEndpointClusters": {"idp.crm.example": "crm_idp"}
+    }));
+    let ask = TokenAsk {
+        context_id: 1,
+        key: TokenKey::new(
+            Provider::parse("crm").unwrap(),
+            TenantId::parse("acme").unwrap(),
+        ),
+        delivery: Delivery::Inject,
+        force_refresh: false,
+    };
+    let headers = FakeHeaders::new(vec![("traceparent", TRACE)]);
+    let _ = oauth2
+        .worker
+        .on_request(&mut oauth2.host, ask, || request_ids(&headers));
+    oauth2.tick();
+    let lease = oauth2.sent_one(COMPANION, "/v1/lease");
+    oauth2.answer(&lease, response(200, &lease_granted("lease-1")));
+    let credentials = oauth2.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/crm");
+    oauth2.answer(
+        &credentials,
+        response(200, r#"{"clientId":"id","clientSecret":"s"}"#),
+    );
+    let token_endpoint = oauth2.sent_one("crm_idp", "/token");
+    assert_eq!(token_endpoint.header("traceparent"), Some(TRACE));
 
     let mut by_companion = Rig::new(json!({"fetch": "companion"}));
     by_companion.ask_with_headers(1, "acme", &[("traceparent", TRACE)]);
