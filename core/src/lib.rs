@@ -15,6 +15,7 @@
 //! - [`lease`]: the companion's internal lease / commit / abort API.
 //! - [`limit`]: the fetch limiter and the purge / forced-refresh throttle.
 //! - [`token_api`]: the original service's `/auth/token` request and response.
+//! - [`trace`]: which W3C `traceparent` values are taken and passed on.
 //! - [`error`]: error codes, their HTTP statuses and the JSON error body.
 //! - [`secret`]: zeroizing, redacted secret types.
 
@@ -30,6 +31,7 @@ pub mod providers;
 pub mod regions;
 pub mod secret;
 pub mod token_api;
+pub mod trace;
 
 pub use cache::{CachedToken, GatewayEntry};
 pub use error::{ErrorBody, ErrorCode, TokenError};
@@ -39,3 +41,4 @@ pub use flow::{
 pub use provider::{Provider, TenantId, TokenKey};
 pub use regions::RegionTable;
 pub use secret::{SecretBytes, SecretString};
+pub use trace::Traceparent;

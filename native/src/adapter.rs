@@ -60,7 +60,7 @@ use tokengate::hits::HitTally;
 use tokengate::host::{Callout, Host, Level, Metric};
 use tokengate::records::LruRecords;
 use tokengate::slots::KeyedStore;
-use tokengate::worker::{Decision, Delivery, Worker};
+use tokengate::worker::{Decision, Delivery, RequestIds, Worker};
 use tokengate_core::token_api::TokenSource;
 use tokengate_core::{
     CachedToken, CalloutResult, ErrorCode, SecretBytes, SecretString, TokenError, TokenKey,
@@ -135,7 +135,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-
 // ---------------------------------------------------------------------------------
 // Process-wide state
 // ---------------------------------------------------------------------------------
@@ -147,8 +146,7 @@ static RECORDS: LazyLock<LruRecords> =
 
 /// Every live worker by id, for the main thread (answers, ticks, wake-ups) and the
 /// ticker thread.
-static WORKERS: LazyLock<Mutex<HashMap<u64, Arc<WorkerCell>>>> =
-    LazyLock::new(Default::default);
+static WORKERS: LazyLock<Mutex<HashMap<u64, Arc<WorkerCell>>>> = LazyLock::new(Default::default);
 
 /// The ticker thread, unparked when a worker asks for a tick sooner than it planned.
 static TICKER: OnceLock<std::thread::Thread> = OnceLock::new();
@@ -761,7 +759,9 @@ pub struct Stream {
     envoy: EnvoyFilter,
     carried: Carried,
     awaiting_body: bool,
-    correlation_id: Option<Option<String>>,
+    /// The request's `x-request-id` and trace context, read when first needed (never
+    /// on a plain cache hit).
+    request_ids: Option<RequestIds>,
     /// `stream_complete` ran (the request is counted as ended).
     completed: bool,
     /// The worker paused the request (it knows the stream's id until it is gone); a
@@ -800,7 +800,7 @@ impl Stream {
             envoy,
             carried: Carried::Nothing,
             awaiting_body: false,
-            correlation_id: None,
+            request_ids: None,
             completed: false,
             paused_by_worker: false,
             parked: false,
@@ -824,15 +824,15 @@ impl Stream {
         self.parked
     }
 
-    fn correlation_id(&mut self) -> Option<String> {
+    fn request_ids(&mut self) -> &RequestIds {
         let envoy = self.envoy;
-        self.correlation_id
-            .get_or_insert_with(|| envoy.request_header("x-request-id").map(into_text))
-            .clone()
+        self.request_ids
+            .get_or_insert_with(|| ask::request_ids(&StreamHeaders(envoy)))
     }
 
     fn reject(&mut self, error: &TokenError, tenant_id: Option<&str>) -> HeadersVerdict {
-        let body = error.to_body(tenant_id, self.correlation_id().as_deref());
+        let correlation_id = self.request_ids().correlation_id.as_deref();
+        let body = error.to_body(tenant_id, correlation_id);
         send_json(self.envoy, error.http_status(), &body.to_json());
         HeadersVerdict::Answered
     }
@@ -845,7 +845,7 @@ impl Stream {
             Ask::Token(wanted) => self.ask(wanted),
             Ask::Refuse(error) => self.reject(&error, None),
             Ask::ReadBody => {
-                let _ = self.correlation_id();
+                let _ = self.request_ids();
                 self.awaiting_body = true;
                 HeadersVerdict::AwaitBody
             }
@@ -894,18 +894,17 @@ impl Stream {
         let delivery = wanted.delivery;
         let purge_on = !self.cell.config.purge.statuses.is_empty() && delivery == Delivery::Inject;
         let carried_key = purge_on.then(|| wanted.key.clone());
-        let correlation_id = self.correlation_id.clone();
+        let request_ids = self.request_ids.clone();
         let envoy = self.envoy;
         let id = self.id;
         let ask = wanted.of(id);
-        let mut read_correlation = None;
+        let mut read_ids = None;
         let mut parked_with = None;
         let outcome = self.cell.with_worker(Some(id), |worker, host| {
             let decision = worker.on_request(host, ask, || {
-                let value = correlation_id
-                    .unwrap_or_else(|| envoy.request_header("x-request-id").map(into_text));
-                read_correlation = Some(value.clone());
-                value
+                let ids = request_ids.unwrap_or_else(|| ask::request_ids(&StreamHeaders(envoy)));
+                read_ids = Some(ids.clone());
+                ids
             });
             if matches!(decision, Decision::Pause) && host.current_delivery.is_none() {
                 let scheduler = envoy.new_scheduler();
@@ -914,8 +913,8 @@ impl Stream {
             }
             decision
         });
-        if let Some(value) = read_correlation {
-            self.correlation_id = Some(value);
+        if let Some(ids) = read_ids {
+            self.request_ids = Some(ids);
         }
         let Some((decision, delivered_now)) = outcome else {
             return self.reject(

@@ -5,10 +5,11 @@
 //! call it with their own header access; the worker gets only validated asks.
 
 use tokengate_core::token_api::{CREDENTIAL_TYPE_HEADER, TOKEN_PATH, TokenRequest};
-use tokengate_core::{ErrorCode, TenantId, TokenError, TokenKey};
+use tokengate_core::trace::TRACEPARENT_HEADER;
+use tokengate_core::{ErrorCode, TenantId, TokenError, TokenKey, Traceparent};
 
 use crate::config::{FilterConfig, Mode};
-use crate::worker::{Delivery, TokenAsk};
+use crate::worker::{Delivery, RequestIds, TokenAsk};
 
 /// Largest `POST /auth/token` body read.
 pub const MAX_TOKEN_REQUEST_BODY: usize = 16 * 1024;
@@ -117,6 +118,22 @@ fn endpoint(config: &FilterConfig, headers: &impl RequestHeaders, end_of_stream:
     }
 }
 
+/// Reads where a request comes from: its `x-request-id` and its trace context, a
+/// `traceparent` valid by core's rule ([`Traceparent`]) and not repeated (which of two
+/// the caller's trace uses cannot be told); any other is ignored, never passed on.
+/// Hosts call it only when the worker needs it, never on a plain cache hit.
+pub fn request_ids(headers: &impl RequestHeaders) -> RequestIds {
+    let mut traceparents = headers.values(TRACEPARENT_HEADER).into_iter();
+    let traceparent = match (traceparents.next(), traceparents.next()) {
+        (Some(value), None) => Traceparent::parse(&value),
+        _ => None,
+    };
+    RequestIds {
+        correlation_id: headers.get("x-request-id"),
+        traceparent,
+    }
+}
+
 /// Refuses a `POST /auth/token` body of `size` bytes before it is read, if too large.
 pub fn refuse_body_of(size: usize) -> Option<TokenError> {
     (size > MAX_TOKEN_REQUEST_BODY).then(|| {
@@ -165,42 +182,7 @@ mod tests {
     use super::*;
     use tokengate_core::Provider;
 
-    struct Headers(Vec<(&'static str, &'static str)>);
-
-    /// Headers of a request on route `.0`.
-    struct OnRoute(&'static str, Headers);
-
-    impl RequestHeaders for OnRoute {
-        fn get(&self, name: &str) -> Option<String> {
-            self.1.get(name)
-        }
-
-        fn values(&self, name: &str) -> Vec<String> {
-            self.1.values(name)
-        }
-
-        fn route_name(&self) -> Option<String> {
-            Some(self.0.to_owned())
-        }
-    }
-
-    impl RequestHeaders for Headers {
-        fn route_name(&self) -> Option<String> {
-            None
-        }
-
-        fn get(&self, name: &str) -> Option<String> {
-            self.values(name).into_iter().next()
-        }
-
-        fn values(&self, name: &str) -> Vec<String> {
-            self.0
-                .iter()
-                .filter(|(header, _)| *header == name)
-                .map(|(_, value)| (*value).to_owned())
-                .collect()
-        }
-    }
+    use crate::fake::FakeHeaders as Headers;
 
     fn config(mode: &str) -> FilterConfig {
         FilterConfig::parse(format!(r#"{{"mode":"{mode}"}}"#).as_bytes()).unwrap()
@@ -215,7 +197,7 @@ mod tests {
 
     #[test]
     fn inject_mode_wants_the_tenants_token_of_the_configured_provider() {
-        let headers = Headers(vec![("x-tenant-id", "acme"), (":method", "PUT")]);
+        let headers = Headers::new(vec![("x-tenant-id", "acme"), (":method", "PUT")]);
         let Ask::Token(wanted) = from_headers(&config("inject"), &headers, true) else {
             panic!("expected a token ask");
         };
@@ -232,7 +214,7 @@ mod tests {
         )
         .unwrap();
         let ask = |route| {
-            let headers = OnRoute(route, Headers(vec![("x-tenant-id", "acme")]));
+            let headers = Headers::new(vec![("x-tenant-id", "acme")]).on_route(route);
             match from_headers(&config, &headers, true) {
                 Ask::Token(wanted) => wanted.key.provider,
                 other => panic!("expected a token ask: {other:?}"),
@@ -250,7 +232,7 @@ mod tests {
             vec![("x-tenant-id", "a/b")],
             vec![("x-tenant-id", "acme"), ("x-tenant-id", "globex")],
         ] {
-            let ask = from_headers(&inject, &Headers(headers), true);
+            let ask = from_headers(&inject, &Headers::new(headers), true);
             assert_eq!(refused(ask), ErrorCode::InvalidRequest);
         }
     }
@@ -259,7 +241,7 @@ mod tests {
     fn endpoint_mode_routes_by_path_and_method() {
         let endpoint = config("endpoint");
         let request = |path: &'static str, method: &'static str| {
-            Headers(vec![
+            Headers::new(vec![
                 (":path", path),
                 (":method", method),
                 ("x-tenant-id", "acme"),
@@ -284,6 +266,27 @@ mod tests {
         for (path, method, code) in cases {
             let ask = from_headers(&endpoint, &request(path, method), true);
             assert_eq!(refused(ask), code, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn request_ids_keep_a_valid_single_traceparent_only() {
+        const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let ids = request_ids(&Headers::new(vec![
+            ("x-request-id", "req-1"),
+            ("traceparent", TRACE),
+        ]));
+        assert_eq!(ids.correlation_id.as_deref(), Some("req-1"));
+        assert_eq!(
+            ids.traceparent.as_ref().map(Traceparent::as_str),
+            Some(TRACE)
+        );
+        for headers in [
+            vec![],
+            vec![("traceparent", "00-not-a-trace-01")],
+            vec![("traceparent", TRACE), ("traceparent", TRACE)],
+        ] {
+            assert_eq!(request_ids(&Headers::new(headers)).traceparent, None);
         }
     }
 

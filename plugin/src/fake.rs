@@ -1,6 +1,7 @@
 //! A recording [`Host`] for tests of the worker: a clock the test drives, callouts it
 //! records for the test to answer, shared data and wake queues in memory, and every
-//! resumed request, reply, stat and log line kept for assertions.
+//! resumed request, reply, stat and log line kept for assertions; and a request's
+//! headers for [`crate::ask`] ([`FakeHeaders`]).
 //!
 //! One [`FakeEnvoy`] holds what the workers of one Envoy share (the clock, shared data,
 //! wake-ups, and optionally a keyed store for the gateway cache, as the native build
@@ -19,6 +20,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
+use crate::ask::RequestHeaders;
 use crate::host::{Callout, Host, Level, Metric};
 use crate::records::LruRecords;
 use crate::slots::KeyedStore;
@@ -326,5 +328,46 @@ impl Host for FakeHost {
         if level >= self.level {
             self.logs.push((level, message.to_owned()));
         }
+    }
+}
+
+/// A request's headers as a host hands them to [`crate::ask`]: name-value pairs, and
+/// the name of the route Envoy chose, if any.
+#[derive(Debug, Default)]
+pub struct FakeHeaders {
+    pairs: Vec<(&'static str, &'static str)>,
+    route: Option<&'static str>,
+}
+
+impl FakeHeaders {
+    /// A request with these headers, on no named route.
+    pub fn new(pairs: Vec<(&'static str, &'static str)>) -> Self {
+        Self { pairs, route: None }
+    }
+
+    /// These headers on route `route`.
+    pub fn on_route(self, route: &'static str) -> Self {
+        Self {
+            route: Some(route),
+            ..self
+        }
+    }
+}
+
+impl RequestHeaders for FakeHeaders {
+    fn get(&self, name: &str) -> Option<String> {
+        self.values(name).into_iter().next()
+    }
+
+    fn values(&self, name: &str) -> Vec<String> {
+        self.pairs
+            .iter()
+            .filter(|(header, _)| *header == name)
+            .map(|(_, value)| (*value).to_owned())
+            .collect()
+    }
+
+    fn route_name(&self) -> Option<String> {
+        self.route.map(str::to_owned)
     }
 }

@@ -24,7 +24,7 @@ use crate::config::FilterConfig;
 use crate::delivery;
 use crate::hits::HitTally;
 use crate::host::{Callout, Host, Level, Metric};
-use crate::worker::{Decision, Delivery, Worker};
+use crate::worker::{Decision, Delivery, RequestIds, Worker};
 
 /// The entry point Envoy calls when it loads the module.
 #[unsafe(no_mangle)]
@@ -435,7 +435,7 @@ impl RootContext for Root {
             worker,
             hits,
             awaiting_body: false,
-            correlation_id: OnceCell::new(),
+            request_ids: OnceCell::new(),
             carried: Carried::Nothing,
         }))
     }
@@ -457,10 +457,11 @@ struct Request {
     hits: Arc<HitTally>,
     /// Set while an endpoint-mode `POST` waits for its body.
     awaiting_body: bool,
-    /// The request's `x-request-id`, read when first needed (a cache hit never needs
-    /// it) but always in the header phase: headers cannot be read once they have
-    /// continued, so an endpoint-mode `POST` reads it before waiting for its body.
-    correlation_id: OnceCell<Option<String>>,
+    /// The request's `x-request-id` and trace context, read when first needed (a cache
+    /// hit never needs them) but always in the header phase: headers cannot be read
+    /// once they have continued, so an endpoint-mode `POST` reads them before waiting
+    /// for its body.
+    request_ids: OnceCell<RequestIds>,
     /// The token this request carries upstream, to purge it if the upstream rejects it.
     carried: Carried,
 }
@@ -482,15 +483,15 @@ enum Carried {
 const MAX_CALLOUT_BODY: usize = 64 * 1024;
 
 impl Request {
-    /// The request's `x-request-id`; only valid in the header phase unless already read.
-    fn correlation_id(&self) -> Option<String> {
-        self.correlation_id
-            .get_or_init(|| header_text(MapType::HttpRequestHeaders, "x-request-id"))
-            .clone()
+    /// The request's ids; only valid in the header phase unless already read.
+    fn request_ids(&self) -> &RequestIds {
+        self.request_ids
+            .get_or_init(|| ask::request_ids(&HeaderPhase))
     }
 
     fn reject(&self, error: &TokenError, tenant_id: Option<&str>) -> Action {
-        let body = error.to_body(tenant_id, self.correlation_id().as_deref());
+        let correlation_id = self.request_ids().correlation_id.as_deref();
+        let body = error.to_body(tenant_id, correlation_id);
         send_json(error.http_status(), &body.to_json());
         Action::Pause
     }
@@ -508,7 +509,7 @@ impl Request {
         let purge_on = !self.config.purge.statuses.is_empty() && delivery == Delivery::Inject;
         let carried_key = purge_on.then(|| wanted.key.clone());
         let ask = wanted.of(self.context_id);
-        match worker.on_request(&mut host, ask, || self.correlation_id()) {
+        match worker.on_request(&mut host, ask, || self.request_ids().clone()) {
             Decision::Cached(token) => match delivery {
                 Delivery::Inject => {
                     let header = &self.config.authorization_header;
@@ -546,7 +547,7 @@ impl HttpContext for Request {
             Ask::Token(wanted) => self.ask(wanted),
             Ask::Refuse(error) => self.reject(&error, None),
             Ask::ReadBody => {
-                let _ = self.correlation_id();
+                let _ = self.request_ids();
                 // The answer comes after the headers went on, when they can no longer
                 // be marked: mark them now.
                 mark_reply_as_the_filters();

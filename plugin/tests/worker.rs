@@ -4,12 +4,13 @@
 
 use serde_json::{Value, json};
 
+use tokengate::ask::request_ids;
 use tokengate::config::FilterConfig;
-use tokengate::fake::{FakeEnvoy, FakeHost, SentCallout};
+use tokengate::fake::{FakeEnvoy, FakeHeaders, FakeHost, SentCallout};
 use tokengate::host::{Level, Metric, ProviderEvent};
 use tokengate::records::LruRecords;
 use tokengate::slots::Table;
-use tokengate::worker::{Decision, Delivery, TokenAsk, Worker};
+use tokengate::worker::{Decision, Delivery, RequestIds, TokenAsk, Worker};
 use tokengate_core::cache::{GatewayEntry, REFRESH_RETRY_MS};
 use tokengate_core::limit::WINDOW_MS;
 use tokengate_core::{
@@ -84,9 +85,32 @@ impl Rig {
             delivery,
             force_refresh,
         };
-        let correlation_id = format!("req-{context_id}");
-        self.worker
-            .on_request(&mut self.host, ask, || Some(correlation_id))
+        let ids = RequestIds {
+            correlation_id: Some(format!("req-{context_id}")),
+            traceparent: None,
+        };
+        self.worker.on_request(&mut self.host, ask, || ids)
+    }
+
+    /// Request `context_id` for `tenant` with these headers, read as the hosts read
+    /// them.
+    fn ask_with_headers(
+        &mut self,
+        context_id: u32,
+        tenant: &str,
+        headers: &[(&'static str, &'static str)],
+    ) {
+        let ask = TokenAsk {
+            context_id,
+            key: key(tenant),
+            delivery: Delivery::Inject,
+            force_refresh: false,
+        };
+        let headers = FakeHeaders::new(headers.to_vec());
+        let decision = self
+            .worker
+            .on_request(&mut self.host, ask, || request_ids(&headers));
+        assert!(matches!(decision, Decision::Pause), "a miss");
     }
 
     fn tick(&mut self) {
@@ -1158,4 +1182,196 @@ fn a_tenant_pushed_out_of_the_gateway_cache_is_served_from_the_companions() {
             "slots: one per table; the keyed store: no shared data"
         );
     }
+}
+
+// --- Trace context ---------------------------------------------------------------------
+
+const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+const OTHER_TRACE: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+/// The `traceparent` each callout of `sent` carried, by path.
+fn traceparents(sent: &[SentCallout]) -> Vec<(&str, Option<&str>)> {
+    sent.iter()
+        .map(|callout| (callout.path.as_str(), callout.header("traceparent")))
+        .collect()
+}
+
+/// Runs a leased fetch of `tenant` whose credentials are answered `credentials_status`
+/// (200: a token is fetched and committed; 404: the lease is aborted), answering the
+/// lease end with `lease_end_answer`, and returns every callout it sent.
+fn leased_fetch(
+    rig: &mut Rig,
+    tenant: &str,
+    credentials_status: u16,
+    lease_end_answer: CalloutResult,
+) -> Vec<SentCallout> {
+    let mut sent = Vec::new();
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+    rig.answer(&lease, response(200, &lease_granted("lease-1")));
+    sent.push(lease);
+    let path = format!("/tenants/{tenant}/credentials/genesys");
+    let credentials = rig.sent_one(TENANT_SERVICE, &path);
+    if credentials_status == 200 {
+        rig.answer(&credentials, response(200, CREDENTIALS));
+        sent.push(credentials);
+        let login = rig.sent_one(LOGIN, "/oauth/token");
+        rig.answer(&login, response(200, &login_answer("tok", 3_600)));
+        sent.push(login);
+    } else {
+        rig.answer(&credentials, response(credentials_status, ""));
+        sent.push(credentials);
+    }
+    let lease_end = rig.host.take_sent().remove(0);
+    rig.answer(&lease_end, lease_end_answer);
+    sent.push(lease_end);
+    sent
+}
+
+#[test]
+fn every_callout_of_a_fetch_carries_the_traceparent_of_its_request() {
+    let mut rig = Rig::new(json!({"companion": {"retryAfterMs": 2_000}}));
+    rig.ask_with_headers(1, "acme", &[("traceparent", TRACE)]);
+    let mut sent = leased_fetch(&mut rig, "acme", 200, CalloutResult::NoResponse);
+    rig.advance(2_000);
+    rig.tick();
+    sent.push(rig.sent_one(COMPANION, "/v1/commit")); // the lost commit, once more
+    assert_eq!(
+        traceparents(&sent),
+        [
+            ("/v1/lease", Some(TRACE)),
+            ("/tenants/acme/credentials/genesys", Some(TRACE)),
+            ("/oauth/token", Some(TRACE)),
+            ("/v1/commit", Some(TRACE)),
+            ("/v1/commit", Some(TRACE)),
+        ]
+    );
+
+    rig.ask_with_headers(2, "globex", &[("traceparent", OTHER_TRACE)]);
+    let sent = leased_fetch(&mut rig, "globex", 404, response(200, "{}"));
+    assert_eq!(
+        traceparents(&sent),
+        [
+            ("/v1/lease", Some(OTHER_TRACE)),
+            ("/tenants/globex/credentials/genesys", Some(OTHER_TRACE)),
+            ("/v1/abort", Some(OTHER_TRACE)),
+        ]
+    );
+}
+
+#[test]
+fn a_local_an_oauth2_and_a_companion_fetch_carry_the_traceparent_too() {
+    let mut local = Rig::new(json!({}));
+    local.ask_with_headers(1, "acme", &[("traceparent", TRACE)]);
+    local.tick();
+    let lease = local.sent_one(COMPANION, "/v1/lease");
+    local.answer(&lease, response(503, ENVOY_CONNECT_FAILURE));
+    let credentials = local.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/genesys");
+    local.answer(&credentials, response(200, CREDENTIALS));
+    let login = local.sent_one(LOGIN, "/oauth/token");
+    assert_eq!(
+        traceparents(&[credentials, login]),
+        [
+            ("/tenants/acme/credentials/genesys", Some(TRACE)),
+            ("/oauth/token", Some(TRACE)),
+        ]
+    );
+
+    let mut oauth2 = Rig::new(json!({
+        "provider": "crm",
+        "providers": {"crm": {"kind": "oauth2", "tokenUrl": "https://idp.crm.example/token"}},
+        "tokenEndpointClusters": {"idp.crm.example": "crm_idp"}
+    }));
+    let ask = TokenAsk {
+        context_id: 1,
+        key: TokenKey::new(
+            Provider::parse("crm").unwrap(),
+            TenantId::parse("acme").unwrap(),
+        ),
+        delivery: Delivery::Inject,
+        force_refresh: false,
+    };
+    let headers = FakeHeaders::new(vec![("traceparent", TRACE)]);
+    let _ = oauth2
+        .worker
+        .on_request(&mut oauth2.host, ask, || request_ids(&headers));
+    oauth2.tick();
+    let lease = oauth2.sent_one(COMPANION, "/v1/lease");
+    oauth2.answer(&lease, response(200, &lease_granted("lease-1")));
+    let credentials = oauth2.sent_one(TENANT_SERVICE, "/tenants/acme/credentials/crm");
+    oauth2.answer(
+        &credentials,
+        response(200, r#"{"clientId":"id","clientSecret":"s"}"#),
+    );
+    let token_endpoint = oauth2.sent_one("crm_idp", "/token");
+    assert_eq!(token_endpoint.header("traceparent"), Some(TRACE));
+
+    let mut by_companion = Rig::new(json!({"fetch": "companion"}));
+    by_companion.ask_with_headers(1, "acme", &[("traceparent", TRACE)]);
+    by_companion.tick();
+    let request = by_companion.sent_one(COMPANION, "/auth/token");
+    assert_eq!(request.header("traceparent"), Some(TRACE));
+}
+
+#[test]
+fn an_invalid_or_repeated_traceparent_is_never_passed_on() {
+    let invalid = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01";
+    let requests: [&[(&'static str, &'static str)]; 3] = [
+        &[],
+        &[("traceparent", invalid)],
+        &[("traceparent", TRACE), ("traceparent", OTHER_TRACE)],
+    ];
+    for headers in requests {
+        let mut rig = Rig::new(json!({}));
+        rig.ask_with_headers(1, "acme", headers);
+        let sent = leased_fetch(&mut rig, "acme", 200, response(200, "{}"));
+        assert!(
+            sent.iter()
+                .all(|callout| callout.header("traceparent").is_none()),
+            "{headers:?}: {sent:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_collapsed_fetch_carries_the_traceparent_of_its_first_request() {
+    let mut rig = Rig::new(json!({}));
+    rig.ask_with_headers(1, "acme", &[("traceparent", TRACE)]);
+    rig.ask_with_headers(2, "acme", &[("traceparent", OTHER_TRACE)]);
+    rig.ask_with_headers(3, "acme", &[]);
+    let sent = leased_fetch(&mut rig, "acme", 200, response(200, "{}"));
+    assert_eq!(rig.resumed_with("tok"), [1, 2, 3]);
+    assert_eq!(sent.len(), 4);
+    for callout in &sent {
+        assert_eq!(callout.header("traceparent"), Some(TRACE), "{callout:#?}");
+    }
+
+    let mut untraced_first = Rig::new(json!({}));
+    untraced_first.ask_with_headers(1, "acme", &[]);
+    untraced_first.ask_with_headers(2, "acme", &[("traceparent", TRACE)]);
+    let sent = leased_fetch(&mut untraced_first, "acme", 200, response(200, "{}"));
+    assert!(
+        sent.iter()
+            .all(|callout| callout.header("traceparent").is_none())
+    );
+}
+
+#[test]
+fn a_cache_hit_never_reads_the_requests_ids() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-acme", 3_600);
+    let ask = TokenAsk {
+        context_id: 2,
+        key: key("acme"),
+        delivery: Delivery::Inject,
+        force_refresh: false,
+    };
+    let mut read = false;
+    let decision = rig.worker.on_request(&mut rig.host, ask, || {
+        read = true;
+        RequestIds::default()
+    });
+    let _ = cached_token(decision);
+    assert!(!read, "a hit at info level reads no header");
 }

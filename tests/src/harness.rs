@@ -1014,9 +1014,24 @@ impl Stack {
 impl Envoy {
     /// Sends `GET path` for `tenant` (in `x-tenant-id`) through this Envoy.
     pub async fn get(&self, path: &str, tenant: &str) -> Answer {
-        let response = reqwest::Client::new()
+        self.get_with_headers(path, tenant, &[]).await
+    }
+
+    /// Sends `GET path` for `tenant` (in `x-tenant-id`), with `headers` too, through
+    /// this Envoy.
+    pub async fn get_with_headers(
+        &self,
+        path: &str,
+        tenant: &str,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut request = reqwest::Client::new()
             .get(format!("{}{path}", self.url()))
-            .header("x-tenant-id", tenant)
+            .header("x-tenant-id", tenant);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request
             .send()
             .await
             .unwrap_or_else(|e| panic!("request through Envoy failed: {e}"));

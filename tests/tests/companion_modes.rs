@@ -58,6 +58,25 @@ async fn with_fetch_companion_the_companion_fetches_and_envoy_never_calls_the_te
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_fetch_companion_the_requests_traceparent_reaches_the_companions_upstream_calls() {
+    const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let stack = Stack::start_with(
+        Envoy::filter_config_with(json!({ "fetch": "companion" })),
+        1,
+    )
+    .await;
+
+    let headers = [("traceparent", TRACE)];
+    let answer = stack.envoy.get_with_headers("/api", "acme", &headers).await;
+
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    for endpoint in [Endpoint::TenantService, Endpoint::Login] {
+        let received = stack.standins.last_traceparent(endpoint);
+        assert_eq!(received.as_deref(), Some(TRACE), "{endpoint}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_fetch_companion_the_companions_errors_reach_the_client() {
     let stack = Stack::start_with(
         Envoy::filter_config_with(json!({ "fetch": "companion" })),

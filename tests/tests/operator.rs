@@ -1,11 +1,14 @@
 //! What an Envoy operator relies on, through real Envoy: purge on an upstream
-//! rejection, stats, configuration rejected at load, and tenant ids that cannot be
-//! abused. (Refresh-ahead and expiry are in `refresh.rs`, alone in their binary
-//! because they depend on wall-clock timing.)
+//! rejection, stats, configuration rejected at load, tenant ids that cannot be abused,
+//! and a request's trace context on the calls of the fetch it starts. (Refresh-ahead
+//! and expiry are in `refresh.rs`, alone in their binary because they depend on
+//! wall-clock timing.)
+
+use std::time::Duration;
 
 use futures::future::join_all;
 use serde_json::json;
-use tokengate_tests::harness::{Envoy, EnvoyUpstreams, FilterBuild, Stack};
+use tokengate_tests::harness::{Envoy, EnvoyUpstreams, FilterBuild, Stack, wait_until};
 use tokengate_tests::leak_scan::receive;
 use tokengate_tests::standins::Endpoint;
 
@@ -192,4 +195,53 @@ async fn a_tenant_pushed_out_of_the_gateway_cache_is_served_from_redis_not_the_i
         2,
         "globex pushed acme out, then acme globex"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_requests_traceparent_reaches_every_call_of_its_fetch_and_an_invalid_one_none() {
+    const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const TRACE_ID: &str = "trace_id=4bf92f3577b34da6a3ce929d0e0e4736";
+    let stack = Stack::start().await;
+    let get = async |tenant: &str, traceparent: &str| {
+        let headers = [("traceparent", traceparent)];
+        stack
+            .envoy
+            .get_with_headers("/api", tenant, &headers)
+            .await
+            .status
+    };
+    let endpoints = [Endpoint::TenantService, Endpoint::Login];
+
+    assert_eq!(get("acme", TRACE).await, 200);
+    for endpoint in endpoints {
+        let received = stack.standins.last_traceparent(endpoint);
+        assert_eq!(received.as_deref(), Some(TRACE), "{endpoint}");
+    }
+    // Upper-case hex is not a trace context: nothing is passed on.
+    assert_eq!(get("globex", &TRACE.to_uppercase()).await, 200);
+    for endpoint in endpoints {
+        assert_eq!(
+            stack.standins.last_traceparent(endpoint),
+            None,
+            "{endpoint}"
+        );
+    }
+
+    // The companion names the trace in its lease and commit lines of the traced fetch
+    // (a commit may still be on its way when the request is answered).
+    let companion = &stack.companion.process;
+    wait_until("both commits logged", Duration::from_secs(5), || {
+        companion.log_text().matches("token committed").count() >= 2
+    })
+    .await;
+    let log = companion.log_text();
+    let line = |tenant: &str, message: &str| {
+        log.lines()
+            .find(|line| line.contains(message) && line.contains(&format!("tenant=\"{tenant}\"")))
+            .unwrap_or_else(|| panic!("no {message:?} line of {tenant}:\n{log}"))
+    };
+    for message in [" lease ", "token committed"] {
+        assert!(line("acme", message).contains(TRACE_ID), "{log}");
+        assert!(!line("globex", message).contains("trace_id"), "{log}");
+    }
 }

@@ -11,9 +11,10 @@ use tokengate_core::lease::{
     InvalidateRequest, LEASE_PATH, LeaseId, LeaseRequest, LeaseResponse,
 };
 use tokengate_core::token_api::{TOKEN_PATH, TokenResponse, TokenSource};
+use tokengate_core::trace::TRACEPARENT_HEADER;
 use tokengate_core::{
     CachedToken, CalloutResult, ErrorBody, ErrorCode, FetchedToken, Provider, SecretBytes,
-    SecretString, TenantId, TokenError, TokenKey,
+    SecretString, TenantId, TokenError, TokenKey, Traceparent,
 };
 
 use super::Worker;
@@ -43,6 +44,8 @@ pub(super) struct LeaseEnd {
     body: SecretBytes,
     /// Whether this is already the second attempt.
     retried: bool,
+    /// The trace context of the fetch the lease was for.
+    traceparent: Option<Traceparent>,
 }
 
 /// The body of a `fetch: companion` request to the companion's `/auth/token`.
@@ -65,25 +68,30 @@ impl Worker {
         path: &'a str,
         body: &'a [u8],
         timeout_ms: u64,
+        traceparent: Option<&'a Traceparent>,
     ) -> Callout<'a> {
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(key) = &self.config.companion.api_key {
+            headers.push((COMPANION_KEY_HEADER, key.expose()));
+        }
+        if let Some(traceparent) = traceparent {
+            headers.push((TRACEPARENT_HEADER, traceparent.as_str()));
+        }
         Callout {
             cluster: &self.config.companion.cluster,
             method: "POST",
             path,
             authority: &self.config.companion.authority,
-            headers: match &self.config.companion.api_key {
-                Some(key) => vec![
-                    ("content-type", "application/json"),
-                    (COMPANION_KEY_HEADER, key.expose()),
-                ],
-                None => vec![("content-type", "application/json")],
-            },
+            headers,
             body: Some(body),
             timeout_ms,
         }
     }
 
-    /// Sends a companion callout for `key`; its answer is routed by `purpose`.
+    /// Sends a companion callout for `key`, with `traceparent` (the trace context of
+    /// the fetch it serves); its answer is routed by `purpose`. A lease or token
+    /// request waits `companion.timeoutMs`; a lease end or an invalidation, which the
+    /// companion answers after a Redis write, the Tenant Service's timeout.
     fn send_to_companion(
         &mut self,
         host: &mut impl Host,
@@ -91,9 +99,14 @@ impl Worker {
         purpose: Purpose,
         path: &'static str,
         body: &[u8],
-        timeout_ms: u64,
+        traceparent: Option<&Traceparent>,
     ) -> Result<u32, String> {
-        let callout_id = host.dispatch(self.companion_callout(path, body, timeout_ms))?;
+        let timeout_ms = match purpose {
+            Purpose::Lease | Purpose::CompanionToken => self.config.companion.timeout_ms,
+            _ => self.config.tenant_service.timeout_ms,
+        };
+        let callout = self.companion_callout(path, body, timeout_ms, traceparent);
+        let callout_id = host.dispatch(callout)?;
         self.callouts.insert(callout_id, (key.clone(), purpose));
         Ok(callout_id)
     }
@@ -112,11 +125,13 @@ impl Worker {
             force_refresh,
             min_expires_at_ms,
         };
-        let timeout_ms = self.config.companion.timeout_ms;
+        let traceparent = self.fetch_traceparent(&key);
         let sent = serde_json::to_vec(&request)
             .map_err(|e| e.to_string())
             .and_then(|body| {
-                self.send_to_companion(host, &key, Purpose::Lease, LEASE_PATH, &body, timeout_ms)
+                let purpose = Purpose::Lease;
+                let traceparent = traceparent.as_ref();
+                self.send_to_companion(host, &key, purpose, LEASE_PATH, &body, traceparent)
             });
         match sent {
             Ok(_) => self.set_leasing(&key, host.now_ms()),
@@ -207,9 +222,10 @@ impl Worker {
             min_expires_at_ms,
         })
         .unwrap_or_default();
-        let timeout_ms = self.config.companion.timeout_ms;
         let purpose = Purpose::CompanionToken;
-        match self.send_to_companion(host, &key, purpose, TOKEN_PATH, &body, timeout_ms) {
+        let traceparent = self.fetch_traceparent(&key);
+        let traceparent = traceparent.as_ref();
+        match self.send_to_companion(host, &key, purpose, TOKEN_PATH, &body, traceparent) {
             Ok(_) => self.set_leasing(&key, host.now_ms()),
             Err(reason) => {
                 let error = companion_down(&reason);
@@ -254,7 +270,8 @@ impl Worker {
     }
 
     /// Commits a cacheable token to the companion, or aborts the lease (reporting
-    /// `failure` when it is an error the companion caches for the key's other leases).
+    /// `failure` when it is an error the companion caches for the key's other leases),
+    /// with the trace context of the fetch.
     pub(super) fn end_lease(
         &mut self,
         host: &mut impl Host,
@@ -262,6 +279,7 @@ impl Worker {
         lease_id: LeaseId,
         token: Option<&FetchedToken>,
         failure: Option<&TokenError>,
+        traceparent: Option<Traceparent>,
     ) {
         let provider = key.provider.clone();
         let tenant_id = key.tenant_id.clone();
@@ -294,19 +312,19 @@ impl Worker {
             path,
             body: SecretBytes::new(body.unwrap_or_default()),
             retried: false,
+            traceparent,
         };
         self.send_lease_end(host, lease_end);
     }
 
     fn send_lease_end(&mut self, host: &mut impl Host, lease_end: LeaseEnd) {
-        let timeout_ms = self.config.tenant_service.timeout_ms;
         let sent = self.send_to_companion(
             host,
             &lease_end.key,
             lease_end.purpose,
             lease_end.path,
             lease_end.body.expose(),
-            timeout_ms,
+            lease_end.traceparent.as_ref(),
         );
         match sent {
             Ok(callout_id) => {
@@ -389,16 +407,9 @@ impl Worker {
                 access_token: Some(token),
             };
             let body = SecretBytes::new(serde_json::to_vec(&request).unwrap_or_default());
-            let timeout_ms = self.config.tenant_service.timeout_ms;
             let purpose = Purpose::Invalidate;
-            let sent = self.send_to_companion(
-                host,
-                &key,
-                purpose,
-                INVALIDATE_PATH,
-                body.expose(),
-                timeout_ms,
-            );
+            let path = INVALIDATE_PATH;
+            let sent = self.send_to_companion(host, &key, purpose, path, body.expose(), None);
             if let Err(reason) = sent {
                 host.log(
                     Level::Warn,

@@ -7,12 +7,13 @@ use tokengate_core::cache::{GatewayEntry, PurgeRecord, REFRESH_RETRY_MS};
 use tokengate_core::lease::LeaseId;
 use tokengate_core::limit::Admission;
 use tokengate_core::token_api::TokenSource;
+use tokengate_core::trace::TRACEPARENT_HEADER;
 use tokengate_core::{
     CachedToken, CalloutResult, Destination, ErrorCode, FetchFlow, FetchedToken, OutboundRequest,
-    Step, TokenError, TokenKey,
+    Step, TokenError, TokenKey, Traceparent,
 };
 
-use super::{Delivery, TokenAsk, Worker};
+use super::{Delivery, RequestIds, TokenAsk, Worker};
 use crate::config::FetchBy;
 use crate::delivery;
 use crate::host::{Callout, Host, Level, Metric, ProviderEvent};
@@ -65,6 +66,9 @@ pub(super) struct Fetch {
     /// Only a token expiring after this will do (a refresh-ahead: the cached token
     /// expires then).
     pub(super) min_expires_at_ms: Option<u64>,
+    /// The trace context of the first request that waited on the fetch, carried by
+    /// its callouts from then on (none for a refresh-ahead nobody waits on).
+    pub(super) traceparent: Option<Traceparent>,
 }
 
 impl Fetch {
@@ -74,6 +78,7 @@ impl Fetch {
             waiters: Vec::new(),
             force_refresh: false,
             min_expires_at_ms,
+            traceparent: None,
         }
     }
 }
@@ -96,20 +101,22 @@ impl Worker {
         host: &mut impl Host,
         ask: TokenAsk,
         force_refresh: bool,
-        correlation_id: Option<String>,
+        request_ids: RequestIds,
         now_ms: u64,
     ) {
         let waiter = Waiter {
             context_id: ask.context_id,
             delivery: ask.delivery,
-            correlation_id,
+            correlation_id: request_ids.correlation_id,
             arrived_ms: now_ms,
         };
         let fetch = self
             .fetches
             .entry(ask.key)
             .or_insert_with(|| Fetch::new(None));
-        if !fetch.waiters.is_empty() {
+        if fetch.waiters.is_empty() {
+            fetch.traceparent = request_ids.traceparent;
+        } else {
             host.count(Metric::CollapsedWaiter);
         }
         if matches!(fetch.stage, Stage::Queued) {
@@ -328,7 +335,7 @@ impl Worker {
             self.drive(host, &key);
         } else if let Some(lease_id) = lease_id {
             // Every waiter left while leasing: hand the lock back at once.
-            self.end_lease(host, &key, lease_id, None, None);
+            self.end_lease(host, &key, lease_id, None, None, None);
         }
     }
 
@@ -364,7 +371,7 @@ impl Worker {
             };
             *wake_at_ms = None;
             match flow.poll(now_ms) {
-                Step::Send(request) => match self.send_fetch_request(host, &request) {
+                Step::Send(request) => match self.send_fetch_request(host, key, &request) {
                     Ok(callout_id) => {
                         self.callouts
                             .insert(callout_id, (key.clone(), super::Purpose::Fetch));
@@ -403,11 +410,15 @@ impl Worker {
         }
     }
 
+    /// Sends a Tenant Service or token endpoint call of `key`'s fetch, with the fetch's
+    /// trace context.
     fn send_fetch_request(
         &self,
         host: &mut impl Host,
+        key: &TokenKey,
         request: &OutboundRequest,
     ) -> Result<u32, String> {
+        let traceparent = self.fetch_traceparent(key);
         let (cluster, authority) = match &request.destination {
             Destination::TenantService => (
                 self.config.tenant_service.cluster.clone(),
@@ -431,6 +442,11 @@ impl Worker {
             .headers
             .iter()
             .map(|(name, value)| (*name, value.expose()))
+            .chain(
+                traceparent
+                    .as_ref()
+                    .map(|t| (TRACEPARENT_HEADER, t.as_str())),
+            )
             .collect();
         let body = request.body.expose();
         host.dispatch(Callout {
@@ -442,6 +458,11 @@ impl Worker {
             body: (!body.is_empty()).then_some(body),
             timeout_ms: request.timeout_ms,
         })
+    }
+
+    /// The trace context the callouts of `key`'s fetch carry, if it has one.
+    pub(super) fn fetch_traceparent(&self, key: &TokenKey) -> Option<Traceparent> {
+        self.fetches.get(key)?.traceparent.clone()
     }
 
     /// Ends `key`'s fetch: caches and commits a token or aborts the lease, releases
@@ -468,7 +489,9 @@ impl Worker {
             ..
         } = fetch.stage
         {
-            self.end_lease(host, key, lease_id, cacheable, result.as_ref().err());
+            let failure = result.as_ref().err();
+            let traceparent = fetch.traceparent.clone();
+            self.end_lease(host, key, lease_id, cacheable, failure, traceparent);
         }
         if claimed {
             if let Some(token) = cacheable {

@@ -49,7 +49,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tokengate_core::limit::FetchLog;
-use tokengate_core::{CachedToken, CalloutResult, FetchConfig, Provider, SecretString, TokenKey};
+use tokengate_core::{
+    CachedToken, CalloutResult, FetchConfig, Provider, SecretString, TokenKey, Traceparent,
+};
 
 use crate::config::FilterConfig;
 use crate::hits::HitTally;
@@ -87,6 +89,16 @@ pub struct TokenAsk {
     pub delivery: Delivery,
     /// Skip the caches (endpoint mode's `forceRefresh`).
     pub force_refresh: bool,
+}
+
+/// What a request's headers say about where it comes from, read only when needed (a
+/// miss, an error, a hit's debug line; see [`crate::ask::request_ids`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestIds {
+    /// Its `x-request-id`, for log lines and error bodies.
+    pub correlation_id: Option<String>,
+    /// Its valid W3C trace context, passed on to the callouts of a fetch it starts.
+    pub traceparent: Option<Traceparent>,
 }
 
 /// One worker's filter state; see the module documentation.
@@ -179,13 +191,13 @@ impl Worker {
     }
 
     /// A request for a token arrived: serve it from the cache or pause it on a fetch.
-    /// `correlation_id` reads the request's `x-request-id` (for log lines and error
-    /// bodies), only when needed: on a miss, or for a hit's debug line.
+    /// `request_ids` reads the request's `x-request-id` and `traceparent`, only when
+    /// needed: on a miss, or for a hit's debug line.
     pub fn on_request(
         &mut self,
         host: &mut impl Host,
         ask: TokenAsk,
-        correlation_id: impl FnOnce() -> Option<String>,
+        request_ids: impl FnOnce() -> RequestIds,
     ) -> Decision {
         let now_ms = host.now_ms();
         // A forced refresh is rate-limited like a purge; a refused one is served as usual.
@@ -209,7 +221,7 @@ impl Worker {
                         &format!(
                             "token request {} source=cache duration_ms=0 correlation_id={}",
                             ask.key,
-                            correlation_id().as_deref().unwrap_or("-")
+                            request_ids().correlation_id.as_deref().unwrap_or("-")
                         ),
                     );
                 }
@@ -217,7 +229,7 @@ impl Worker {
             }
         }
         host.count(Metric::CacheMiss);
-        self.pause(host, ask, force_refresh, correlation_id(), now_ms);
+        self.pause(host, ask, force_refresh, request_ids(), now_ms);
         Decision::Pause
     }
 
