@@ -37,7 +37,10 @@ impl HitTally {
     /// stat now, if it is time.
     #[must_use]
     pub fn hit(&self, now_ms: u64) -> Option<u64> {
-        let pending = self.pending.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let pending = self
+            .pending
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
         let added_at_ms = self.added_at_ms.load(Ordering::Relaxed);
         if pending >= BATCH || now_ms.saturating_sub(added_at_ms) >= MAX_DELAY_MS {
             self.added_at_ms.store(now_ms, Ordering::Relaxed);

@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use serde_json::{Value, json};
-use tokengate_tests::harness::{
-    Cluster, Envoy, EnvoyUpstreams, Redis, eventually, wait_until,
-};
+use tokengate_tests::harness::{Cluster, Envoy, EnvoyUpstreams, Redis, eventually, wait_until};
 use tokengate_tests::leak_scan::receive;
 use tokengate_tests::standins::{Endpoint, Fault, Fixture, generated_tenant_id};
 
@@ -951,13 +949,17 @@ async fn a_companion_restarted_under_load_fails_no_request() {
     let after = send(&client, &url, "acme").await;
     assert_token_or(&cluster, &after, &[]);
     // The commit leaves with the request's answer, not before it.
-    eventually("acme's token is committed", Duration::from_secs(3), async || {
-        cluster
-            .redis
-            .cli(&["EXISTS", "tokengate:{genesys:acme}:token"])
-            .trim()
-            == "1"
-    })
+    eventually(
+        "acme's token is committed",
+        Duration::from_secs(3),
+        async || {
+            cluster
+                .redis
+                .cli(&["EXISTS", "tokengate:{genesys:acme}:token"])
+                .trim()
+                == "1"
+        },
+    )
     .await;
     // A fetch whose commit found no companion leaves its lock to expire at the lock TTL.
     assert_no_lock_left(&cluster.redis, lock_ttl + LOCK_RELEASE).await;

@@ -45,11 +45,9 @@ async fn a_request_in_the_refresh_window_is_served_at_once_and_starts_one_refres
     let refreshed = stack.bearers("acme").remove(1);
     // The login records a token as it answers; the refresh ends when the gateway has
     // cached it.
-    eventually(
-        "the refresh ends",
-        Duration::from_secs(5),
-        async || stack.envoy.stat("tokengate.fetch_succeeded").await == 2,
-    )
+    eventually("the refresh ends", Duration::from_secs(5), async || {
+        stack.envoy.stat("tokengate.fetch_succeeded").await == 2
+    })
     .await;
     // Each request got the old token, or the new one if the refresh (a few ms on
     // loopback) finished while the burst was still arriving: none waited for a fetch.
@@ -180,11 +178,15 @@ async fn a_refresh_started_by_hits_on_an_envoy_that_then_goes_quiet_finishes_on_
     standins.set_expires_in(20);
     standins.set_latency(Endpoint::Login, Duration::from_millis(500));
     let mut hits = 0;
-    eventually("a hit starts the refresh", Duration::from_secs(10), async || {
-        assert_eq!(unexpired(&envoy_2.get("/api", "acme").await), first);
-        hits += 1;
-        envoy_2.stat("tokengate.refresh_ahead").await >= 1
-    })
+    eventually(
+        "a hit starts the refresh",
+        Duration::from_secs(10),
+        async || {
+            assert_eq!(unexpired(&envoy_2.get("/api", "acme").await), first);
+            hits += 1;
+            envoy_2.stat("tokengate.refresh_ahead").await >= 1
+        },
+    )
     .await;
     let quiet_since = Instant::now();
 
@@ -210,7 +212,11 @@ async fn a_refresh_started_by_hits_on_an_envoy_that_then_goes_quiet_finishes_on_
         "the refresh ended {refreshed_after_quiet:?} after Envoy 2's last request (login \
          latency 500 ms); Envoy 1 was served in {waited:?}"
     );
-    assert_eq!(unexpired(&served), second, "Envoy 1 got the refreshed token");
+    assert_eq!(
+        unexpired(&served),
+        second,
+        "Envoy 1 got the refreshed token"
+    );
     assert!(
         waited < Duration::from_secs(2),
         "Envoy 1 waited {waited:?} for a refresh that Envoy 2 started {:?} earlier",
@@ -224,7 +230,9 @@ async fn a_refresh_started_by_hits_on_an_envoy_that_then_goes_quiet_finishes_on_
 
     // Envoy 2 is asked again only once generation 1 has expired: its cache holds the
     // successor, whose life was counted from when its login call was sent.
-    let first_expiry = standins.token_expiry(&first).unwrap_or_else(|| panic!("{first}"));
+    let first_expiry = standins
+        .token_expiry(&first)
+        .unwrap_or_else(|| panic!("{first}"));
     tokio::time::sleep_until((first_expiry + Duration::from_millis(200)).into()).await;
     assert_eq!(unexpired(&envoy_2.get("/api", "acme").await), second);
     assert_eq!(
