@@ -141,6 +141,12 @@ impl Marker {
         })
     }
 
+    /// Whether the marker still means something at `now_ms`: a claim, or a failed
+    /// fetch's error for its waiters.
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        now_ms < self.until_ms && (self.owner != 0 || self.error.is_some())
+    }
+
     /// What this marker means to worker `me` at `now_ms`.
     pub fn peer_state(&self, me: u64, now_ms: u64) -> Peer {
         if now_ms >= self.until_ms {
@@ -175,9 +181,10 @@ pub fn claim(
     until_ms: u64,
 ) -> bool {
     let claim = Marker::claim(me, until_ms).encode();
+    // Another key's marker is spent once neither a claim nor a shared error: a live
+    // claim is kept even when it is `me`'s own (this worker fetching that key too).
     let spent = |record: &[u8]| {
-        let live = Marker::decode(record)
-            .is_some_and(|marker| marker.peer_state(me, now_ms) != Peer::Free);
+        let live = Marker::decode(record).is_some_and(|marker| marker.is_live(now_ms));
         u64::from(live)
     };
     if slots
@@ -189,7 +196,7 @@ pub fn claim(
             spent,
             Eviction::SpentOnly,
         )
-        .is_none()
+        .is_err()
     {
         return true;
     }
@@ -284,6 +291,24 @@ mod tests {
             Peer::Free,
             "expired: the owner may be gone"
         );
+    }
+
+    #[test]
+    fn a_workers_own_claim_of_one_key_is_not_pushed_out_by_its_claim_of_another() {
+        // Found by the simulation: worker 1 claimed `a`, then `b` in a table of one
+        // slot; `b`'s claim took `a`'s slot (its own claim looked spent to it), and
+        // worker 2 fetched `a` too.
+        let mut host = crate::fake::FakeEnvoy::default().host();
+        let slots = Slots::new(1);
+        let key = |tenant| {
+            TokenKey::new(
+                tokengate_core::Provider::genesys(),
+                tokengate_core::TenantId::parse(tenant).unwrap(),
+            )
+        };
+        assert!(claim(&mut host, &slots, &key("a"), 1, 0, 1_000));
+        assert!(claim(&mut host, &slots, &key("b"), 1, 10, 1_000));
+        assert_eq!(peer_state(&host, &slots, &key("a"), 2, 20), Peer::Busy);
     }
 
     #[test]

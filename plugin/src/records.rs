@@ -64,8 +64,7 @@ impl LruRecords {
     }
 
     /// How many records `table` holds.
-    #[cfg(test)]
-    fn len(&self, table: Table) -> usize {
+    pub fn len(&self, table: Table) -> usize {
         self.lock().table(table).len()
     }
 

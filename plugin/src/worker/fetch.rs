@@ -185,6 +185,10 @@ impl Worker {
             })
             .map(|(key, _)| key.clone())
             .collect();
+        // In key order, not the map's random one: the same events take the same steps
+        // (the simulation replays a seed exactly).
+        let mut ready = ready;
+        ready.sort_unstable_by(by_key_name);
         for key in ready {
             match self.fetches.get(&key).map(|fetch| &fetch.stage) {
                 Some(Stage::Queued) => self.start(host, key),
@@ -203,6 +207,8 @@ impl Worker {
             .filter(|(_, fetch)| matches!(fetch.stage, Stage::WaitingOnPeer))
             .map(|(key, _)| key.clone())
             .collect();
+        let mut waiting = waiting;
+        waiting.sort_unstable_by(by_key_name);
         for key in waiting {
             self.check_peer(host, key);
         }
@@ -480,7 +486,7 @@ impl Worker {
                 let record = entry.encode();
                 let slots = self.slots;
                 let placed = slots.put(host, Table::Tokens, key, &record, worth, Eviction::Allowed);
-                if placed.is_some_and(|placed| placed.evicted) {
+                if placed.is_ok_and(|placed| placed.evicted) {
                     host.count(Metric::CacheEvicted);
                 }
             }
@@ -613,6 +619,11 @@ fn token_worth(record: &[u8], now_ms: u64) -> u64 {
     GatewayEntry::decode(record)
         .filter(|entry| entry.token.is_fresh(now_ms, 0))
         .map_or(0, |entry| entry.token.expires_at_ms)
+}
+
+/// Orders keys by provider, then tenant.
+fn by_key_name(a: &TokenKey, b: &TokenKey) -> std::cmp::Ordering {
+    (a.provider.as_str(), a.tenant_id.as_str()).cmp(&(b.provider.as_str(), b.tenant_id.as_str()))
 }
 
 /// Attempts at a compare-and-swap write of a cache entry before giving up.
