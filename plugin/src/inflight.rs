@@ -234,13 +234,15 @@ pub fn ask_to_be_woken(
     }
 }
 
-/// Writes `released` over `key`'s marker and wakes the workers that asked to be
-/// (except `own_queue`). The write only succeeds on the version read, so a waiter that
-/// adds itself in between is not lost; after repeated races it is written anyway.
+/// Writes `released` over `key`'s marker, if it is still worker `me`'s claim, and wakes
+/// the workers that asked to be (except `own_queue`). The write only succeeds on the
+/// version read, so a waiter that adds itself in between is not lost; after repeated
+/// races it is written anyway.
 pub fn release(
     host: &mut impl Host,
     slots: &Slots,
     key: &TokenKey,
+    me: u64,
     released: &Marker,
     own_queue: Option<u32>,
 ) {
@@ -249,11 +251,16 @@ pub fn release(
     let mut written = false;
     for _ in 0..WRITE_ATTEMPTS {
         let Some(found) = slots.find(host, Table::Markers, key) else {
-            // Never claimed in a slot (both were busy), or taken over since: nobody
+            // Never claimed in a slot (every one was busy), or taken over since: nobody
             // can be waiting on it through the marker.
             return;
         };
-        waiters = Marker::decode(&found.record).map_or_else(Vec::new, |marker| marker.waiters);
+        let Some(marker) = Marker::decode(&found.record).filter(|marker| marker.owner == me) else {
+            // Another worker's claim (this one's was never written, or expired and was
+            // taken over): it is that worker's to release.
+            return;
+        };
+        waiters = marker.waiters;
         if slots.replace(host, &found, key, &encoded) {
             written = true;
             break;
@@ -309,6 +316,38 @@ mod tests {
         assert!(claim(&mut host, &slots, &key("a"), 1, 0, 1_000));
         assert!(claim(&mut host, &slots, &key("b"), 1, 10, 1_000));
         assert_eq!(peer_state(&host, &slots, &key("a"), 2, 20), Peer::Busy);
+    }
+
+    #[test]
+    fn a_worker_releases_only_its_own_claim() {
+        // Found by the simulation: a worker whose claim was never written (every slot
+        // held a live claim) released the claim another worker made since, and a
+        // third fetch of the key started beside that worker's.
+        let mut host = crate::fake::FakeEnvoy::default().host();
+        let slots = Slots::new(4);
+        let acme = TokenKey::new(
+            tokengate_core::Provider::genesys(),
+            tokengate_core::TenantId::parse("acme").unwrap(),
+        );
+        assert!(claim(&mut host, &slots, &acme, 2, 0, 1_000));
+        release(
+            &mut host,
+            &slots,
+            &acme,
+            1,
+            &Marker::release(10, None),
+            None,
+        );
+        assert_eq!(peer_state(&host, &slots, &acme, 3, 20), Peer::Busy);
+        release(
+            &mut host,
+            &slots,
+            &acme,
+            2,
+            &Marker::release(30, None),
+            None,
+        );
+        assert_eq!(peer_state(&host, &slots, &acme, 3, 40), Peer::Free);
     }
 
     #[test]

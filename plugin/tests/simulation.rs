@@ -53,9 +53,10 @@ const PURGE_MIN_INTERVAL_MS: u64 = 1_000;
 /// < the filter's companion timeout, as the README asks).
 const LOCK_TTL_MS: u64 = 3_000;
 const LEASE_WAIT_MS: u64 = 3_500;
-/// A request is answered within the lease's timeout and a whole fetch, plus this.
+/// A request is answered within two lease timeouts (a lease answered too late to use
+/// its token is asked once more) and a whole fetch, plus this.
 const ANSWER_SLACK_MS: u64 = 1_000;
-const ANSWER_DEADLINE_MS: u64 = COMPANION_TIMEOUT_MS + FETCH_DEADLINE_MS + ANSWER_SLACK_MS;
+const ANSWER_DEADLINE_MS: u64 = 2 * COMPANION_TIMEOUT_MS + FETCH_DEADLINE_MS + ANSWER_SLACK_MS;
 /// After a fault that may send gateways to local mode (or a clock jump that may expire
 /// locks and markers), fetches overlap legitimately for this long.
 const FAULT_SHADOW_MS: u64 =
@@ -148,8 +149,8 @@ enum Invariant {
     OneFetchPerKeyPerEnvoy,
     /// ... and per cluster, while the companion answers.
     OneFetchPerKeyPerCluster,
-    /// Every request is answered, with a token or a documented error, within the
-    /// lease's timeout plus a whole fetch (unless a clock jump stalled it).
+    /// Every request is answered, with a token or a documented error, within two
+    /// lease timeouts plus a whole fetch (unless a clock jump stalled it).
     AnsweredWithinDeadline,
     /// At the end, no request is left waiting and no worker holds anything.
     NoneLeftWaiting,
@@ -225,6 +226,9 @@ struct Companion {
 
 /// One tenant at the Tenant Service and its IdP.
 struct Tenant {
+    /// The lifetime of the tokens its IdP issues (fixed, as real IdPs: a newer token
+    /// always expires later).
+    lifetime_secs: u64,
     secret_version: u32,
     /// WhatsApp's static token and its expiry.
     static_token: Option<(String, u64)>,
@@ -431,6 +435,8 @@ struct Sim {
     /// ... and per cluster before this one (companion faults, clock jumps).
     cluster_check_from_ms: u64,
     last_jump_ms: u64,
+    /// The token a Tenant Service or IdP answer delivered in this step.
+    fetched_now: Option<String>,
     /// Per key: its latest trace lines.
     trace: HashMap<String, VecDeque<(u64, String)>>,
     totals: Totals,
@@ -496,6 +502,7 @@ impl Sim {
         }
         let tenants = (0..tenant_count)
             .map(|_| Tenant {
+                lifetime_secs: rng.range(6, 40),
                 secret_version: 1,
                 static_token: None,
             })
@@ -532,6 +539,7 @@ impl Sim {
             envoy_check_from_ms: 0,
             cluster_check_from_ms: 0,
             last_jump_ms: 0,
+            fetched_now: None,
             trace: HashMap::new(),
             totals: Totals {
                 seeds: 1,
@@ -594,10 +602,23 @@ impl Sim {
         }
         self.step += 1;
         self.totals.steps += 1;
+        self.fetched_now = None;
         if self.step > MAX_STEPS {
             return Err(Violation {
                 invariant: Invariant::NoneLeftWaiting,
-                detail: format!("no end after {MAX_STEPS} steps: a livelock"),
+                detail: format!(
+                    "no end after {MAX_STEPS} steps (a livelock) at +{} ms; workers hold {:?}; next events {:?}",
+                    self.now_ms - START_MS,
+                    self.envoys
+                        .iter()
+                        .map(|envoy| envoy
+                            .workers
+                            .iter()
+                            .map(|rig| rig.worker.load())
+                            .collect::<Vec<_>>())
+                        .collect::<Vec<_>>(),
+                    self.events.values().take(6).collect::<Vec<_>>()
+                ),
                 key: None,
                 since_ms: None,
             });
@@ -895,7 +916,15 @@ impl Sim {
                 format!("request #{context} for {key} got {token} of {}", issued.key),
             ));
         }
-        if self.now_ms + EXPIRY_MARGIN_MS >= issued.expires_at_ms {
+        // A token fetched just now is handed to its waiters whatever its lifetime (the
+        // margin is for cached tokens: `expiryMarginMs` must stay below the IdP's
+        // lifetimes); it must still not be expired.
+        let margin_ms = if self.fetched_now.as_deref() == Some(token) {
+            0
+        } else {
+            EXPIRY_MARGIN_MS
+        };
+        if self.now_ms + margin_ms >= issued.expires_at_ms {
             return Err(violation(
                 Invariant::NeverPastExpiryMinusMargin,
                 format!(
@@ -1247,7 +1276,10 @@ impl Sim {
         }
         if let Some(answer) = &answer {
             if let Some(token) = token_in(&answer.body) {
-                self.envoys[envoy].arrived.insert(token, self.step);
+                self.envoys[envoy].arrived.insert(token.clone(), self.step);
+                if outstanding.fetch_of.is_some() {
+                    self.fetched_now = Some(token);
+                }
             }
         }
         let result = answer.map_or(CalloutResult::NoResponse, Answer::result);
@@ -1304,7 +1336,7 @@ impl Sim {
                 .as_ref()
                 .is_none_or(|(_, expires_at_ms)| *expires_at_ms < now_ms + 20_000);
             if stale {
-                let expires_at_ms = now_ms + self.rng.range(25_000, 60_000);
+                let expires_at_ms = now_ms + 25_000 + self.tenants[tenant].lifetime_secs * 1_000;
                 let token = self.issue(&key, expires_at_ms);
                 self.tenants[tenant].static_token = Some((token, expires_at_ms));
             }
@@ -1345,7 +1377,7 @@ impl Sim {
             60..=79 => return None,
             _ => {}
         }
-        let lifetime_secs = self.rng.range(6, 40);
+        let lifetime_secs = self.tenants[tenant].lifetime_secs;
         let key = self.keys[tenant].clone();
         let token = self.issue(&key, self.now_ms + lifetime_secs * 1_000);
         Some(Answer::json(
@@ -1529,7 +1561,10 @@ impl Sim {
             );
             return self.respond(envoy, id, Some(answer));
         }
-        self.schedule(give_up_at_ms - now_ms, Event::CompanionTimer);
+        if give_up_at_ms == now_ms + LEASE_WAIT_MS {
+            // A new waiter: the companion gives up on it then (re-checks add none).
+            self.schedule(LEASE_WAIT_MS, Event::CompanionTimer);
+        }
         self.companion.waiters.push(LeaseWaiter {
             envoy,
             callout_id: id,

@@ -491,7 +491,8 @@ impl Worker {
                 }
             }
             let released = Marker::release(now_ms, result.as_ref().err());
-            inflight::release(host, &self.slots, key, &released, self.wake_queue);
+            let me = self.worker_id;
+            inflight::release(host, &self.slots, key, me, &released, self.wake_queue);
         }
         let first = fetch.waiters.first();
         let duration_ms = first.map_or(0, |waiter| now_ms.saturating_sub(waiter.arrived_ms));
