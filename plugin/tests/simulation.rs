@@ -1844,7 +1844,7 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 /// The seeds `scripts/test` runs every time.
-const FIXED_SEEDS: u64 = 150;
+const FIXED_SEEDS: u64 = 200;
 
 #[test]
 fn a_fixed_budget_of_seeds_keeps_every_invariant() {
@@ -1859,20 +1859,31 @@ fn a_fixed_budget_of_seeds_keeps_every_invariant() {
     }
 }
 
-/// Seeds that once broke an invariant, kept as regression tests.
-const REGRESSION_SEEDS: [(u64, &str); 5] = [
-    // Slots::put wrote a key's new token to a freed first slot and left the older one
-    // in a later slot; a purge cleared the first, and the older token was served.
+/// Seeds that broke an invariant before the fixes they are named for, kept as
+/// regression tests (each fails again if its fix is undone).
+const REGRESSION_SEEDS: [(u64, &str); 6] = [
+    // Slots::put wrote a key's new token to a freed earlier slot and left the older
+    // one in a later slot; a purge cleared the newer, and the older was served again.
     (
-        1884,
-        "a purged token's older predecessor served from a later slot",
+        766,
+        "the slot resurrection: an older token served after the newer one's purge",
     ),
-    // One token in two slots of a key (written by two workers); the purge cleared one.
-    (1646, "a purged token served again from its second slot"),
-    (326, "an older token served after a newer one was cached"),
-    // inflight::claim took a worker's own live claim of another key for spent.
-    (32, "two workers of one Envoy fetching one key"),
-    (98, "two workers of one Envoy fetching one key"),
+    (
+        1256,
+        "a purged token served again from a second slot of its key",
+    ),
+    (
+        472,
+        "an older token served from a later slot after a newer one was cached",
+    ),
+    // inflight: a worker took its own live claim of another key for spent, or
+    // released a claim another worker made since.
+    (8, "two workers of one Envoy fetching one key at once"),
+    (98, "two workers of one Envoy fetching one key at once"),
+    (
+        391,
+        "two workers of one Envoy fetching one key at once (LRU records)",
+    ),
 ];
 
 #[test]
