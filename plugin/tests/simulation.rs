@@ -15,7 +15,8 @@
 //! and the trace of the key it concerns. `SIM_SEED=<n>` replays seed `n` exactly
 //! (`cargo test -p tokengate-plugin --test simulation -- --nocapture`).
 //!
-//! - `a_fixed_budget_of_seeds_keeps_every_invariant` runs in `scripts/test`.
+//! - `a_fixed_budget_of_seeds_keeps_every_invariant` (or the one seed of `SIM_SEED`) and
+//!   `seeds_that_once_failed_keep_every_invariant` run in `scripts/test`.
 //! - `soak` (ignored) runs fresh seeds for `SIM_MINUTES` minutes from `SIM_FIRST_SEED`
 //!   and prints the totals `scripts/sim` writes to SIMULATION.md.
 
