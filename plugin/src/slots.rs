@@ -601,4 +601,74 @@ mod tests {
         assert_eq!(key_len_byte(255), Some(255));
         assert_eq!(key_len_byte(256), None, "not wrapped or clamped to 255");
     }
+
+    #[test]
+    fn a_new_key_takes_its_first_slot_and_says_whether_it_pushed_one_out() {
+        let mut host = FakeEnvoy::default().host();
+        let slots = Slots::new(64);
+        let acme = key("acme");
+        let placed = slots
+            .put(
+                &mut host,
+                Table::Tokens,
+                &acme,
+                b"\x09",
+                first_byte,
+                Eviction::Allowed,
+            )
+            .unwrap();
+        assert!(!placed.evicted, "an empty slot");
+        let first = slots.candidates(Table::Tokens, &acme).next().unwrap();
+        assert!(
+            host.shared_get(&first)
+                .is_some_and(|held| record_of(&held, &acme).is_some()),
+            "a hit reads one slot"
+        );
+
+        let one = Slots::new(1);
+        one.put(
+            &mut host,
+            Table::Markers,
+            &key("a"),
+            b"\x09",
+            first_byte,
+            Eviction::Allowed,
+        )
+        .unwrap();
+        let placed = one
+            .put(
+                &mut host,
+                Table::Markers,
+                &key("b"),
+                b"\x09",
+                first_byte,
+                Eviction::Allowed,
+            )
+            .unwrap();
+        assert!(placed.evicted, "a's live record pushed out");
+    }
+
+    #[test]
+    fn a_write_clears_the_keys_other_slots() {
+        let mut host = FakeEnvoy::default().host();
+        let slots = Slots::new(64);
+        let acme = key("acme");
+        let ways: Vec<String> = slots.candidates(Table::Tokens, &acme).collect();
+        assert_ne!(ways[0], ways[2]);
+        let old = encode(&acme, b"\x05old").unwrap();
+        host.shared_set(&ways[0], &old);
+        host.shared_set(&ways[2], &old);
+        slots
+            .put(
+                &mut host,
+                Table::Tokens,
+                &acme,
+                b"\x09new",
+                first_byte,
+                Eviction::Allowed,
+            )
+            .unwrap();
+        assert_eq!(host.shared_get(&ways[0]), encode(&acme, b"\x09new"));
+        assert_eq!(host.shared_get(&ways[2]), Some(Vec::new()));
+    }
 }
