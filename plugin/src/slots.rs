@@ -671,4 +671,25 @@ mod tests {
         assert_eq!(host.shared_get(&ways[0]), encode(&acme, b"\x09new"));
         assert_eq!(host.shared_get(&ways[2]), Some(Vec::new()));
     }
+
+    #[test]
+    fn an_unreadable_slot_counts_as_empty() {
+        // A value naming a key of length 0: no record, so even a marker may take it.
+        let mut host = FakeEnvoy::default().host();
+        let slots = Slots::new(1);
+        let only = slots.candidates(Table::Markers, &key("a")).next().unwrap();
+        host.shared_set(&only, &[0, 9]);
+        assert!(
+            slots
+                .put(
+                    &mut host,
+                    Table::Markers,
+                    &key("a"),
+                    b"\x07",
+                    first_byte,
+                    Eviction::SpentOnly
+                )
+                .is_ok()
+        );
+    }
 }
