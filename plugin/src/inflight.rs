@@ -319,6 +319,36 @@ mod tests {
     }
 
     #[test]
+    fn a_released_or_expired_marker_of_another_key_gives_way_to_a_claim() {
+        let mut host = crate::fake::FakeEnvoy::default().host();
+        let slots = Slots::new(1);
+        let key = |tenant| {
+            TokenKey::new(
+                tokengate_core::Provider::genesys(),
+                tokengate_core::TenantId::parse(tenant).unwrap(),
+            )
+        };
+        assert!(claim(&mut host, &slots, &key("a"), 1, 0, 1_000));
+        release(
+            &mut host,
+            &slots,
+            &key("a"),
+            1,
+            &Marker::release(10, None),
+            None,
+        );
+        assert!(claim(&mut host, &slots, &key("b"), 2, 20, 2_000));
+        assert_eq!(
+            peer_state(&host, &slots, &key("b"), 3, 30),
+            Peer::Busy,
+            "b's claim took the released marker's slot"
+        );
+        // b's claim ends at 2,000: at that moment c's claim may take its slot.
+        assert!(claim(&mut host, &slots, &key("c"), 4, 2_000, 3_000));
+        assert_eq!(peer_state(&host, &slots, &key("c"), 3, 2_001), Peer::Busy);
+    }
+
+    #[test]
     fn a_worker_releases_only_its_own_claim() {
         // Found by the simulation: a worker whose claim was never written (every slot
         // held a live claim) released the claim another worker made since, and a
