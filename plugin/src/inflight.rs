@@ -349,6 +349,28 @@ mod tests {
     }
 
     #[test]
+    fn a_waiting_worker_is_listed_once_and_at_most_max_waiters_are() {
+        let mut host = crate::fake::FakeEnvoy::default().host();
+        let slots = Slots::new(4);
+        let acme = TokenKey::new(
+            tokengate_core::Provider::genesys(),
+            tokengate_core::TenantId::parse("acme").unwrap(),
+        );
+        let waiters = |host: &crate::fake::FakeHost| {
+            let found = slots.find(host, Table::Markers, &acme).unwrap();
+            Marker::decode(&found.record).unwrap().waiters
+        };
+        assert!(claim(&mut host, &slots, &acme, 1, 0, 1_000));
+        ask_to_be_woken(&mut host, &slots, &acme, 2, 7, 10);
+        ask_to_be_woken(&mut host, &slots, &acme, 2, 7, 20);
+        assert_eq!(waiters(&host), [7]);
+        for queue in 100..500 {
+            ask_to_be_woken(&mut host, &slots, &acme, 3, queue, 30);
+        }
+        assert_eq!(waiters(&host).len(), MAX_WAITERS);
+    }
+
+    #[test]
     fn a_worker_releases_only_its_own_claim() {
         // Found by the simulation: a worker whose claim was never written (every slot
         // held a live claim) released the claim another worker made since, and a
