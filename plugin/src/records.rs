@@ -238,6 +238,21 @@ mod tests {
     }
 
     #[test]
+    fn a_spent_marker_gives_way_to_a_claim_of_another_key() {
+        let records = LruRecords::new(1);
+        put(&records, Table::Markers, "a", b"\x00");
+        let placed = records.put(
+            Table::Markers,
+            &key("b"),
+            b"\x01",
+            &first_byte,
+            Eviction::SpentOnly,
+        );
+        assert_eq!(placed, Some(Placed { evicted: false }));
+        assert!(records.find(Table::Markers, &key("b")).is_some());
+    }
+
+    #[test]
     fn tables_are_apart_and_a_key_is_found_under_its_own_provider_only() -> Result<(), TokenError> {
         let records = LruRecords::new(4);
         put(&records, Table::Tokens, "acme", b"\x01");
