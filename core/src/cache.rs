@@ -75,14 +75,26 @@ impl Lifetimes {
     }
 
     /// The cache entry of `key`'s `token`, cached at `now_ms`: its refresh moment (see
-    /// [`refresh_moment`]) and the moment it stops being served.
-    pub fn entry(&self, key: &TokenKey, token: CachedToken, now_ms: u64) -> GatewayEntry {
-        let lifetime_ms = token.expires_at_ms.saturating_sub(now_ms);
+    /// [`refresh_moment`]) and the moment it stops being served. The margin is fitted to
+    /// the token's lifetime only when `fetched_now` (its life so far is nil, so what is
+    /// left is its lifetime); a token taken from another cache (the companion's) may be
+    /// near its end, and what is left of it says nothing of its lifetime: the configured
+    /// margin holds uncut.
+    pub fn entry(
+        &self,
+        key: &TokenKey,
+        token: CachedToken,
+        now_ms: u64,
+        fetched_now: bool,
+    ) -> GatewayEntry {
+        let margin_ms = if fetched_now {
+            self.margin_ms(token.expires_at_ms.saturating_sub(now_ms))
+        } else {
+            self.expiry_margin_ms
+        };
         GatewayEntry {
             refresh_at_ms: refresh_moment(key, now_ms, token.expires_at_ms, *self),
-            stale_at_ms: token
-                .expires_at_ms
-                .saturating_sub(self.margin_ms(lifetime_ms)),
+            stale_at_ms: token.expires_at_ms.saturating_sub(margin_ms),
             token,
         }
     }
@@ -293,7 +305,7 @@ mod tests {
             access_token: SecretString::from("t"),
             expires_at_ms: 20_000,
         };
-        let entry = defaults.entry(&acme(), twenty, 0);
+        let entry = defaults.entry(&acme(), twenty, 0, true);
         assert!(
             (10_000..=12_500).contains(&entry.refresh_at_ms),
             "{entry:?}"
@@ -307,7 +319,7 @@ mod tests {
             access_token: SecretString::from("t"),
             expires_at_ms: 8_000,
         };
-        let entry = defaults.entry(&acme(), eight, 0);
+        let entry = defaults.entry(&acme(), eight, 0, true);
         assert_eq!(entry.stale_at_ms, 6_000);
         assert!((4_000..=5_000).contains(&entry.refresh_at_ms), "{entry:?}");
         // A 24 h token is untouched: the margin and window of today.
@@ -319,9 +331,17 @@ mod tests {
             access_token: SecretString::from("t"),
             expires_at_ms: day,
         };
-        let entry = defaults.entry(&acme(), genesys, 0);
+        let entry = defaults.entry(&acme(), genesys, 0, true);
         assert_eq!(entry.stale_at_ms, day - 5_000);
         assert!((day - day / 10..=day - day / 20).contains(&entry.refresh_at_ms));
+        // A token from the companion's cache with 2.7 s left: what is left says nothing
+        // of its lifetime, so the whole 5 s margin holds (it is stale already).
+        let near_its_end = CachedToken {
+            access_token: SecretString::from("t"),
+            expires_at_ms: 2_700,
+        };
+        let entry = defaults.entry(&acme(), near_its_end, 0, false);
+        assert_eq!(entry.stale_at_ms, 0);
     }
 
     #[test]

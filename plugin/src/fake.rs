@@ -23,7 +23,7 @@ use std::rc::Rc;
 use crate::ask::RequestHeaders;
 use crate::host::{Callout, Host, Level, Metric};
 use crate::records::LruRecords;
-use crate::slots::KeyedStore;
+use crate::slots::{KeyedStore, Table};
 
 /// What the workers of one fake Envoy share.
 #[derive(Debug, Default)]
@@ -99,6 +99,18 @@ impl FakeEnvoy {
     /// How many keys shared data holds (Envoy never frees one).
     pub fn shared_len(&self) -> usize {
         self.shared.borrow().data.len()
+    }
+
+    /// How many records `table` of this Envoy's keyed store holds (`None`: slots of
+    /// shared data).
+    pub fn keyed_len(&self, table: Table) -> Option<usize> {
+        self.records.as_ref().map(|records| records.len(table))
+    }
+
+    /// Moves the clock to `now_ms`, if that is later than it reads.
+    pub fn advance_to(&self, now_ms: u64) {
+        let mut shared = self.shared.borrow_mut();
+        shared.now_ms = shared.now_ms.max(now_ms);
     }
 
     /// The wake queues enqueued to since the last call, in order.

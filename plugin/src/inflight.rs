@@ -171,6 +171,12 @@ impl Marker {
         (now_ms < self.until_ms).then(|| TokenError::new(error.code, error.message.clone()))
     }
 
+    /// Whether the marker still means something at `now_ms`: a claim, or a failed
+    /// fetch's error for its waiters.
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        now_ms < self.until_ms && (self.owner != 0 || self.error.is_some())
+    }
+
     /// What this marker means to worker `me` at `now_ms`.
     pub fn peer_state(&self, me: u64, now_ms: u64) -> Peer {
         if now_ms >= self.until_ms {
@@ -242,9 +248,10 @@ pub fn claim(
     until_ms: u64,
 ) -> bool {
     let claim = Marker::claim(me, until_ms).encode();
+    // Another key's marker is spent once neither a claim nor a shared error: a live
+    // claim is kept even when it is `me`'s own (this worker fetching that key too).
     let spent = |record: &[u8]| {
-        let live = Marker::decode(record)
-            .is_some_and(|marker| marker.peer_state(me, now_ms) != Peer::Free);
+        let live = Marker::decode(record).is_some_and(|marker| marker.is_live(now_ms));
         u64::from(live)
     };
     if slots
@@ -256,7 +263,7 @@ pub fn claim(
             spent,
             Eviction::SpentOnly,
         )
-        .is_none()
+        .is_err()
     {
         return true;
     }
@@ -294,13 +301,15 @@ pub fn ask_to_be_woken(
     }
 }
 
-/// Writes `released` over `key`'s marker and wakes the workers that asked to be
-/// (except `own_queue`). The write only succeeds on the version read, so a waiter that
-/// adds itself in between is not lost; after repeated races it is written anyway.
+/// Writes `released` over `key`'s marker, if it is still worker `me`'s claim, and wakes
+/// the workers that asked to be (except `own_queue`). The write only succeeds on the
+/// version read, so a waiter that adds itself in between is not lost; after repeated
+/// races it is written anyway.
 pub fn release(
     host: &mut impl Host,
     slots: &Slots,
     key: &TokenKey,
+    me: u64,
     released: &Marker,
     own_queue: Option<u32>,
 ) {
@@ -309,11 +318,16 @@ pub fn release(
     let mut written = false;
     for _ in 0..WRITE_ATTEMPTS {
         let Some(found) = slots.find(host, Table::Markers, key) else {
-            // Never claimed in a slot (both were busy), or taken over since: nobody
+            // Never claimed in a slot (every one was busy), or taken over since: nobody
             // can be waiting on it through the marker.
             return;
         };
-        waiters = Marker::decode(&found.record).map_or_else(Vec::new, |marker| marker.waiters);
+        let Some(marker) = Marker::decode(&found.record).filter(|marker| marker.owner == me) else {
+            // Another worker's claim (this one's was never written, or expired and was
+            // taken over): it is that worker's to release.
+            return;
+        };
+        waiters = marker.waiters;
         if slots.replace(host, &found, key, &encoded) {
             written = true;
             break;
@@ -351,6 +365,108 @@ mod tests {
             Peer::Free,
             "expired: the owner may be gone"
         );
+    }
+
+    #[test]
+    fn a_workers_own_claim_of_one_key_is_not_pushed_out_by_its_claim_of_another() {
+        // Found by the simulation: worker 1 claimed `a`, then `b` in a table of one
+        // slot; `b`'s claim took `a`'s slot (its own claim looked spent to it), and
+        // worker 2 fetched `a` too.
+        let mut host = crate::fake::FakeEnvoy::default().host();
+        let slots = Slots::new(1);
+        let key = |tenant| {
+            TokenKey::new(
+                tokengate_core::Provider::genesys(),
+                tokengate_core::TenantId::parse(tenant).unwrap(),
+            )
+        };
+        assert!(claim(&mut host, &slots, &key("a"), 1, 0, 1_000));
+        assert!(claim(&mut host, &slots, &key("b"), 1, 10, 1_000));
+        assert_eq!(peer_state(&host, &slots, &key("a"), 2, 20), Peer::Busy);
+    }
+
+    #[test]
+    fn a_released_or_expired_marker_of_another_key_gives_way_to_a_claim() {
+        let mut host = crate::fake::FakeEnvoy::default().host();
+        let slots = Slots::new(1);
+        let key = |tenant| {
+            TokenKey::new(
+                tokengate_core::Provider::genesys(),
+                tokengate_core::TenantId::parse(tenant).unwrap(),
+            )
+        };
+        assert!(claim(&mut host, &slots, &key("a"), 1, 0, 1_000));
+        release(
+            &mut host,
+            &slots,
+            &key("a"),
+            1,
+            &Marker::release(10, None, 0),
+            None,
+        );
+        assert!(claim(&mut host, &slots, &key("b"), 2, 20, 2_000));
+        assert_eq!(
+            peer_state(&host, &slots, &key("b"), 3, 30),
+            Peer::Busy,
+            "b's claim took the released marker's slot"
+        );
+        // b's claim ends at 2,000: at that moment c's claim may take its slot.
+        assert!(claim(&mut host, &slots, &key("c"), 4, 2_000, 3_000));
+        assert_eq!(peer_state(&host, &slots, &key("c"), 3, 2_001), Peer::Busy);
+    }
+
+    #[test]
+    fn a_waiting_worker_is_listed_once_and_at_most_max_waiters_are() {
+        let mut host = crate::fake::FakeEnvoy::default().host();
+        let slots = Slots::new(4);
+        let acme = TokenKey::new(
+            tokengate_core::Provider::genesys(),
+            tokengate_core::TenantId::parse("acme").unwrap(),
+        );
+        let waiters = |host: &crate::fake::FakeHost| {
+            let found = slots.find(host, Table::Markers, &acme).unwrap();
+            Marker::decode(&found.record).unwrap().waiters
+        };
+        assert!(claim(&mut host, &slots, &acme, 1, 0, 1_000));
+        ask_to_be_woken(&mut host, &slots, &acme, 2, 7, 10);
+        ask_to_be_woken(&mut host, &slots, &acme, 2, 7, 20);
+        assert_eq!(waiters(&host), [7]);
+        for queue in 100..500 {
+            ask_to_be_woken(&mut host, &slots, &acme, 3, queue, 30);
+        }
+        assert_eq!(waiters(&host).len(), MAX_WAITERS);
+    }
+
+    #[test]
+    fn a_worker_releases_only_its_own_claim() {
+        // Found by the simulation: a worker whose claim was never written (every slot
+        // held a live claim) released the claim another worker made since, and a
+        // third fetch of the key started beside that worker's.
+        let mut host = crate::fake::FakeEnvoy::default().host();
+        let slots = Slots::new(4);
+        let acme = TokenKey::new(
+            tokengate_core::Provider::genesys(),
+            tokengate_core::TenantId::parse("acme").unwrap(),
+        );
+        assert!(claim(&mut host, &slots, &acme, 2, 0, 1_000));
+        release(
+            &mut host,
+            &slots,
+            &acme,
+            1,
+            &Marker::release(10, None, 0),
+            None,
+        );
+        assert_eq!(peer_state(&host, &slots, &acme, 3, 20), Peer::Busy);
+        release(
+            &mut host,
+            &slots,
+            &acme,
+            2,
+            &Marker::release(30, None, 0),
+            None,
+        );
+        assert_eq!(peer_state(&host, &slots, &acme, 3, 40), Peer::Free);
     }
 
     #[test]

@@ -64,8 +64,7 @@ impl LruRecords {
     }
 
     /// How many records `table` holds.
-    #[cfg(test)]
-    fn len(&self, table: Table) -> usize {
+    pub fn len(&self, table: Table) -> usize {
         self.lock().table(table).len()
     }
 
@@ -236,6 +235,21 @@ mod tests {
             spent_only("a").is_some(),
             "a key may always rewrite its own"
         );
+    }
+
+    #[test]
+    fn a_spent_marker_gives_way_to_a_claim_of_another_key() {
+        let records = LruRecords::new(1);
+        put(&records, Table::Markers, "a", b"\x00");
+        let placed = records.put(
+            Table::Markers,
+            &key("b"),
+            b"\x01",
+            &first_byte,
+            Eviction::SpentOnly,
+        );
+        assert_eq!(placed, Some(Placed { evicted: false }));
+        assert!(records.find(Table::Markers, &key("b")).is_some());
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //! any. A slot's value starts with the key it holds, so one tenant's record is never
 //! read as another's. A record goes to the slot that already holds its key, else to an
 //! empty one, else over the record its table values least (a spent one first: an
-//! expired token, a released marker).
+//! expired token, a released marker). A key lives in one slot at most: a write clears
+//! any other slot still holding the key, and [`Slots::clear`] empties every one, so a
+//! purged or replaced record can never be found again in a later slot.
 //!
 //! A slot's value: `[key length: u8][provider:tenant][record]`.
 //!
@@ -60,8 +62,8 @@ pub struct Found {
 /// Where a found record lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Place {
-    /// The shared-data key of its slot.
-    Slot(String),
+    /// The shared-data key of its slot, in its table.
+    Slot(Table, String),
     /// Its key's entry in this table of the host's keyed store.
     Keyed(Table),
 }
@@ -71,6 +73,18 @@ enum Place {
 pub struct Placed {
     /// Whether another key's live record was pushed out for it.
     pub evicted: bool,
+}
+
+/// Why a record was not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotPlaced {
+    /// Every slot of the key holds another key's live record, and the eviction rule
+    /// forbids pushing one out.
+    #[error("every slot of the key holds another key's live record")]
+    Full,
+    /// The key is longer than a slot's one-byte key length can say.
+    #[error("the key is longer than {} bytes", u8::MAX)]
+    KeyTooLong,
 }
 
 /// Per-key records kept by the host itself, bounded per table, in place of slot tables.
@@ -148,7 +162,7 @@ impl Slots {
             let (value, version) = host.shared_get_versioned(&slot)?;
             let record = record_of(&value, key)?.to_vec();
             Some(Found {
-                place: Place::Slot(slot),
+                place: Place::Slot(table, slot),
                 record,
                 version,
             })
@@ -157,7 +171,7 @@ impl Slots {
 
     /// Writes `record` as `key`'s record in `table` (see the module documentation for
     /// the slot chosen); `worth` values another key's record (0: spent). Returns where
-    /// it went, or `None` when `eviction` forbade every choice.
+    /// it went, or why it went nowhere.
     pub fn put(
         &self,
         host: &mut impl Host,
@@ -166,32 +180,44 @@ impl Slots {
         record: &[u8],
         worth: impl Fn(&[u8]) -> u64,
         eviction: Eviction,
-    ) -> Option<Placed> {
+    ) -> Result<Placed, NotPlaced> {
         if let Some(store) = host.keyed_store() {
-            return store.put(table, key, record, &worth, eviction);
+            return store
+                .put(table, key, record, &worth, eviction)
+                .ok_or(NotPlaced::Full);
         }
+        let value = encode(key, record).ok_or(NotPlaced::KeyTooLong)?;
+        // The slots already holding the key (one, but for tables written before this
+        // rule), and the best other slot.
+        let mut own: Vec<String> = Vec::new();
         let mut best: Option<(String, u64)> = None;
         for slot in self.candidates(table, key) {
-            let value = host.shared_get(&slot).unwrap_or_default();
-            let place_worth = match held_key_len(&value) {
-                None => 0,
-                Some(_) if record_of(&value, key).is_some() => 0,
-                Some(len) => worth(value.get(1 + len..).unwrap_or_default()),
-            };
-            if place_worth == 0 {
-                best = Some((slot, 0));
-                break;
+            let held = host.shared_get(&slot).unwrap_or_default();
+            if record_of(&held, key).is_some() {
+                own.push(slot);
+                continue;
             }
+            let place_worth = match held_key_len(&held) {
+                None => 0,
+                Some(len) => worth(held.get(1 + len..).unwrap_or_default()),
+            };
             if best.as_ref().is_none_or(|(_, least)| place_worth < *least) {
                 best = Some((slot, place_worth));
             }
         }
-        let (slot, place_worth) = best?;
+        let mut own = own.into_iter();
+        let (slot, place_worth) = match own.next() {
+            Some(slot) => (slot, 0),
+            None => best.ok_or(NotPlaced::Full)?,
+        };
         if place_worth > 0 && eviction == Eviction::SpentOnly {
-            return None;
+            return Err(NotPlaced::Full);
         }
-        host.shared_set(&slot, &encode(key, record));
-        Some(Placed {
+        host.shared_set(&slot, &value);
+        for duplicate in own.filter(|duplicate| *duplicate != slot) {
+            host.shared_set(&duplicate, &[]);
+        }
+        Ok(Placed {
             evicted: place_worth > 0,
         })
     }
@@ -205,17 +231,28 @@ impl Slots {
         record: &[u8],
     ) -> bool {
         match &found.place {
-            Place::Slot(slot) => host.shared_replace(slot, &encode(key, record), found.version),
+            Place::Slot(_, slot) => encode(key, record)
+                .is_some_and(|value| host.shared_replace(slot, &value, found.version)),
             Place::Keyed(table) => host
                 .keyed_store()
                 .is_some_and(|store| store.replace(*table, key, record, found.version)),
         }
     }
 
-    /// Empties the slot `found` (`key`'s record) came from, whatever it holds now.
+    /// Removes `key`'s record from the table `found` came from: every slot that holds
+    /// the key is emptied (another key's record is left alone).
     pub fn clear(&self, host: &mut impl Host, found: &Found, key: &TokenKey) {
         match &found.place {
-            Place::Slot(slot) => host.shared_set(slot, &[]),
+            Place::Slot(table, _) => {
+                for slot in self.candidates(*table, key) {
+                    if host
+                        .shared_get(&slot)
+                        .is_some_and(|held| record_of(&held, key).is_some())
+                    {
+                        host.shared_set(&slot, &[]);
+                    }
+                }
+            }
             Place::Keyed(table) => {
                 if let Some(store) = host.keyed_store() {
                     store.remove(*table, key);
@@ -225,19 +262,26 @@ impl Slots {
     }
 }
 
-/// A slot's value for `key`'s `record`.
-fn encode(key: &TokenKey, record: &[u8]) -> Vec<u8> {
+/// A slot's value for `key`'s `record`; `None` when the key's length does not fit
+/// its byte (tenant ids are at most 128 characters and provider names 32, so it
+/// always does today).
+fn encode(key: &TokenKey, record: &[u8]) -> Option<Vec<u8>> {
     let provider = key.provider.as_str().as_bytes();
     let tenant = key.tenant_id.as_str().as_bytes();
     let key_len = provider.len() + 1 + tenant.len();
+    let key_len_byte = key_len_byte(key_len)?;
     let mut value = Vec::with_capacity(1 + key_len + record.len());
-    // Tenant ids are at most 128 characters, providers a few: the length fits a byte.
-    value.push(u8::try_from(key_len).unwrap_or(u8::MAX));
+    value.push(key_len_byte);
     value.extend_from_slice(provider);
     value.push(b':');
     value.extend_from_slice(tenant);
     value.extend_from_slice(record);
-    value
+    Some(value)
+}
+
+/// A key's length as the byte that starts a slot's value; `None` beyond 255.
+fn key_len_byte(key_len: usize) -> Option<u8> {
+    u8::try_from(key_len).ok()
 }
 
 /// The length of the key a slot's value holds; `None` for an empty or unreadable slot.
@@ -278,14 +322,16 @@ mod tests {
     fn a_record_is_found_under_its_own_key_only() {
         let mut host = FakeEnvoy::default().host();
         let slots = Slots::new(1);
-        slots.put(
-            &mut host,
-            Table::Tokens,
-            &key("acme"),
-            b"\x05a",
-            first_byte,
-            Eviction::Allowed,
-        );
+        slots
+            .put(
+                &mut host,
+                Table::Tokens,
+                &key("acme"),
+                b"\x05a",
+                first_byte,
+                Eviction::Allowed,
+            )
+            .unwrap();
         let found = slots.find(&host, Table::Tokens, &key("acme")).unwrap();
         assert_eq!(found.record, b"\x05a");
         assert_eq!(slots.find(&host, Table::Tokens, &key("acm")), None);
@@ -305,14 +351,16 @@ mod tests {
         let slots = Slots::new(64);
         for tenant in 0..10_000 {
             let record = [1 + (tenant % 200) as u8];
-            slots.put(
-                &mut host,
-                Table::Tokens,
-                &key(&format!("t{tenant}")),
-                &record,
-                first_byte,
-                Eviction::Allowed,
-            );
+            slots
+                .put(
+                    &mut host,
+                    Table::Tokens,
+                    &key(&format!("t{tenant}")),
+                    &record,
+                    first_byte,
+                    Eviction::Allowed,
+                )
+                .unwrap();
         }
         assert!(envoy.shared_len() <= 64, "{}", envoy.shared_len());
     }
@@ -325,14 +373,16 @@ mod tests {
             .map(|tenant| key(&format!("tenant-{tenant}")))
             .collect();
         for key in &keys {
-            slots.put(
-                &mut host,
-                Table::Tokens,
-                key,
-                b"\x09",
-                first_byte,
-                Eviction::Allowed,
-            );
+            slots
+                .put(
+                    &mut host,
+                    Table::Tokens,
+                    key,
+                    b"\x09",
+                    first_byte,
+                    Eviction::Allowed,
+                )
+                .unwrap();
         }
         let kept = keys
             .iter()
@@ -345,14 +395,16 @@ mod tests {
     fn a_spent_record_is_replaced_first_and_a_live_one_only_when_allowed() {
         let mut host = FakeEnvoy::default().host();
         let slots = Slots::new(1);
-        slots.put(
-            &mut host,
-            Table::Markers,
-            &key("a"),
-            b"\x07",
-            first_byte,
-            Eviction::SpentOnly,
-        );
+        slots
+            .put(
+                &mut host,
+                Table::Markers,
+                &key("a"),
+                b"\x07",
+                first_byte,
+                Eviction::SpentOnly,
+            )
+            .unwrap();
         let refused = slots.put(
             &mut host,
             Table::Markers,
@@ -361,17 +413,19 @@ mod tests {
             first_byte,
             Eviction::SpentOnly,
         );
-        assert_eq!(refused, None, "a's live record is kept");
+        assert_eq!(refused, Err(NotPlaced::Full), "a's live record is kept");
         assert!(slots.find(&host, Table::Markers, &key("a")).is_some());
 
-        slots.put(
-            &mut host,
-            Table::Markers,
-            &key("a"),
-            b"\x00",
-            first_byte,
-            Eviction::SpentOnly,
-        );
+        slots
+            .put(
+                &mut host,
+                Table::Markers,
+                &key("a"),
+                b"\x00",
+                first_byte,
+                Eviction::SpentOnly,
+            )
+            .unwrap();
         assert!(
             slots
                 .put(
@@ -382,7 +436,7 @@ mod tests {
                     first_byte,
                     Eviction::SpentOnly
                 )
-                .is_some()
+                .is_ok()
         );
         assert_eq!(slots.find(&host, Table::Markers, &key("a")), None);
 
@@ -396,7 +450,7 @@ mod tests {
                     first_byte,
                     Eviction::Allowed
                 )
-                .is_some()
+                .is_ok()
         );
         assert!(slots.find(&host, Table::Markers, &key("c")).is_some());
     }
@@ -405,14 +459,16 @@ mod tests {
     fn a_replace_fails_when_the_slot_was_written_since_and_clear_empties_it() {
         let mut host = FakeEnvoy::default().host();
         let slots = Slots::new(8);
-        slots.put(
-            &mut host,
-            Table::Purges,
-            &key("acme"),
-            b"\x01",
-            first_byte,
-            Eviction::Allowed,
-        );
+        slots
+            .put(
+                &mut host,
+                Table::Purges,
+                &key("acme"),
+                b"\x01",
+                first_byte,
+                Eviction::Allowed,
+            )
+            .unwrap();
         let found = slots.find(&host, Table::Purges, &key("acme")).unwrap();
         assert!(slots.replace(&mut host, &found, &key("acme"), b"\x02"));
         assert!(
@@ -423,5 +479,217 @@ mod tests {
         assert_eq!(found.record, b"\x02");
         slots.clear(&mut host, &found, &key("acme"));
         assert_eq!(slots.find(&host, Table::Purges, &key("acme")), None);
+    }
+
+    /// Two keys whose first candidate slot is the same, in tables of `count` slots:
+    /// `(first, second)` where `second`'s first way is `first`'s.
+    fn keys_sharing_a_first_slot(slots: &Slots) -> (TokenKey, TokenKey) {
+        let first_slot = |key: &TokenKey| slots.candidates(Table::Tokens, key).next().unwrap();
+        let keys: Vec<TokenKey> = (0..500).map(|n| key(&format!("k{n}"))).collect();
+        for (index, one) in keys.iter().enumerate() {
+            for other in &keys[index + 1..] {
+                let ways: Vec<String> = slots.candidates(Table::Tokens, other).collect();
+                let distinct = ways.iter().collect::<std::collections::HashSet<_>>().len();
+                if first_slot(one) == ways[0] && distinct == WAYS as usize {
+                    return (one.clone(), other.clone());
+                }
+            }
+        }
+        panic!("no two keys share a first slot");
+    }
+
+    #[test]
+    fn a_key_moves_to_no_second_slot_when_its_first_one_frees_up() {
+        // The resurrection the simulation found (seed 1884): `k` lands in a later slot
+        // while `j` holds its first; `j`'s record goes stale, `k` is written again; a
+        // purge of `k` must leave nothing of `k` behind.
+        let mut host = FakeEnvoy::default().host();
+        let slots = Slots::new(64);
+        let (j, k) = keys_sharing_a_first_slot(&slots);
+        slots
+            .put(
+                &mut host,
+                Table::Tokens,
+                &j,
+                b"\x09j",
+                first_byte,
+                Eviction::Allowed,
+            )
+            .unwrap();
+        slots
+            .put(
+                &mut host,
+                Table::Tokens,
+                &k,
+                b"\x09old",
+                first_byte,
+                Eviction::Allowed,
+            )
+            .unwrap();
+        slots
+            .put(
+                &mut host,
+                Table::Tokens,
+                &j,
+                b"\x00j",
+                first_byte,
+                Eviction::Allowed,
+            )
+            .unwrap();
+        slots
+            .put(
+                &mut host,
+                Table::Tokens,
+                &k,
+                b"\x09new",
+                first_byte,
+                Eviction::Allowed,
+            )
+            .unwrap();
+        let found = slots.find(&host, Table::Tokens, &k).unwrap();
+        assert_eq!(found.record, b"\x09new");
+        slots.clear(&mut host, &found, &k);
+        assert_eq!(
+            slots.find(&host, Table::Tokens, &k),
+            None,
+            "the older record must not come back"
+        );
+        assert!(
+            slots.find(&host, Table::Tokens, &j).is_some(),
+            "j's is left alone"
+        );
+    }
+
+    #[test]
+    fn a_clear_empties_every_slot_that_holds_the_key() {
+        // Two slots holding one key (as tables written before this rule may): a purge
+        // clears both.
+        let mut host = FakeEnvoy::default().host();
+        let slots = Slots::new(64);
+        let acme = key("acme");
+        let ways: Vec<String> = slots.candidates(Table::Tokens, &acme).collect();
+        let value = encode(&acme, b"\x09").unwrap();
+        host.shared_set(&ways[0], &value);
+        host.shared_set(&ways[2], &value);
+        let found = slots.find(&host, Table::Tokens, &acme).unwrap();
+        slots.clear(&mut host, &found, &acme);
+        assert_eq!(slots.find(&host, Table::Tokens, &acme), None);
+    }
+
+    #[test]
+    fn a_key_too_long_for_its_length_byte_is_refused() {
+        let mut host = FakeEnvoy::default().host();
+        let slots = Slots::new(8);
+        let provider = Provider::parse(&"p".repeat(32)).unwrap();
+        let fits = TokenKey::new(provider.clone(), TenantId::parse(&"t".repeat(128)).unwrap());
+        assert!(
+            slots
+                .put(
+                    &mut host,
+                    Table::Tokens,
+                    &fits,
+                    b"\x01",
+                    first_byte,
+                    Eviction::Allowed
+                )
+                .is_ok(),
+            "the longest key allowed today fits"
+        );
+        assert!(encode(&fits, b"").is_some());
+        // Longer keys cannot be built today (tenant ids and provider names are
+        // bounded); the rule that would refuse them:
+        assert_eq!(key_len_byte(255), Some(255));
+        assert_eq!(key_len_byte(256), None, "not wrapped or clamped to 255");
+    }
+
+    #[test]
+    fn a_new_key_takes_its_first_slot_and_says_whether_it_pushed_one_out() {
+        let mut host = FakeEnvoy::default().host();
+        let slots = Slots::new(64);
+        let acme = key("acme");
+        let placed = slots
+            .put(
+                &mut host,
+                Table::Tokens,
+                &acme,
+                b"\x09",
+                first_byte,
+                Eviction::Allowed,
+            )
+            .unwrap();
+        assert!(!placed.evicted, "an empty slot");
+        let first = slots.candidates(Table::Tokens, &acme).next().unwrap();
+        assert!(
+            host.shared_get(&first)
+                .is_some_and(|held| record_of(&held, &acme).is_some()),
+            "a hit reads one slot"
+        );
+
+        let one = Slots::new(1);
+        one.put(
+            &mut host,
+            Table::Markers,
+            &key("a"),
+            b"\x09",
+            first_byte,
+            Eviction::Allowed,
+        )
+        .unwrap();
+        let placed = one
+            .put(
+                &mut host,
+                Table::Markers,
+                &key("b"),
+                b"\x09",
+                first_byte,
+                Eviction::Allowed,
+            )
+            .unwrap();
+        assert!(placed.evicted, "a's live record pushed out");
+    }
+
+    #[test]
+    fn a_write_clears_the_keys_other_slots() {
+        let mut host = FakeEnvoy::default().host();
+        let slots = Slots::new(64);
+        let acme = key("acme");
+        let ways: Vec<String> = slots.candidates(Table::Tokens, &acme).collect();
+        assert_ne!(ways[0], ways[2]);
+        let old = encode(&acme, b"\x05old").unwrap();
+        host.shared_set(&ways[0], &old);
+        host.shared_set(&ways[2], &old);
+        slots
+            .put(
+                &mut host,
+                Table::Tokens,
+                &acme,
+                b"\x09new",
+                first_byte,
+                Eviction::Allowed,
+            )
+            .unwrap();
+        assert_eq!(host.shared_get(&ways[0]), encode(&acme, b"\x09new"));
+        assert_eq!(host.shared_get(&ways[2]), Some(Vec::new()));
+    }
+
+    #[test]
+    fn an_unreadable_slot_counts_as_empty() {
+        // A value naming a key of length 0: no record, so even a marker may take it.
+        let mut host = FakeEnvoy::default().host();
+        let slots = Slots::new(1);
+        let only = slots.candidates(Table::Markers, &key("a")).next().unwrap();
+        host.shared_set(&only, &[0, 9]);
+        assert!(
+            slots
+                .put(
+                    &mut host,
+                    Table::Markers,
+                    &key("a"),
+                    b"\x07",
+                    first_byte,
+                    Eviction::SpentOnly
+                )
+                .is_ok()
+        );
     }
 }

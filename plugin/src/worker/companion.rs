@@ -162,17 +162,26 @@ impl Worker {
                 access_token,
                 expires_at_ms,
             }) => {
-                host.count(Metric::ClusterCacheHit);
-                let now_ms = host.now_ms();
-                if expires_at_ms <= now_ms {
-                    let error = expired_on_arrival(expires_at_ms, now_ms);
-                    self.finish(host, &key, Err(error), TokenSource::Cache);
-                    return;
-                }
                 let token = CachedToken {
                     access_token,
                     expires_at_ms,
                 };
+                let now_ms = host.now_ms();
+                let margin_ms = self.config.expiry_margin_ms;
+                if !token.is_fresh(now_ms, margin_ms) {
+                    // The answer came late (the lease waited for another holder, or
+                    // the companion was slow): its token no longer outlives the margin
+                    // it was asked for. Ask again from now.
+                    host.log(
+                        Level::Warn,
+                        &format!(
+                            "lease answer for {key} came too late to be used: its token expires within expiryMarginMs; asking again"
+                        ),
+                    );
+                    let usable_after = now_ms.saturating_add(margin_ms);
+                    return self.send_lease(host, key, false, Some(usable_after));
+                }
+                host.count(Metric::ClusterCacheHit);
                 let token = token_of(token, now_ms);
                 self.finish(host, &key, Ok(token), TokenSource::Cache);
             }

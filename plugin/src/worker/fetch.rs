@@ -195,6 +195,10 @@ impl Worker {
             })
             .map(|(key, _)| key.clone())
             .collect();
+        // In key order, not the map's random one: the same events take the same steps
+        // (the simulation replays a seed exactly).
+        let mut ready = ready;
+        ready.sort_unstable_by(by_key_name);
         for key in ready {
             match self.fetches.get(&key).map(|fetch| &fetch.stage) {
                 Some(Stage::Queued) => self.start(host, key),
@@ -213,6 +217,8 @@ impl Worker {
             .filter(|(_, fetch)| matches!(fetch.stage, Stage::WaitingOnPeer))
             .map(|(key, _)| key.clone())
             .collect();
+        let mut waiting = waiting;
+        waiting.sort_unstable_by(by_key_name);
         for key in waiting {
             self.check_peer(host, key);
         }
@@ -501,18 +507,22 @@ impl Worker {
                     access_token: token.access_token.clone(),
                     expires_at_ms: token.expires_at_ms,
                 };
-                let entry = lifetimes.entry(key, token, now_ms);
+                // A token from the companion's cache may be near its end: its margin
+                // is not fitted to what is left of it.
+                let fetched_now = source == TokenSource::Fresh;
+                let entry = lifetimes.entry(key, token, now_ms, fetched_now);
                 let worth = |record: &[u8]| token_worth(record, now_ms);
                 let record = entry.encode();
                 let slots = self.slots;
                 let placed = slots.put(host, Table::Tokens, key, &record, worth, Eviction::Allowed);
-                if placed.is_some_and(|placed| placed.evicted) {
+                if placed.is_ok_and(|placed| placed.evicted) {
                     host.count(Metric::CacheEvicted);
                 }
             }
             let released =
                 Marker::release(now_ms, result.as_ref().err(), self.config.negative_cache_ms);
-            inflight::release(host, &self.slots, key, &released, self.wake_queue);
+            let me = self.worker_id;
+            inflight::release(host, &self.slots, key, me, &released, self.wake_queue);
         }
         let first = fetch.waiters.first();
         let duration_ms = first.map_or(0, |waiter| now_ms.saturating_sub(waiter.arrived_ms));
@@ -670,6 +680,11 @@ fn token_worth(record: &[u8], now_ms: u64) -> u64 {
     GatewayEntry::decode(record)
         .filter(|entry| entry.token.is_fresh(now_ms, 0))
         .map_or(0, |entry| entry.token.expires_at_ms)
+}
+
+/// Orders keys by provider, then tenant.
+fn by_key_name(a: &TokenKey, b: &TokenKey) -> std::cmp::Ordering {
+    (a.provider.as_str(), a.tenant_id.as_str()).cmp(&(b.provider.as_str(), b.tenant_id.as_str()))
 }
 
 /// Attempts at a compare-and-swap write of a cache entry before giving up.

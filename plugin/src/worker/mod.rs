@@ -141,6 +141,21 @@ pub struct Worker {
     misfit_warned: HashSet<Provider>,
 }
 
+/// What a worker holds for requests and callouts in flight (for tests that bound it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WorkerLoad {
+    /// Fetches under way, one per key.
+    pub fetches: usize,
+    /// Requests paused on them.
+    pub waiters: usize,
+    /// Callouts not yet answered.
+    pub callouts: usize,
+    /// Resumed requests whose upstream answer is awaited (to purge a rejected token).
+    pub delivered: usize,
+    /// Commits and aborts waiting for their second attempt.
+    pub lease_end_retries: usize,
+}
+
 /// Tick period while work waits for the worker's next turn.
 const KICK_TICK_MS: u64 = 1;
 /// Tick period while waiting for another worker's fetch: polls the shared cache, in
@@ -177,6 +192,17 @@ impl Worker {
             hits: Arc::default(),
             debug_logging: None,
             misfit_warned: HashSet::new(),
+        }
+    }
+
+    /// What this worker holds for requests and callouts in flight.
+    pub fn load(&self) -> WorkerLoad {
+        WorkerLoad {
+            fetches: self.fetches.len(),
+            waiters: self.fetches.values().map(|fetch| fetch.waiters.len()).sum(),
+            callouts: self.callouts.len(),
+            delivered: self.delivered.len(),
+            lease_end_retries: self.lease_end_retries.len(),
         }
     }
 
