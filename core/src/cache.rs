@@ -390,6 +390,51 @@ mod tests {
         );
     }
     #[test]
+    fn capped_says_which_configurations_had_to_be_cut() {
+        // Only the margin cut: an 8 s token under a 5 s margin, a 1 s minimum lead.
+        let margin_only = lifetimes(10, 1_000, 5_000);
+        assert!(margin_only.capped(8_000));
+        // Neither cut, at both bounds: a 20 s margin and a 30 s lead fit a 60 s token.
+        let at_bounds = lifetimes(10, 30_000, 5_000);
+        assert!(!at_bounds.capped(60_000));
+        assert!(at_bounds.capped(59_998), "a 30 s lead no longer fits");
+    }
+
+    #[test]
+    fn refreshes_of_a_short_token_start_before_half_its_margin_runs_out() {
+        // 20 s tokens with the defaults: the window is the last 10 s, the token stops
+        // being served 5 s before its end, so every refresh starts between 10 and
+        // 12.5 s (half of what is left before the margin), however the jitter falls.
+        let defaults = lifetimes(10, 30_000, 5_000);
+        let moments: Vec<u64> = (0..1_000)
+            .map(|tenant| {
+                let key = TokenKey::new(
+                    Provider::genesys(),
+                    TenantId::parse(&format!("tenant-{tenant}")).unwrap(),
+                );
+                refresh_moment(&key, 0, 20_000, defaults)
+            })
+            .collect();
+        assert!(moments.iter().all(|at| (10_000..=12_500).contains(at)));
+        assert!(moments.iter().any(|at| *at > 12_000), "spread over the range");
+    }
+
+    #[test]
+    fn an_entry_is_served_until_its_stale_moment_only() {
+        let entry = lifetimes(10, 30_000, 5_000).entry(
+            &acme(),
+            CachedToken {
+                access_token: SecretString::from("t"),
+                expires_at_ms: 86_400_000,
+            },
+            0,
+            true,
+        );
+        assert!(entry.is_servable(entry.stale_at_ms - 1));
+        assert!(!entry.is_servable(entry.stale_at_ms));
+    }
+
+    #[test]
     fn purge_records_round_trip() {
         let record = PurgeRecord {
             purged_at_ms: 5,

@@ -197,6 +197,17 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
+    fn only_failures_worth_caching_are_reported_and_a_lease_id_shows_in_debug() {
+        let rejected = crate::TokenError::new(crate::ErrorCode::OauthInvalidGrant, "rejected");
+        let reported = FetchFailure::of(&rejected).unwrap();
+        assert_eq!(reported.code, crate::ErrorCode::OauthInvalidGrant);
+        assert_eq!(reported.message, "rejected");
+        let flaky = crate::TokenError::new(crate::ErrorCode::OauthExchangeFailed, "502");
+        assert_eq!(FetchFailure::of(&flaky), None);
+        assert_eq!(format!("{:?}", LeaseId("l1".into())), "LeaseId(l1)");
+    }
+
+    #[test]
     fn lease_responses_are_tagged_by_outcome() {
         let hit: LeaseResponse =
             serde_json::from_str(r#"{"outcome":"hit","accessToken":"t","expiresAtMs":5}"#).unwrap();
