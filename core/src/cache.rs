@@ -124,8 +124,10 @@ pub fn refresh_moment(
     let lead_ms = lifetimes.lead_ms(lifetime_ms);
     let before_margin_ms = lead_ms.saturating_sub(lifetimes.margin_ms(lifetime_ms));
     // The same fraction of the spread for every holder: Envoys that received the token
-    // a moment apart (so with leads a little apart) still refresh moments apart.
-    let spread_ms = u128::from((lead_ms / 2).min(before_margin_ms / 2));
+    // a moment apart (so with leads a little apart) still refresh moments apart. The
+    // spread is half of the window's part before the margin (never more than half the
+    // window, as that part is within the window).
+    let spread_ms = u128::from(before_margin_ms / 2);
     let fraction = u128::from(jitter_seed(key, expires_at_ms) >> 32);
     let jitter_ms = u64::try_from((spread_ms * fraction) >> 32).unwrap_or(0);
     expires_at_ms
