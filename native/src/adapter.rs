@@ -466,6 +466,15 @@ thread_local! {
     static IN_WORKER: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Clears [`IN_WORKER`] when dropped, also while a panic unwinds.
+struct LeavingWorker;
+
+impl Drop for LeavingWorker {
+    fn drop(&mut self) {
+        IN_WORKER.with(|flag| flag.set(false));
+    }
+}
+
 impl WorkerCell {
     /// This thread's worker for `config`, made on first use.
     fn for_config(config: &NativeConfig) -> Arc<WorkerCell> {
@@ -525,6 +534,9 @@ impl WorkerCell {
             return None;
         }
         IN_WORKER.with(|flag| flag.set(true));
+        // Cleared however the call ends: a panic the hook catches must not leave this
+        // thread answering "busy" for good.
+        let _leaving = LeavingWorker;
         let result = {
             let mut state = lock(&self.state);
             let WorkerState {
@@ -540,7 +552,6 @@ impl WorkerCell {
             let value = call(worker, &mut host);
             (value, host.current_delivery.take())
         };
-        IN_WORKER.with(|flag| flag.set(false));
         Some(result)
     }
 
