@@ -369,6 +369,41 @@ mod tests {
     }
 
     #[test]
+    fn a_purge_or_refresh_made_by_another_thread_is_seen_by_the_next_hit() {
+        let records = std::sync::Arc::new(LruRecords::new(16));
+        let mut local = LocalTokens::new(16);
+        write_token(&records, "acme", "t1");
+        assert!(local.fill(&records, &key("acme"), NOW).is_some());
+
+        let elsewhere = |change: fn(&LruRecords)| {
+            let records = std::sync::Arc::clone(&records);
+            std::thread::spawn(move || change(&records)).join().unwrap();
+        };
+        elsewhere(|records| records.remove(Table::Tokens, &key("acme")));
+        assert_eq!(
+            served(&mut local, &records, "acme", NOW),
+            None,
+            "purged by another thread"
+        );
+
+        write_token(&records, "acme", "t1");
+        assert!(local.fill(&records, &key("acme"), NOW).is_some());
+        elsewhere(|records| write_token(records, "acme", "t2"));
+        assert_eq!(
+            served(&mut local, &records, "acme", NOW),
+            None,
+            "refreshed by another thread"
+        );
+        assert_eq!(
+            local
+                .fill(&records, &key("acme"), NOW)
+                .map(|copy| copy.bearer.expose().to_owned())
+                .as_deref(),
+            Some("Bearer t2")
+        );
+    }
+
+    #[test]
     fn another_tenants_bytes_and_another_provider_never_match() {
         let records = LruRecords::new(16);
         let mut local = LocalTokens::new(16);
