@@ -8,7 +8,7 @@ use crate::machine::Machine;
 use tokengate_tests::harness::FilterBuild;
 
 use crate::scenarios::churn;
-use crate::scenarios::hit_path::{CONTROL, ConfigRuns, HitPath, NATIVE, NATIVE_MANY};
+use crate::scenarios::hit_path::{CONTROL, ConfigRuns, HitPath, NATIVE, NATIVE_MANY, Profile};
 use crate::stats::{Latencies, ms};
 
 const FINDINGS: &str = include_str!("../findings.md");
@@ -92,10 +92,10 @@ impl Spread {
         })
     }
 
-    /// `median (min - max)`, with `decimals` decimals.
-    fn show(&self, decimals: usize) -> String {
+    /// `median [min - max]`, with `decimals` decimals and `unit` after each figure.
+    fn show(&self, decimals: usize, unit: &str) -> String {
         format!(
-            "{:.decimals$} ({:.decimals$} - {:.decimals$})",
+            "{:.decimals$}{unit} [{:.decimals$} - {:.decimals$}]",
             self.median, self.min, self.max
         )
     }
@@ -158,6 +158,17 @@ impl Report<'_> {
     fn summary(&self, out: &mut String) {
         let r = self.0;
         let _ = writeln!(out, "## Summary\n");
+        if !r.hit_path_runs.is_empty() {
+            let count = r.hit_path_runs.len();
+            let _ = writeln!(
+                out,
+                "Scenario 1's figures are the median of {count} independent run{} (each the \
+                 median of its rounds), followed by their range [min - max]; Envoy CPU per \
+                 request, the steadier figure on a shared machine, is given next to each \
+                 throughput ratio.\n",
+                if count == 1 { "" } else { "s" }
+            );
+        }
         let _ = writeln!(
             out,
             "| # | what | measured | goal | |\n|---|---|---|---|---|"
@@ -564,7 +575,15 @@ impl Report<'_> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        if !hit.profiles.is_empty() {
+        // Taken in the last run, which need not be the one shown.
+        let profiles = self
+            .0
+            .hit_path_runs
+            .iter()
+            .map(|run| &run.profiles)
+            .find(|profiles| !profiles.is_empty())
+            .unwrap_or(&hit.profiles);
+        if !profiles.is_empty() {
             let _ = writeln!(
                 out,
                 "Where Envoy's CPU goes under saturating load (`perf record -e cpu-clock -p <envoy>` \
@@ -572,7 +591,7 @@ impl Report<'_> {
                  wasm module shows as anonymous memory, `[JIT]` or `[unknown]`: Envoy passes \
                  V8 no `--perf-prof` flag, so there is no perf map of the module's functions):\n"
             );
-            for profile in &hit.profiles {
+            for profile in profiles {
                 let split: Vec<String> = profile
                     .dsos
                     .iter()
@@ -587,7 +606,7 @@ impl Report<'_> {
                 );
             }
             let _ = writeln!(out);
-            self.profile_symbols(out, hit);
+            self.profile_symbols(out, profiles);
         }
     }
 
@@ -644,9 +663,8 @@ impl Report<'_> {
     }
 
     /// The profiles by symbol, side by side (`perf report --sort dso,sym`).
-    fn profile_symbols(&self, out: &mut String, hit: &HitPath) {
-        let profiles: Vec<_> = hit
-            .profiles
+    fn profile_symbols(&self, out: &mut String, profiles: &[Profile]) {
+        let profiles: Vec<_> = profiles
             .iter()
             .filter(|profile| !profile.symbols.is_empty())
             .collect();
@@ -686,7 +704,6 @@ impl Report<'_> {
     /// their spread, and Envoy CPU per request next to throughput.
     fn hit_path_summary(&self, out: &mut String) {
         let runs = &self.0.hit_path_runs;
-        let count = runs.len();
         let spread_of = |figure: &dyn Fn(&HitPath) -> Option<f64>| {
             Spread::of(runs.iter().filter_map(figure).collect())
         };
@@ -705,12 +722,8 @@ impl Report<'_> {
             })
         };
         let tenants = runs.first().map_or(0, |run| run.settings.tenants);
-        let runs_note = format!(
-            "median of {count} run{} (min - max)",
-            if count == 1 { "" } else { "s" }
-        );
         let noise = throughput(CONTROL, "a").map_or_else(String::new, |noise| {
-            format!("; noise control a2/a {}", noise.show(3))
+            format!("; noise control a2/a {}", noise.show(3, ""))
         });
         let row = |name, what: String, pair, throughput_goal, cpu_goal| HeadlineRow {
             name,
@@ -822,9 +835,9 @@ impl Report<'_> {
             }
             let _ = writeln!(
                 out,
-                "| 1 | hit path throughput, {what} ({name}) | {} ({runs_note}); Envoy CPU per request {}{} | {} | {} |",
-                ratio.show(3),
-                cpu_ratio.map_or_else(|| "-".to_owned(), |cpu| format!("{}x", cpu.show(2))),
+                "| 1 | hit path throughput, {what} ({name}) | {}; Envoy CPU per request {}{} | {} | {} |",
+                ratio.show(3, ""),
+                cpu_ratio.map_or_else(|| "-".to_owned(), |cpu| cpu.show(2, "x")),
                 if name == "c/b" { noise.as_str() } else { "" },
                 if goals.is_empty() {
                     "(reported)".to_owned()
@@ -838,8 +851,8 @@ impl Report<'_> {
             if let Some(added) = added_p99(x) {
                 let _ = writeln!(
                     out,
-                    "| 1 | {label}p99 added over plain Envoy, one connection ({x} - a) | {} us ({runs_note}) | < {goal:.0} us | {} |",
-                    added.show(0),
+                    "| 1 | {label}p99 added over plain Envoy, one connection ({x} - a) | {} | < {goal:.0} us | {} |",
+                    added.show(0, " us"),
                     verdict(added.median < goal)
                 );
             }
