@@ -102,11 +102,12 @@ pub fn with_local_tokens<T>(call: impl FnOnce(&mut LocalTokens) -> T) -> Option<
 }
 
 impl LocalTokens {
-    /// At most `bound` copies (at least one).
+    /// At most `bound` copies (at least one); memory grows with the copies kept, not
+    /// with the bound.
     pub fn new(bound: usize) -> Self {
-        Self {
-            copies: LruCache::new(NonZeroUsize::new(bound).unwrap_or(NonZeroUsize::MIN)),
-        }
+        let mut copies = LruCache::unbounded();
+        copies.resize(NonZeroUsize::new(bound).unwrap_or(NonZeroUsize::MIN));
+        Self { copies }
     }
 
     /// How many copies this thread keeps.
