@@ -1283,3 +1283,57 @@ pub fn rollover_ok(roll: &crate::scenarios::rollover::Rollover) -> bool {
         && roll.rollover.count > 0
         && (roll.rollover.p99_us as f64) <= roll.steady.p99_us as f64 * 1.5 + 500.0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenarios::stampede::StampedeRun;
+
+    fn burst(tenant: &str, p99_us: u64) -> StampedeRun {
+        StampedeRun {
+            tenant: tenant.to_owned(),
+            requests: 1,
+            oauth_calls: 1,
+            tenant_service_calls: 1,
+            statuses: [(200, 1)].into(),
+            distinct_tokens: 1,
+            latency: Latencies {
+                p99_us,
+                ..Latencies::default()
+            },
+            success_latency: Latencies::default(),
+            last_done_us: 0,
+            fetches_per_envoy: Vec::new(),
+            cluster_hits_per_envoy: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_stampede_goal_is_the_idp_latency_plus_the_same_bursts_warm_p99_plus_50_ms() {
+        let results = Results {
+            stampede_idp: std::time::Duration::from_millis(200),
+            ..Results::default()
+        };
+        let runs = [
+            burst("globex", 900_000),
+            burst("acme", 300_000),
+            burst("acme", 37_000),
+        ];
+        assert_eq!(stampede_budget_us(&results, &runs), 287_000);
+        assert_eq!(
+            stampede_budget_us(&results, &runs[..2]),
+            250_000,
+            "without a warm burst, the IdP and 50 ms"
+        );
+    }
+
+    #[test]
+    fn a_figure_over_runs_is_their_median_with_their_range() {
+        let spread = Spread::of(vec![0.91, 0.84, 0.95]);
+        assert_eq!(
+            spread.map(|spread| spread.show(2, "x")).as_deref(),
+            Some("0.91x [0.84 - 0.95]")
+        );
+        assert!(Spread::of(Vec::new()).is_none());
+    }
+}
