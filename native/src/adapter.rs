@@ -72,7 +72,8 @@ use tokengate::slots::KeyedStore;
 use tokengate::worker::{Decision, Delivery, RequestIds, Worker};
 use tokengate_core::token_api::TokenSource;
 use tokengate_core::{
-    CachedToken, CalloutResult, ErrorCode, SecretBytes, SecretString, TokenError, TokenKey,
+    CachedToken, CalloutResult, ErrorCode, Provider, SecretBytes, SecretString, TokenError,
+    TokenKey,
 };
 
 use crate::abi;
@@ -937,28 +938,44 @@ impl Stream {
     }
 
     /// Inject mode's hit path: the request's tenant header, read in place, names a token
-    /// this thread holds a servable copy of. `None` leaves the request to the usual
-    /// reading (which refuses a repeated or invalid tenant header) and the worker.
+    /// of the request's provider (its route's, read in place too) that this thread holds a
+    /// servable copy of. `None` leaves the request to the usual reading (which refuses a
+    /// repeated or invalid tenant header) and the worker.
     fn serve_local_hit(&mut self) -> Option<HeadersVerdict> {
         let config = &self.cell.config;
-        if config.mode != Mode::Inject || !config.routes.is_empty() {
+        if config.mode != Mode::Inject {
             return None;
         }
         let now = now_ms();
         if debug_logging(now) {
             return None;
         }
-        let provider = config.provider_of_route(None).as_str();
-        let copy = self
-            .envoy
-            .with_request_header(&config.tenant_header, |tenant, count| {
+        let envoy = self.envoy;
+        let serve = |provider: &Provider| {
+            envoy.with_request_header(&config.tenant_header, |tenant, count| {
                 // A repeated header is refused by the usual reading.
                 if count != 1 {
                     return None;
                 }
-                local::with_local_tokens(|copies| copies.serve(&RECORDS, provider, tenant, now))
-                    .flatten()
-            })??;
+                local::with_local_tokens(|copies| {
+                    copies.serve(&RECORDS, provider.as_str(), tenant, now)
+                })
+                .flatten()
+            })?
+        };
+        let routed = (!config.routes.is_empty())
+            .then(|| {
+                envoy.with_attribute_string(abi::ATTRIBUTE_XDS_ROUTE_NAME, |route| {
+                    // A route name that is not UTF-8 is left to the usual reading.
+                    let route = std::str::from_utf8(route).ok()?;
+                    serve(config.provider_of_route(Some(route)))
+                })
+            })
+            .flatten();
+        let copy = match routed {
+            Some(copy) => copy?,
+            None => serve(config.provider_of_route(None))?,
+        };
         Some(self.serve_copy(&copy, now, Delivery::Inject))
     }
 

@@ -292,6 +292,16 @@ impl EnvoyFilter {
 
     /// String attribute `attribute_id` of the stream (copied), if it has one.
     pub fn attribute_string(self, attribute_id: abi::AttributeId) -> Option<Vec<u8>> {
+        self.with_attribute_string(attribute_id, <[u8]>::to_vec)
+    }
+
+    /// String attribute `attribute_id` of the stream, lent to `read`, if it has one. No
+    /// copy: the bytes are Envoy's.
+    pub fn with_attribute_string<T>(
+        self,
+        attribute_id: abi::AttributeId,
+        read: impl FnOnce(&[u8]) -> T,
+    ) -> Option<T> {
         let mut value = abi::EnvoyBuffer {
             ptr: std::ptr::null(),
             length: 0,
@@ -304,8 +314,8 @@ impl EnvoyFilter {
                 &raw mut value,
             )
         };
-        // SAFETY: Envoy's buffer is valid during this hook; copied at once.
-        found.then(|| unsafe { abi::envoy_bytes(value) }.to_vec())
+        // SAFETY: Envoy's buffer is valid during this hook, and `read` cannot keep it.
+        found.then(|| read(unsafe { abi::envoy_bytes(value) }))
     }
 
     /// A scheduler for this stream (to be deleted with [`delete_scheduler`]).
