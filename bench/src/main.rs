@@ -1,7 +1,7 @@
 //! `tokengate-bench`: the benchmarks behind `scripts/bench` and `BENCHMARKS.md`.
 //!
 //! ```text
-//! tokengate-bench run [--quick] [--out BENCHMARKS.md] [--only hit,stampede,wakeup,rollover,lease,footprint,churn]
+//! tokengate-bench run [--quick] [--repeat 3] [--out BENCHMARKS.md] [--only hit,stampede,wakeup,rollover,lease,footprint,churn]
 //! tokengate-bench echo --listen 127.0.0.1:PORT     # the fast upstream (started by `run`)
 //! tokengate-bench soak [--minutes 12] [--churn-every-secs 2] [--out SOAK.md]  # the soak (scripts/soak)
 //! ```
@@ -82,9 +82,14 @@ enum Cmd {
         /// calls, e.g. `--floor-ops h=time --floor-ops i=shared_get` (`NAME=` alone: none).
         #[arg(long)]
         floor_ops: Vec<String>,
-        /// Rounds of the hit path (default 12; quick: 1).
+        /// Rounds of the hit path in each of its runs (default 12, or 6 when it runs
+        /// more than once; quick: 1).
         #[arg(long)]
         rounds: Option<usize>,
+        /// Independent runs of the hit path (fresh processes each): its headline figures
+        /// are their median, with their spread (default 3; quick: 1).
+        #[arg(long)]
+        repeat: Option<usize>,
         /// An experiment: other builds of tokengate.wasm, measured as (c2), (c3), ... next
         /// to (c).
         #[arg(long)]
@@ -162,8 +167,11 @@ pub struct Results {
     pub duration: Duration,
     /// Binaries measured.
     pub binaries: Vec<(String, String)>,
-    /// Scenario 1.
+    /// Scenario 1: the run whose c/a throughput ratio is the median (its tables are
+    /// shown in full).
     pub hit_path: Option<hit_path::HitPath>,
+    /// Scenario 1: every independent run (the headline figures are their median).
+    pub hit_path_runs: Vec<hit_path::HitPath>,
     /// Scenario 2: warm-up burst (first, cold processes) and the measured one.
     pub stampede: Vec<stampede::StampedeRun>,
     /// IdP latency of the stampede.
@@ -214,6 +222,7 @@ fn main() -> ExitCode {
             floor_native,
             floor_ops,
             rounds,
+            repeat,
             alt_wasm,
             churn_tenants,
         } => {
@@ -235,6 +244,7 @@ fn main() -> ExitCode {
                     })
                     .collect(),
                 rounds,
+                repeat,
                 alt_wasm,
                 churn_tenants,
             };
@@ -344,6 +354,7 @@ struct Options {
     floor_native: Option<PathBuf>,
     floor_ops: Vec<(String, String)>,
     rounds: Option<usize>,
+    repeat: Option<usize>,
     alt_wasm: Vec<PathBuf>,
     churn_tenants: Option<usize>,
 }
@@ -409,9 +420,14 @@ async fn run(options: &Options) -> Results {
     }
 
     if options.wants("hit") {
-        eprintln!("bench: hit path");
+        let repeat = options.repeat.unwrap_or(if quick { 1 } else { 3 }).max(1);
+        let default_rounds = match (quick, repeat) {
+            (true, _) => 1,
+            (false, 1) => 12,
+            (false, _) => 6,
+        };
         let settings = hit_path::Settings {
-            rounds: options.rounds.unwrap_or(if quick { 1 } else { 12 }),
+            rounds: options.rounds.unwrap_or(default_rounds),
             throughput_duration: Duration::from_secs(2),
             connections: 16,
             latency_duration: Duration::from_secs(2),
@@ -424,10 +440,23 @@ async fn run(options: &Options) -> Results {
             floor_ops: options.floor_ops.clone(),
             alt_modules: options.alt_wasm.clone(),
         };
-        match hit_path::run(settings).await {
-            Ok(found) => results.hit_path = Some(found),
-            Err(error) => results.failures.push(("hit path".into(), error)),
+        for run in 1..=repeat {
+            eprintln!("bench: hit path, run {run} of {repeat}");
+            // One profile is enough: taken in the last run.
+            let settings = hit_path::Settings {
+                profile: settings.profile && run == repeat,
+                ..settings.clone()
+            };
+            match hit_path::run(settings).await {
+                Ok(found) => results.hit_path_runs.push(found),
+                Err(error) => results
+                    .failures
+                    .push((format!("hit path (run {run} of {repeat})"), error)),
+            }
         }
+        results.hit_path = hit_path::median_run(&results.hit_path_runs)
+            .and_then(|index| results.hit_path_runs.get(index))
+            .cloned();
     }
 
     if options.wants("lease") {

@@ -8,7 +8,7 @@ use crate::machine::Machine;
 use tokengate_tests::harness::FilterBuild;
 
 use crate::scenarios::churn;
-use crate::scenarios::hit_path::{CONTROL, ConfigRuns, HitPath, NATIVE, NATIVE_MANY};
+use crate::scenarios::hit_path::{CONTROL, ConfigRuns, HitPath, NATIVE, NATIVE_MANY, Profile};
 use crate::stats::{Latencies, ms};
 
 const FINDINGS: &str = include_str!("../findings.md");
@@ -60,6 +60,55 @@ fn lat_row(name: &str, l: &Latencies) -> String {
     )
 }
 
+/// A headline row of scenario 1: a pair of configurations and its goals.
+struct HeadlineRow {
+    name: &'static str,
+    what: String,
+    /// (numerator, denominator) configuration names.
+    pair: (&'static str, &'static str),
+    /// The least throughput ratio, if the pair has a goal.
+    throughput_goal: Option<f64>,
+    /// The largest Envoy CPU per request ratio, if the pair has a goal.
+    cpu_goal: Option<f64>,
+}
+
+/// A figure over the independent runs of scenario 1.
+#[derive(Debug, Clone, Copy)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    /// `None` without values.
+    fn of(values: Vec<f64>) -> Option<Spread> {
+        let min = values.iter().copied().reduce(f64::min)?;
+        let max = values.iter().copied().reduce(f64::max)?;
+        Some(Spread {
+            median: crate::stats::median(&values),
+            min,
+            max,
+        })
+    }
+
+    /// `median [min - max]`, with `decimals` decimals and `unit` after each figure.
+    fn show(&self, decimals: usize, unit: &str) -> String {
+        format!(
+            "{:.decimals$}{unit} [{:.decimals$} - {:.decimals$}]",
+            self.median, self.min, self.max
+        )
+    }
+}
+
+/// The stampede's goal for the measured burst of `runs` (warm-up, measured, warm
+/// control): the IdP's latency, plus what the same burst costs when every request is a
+/// cache hit (the warm control's p99, in the same run), plus 50 ms.
+fn stampede_budget_us(results: &Results, runs: &[crate::scenarios::stampede::StampedeRun]) -> u64 {
+    let warm_p99 = runs.get(2).map_or(0, |warm| warm.latency.p99_us);
+    results.stampede_idp.as_micros() as u64 + warm_p99 + 50_000
+}
+
 const LAT_HEADER: &str =
     "| | requests | p50 | p90 | p99 | max | mean |\n|---|---:|---:|---:|---:|---:|---:|";
 
@@ -109,99 +158,26 @@ impl Report<'_> {
     fn summary(&self, out: &mut String) {
         let r = self.0;
         let _ = writeln!(out, "## Summary\n");
+        if !r.hit_path_runs.is_empty() {
+            let count = r.hit_path_runs.len();
+            let _ = writeln!(
+                out,
+                "Scenario 1's figures are the median of {count} independent run{} (each the \
+                 median of its rounds), followed by their range [min - max]; Envoy CPU per \
+                 request, the steadier figure on a shared machine, is given next to each \
+                 throughput ratio.\n",
+                if count == 1 { "" } else { "s" }
+            );
+        }
         let _ = writeln!(
             out,
             "| # | what | measured | goal | |\n|---|---|---|---|---|"
         );
-        if let Some(hit) = &r.hit_path {
-            let [a, b, c, d] = ["a", "b", "c", "d"].map(|name| hit.config(name));
-            let control = hit.config(CONTROL);
-            let ca = c.paired_rps_ratio(a);
-            let cb = c.paired_rps_ratio(b);
-            let dc = d.paired_rps_ratio(c);
-            let added_p99 = c.paired_latency_diff(a, |w| w.p99_us);
-            let added_p50 = c.paired_latency_diff(a, |w| w.p50_us);
-            let noise = format!(
-                "noise control a2/a {:.3}, a2 - a p99 {:+.0} us",
-                control.paired_rps_ratio(a),
-                control.paired_latency_diff(a, |w| w.p99_us)
-            );
-            let _ = writeln!(
-                out,
-                "| 1 | hit path throughput, tokengate / credential_injector (c/b) | {cb:.3} (median of per-round ratios; {noise}) | >= 0.97 | {} |",
-                verdict(cb >= 0.97)
-            );
-            let _ = writeln!(
-                out,
-                "| 1 | hit path throughput, tokengate / plain Envoy (c/a) | {ca:.3} (Envoy CPU per request {:.2}x) | >= 0.95 | {} |",
-                c.paired_cpu_ratio(a),
-                verdict(ca >= 0.95)
-            );
-            let _ = writeln!(
-                out,
-                "| 1 | p99 added over plain Envoy, one connection (c - a) | {added_p99:+.0} us (p50 {added_p50:+.0} us) | < 100 us | {} |",
-                verdict(added_p99 < 100.0)
-            );
-            let _ = writeln!(
-                out,
-                "| 1 | {} warm tenants / one tenant (d/c) | {dc:.3} | (reported) | |",
-                hit.settings.tenants
-            );
-            if let (Some(n), Some(n10k)) = (hit.find(NATIVE), hit.find(NATIVE_MANY)) {
-                let na = n.paired_rps_ratio(a);
-                let nb = n.paired_rps_ratio(b);
-                let nc = n.paired_rps_ratio(c);
-                let many = n10k.paired_rps_ratio(n);
-                let native_p99 = n.paired_latency_diff(a, |w| w.p99_us);
-                let native_p50 = n.paired_latency_diff(a, |w| w.p50_us);
-                let _ = writeln!(
-                    out,
-                    "| 1 | native module / plain Envoy (n/a) | {na:.3} (Envoy CPU per request {:.2}x; n/c {nc:.2}) | >= 0.95 | {} |",
-                    n.paired_cpu_ratio(a),
-                    verdict(na >= 0.95)
-                );
-                let _ = writeln!(
-                    out,
-                    "| 1 | native module / credential_injector (n/b) | {nb:.3} | >= 1.00 | {} |",
-                    verdict(nb >= 1.0)
-                );
-                let _ = writeln!(
-                    out,
-                    "| 1 | native: p99 added over plain Envoy, one connection (n - a) | {native_p99:+.0} us (p50 {native_p50:+.0} us) | < 30 us | {} |",
-                    verdict(native_p99 < 30.0)
-                );
-                let _ = writeln!(
-                    out,
-                    "| 1 | native: {} warm tenants / one tenant (n10k/n) | {many:.3} | >= 0.97 | {} |",
-                    hit.settings.tenants,
-                    verdict(many >= 0.97)
-                );
-            }
-            if let (Some(n), Some(h)) = (hit.find(NATIVE), hit.find("h")) {
-                let _ = writeln!(
-                    out,
-                    "| 1 | minimal dynamic module / plain Envoy (h/a): the floor of any native filter | {:.3} (Envoy CPU per request {:.2}x) | (reported) | |",
-                    h.paired_rps_ratio(a),
-                    h.paired_cpu_ratio(a)
-                );
-                let _ = writeln!(
-                    out,
-                    "| 1 | tokengate's native build over that floor (n/h) | {:.3} (Envoy CPU per request {:.2}x) | (reported) | |",
-                    n.paired_rps_ratio(h),
-                    n.paired_cpu_ratio(h)
-                );
-            }
-            if let Some(g) = hit.find("g") {
-                let cg = c.paired_rps_ratio(g);
-                let _ = writeln!(
-                    out,
-                    "| 1 | tokengate's own code over a filter making the same host calls (c/g) | {cg:.3} | >= 0.95 | {} |",
-                    verdict(cg >= 0.95)
-                );
-            }
+        if !r.hit_path_runs.is_empty() {
+            self.hit_path_summary(out);
         }
         if let Some(run) = r.stampede.get(1) {
-            let budget = r.stampede_idp.as_micros() as u64 + 50_000;
+            let budget = stampede_budget_us(r, &r.stampede);
             let _ = writeln!(
                 out,
                 "| 2 | stampede: OAuth calls for {} concurrent cold requests | {} | 1 | {} |",
@@ -218,7 +194,7 @@ impl Report<'_> {
             );
             let _ = writeln!(
                 out,
-                "| 2 | stampede: p50 / p99 latency (IdP {} ms) | {} / {} (first answer {}; the same burst warm: p99 {}) | p99 <= {} | {} |",
+                "| 2 | stampede: p50 / p99 latency (IdP {} ms) | {} / {} (first answer {}; the same burst warm: p99 {}) | p99 <= IdP + warm p99 + 50 ms = {} | {} |",
                 r.stampede_idp.as_millis(),
                 ms(run.latency.p50_us),
                 ms(run.latency.p99_us),
@@ -231,10 +207,10 @@ impl Report<'_> {
             );
         }
         if let Some(run) = r.native_stampede.get(1) {
-            let budget = r.stampede_idp.as_micros() as u64 + 50_000;
+            let budget = stampede_budget_us(r, &r.native_stampede);
             let _ = writeln!(
                 out,
-                "| 2 | native: stampede OAuth calls / successes / p99 ({} requests) | {} / {} / {} | 1 / all / <= {} | {} |",
+                "| 2 | native: stampede OAuth calls / successes / p99 ({} requests) | {} / {} / {} | 1 / all / <= IdP + warm p99 + 50 ms = {} | {} |",
                 run.requests,
                 run.oauth_calls,
                 run.successes(),
@@ -382,6 +358,7 @@ impl Report<'_> {
     fn hit_path(&self, out: &mut String, hit: &HitPath) {
         let s = &hit.settings;
         let _ = writeln!(out, "## 1. Hit path\n");
+        self.hit_path_runs(out);
         let _ = writeln!(
             out,
             "Envoys identical but for the HTTP filter before the router \
@@ -598,14 +575,23 @@ impl Report<'_> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        if !hit.profiles.is_empty() {
+        // Taken in the last run, which need not be the one shown.
+        let profiles = self
+            .0
+            .hit_path_runs
+            .iter()
+            .map(|run| &run.profiles)
+            .find(|profiles| !profiles.is_empty())
+            .unwrap_or(&hit.profiles);
+        if !profiles.is_empty() {
             let _ = writeln!(
                 out,
                 "Where Envoy's CPU goes under saturating load (`perf record -e cpu-clock -p <envoy>` \
-                 for 4 s, `perf report --sort dso`; the Envoy binary is stripped, and V8's \
-                 generated code for the wasm module shows as anonymous memory or `[unknown]`):\n"
+                 for 4 s in the last run, `perf report --sort dso`; V8's generated code for a \
+                 wasm module shows as anonymous memory, `[JIT]` or `[unknown]`: Envoy passes \
+                 V8 no `--perf-prof` flag, so there is no perf map of the module's functions):\n"
             );
-            for profile in &hit.profiles {
+            for profile in profiles {
                 let split: Vec<String> = profile
                     .dsos
                     .iter()
@@ -620,6 +606,256 @@ impl Report<'_> {
                 );
             }
             let _ = writeln!(out);
+            self.profile_symbols(out, profiles);
+        }
+    }
+
+    /// Each independent run's ratios, and which run the detailed tables come from.
+    fn hit_path_runs(&self, out: &mut String) {
+        let runs = &self.0.hit_path_runs;
+        if runs.len() < 2 {
+            return;
+        }
+        let shown_index = crate::scenarios::hit_path::median_run(runs).map_or(1, |index| index + 1);
+        let _ = writeln!(
+            out,
+            "The scenario ran {} times, independently (fresh stand-ins, Redis, companion and \
+             Envoys each time). The summary's figures are the median of the runs' figures \
+             (each the median of its rounds), with their range; the tables below are run \
+             {shown_index}'s, the one whose c/a is the median. Each run's throughput ratio, \
+             with Envoy CPU per request after the slash:\n",
+            runs.len()
+        );
+        let pairs = [
+            ("c", "a"),
+            ("c", "b"),
+            ("c", "f"),
+            ("c", "g"),
+            ("d", "c"),
+            (CONTROL, "a"),
+            (NATIVE, "a"),
+            (NATIVE, "b"),
+            (NATIVE, "h"),
+            (NATIVE_MANY, NATIVE),
+            ("h", "b"),
+        ];
+        let headers: Vec<String> = (1..=runs.len()).map(|run| format!("run {run}")).collect();
+        let _ = writeln!(out, "| pair | {} |", headers.join(" | "));
+        let _ = writeln!(out, "|---|{}", "---:|".repeat(runs.len()));
+        for (x, y) in pairs {
+            let cells: Vec<String> = runs
+                .iter()
+                .map(|run| match (run.find(x), run.find(y)) {
+                    (Some(x), Some(y)) => format!(
+                        "{:.3} / {:.2}x",
+                        x.paired_rps_ratio(y),
+                        x.paired_cpu_ratio(y)
+                    ),
+                    _ => "-".to_owned(),
+                })
+                .collect();
+            if cells.iter().all(|cell| cell == "-") {
+                continue;
+            }
+            let _ = writeln!(out, "| {x}/{y} | {} |", cells.join(" | "));
+        }
+        let _ = writeln!(out);
+    }
+
+    /// The profiles by symbol, side by side (`perf report --sort dso,sym`).
+    fn profile_symbols(&self, out: &mut String, profiles: &[Profile]) {
+        let profiles: Vec<_> = profiles
+            .iter()
+            .filter(|profile| !profile.symbols.is_empty())
+            .collect();
+        if profiles.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "The same samples by object and symbol (`perf report --sort dso,sym`), the largest \
+             first, side by side:\n"
+        );
+        let names: Vec<String> = profiles.iter().map(|p| format!("({})", p.name)).collect();
+        let _ = writeln!(out, "| # | {} |", names.join(" | "));
+        let _ = writeln!(out, "|---:|{}", "---|".repeat(profiles.len()));
+        let rows = profiles.iter().map(|p| p.symbols.len()).max().unwrap_or(0);
+        for row in 0..rows {
+            let cells: Vec<String> = profiles
+                .iter()
+                .map(|profile| {
+                    profile
+                        .symbols
+                        .get(row)
+                        .map_or_else(String::new, |(symbol, percent)| {
+                            format!(
+                                "{percent:.1}% `{}`",
+                                symbol.replace('|', "/").replace('`', "'")
+                            )
+                        })
+                })
+                .collect();
+            let _ = writeln!(out, "| {} | {} |", row + 1, cells.join(" | "));
+        }
+        let _ = writeln!(out);
+    }
+
+    /// Scenario 1's headline rows: each figure the median of the independent runs, with
+    /// their spread, and Envoy CPU per request next to throughput.
+    fn hit_path_summary(&self, out: &mut String) {
+        let runs = &self.0.hit_path_runs;
+        let spread_of = |figure: &dyn Fn(&HitPath) -> Option<f64>| {
+            Spread::of(runs.iter().filter_map(figure).collect())
+        };
+        let throughput = |x: &'static str, y: &'static str| {
+            spread_of(&move |run: &HitPath| Some(run.find(x)?.paired_rps_ratio(run.find(y)?)))
+        };
+        let cpu = |x: &'static str, y: &'static str| {
+            spread_of(&move |run: &HitPath| Some(run.find(x)?.paired_cpu_ratio(run.find(y)?)))
+        };
+        let added_p99 = |x: &'static str| {
+            spread_of(&move |run: &HitPath| {
+                Some(
+                    run.find(x)?
+                        .paired_latency_diff(run.find("a")?, |w| w.p99_us),
+                )
+            })
+        };
+        let tenants = runs.first().map_or(0, |run| run.settings.tenants);
+        let noise = throughput(CONTROL, "a").map_or_else(String::new, |noise| {
+            format!("; noise control a2/a {}", noise.show(3, ""))
+        });
+        let row = |name, what: String, pair, throughput_goal, cpu_goal| HeadlineRow {
+            name,
+            what,
+            pair,
+            throughput_goal,
+            cpu_goal,
+        };
+        let rows = [
+            row(
+                "c/b",
+                "wasm tokengate / credential_injector".into(),
+                ("c", "b"),
+                None,
+                None,
+            ),
+            row(
+                "c/a",
+                "wasm tokengate / plain Envoy".into(),
+                ("c", "a"),
+                None,
+                Some(1.35),
+            ),
+            row(
+                "c/f",
+                "wasm tokengate / minimal filter (get 1 header, set 1)".into(),
+                ("c", "f"),
+                Some(0.93),
+                None,
+            ),
+            row(
+                "c/g",
+                "wasm tokengate / minimal filter making its 5 host calls".into(),
+                ("c", "g"),
+                Some(1.00),
+                None,
+            ),
+            row(
+                "d/c",
+                format!("wasm: {tenants} warm tenants / one tenant"),
+                ("d", "c"),
+                Some(0.97),
+                None,
+            ),
+            row(
+                "n/a",
+                "native tokengate / plain Envoy".into(),
+                (NATIVE, "a"),
+                Some(0.95),
+                None,
+            ),
+            row(
+                "n/b",
+                "native tokengate / credential_injector".into(),
+                (NATIVE, "b"),
+                Some(0.97),
+                None,
+            ),
+            row(
+                "n/h",
+                "native tokengate / minimal dynamic module".into(),
+                (NATIVE, "h"),
+                Some(0.98),
+                Some(1.02),
+            ),
+            row(
+                "n10k/n",
+                format!("native: {tenants} warm tenants / one tenant"),
+                (NATIVE_MANY, NATIVE),
+                Some(0.97),
+                None,
+            ),
+            row(
+                "h/b",
+                "minimal dynamic module / credential_injector".into(),
+                ("h", "b"),
+                None,
+                None,
+            ),
+            row(
+                "h/a",
+                "minimal dynamic module / plain Envoy".into(),
+                ("h", "a"),
+                None,
+                None,
+            ),
+        ];
+        for HeadlineRow {
+            name,
+            what,
+            pair: (x, y),
+            throughput_goal,
+            cpu_goal,
+        } in rows
+        {
+            let Some(ratio) = throughput(x, y) else {
+                continue;
+            };
+            let cpu_ratio = cpu(x, y);
+            let mut goals = Vec::new();
+            let mut met = true;
+            if let Some(goal) = throughput_goal {
+                goals.push(format!(">= {goal:.2}"));
+                met &= ratio.median >= goal;
+            }
+            if let (Some(goal), Some(cpu_ratio)) = (cpu_goal, &cpu_ratio) {
+                goals.push(format!("CPU <= {goal:.2}x"));
+                met &= cpu_ratio.median <= goal;
+            }
+            let _ = writeln!(
+                out,
+                "| 1 | hit path throughput, {what} ({name}) | {}; Envoy CPU per request {}{} | {} | {} |",
+                ratio.show(3, ""),
+                cpu_ratio.map_or_else(|| "-".to_owned(), |cpu| cpu.show(2, "x")),
+                if name == "c/b" { noise.as_str() } else { "" },
+                if goals.is_empty() {
+                    "(reported)".to_owned()
+                } else {
+                    goals.join(", ")
+                },
+                if goals.is_empty() { "" } else { verdict(met) },
+            );
+        }
+        for (x, label, goal) in [("c", "", 100.0), (NATIVE, "native: ", 30.0)] {
+            if let Some(added) = added_p99(x) {
+                let _ = writeln!(
+                    out,
+                    "| 1 | {label}p99 added over plain Envoy, one connection ({x} - a) | {} | < {goal:.0} us | {} |",
+                    added.show(0, " us"),
+                    verdict(added.median < goal)
+                );
+            }
         }
     }
 
@@ -1046,4 +1282,58 @@ pub fn rollover_ok(roll: &crate::scenarios::rollover::Rollover) -> bool {
         && roll.slower_than_idp == 0
         && roll.rollover.count > 0
         && (roll.rollover.p99_us as f64) <= roll.steady.p99_us as f64 * 1.5 + 500.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenarios::stampede::StampedeRun;
+
+    fn burst(tenant: &str, p99_us: u64) -> StampedeRun {
+        StampedeRun {
+            tenant: tenant.to_owned(),
+            requests: 1,
+            oauth_calls: 1,
+            tenant_service_calls: 1,
+            statuses: [(200, 1)].into(),
+            distinct_tokens: 1,
+            latency: Latencies {
+                p99_us,
+                ..Latencies::default()
+            },
+            success_latency: Latencies::default(),
+            last_done_us: 0,
+            fetches_per_envoy: Vec::new(),
+            cluster_hits_per_envoy: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_stampede_goal_is_the_idp_latency_plus_the_same_bursts_warm_p99_plus_50_ms() {
+        let results = Results {
+            stampede_idp: std::time::Duration::from_millis(200),
+            ..Results::default()
+        };
+        let runs = [
+            burst("globex", 900_000),
+            burst("acme", 300_000),
+            burst("acme", 37_000),
+        ];
+        assert_eq!(stampede_budget_us(&results, &runs), 287_000);
+        assert_eq!(
+            stampede_budget_us(&results, &runs[..2]),
+            250_000,
+            "without a warm burst, the IdP and 50 ms"
+        );
+    }
+
+    #[test]
+    fn a_figure_over_runs_is_their_median_with_their_range() {
+        let spread = Spread::of(vec![0.91, 0.84, 0.95]);
+        assert_eq!(
+            spread.map(|spread| spread.show(2, "x")).as_deref(),
+            Some("0.91x [0.84 - 0.95]")
+        );
+        assert!(Spread::of(Vec::new()).is_none());
+    }
 }

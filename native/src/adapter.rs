@@ -17,6 +17,14 @@
 //! - **Records** (cached tokens, in-flight markers, purge records): the host's keyed
 //!   store, [`LruRecords`], one process-wide least-recently-used map per table bounded
 //!   by the newest configuration's `cache.maxTenants`. No shared data.
+//! - **Hits**: served before the worker is asked, from the thread's copies of token
+//!   records ([`crate::local`], whose documentation holds the coherence argument): the
+//!   tenant header read in place (its value count answers whether it is repeated), an
+//!   atomic load, the clock, and the header set. Neither the worker's lock nor the
+//!   gateway cache's is taken, nothing is allocated or copied. A request whose tenant
+//!   has no servable copy takes one from the gateway cache (its lock, once per copy);
+//!   the worker decides only when there is none to take (a miss, a refresh due, a
+//!   forced refresh, or debug logging on, whose per-hit line the worker writes).
 //! - **Callouts** leave from the main thread, like proxy-wasm's root-context callouts
 //!   they belong to no request: `dispatch` queues the callout in the configuration's
 //!   outbox and commits the configuration scheduler; `on_http_filter_config_scheduled`
@@ -49,6 +57,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -63,11 +72,13 @@ use tokengate::slots::KeyedStore;
 use tokengate::worker::{Decision, Delivery, RequestIds, Worker};
 use tokengate_core::token_api::TokenSource;
 use tokengate_core::{
-    CachedToken, CalloutResult, ErrorCode, SecretBytes, SecretString, TokenError, TokenKey,
+    CachedToken, CalloutResult, ErrorCode, Provider, SecretBytes, SecretString, TokenError,
+    TokenKey,
 };
 
 use crate::abi;
 use crate::envoy::{self, ConfigScheduler, EnvoyConfig, EnvoyFilter, LogLevel, Scheduler};
+use crate::local::{self, LocalToken};
 
 /// Stream event: apply the delivery recorded for the stream.
 const EVENT_DELIVER: u64 = 1;
@@ -125,6 +136,28 @@ fn now_ms() -> u64 {
         .map_or(0, |elapsed| {
             u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
         })
+}
+
+/// How long this thread trusts Envoy's log level (as the worker does: a level changed at
+/// run time shows in the per-hit lines within this long).
+const LOG_LEVEL_TTL_MS: u64 = 1_000;
+
+thread_local! {
+    /// Whether Envoy writes debug lines, and when this thread last asked.
+    static DEBUG_LOGGING: Cell<Option<(bool, u64)>> = const { Cell::new(None) };
+}
+
+/// Whether Envoy writes debug lines (then hits go to the worker, which writes one per
+/// hit), asked at most once per [`LOG_LEVEL_TTL_MS`] per thread.
+fn debug_logging(now: u64) -> bool {
+    DEBUG_LOGGING.with(|asked| match asked.get() {
+        Some((enabled, asked_at)) if now.saturating_sub(asked_at) < LOG_LEVEL_TTL_MS => enabled,
+        _ => {
+            let enabled = envoy::log_enabled(LogLevel::Debug);
+            asked.set(Some((enabled, now)));
+            enabled
+        }
+    })
 }
 
 /// Locks `mutex`, going on after a panic elsewhere (every critical section here is a
@@ -736,6 +769,9 @@ impl Host for DynamicHost<'_> {
 #[derive(Debug)]
 enum Carried {
     Nothing,
+    /// This thread's copy of a cached token.
+    Local(Rc<LocalToken>),
+    /// A cached token the worker served.
     Cached(TokenKey, CachedToken),
     FromWorker,
 }
@@ -850,6 +886,9 @@ impl Stream {
 
     /// The request headers arrived.
     pub fn on_request_headers(&mut self, end_of_stream: bool) -> HeadersVerdict {
+        if let Some(verdict) = self.serve_local_hit() {
+            return verdict;
+        }
         let config = Arc::clone(&self.cell.config);
         let headers = StreamHeaders(self.envoy);
         match ask::from_headers(&config, &headers, end_of_stream) {
@@ -898,11 +937,91 @@ impl Stream {
         BodyVerdict::Hold
     }
 
-    /// Hands a validated request to the worker and applies its decision. A paused
-    /// request parks (with a scheduler for its delivery) before the worker's lock is
-    /// released, so a delivery made on the main thread right after cannot miss it.
+    /// Inject mode's hit path: the request's tenant header, read in place, names a token
+    /// of the request's provider (its route's, read in place too) that this thread holds a
+    /// servable copy of. `None` leaves the request to the usual reading (which refuses a
+    /// repeated or invalid tenant header) and the worker.
+    fn serve_local_hit(&mut self) -> Option<HeadersVerdict> {
+        let config = &self.cell.config;
+        if config.mode != Mode::Inject {
+            return None;
+        }
+        let now = now_ms();
+        if debug_logging(now) {
+            return None;
+        }
+        let envoy = self.envoy;
+        let serve = |provider: &Provider| {
+            envoy.with_request_header(&config.tenant_header, |tenant, count| {
+                // A repeated header is refused by the usual reading.
+                if count != 1 {
+                    return None;
+                }
+                local::with_local_tokens(|copies| {
+                    copies.serve(&RECORDS, provider.as_str(), tenant, now)
+                })
+                .flatten()
+            })?
+        };
+        let routed = (!config.routes.is_empty())
+            .then(|| {
+                envoy.with_attribute_string(abi::ATTRIBUTE_XDS_ROUTE_NAME, |route| {
+                    // A route name that is not UTF-8 is left to the usual reading.
+                    let route = std::str::from_utf8(route).ok()?;
+                    serve(config.provider_of_route(Some(route)))
+                })
+            })
+            .flatten();
+        let copy = match routed {
+            Some(copy) => copy?,
+            None => serve(config.provider_of_route(None))?,
+        };
+        Some(self.serve_copy(&copy, now, Delivery::Inject))
+    }
+
+    /// Serves `copy` of a cached token (at `now`) as `delivery` asks, without the worker.
+    fn serve_copy(
+        &mut self,
+        copy: &Rc<LocalToken>,
+        now: u64,
+        delivery: Delivery,
+    ) -> HeadersVerdict {
+        if let Some(hits) = self.cell.hits.hit(now) {
+            self.cell.count(Metric::CacheHit, hits);
+        }
+        match delivery {
+            Delivery::Inject => {
+                let header = &self.cell.config.authorization_header;
+                self.set_token_header(header, copy.bearer.expose().as_bytes());
+                if !self.cell.config.purge.statuses.is_empty() {
+                    self.carried = Carried::Local(Rc::clone(copy));
+                }
+                HeadersVerdict::Continue
+            }
+            Delivery::Respond => {
+                let body = delivery::token_response(&copy.token, now, TokenSource::Cache);
+                send_json(self.envoy, 200, body.expose());
+                HeadersVerdict::Answered
+            }
+        }
+    }
+
+    /// Hands a validated request to the worker and applies its decision, unless this
+    /// thread can serve it from a copy of the cached token. A paused request parks (with
+    /// a scheduler for its delivery) before the worker's lock is released, so a delivery
+    /// made on the main thread right after cannot miss it.
     fn ask(&mut self, wanted: Wanted) -> HeadersVerdict {
         let delivery = wanted.delivery;
+        if !wanted.force_refresh {
+            let now = now_ms();
+            let copy = (!debug_logging(now))
+                .then(|| local::with_local_tokens(|copies| copies.fill(&RECORDS, &wanted.key, now)))
+                .flatten()
+                .flatten();
+            if let Some(copy) = copy {
+                return self.serve_copy(&copy, now, delivery);
+            }
+        }
         let purge_on = !self.cell.config.purge.statuses.is_empty() && delivery == Delivery::Inject;
         let carried_key = purge_on.then(|| wanted.key.clone());
         let request_ids = self.request_ids.clone();
@@ -986,21 +1105,22 @@ impl Stream {
 
     /// Response headers: tell the worker the upstream's status (purge on rejection).
     pub fn on_response_headers(&mut self) {
-        let injected = match std::mem::replace(&mut self.carried, Carried::Nothing) {
-            Carried::Nothing => return,
-            Carried::Cached(key, token) => Some((key, token)),
-            Carried::FromWorker => None,
-        };
-        let status = self
-            .envoy
-            .response_header(":status")
-            .and_then(|raw| String::from_utf8(raw).ok())
-            .and_then(|status| status.parse::<u16>().ok());
+        let carried = std::mem::replace(&mut self.carried, Carried::Nothing);
+        if matches!(carried, Carried::Nothing) {
+            return;
+        }
         // Only a purge status concerns the worker (what it keeps of a stream it resumed
         // goes when the stream does).
-        if let Some(status) =
-            status.filter(|status| self.cell.config.purge.statuses.contains(status))
+        if let Some(status) = self
+            .envoy
+            .response_status()
+            .filter(|status| self.cell.config.purge.statuses.contains(status))
         {
+            let injected = match carried {
+                Carried::Nothing | Carried::FromWorker => None,
+                Carried::Local(copy) => Some((copy.key.clone(), copy.token.clone())),
+                Carried::Cached(key, token) => Some((key, token)),
+            };
             let id = self.id;
             self.cell.with_worker(Some(id), |worker, host| {
                 worker.on_upstream_status(host, id, injected, status);

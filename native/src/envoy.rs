@@ -207,10 +207,22 @@ impl EnvoyFilter {
             .unwrap_or_default()
     }
 
-    /// The first value of response header `name` (copied), if present.
-    pub fn response_header(self, name: &str) -> Option<Vec<u8>> {
-        self.header(abi::HEADER_TYPE_RESPONSE, name)
-            .and_then(|mut values| (!values.is_empty()).then(|| values.swap_remove(0)))
+    /// The first value of request header `name`, lent to `read` with the number of
+    /// values the header has; `None` when the header is absent or the map not available.
+    /// No copy: the bytes are Envoy's.
+    pub fn with_request_header<T>(
+        self,
+        name: &str,
+        read: impl FnOnce(&[u8], usize) -> T,
+    ) -> Option<T> {
+        self.with_header_value(abi::HEADER_TYPE_REQUEST, name, 0, read)?
+    }
+
+    /// The response's `:status`, read in place.
+    pub fn response_status(self) -> Option<u16> {
+        self.with_header_value(abi::HEADER_TYPE_RESPONSE, ":status", 0, |value, _| {
+            std::str::from_utf8(value).ok()?.parse().ok()
+        })??
     }
 
     /// The values of header `name` in map `header_type`, `None` when the map is not
@@ -230,14 +242,27 @@ impl EnvoyFilter {
         Some(values)
     }
 
-    /// Value `index` of header `name` and the number of values; `Some(None)` when the
-    /// header is absent, `None` when the map is not available.
+    /// Value `index` of header `name` (copied) and the number of values.
     fn header_value(
         self,
         header_type: abi::HeaderType,
         name: &str,
         index: usize,
     ) -> Option<Option<(Vec<u8>, usize)>> {
+        self.with_header_value(header_type, name, index, |value, count| {
+            (value.to_vec(), count)
+        })
+    }
+
+    /// Value `index` of header `name`, lent to `read` with the number of values;
+    /// `Some(None)` when the header is absent, `None` when the map is not available.
+    fn with_header_value<T>(
+        self,
+        header_type: abi::HeaderType,
+        name: &str,
+        index: usize,
+        read: impl FnOnce(&[u8], usize) -> T,
+    ) -> Option<Option<T>> {
         let mut value = abi::EnvoyBuffer {
             ptr: std::ptr::null(),
             length: 0,
@@ -261,12 +286,22 @@ impl EnvoyFilter {
         if !found {
             return None;
         }
-        // SAFETY: Envoy's buffer is valid during this hook; copied at once.
-        Some(Some((unsafe { abi::envoy_bytes(value) }.to_vec(), count)))
+        // SAFETY: Envoy's buffer is valid during this hook, and `read` cannot keep it.
+        Some(Some(read(unsafe { abi::envoy_bytes(value) }, count)))
     }
 
     /// String attribute `attribute_id` of the stream (copied), if it has one.
     pub fn attribute_string(self, attribute_id: abi::AttributeId) -> Option<Vec<u8>> {
+        self.with_attribute_string(attribute_id, <[u8]>::to_vec)
+    }
+
+    /// String attribute `attribute_id` of the stream, lent to `read`, if it has one. No
+    /// copy: the bytes are Envoy's.
+    pub fn with_attribute_string<T>(
+        self,
+        attribute_id: abi::AttributeId,
+        read: impl FnOnce(&[u8]) -> T,
+    ) -> Option<T> {
         let mut value = abi::EnvoyBuffer {
             ptr: std::ptr::null(),
             length: 0,
@@ -279,8 +314,8 @@ impl EnvoyFilter {
                 &raw mut value,
             )
         };
-        // SAFETY: Envoy's buffer is valid during this hook; copied at once.
-        found.then(|| unsafe { abi::envoy_bytes(value) }.to_vec())
+        // SAFETY: Envoy's buffer is valid during this hook, and `read` cannot keep it.
+        found.then(|| read(unsafe { abi::envoy_bytes(value) }))
     }
 
     /// A scheduler for this stream (to be deleted with [`delete_scheduler`]).

@@ -14,6 +14,8 @@
 //! - `ffi`: the exported `envoy_dynamic_module_on_*` hooks, each inside `catch_unwind`.
 //! - `adapter`: the only user of `tokengate::worker` / `tokengate::host` / `tokengate::hits`:
 //!   per-thread workers, the `Host`, shared data, carriers, schedulers and ticks.
+//! - `local`: each thread's copies of token records, for hits without a lock (its
+//!   module documentation holds the coherence argument).
 //!
 //! # Build
 //!
@@ -137,3 +139,4 @@ pub mod abi;
 mod adapter;
 mod envoy;
 mod ffi;
+mod local;

@@ -9,18 +9,46 @@
 //! reused slots ([`crate::slots`]); the worker's calls are the same for both. Native
 //! builds only: `native/` keeps one for its process, and the fake host can keep one so
 //! the worker's tests run on it too.
+//!
+//! **Generations, for copies kept elsewhere.** The tokens table also keeps a generation
+//! per stripe of keys ([`TOKEN_STRIPES`] stripes, by the key's stable hash), an atomic
+//! that every change to a key's token record bumps: a write, a replacement, a removal
+//! (a purge), the record pushed out by another key's write, and a new bound (every
+//! stripe). The bump is made under the tables' lock, after the change, with release
+//! ordering. [`LruRecords::find_token`] returns a token record with its [`TokenStamp`]
+//! (read under the same lock), and [`LruRecords::is_current`] says, with one atomic
+//! load and no lock, whether a copy taken with that stamp is still the record: if no
+//! change to any key of its stripe was made since, it is. So a thread may keep copies
+//! of token records (the native build's per-thread hit cache) and serve them without
+//! the lock, never past a change made here. A change to another key of the same stripe
+//! only costs the copy one more read.
 
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::slots::{Eviction, KeyedStore, Placed, Table};
 use lru::LruCache;
 use tokengate_core::TokenKey;
 
+/// How many generation stripes the tokens table has: a change to one key makes the
+/// copies of about one key in this many read the record again.
+pub const TOKEN_STRIPES: usize = 1024;
+
 /// The records of each table, least recently used first out.
 #[derive(Debug)]
 pub struct LruRecords {
     inner: Mutex<Tables>,
+    /// The generation of each stripe of the tokens table (see the module documentation).
+    token_generations: Box<[AtomicU64]>,
+}
+
+/// Which version of a key's token record a copy was taken from: its stripe and the
+/// stripe's generation, read together with the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenStamp {
+    stripe: usize,
+    generation: u64,
 }
 
 #[derive(Debug)]
@@ -50,6 +78,7 @@ impl LruRecords {
                 purges: LruCache::new(capacity),
                 last_version: 0,
             }),
+            token_generations: (0..TOKEN_STRIPES).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -58,9 +87,56 @@ impl LruRecords {
     pub fn set_max_records(&self, max_records: u32) {
         let capacity = capacity(max_records);
         let mut tables = self.lock();
-        tables.tokens.resize(capacity);
+        if tables.tokens.cap() != capacity {
+            tables.tokens.resize(capacity);
+            // Which keys went is not told: every copy reads its record again.
+            for generation in &self.token_generations {
+                generation.fetch_add(1, Ordering::Release);
+            }
+        }
         tables.markers.resize(capacity);
         tables.purges.resize(capacity);
+    }
+
+    /// The bound of each table.
+    pub fn max_records(&self) -> usize {
+        self.lock().tokens.cap().get()
+    }
+
+    /// `key`'s token record (a use of it, like [`KeyedStore::find`]) and the stamp of
+    /// this version of it, for a copy checked later with [`Self::is_current`].
+    pub fn find_token(&self, key: &TokenKey) -> Option<(Vec<u8>, TokenStamp)> {
+        let stripe = stripe_of(key);
+        let mut tables = self.lock();
+        let record = tables.tokens.get(key)?.record.clone();
+        // Read under the lock that every change and its bump are made under.
+        let generation = self.token_generations.get(stripe)?.load(Ordering::Acquire);
+        Some((record, TokenStamp { stripe, generation }))
+    }
+
+    /// Whether no token record of the stamp's stripe has changed since the stamp was
+    /// read: then a copy taken with it is still the key's record. One atomic load.
+    pub fn is_current(&self, stamp: TokenStamp) -> bool {
+        self.token_generations
+            .get(stamp.stripe)
+            .is_some_and(|generation| generation.load(Ordering::Acquire) == stamp.generation)
+    }
+
+    /// Marks `key`'s token record as used (its recency, for the least-recently-used
+    /// order) without reading it; for copies served elsewhere, now and then.
+    pub fn touch_token(&self, key: &TokenKey) {
+        self.lock().tokens.promote(key);
+    }
+
+    /// A change to `key`'s record in `table` was made (under the lock): copies of a
+    /// token record are out of date.
+    fn changed(&self, table: Table, key: &TokenKey) {
+        if table != Table::Tokens {
+            return;
+        }
+        if let Some(generation) = self.token_generations.get(stripe_of(key)) {
+            generation.fetch_add(1, Ordering::Release);
+        }
     }
 
     /// How many records `table` holds.
@@ -88,6 +164,12 @@ impl Tables {
         self.last_version = self.last_version.wrapping_add(1);
         self.last_version
     }
+}
+
+/// The generation stripe of `key`.
+fn stripe_of(key: &TokenKey) -> usize {
+    // The remainder is below TOKEN_STRIPES, so it fits.
+    usize::try_from(key.stable_hash() % TOKEN_STRIPES as u64).unwrap_or_default()
 }
 
 fn capacity(max_records: u32) -> NonZeroUsize {
@@ -119,6 +201,7 @@ impl KeyedStore for LruRecords {
         };
         if let Some(held) = records.get_mut(key) {
             *held = entry;
+            self.changed(table, key);
             return Some(Placed { evicted: false });
         }
         let mut evicted = false;
@@ -131,7 +214,11 @@ impl KeyedStore for LruRecords {
             }
             evicted = least_worth > 0;
         }
-        records.push(key.clone(), entry);
+        let pushed_out = records.push(key.clone(), entry);
+        if let Some((pushed_out, _)) = pushed_out {
+            self.changed(table, &pushed_out);
+        }
+        self.changed(table, key);
         Some(Placed { evicted })
     }
 
@@ -144,6 +231,7 @@ impl KeyedStore for LruRecords {
                     record: record.to_vec(),
                     version: next,
                 };
+                self.changed(table, key);
                 true
             }
             _ => false,
@@ -151,7 +239,10 @@ impl KeyedStore for LruRecords {
     }
 
     fn remove(&self, table: Table, key: &TokenKey) {
-        self.lock().table(table).pop(key);
+        let mut tables = self.lock();
+        if tables.table(table).pop(key).is_some() {
+            self.changed(table, key);
+        }
     }
 }
 
@@ -286,6 +377,72 @@ mod tests {
                 .map(|(record, _)| record),
             Some(b"\x04".to_vec())
         );
+    }
+
+    /// A tenant whose key is in another generation stripe than `tenant`'s.
+    fn tenant_of_another_stripe(tenant: &str) -> String {
+        (0..)
+            .map(|n| format!("other{n}"))
+            .find(|other| stripe_of(&key(other)) != stripe_of(&key(tenant)))
+            .unwrap_or_default()
+    }
+
+    /// `tenant`'s token stamp, after writing its record.
+    fn stamped(records: &LruRecords, tenant: &str) -> TokenStamp {
+        put(records, Table::Tokens, tenant, b"\x01");
+        records
+            .find_token(&key(tenant))
+            .map(|(_, stamp)| stamp)
+            .unwrap_or_else(|| panic!("{tenant} just written"))
+    }
+
+    #[test]
+    fn a_token_copy_stays_current_until_its_record_changes_in_any_way() {
+        let records = LruRecords::new(2);
+        let other = tenant_of_another_stripe("acme");
+
+        let stamp = stamped(&records, "acme");
+        assert!(records.is_current(stamp));
+        put(&records, Table::Tokens, &other, b"\x01");
+        put(&records, Table::Markers, "acme", b"\x01");
+        records.touch_token(&key("acme"));
+        assert!(
+            records.is_current(stamp),
+            "another stripe, another table and a touch change nothing"
+        );
+        put(&records, Table::Tokens, "acme", b"\x02");
+        assert!(!records.is_current(stamp), "written again");
+
+        let stamp = stamped(&records, "acme");
+        let version = version_of(&records, Table::Tokens, "acme");
+        assert!(records.replace(Table::Tokens, &key("acme"), b"\x03", version));
+        assert!(!records.is_current(stamp), "replaced");
+
+        let stamp = stamped(&records, "acme");
+        records.remove(Table::Tokens, &key("acme"));
+        assert!(!records.is_current(stamp), "removed (a purge)");
+
+        let stamp = stamped(&records, "acme");
+        records.touch_token(&key(&other));
+        put(&records, Table::Tokens, "third", b"\x01");
+        assert_eq!(records.find(Table::Tokens, &key("acme")), None);
+        assert!(!records.is_current(stamp), "pushed out by another key");
+
+        let stamp = stamped(&records, "acme");
+        records.set_max_records(1);
+        assert!(!records.is_current(stamp), "a new bound");
+    }
+
+    #[test]
+    fn a_touch_keeps_a_token_record_from_being_pushed_out() {
+        let records = LruRecords::new(2);
+        put(&records, Table::Tokens, "a", b"\x01");
+        put(&records, Table::Tokens, "b", b"\x01");
+        records.touch_token(&key("a"));
+        put(&records, Table::Tokens, "c", b"\x01");
+        assert!(records.find_token(&key("a")).is_some());
+        assert_eq!(records.find_token(&key("b")), None);
+        assert_eq!(records.max_records(), 2);
     }
 
     #[test]

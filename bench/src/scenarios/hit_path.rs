@@ -37,7 +37,7 @@ pub struct Settings {
     pub envoy_cpus: Option<String>,
     /// CPUs for wrk and the echo upstream, e.g. `1`.
     pub client_cpus: Option<String>,
-    /// Profile (a) and (c) with `perf` after the rounds.
+    /// Profile (a), (c), (g), (n) and (h) (those that ran) with `perf` after the rounds.
     pub profile: bool,
     /// The minimal proxy-wasm filter of `bench/wasm-floor`, when built: adds (e), (f), (g).
     pub floor_module: Option<std::path::PathBuf>,
@@ -203,16 +203,28 @@ impl ConfigRuns {
     }
 }
 
-/// Where an Envoy's CPU went, by shared object (`perf report --sort dso`).
+/// Where an Envoy's CPU went, by shared object (`perf report --sort dso`) and by
+/// symbol (`--sort dso,sym`). Code that V8 compiled from a wasm module has no symbols
+/// here (Envoy gives V8 no `--perf-prof` flag; see the Findings): it shows as one object
+/// (`[JIT]` or `[unknown]`).
 #[derive(Debug, Clone)]
 pub struct Profile {
     /// Configuration name.
     pub name: String,
     /// (shared object, percent of samples), largest first.
     pub dsos: Vec<(String, f64)>,
+    /// (shared object and symbol, percent of samples), largest first.
+    pub symbols: Vec<(String, f64)>,
     /// Samples taken.
     pub samples: u64,
 }
+
+/// The configurations profiled, when they ran: plain Envoy, tokengate (wasm), the
+/// minimal filter making tokengate's host calls, tokengate (native), the minimal
+/// dynamic module.
+pub const PROFILED: [&str; 5] = ["a", "c", "g", NATIVE, "h"];
+/// Symbols listed per profile.
+const PROFILE_SYMBOLS: usize = 15;
 
 /// Everything the scenario found.
 #[derive(Debug, Clone)]
@@ -592,7 +604,10 @@ pub async fn run(settings: Settings) -> Result<HitPath, String> {
 
     let mut profiles = Vec::new();
     if settings.profile {
-        for index in [0, 2] {
+        let profiled = PROFILED
+            .iter()
+            .filter_map(|name| plan.iter().position(|(n, _, _)| n == name));
+        for index in profiled {
             let envoy = &envoys[index];
             match profile_under_load(&script, envoy, &throughput_run(&envoy.name)).await {
                 Ok(profile) => profiles.push(Profile {
@@ -638,6 +653,20 @@ async fn native_counts(n: &BenchEnvoy, n10k: &BenchEnvoy) -> ((u64, u64), (u64, 
             n10k.counter(&native_stat("cache_miss")).await,
         ),
     )
+}
+
+/// Of independent runs, the index of the one whose c/a throughput ratio is the median
+/// (the lower middle one of an even count); `None` when there is none.
+pub fn median_run(runs: &[HitPath]) -> Option<usize> {
+    let mut ordered: Vec<(f64, usize)> = runs
+        .iter()
+        .enumerate()
+        .map(|(index, run)| (run.config("c").paired_rps_ratio(run.config("a")), index))
+        .collect();
+    ordered.sort_by(|x, y| x.0.total_cmp(&y.0));
+    ordered
+        .get(ordered.len().saturating_sub(1) / 2)
+        .map(|(_, index)| *index)
 }
 
 impl HitPath {
@@ -779,13 +808,26 @@ async fn profile_under_load(
             String::from_utf8_lossy(&recorded.stderr)
         ));
     }
-    let report = std::process::Command::new("perf")
-        .args(["report", "--stdio", "--sort", "dso", "-i"])
-        .arg(&data)
-        .output()
-        .map_err(|e| format!("perf report: {e}"))?;
+    let report = |sort: &str| {
+        std::process::Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--percent-limit",
+                "0.5",
+                "--sort",
+                sort,
+                "-i",
+            ])
+            .arg(&data)
+            .output()
+            .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+            .map_err(|e| format!("perf report: {e}"))
+    };
+    let text = report("dso");
+    let by_symbol = report("dso,sym");
     let _ = std::fs::remove_file(&data);
-    let text = String::from_utf8_lossy(&report.stdout);
+    let text = text?;
     let samples = text
         .lines()
         .find_map(|line| line.strip_prefix("# Samples: "))
@@ -808,9 +850,22 @@ async fn profile_under_load(
         })
         .take(8)
         .collect();
+    // Lines like `  12.34%  envoy  [.] Envoy::Http::...`.
+    let symbols = by_symbol
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (percent, rest) = line.trim().split_once('%')?;
+            let rest = rest.split_whitespace().collect::<Vec<_>>().join(" ");
+            Some((rest, percent.trim().parse::<f64>().ok()?))
+        })
+        .take(PROFILE_SYMBOLS)
+        .collect();
     Ok(Profile {
         name: String::new(),
         dsos,
+        symbols,
         samples,
     })
 }
