@@ -94,7 +94,10 @@ fn define_metrics(config: &FilterConfig) -> Vec<(Metric, u32)> {
                 Err(status) => {
                     let _ = hostcalls::log(
                         LogLevel::Warn,
-                        &format!("stat {name} not defined ({status:?})"),
+                        &format!(
+                            "stat {name} not defined (proxy-wasm status {})",
+                            status as u32
+                        ),
                     );
                     None
                 }
@@ -133,7 +136,10 @@ fn register_wake_queue(worker_id: u64) -> Option<u32> {
         Err(status) => {
             let _ = hostcalls::log(
                 LogLevel::Warn,
-                &format!("no wake queue ({status:?}): waits on other workers are polled"),
+                &format!(
+                    "no wake queue (proxy-wasm status {}): waits on other workers are polled",
+                    status as u32
+                ),
             );
             None
         }
@@ -166,8 +172,8 @@ impl Host for ProxyWasmHost {
         )
         .map_err(|status| {
             format!(
-                "cluster '{}' refused the call ({status:?})",
-                callout.cluster
+                "cluster '{}' refused the call (proxy-wasm status {})",
+                callout.cluster, status as u32
             )
         })
     }
@@ -196,7 +202,10 @@ impl Host for ProxyWasmHost {
         if let Err(status) = hostcalls::set_shared_data(key, Some(value), None) {
             self.log(
                 Level::Warn,
-                &format!("shared data write failed ({status:?})"),
+                &format!(
+                    "shared data write failed (proxy-wasm status {})",
+                    status as u32
+                ),
             );
         }
     }
