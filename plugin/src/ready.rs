@@ -179,6 +179,11 @@ impl ReadyTokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::FilterConfig;
+    use crate::fake::{FakeEnvoy, FakeHost};
+    use crate::host::Metric;
+    use crate::slots::{Eviction, Table};
+    use crate::worker::Worker;
     use tokengate_core::{Provider, TenantId};
 
     fn key(tenant: &str) -> TokenKey {
@@ -219,6 +224,143 @@ mod tests {
         }
         assert_eq!(tokens.len(), 8);
         assert!(tokens.get(&key("t99"), 1).is_some(), "the newest is kept");
+    }
+
+    /// Two workers of one Envoy whose gateway cache holds `tokens` (tenant, token),
+    /// each served once so that both keep them.
+    fn two_warm_workers(
+        config: &str,
+        tokens: &[(&str, &str)],
+    ) -> (Worker, Worker, FakeHost, FakeHost) {
+        let envoy = FakeEnvoy::starting_at(1_000);
+        let (mut first_host, mut second_host) = (envoy.host(), envoy.host());
+        let parse = || FilterConfig::parse(config.as_bytes()).unwrap();
+        let slots = parse().slots();
+        for (tenant, token) in tokens {
+            let entry = GatewayEntry {
+                token: CachedToken {
+                    access_token: (*token).into(),
+                    expires_at_ms: 10_000_000,
+                },
+                refresh_at_ms: 9_000_000,
+                stale_at_ms: 9_500_000,
+            };
+            let record = entry.encode();
+            slots
+                .put(
+                    &mut first_host,
+                    Table::Tokens,
+                    &key(tenant),
+                    &record,
+                    |_| 1,
+                    Eviction::Allowed,
+                )
+                .unwrap();
+        }
+        let (mut first, mut second) = (
+            Worker::new(parse(), 1, Some(1)),
+            Worker::new(parse(), 2, Some(2)),
+        );
+        for (tenant, token) in tokens {
+            assert_eq!(
+                served(&mut first, &mut first_host, tenant).as_deref(),
+                Some(*token)
+            );
+            assert_eq!(
+                served(&mut second, &mut second_host, tenant).as_deref(),
+                Some(*token)
+            );
+        }
+        (first, second, first_host, second_host)
+    }
+
+    fn served(worker: &mut Worker, host: &mut FakeHost, tenant: &str) -> Option<String> {
+        worker
+            .serve_ready(host, &key(tenant), || None)
+            .map(|ready| ready.access_token().to_owned())
+    }
+
+    #[test]
+    fn a_purge_on_one_worker_stops_every_worker_serving_the_token() {
+        let (mut first, mut second, mut first_host, mut second_host) =
+            two_warm_workers("{}", &[("acme", "AT-1"), ("globex", "AT-2")]);
+        let rejected = CachedToken {
+            access_token: "AT-1".into(),
+            expires_at_ms: 10_000_000,
+        };
+        second.on_upstream_status(&mut second_host, 9, Some((key("acme"), rejected)), 401);
+        assert_eq!(second_host.stat(Metric::Purge), 1);
+        assert_eq!(served(&mut first, &mut first_host, "acme"), None);
+        assert_eq!(served(&mut second, &mut second_host, "acme"), None);
+        assert_eq!(
+            served(&mut first, &mut first_host, "globex").as_deref(),
+            Some("AT-2"),
+            "another key is still served"
+        );
+    }
+
+    #[test]
+    fn a_newer_token_written_by_another_worker_is_served_at_once() {
+        let (mut first, _second, mut first_host, mut second_host) =
+            two_warm_workers("{}", &[("acme", "AT-1")]);
+        let slots = FilterConfig::parse(b"{}").unwrap().slots();
+        let newer = GatewayEntry {
+            token: CachedToken {
+                access_token: "AT-1b".into(),
+                expires_at_ms: 20_000_000,
+            },
+            refresh_at_ms: 19_000_000,
+            stale_at_ms: 19_500_000,
+        };
+        slots
+            .put(
+                &mut second_host,
+                Table::Tokens,
+                &key("acme"),
+                &newer.encode(),
+                |_| 1,
+                Eviction::Allowed,
+            )
+            .unwrap();
+        assert_eq!(
+            served(&mut first, &mut first_host, "acme").as_deref(),
+            Some("AT-1b")
+        );
+    }
+
+    #[test]
+    fn a_token_pushed_out_of_the_gateway_cache_is_no_longer_served_from_a_copy() {
+        let config = r#"{"cache":{"maxTenants":1}}"#;
+        let (mut first, _second, mut first_host, mut second_host) =
+            two_warm_workers(config, &[("acme", "AT-1")]);
+        let slots = FilterConfig::parse(config.as_bytes()).unwrap().slots();
+        let other = GatewayEntry {
+            token: CachedToken {
+                access_token: "AT-9".into(),
+                expires_at_ms: 20_000_000,
+            },
+            refresh_at_ms: 19_000_000,
+            stale_at_ms: 19_500_000,
+        };
+        let placed = slots
+            .put(
+                &mut second_host,
+                Table::Tokens,
+                &key("globex"),
+                &other.encode(),
+                |_| 1,
+                Eviction::Allowed,
+            )
+            .unwrap();
+        assert!(placed.evicted);
+        assert_eq!(served(&mut first, &mut first_host, "acme"), None);
+    }
+
+    #[test]
+    fn a_copy_is_not_served_once_stale_by_the_clock() {
+        let (mut first, _second, mut first_host, _) = two_warm_workers("{}", &[("acme", "AT-1")]);
+        first_host.envoy().advance_to(9_500_000);
+        assert_eq!(served(&mut first, &mut first_host, "acme"), None);
     }
 
     #[test]
