@@ -21,9 +21,23 @@ pub trait RequestHeaders {
     fn get(&self, name: &str) -> Option<String>;
     /// Every value of header `name`.
     fn values(&self, name: &str) -> Vec<String>;
+    /// The only value of header `name`, or [`Repeated`]. Hosts that can count a
+    /// header's values without copying them all override it.
+    fn single(&self, name: &str) -> Result<Option<String>, Repeated> {
+        let mut values = self.values(name).into_iter();
+        let first = values.next();
+        if values.next().is_some() {
+            return Err(Repeated);
+        }
+        Ok(first)
+    }
     /// The name of the route Envoy chose for the request (`xds.route_name`), if any.
     fn route_name(&self) -> Option<String>;
 }
+
+/// A header that names one thing came more than once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Repeated;
 
 /// What the request asks for.
 #[derive(Debug)]
@@ -166,15 +180,12 @@ fn answer(wanted: Result<Wanted, TokenError>) -> Ask {
 /// request carries it more than once, since Envoy would hand the filter only the first
 /// value while the app may read another.
 fn single(headers: &impl RequestHeaders, name: &str) -> Result<Option<String>, TokenError> {
-    let mut values = headers.values(name).into_iter();
-    let first = values.next();
-    if values.next().is_some() {
-        return Err(TokenError::new(
+    headers.single(name).map_err(|Repeated| {
+        TokenError::new(
             ErrorCode::InvalidRequest,
             format!("the request carries {name} more than once"),
-        ));
-    }
-    Ok(first)
+        )
+    })
 }
 
 #[cfg(test)]

@@ -35,6 +35,8 @@ struct Shared {
     woken: Vec<u32>,
     /// Callout ids are unique across the Envoy, like Envoy's.
     next_callout_id: u32,
+    /// The gateway cache's write generations, by bucket (absent: 0).
+    generations: HashMap<u32, u64>,
 }
 
 /// One fake Envoy: its clock and the state its workers share.
@@ -267,6 +269,21 @@ impl Host for FakeHost {
             timeout_ms: callout.timeout_ms,
         });
         Ok(id)
+    }
+
+    fn cache_generation(&self, bucket: u32) -> Option<u64> {
+        // A host keeping the records itself models the native build: no generations.
+        if self.envoy.records.is_some() {
+            return None;
+        }
+        let shared = self.envoy.shared.borrow();
+        Some(shared.generations.get(&bucket).copied().unwrap_or(0))
+    }
+
+    fn bump_cache_generation(&mut self, bucket: u32) {
+        let mut shared = self.envoy.shared.borrow_mut();
+        let generation = shared.generations.entry(bucket).or_default();
+        *generation = generation.wrapping_add(1);
     }
 
     fn shared_get(&self, key: &str) -> Option<Vec<u8>> {

@@ -22,8 +22,10 @@ use tokengate_core::{CachedToken, CalloutResult, ErrorCode, SecretBytes, TokenEr
 use crate::ask::{self, Ask, RequestHeaders, Wanted};
 use crate::config::FilterConfig;
 use crate::delivery;
+use crate::header_pairs;
 use crate::hits::HitTally;
 use crate::host::{Callout, Host, Level, Metric};
+use crate::ready::{GENERATION_BUCKETS, ReadyToken};
 use crate::worker::{Decision, Delivery, RequestIds, Worker};
 
 /// The entry point Envoy calls when it loads the module.
@@ -34,6 +36,7 @@ pub extern "C" fn _initialize() {
             context_id,
             worker: None,
             metrics: MetricIds::default(),
+            generations: GenerationIds::default(),
         })
     });
 }
@@ -41,6 +44,10 @@ pub extern "C" fn _initialize() {
 /// Stat ids of this worker's VM, defined once in `on_configure` (a short list searched in
 /// order: less code than a map).
 type MetricIds = Rc<Vec<(Metric, u32)>>;
+
+/// Stat ids of the gateway cache's write generations ([`crate::ready`]), one per
+/// bucket; empty when Envoy refused one (then workers keep no tokens of their own).
+type GenerationIds = Rc<Vec<u32>>;
 
 /// [`Host`] over the proxy-wasm host functions.
 #[derive(Clone)]
@@ -50,7 +57,32 @@ struct ProxyWasmHost {
     root_context_id: u32,
     /// Where `count` finds each stat.
     metrics: MetricIds,
+    /// Where the write generations are.
+    generations: GenerationIds,
 }
+
+/// Defines the write generations: counters, since a counter of one name is one Envoy
+/// stat for every worker's VM, and `proxy_get_metric` reads it with an atomic load.
+fn define_generations() -> Vec<u32> {
+    let mut name = String::from(GENERATION_STAT_PREFIX);
+    let ids: Option<Vec<u32>> = (0..GENERATION_BUCKETS)
+        .map(|bucket| {
+            name.truncate(GENERATION_STAT_PREFIX.len());
+            name.push_str(&bucket.to_string());
+            hostcalls::define_metric(MetricType::Counter, &name).ok()
+        })
+        .collect();
+    ids.unwrap_or_else(|| {
+        let _ = hostcalls::log(
+            LogLevel::Warn,
+            "cache generations not defined: every hit reads the gateway cache",
+        );
+        Vec::new()
+    })
+}
+
+/// The write generations' stat names, followed by the bucket.
+const GENERATION_STAT_PREFIX: &str = "tokengate.cache_generation.";
 
 /// Defines every stat; a name Envoy refuses is logged and left uncounted.
 fn define_metrics(config: &FilterConfig) -> Vec<(Metric, u32)> {
@@ -62,7 +94,10 @@ fn define_metrics(config: &FilterConfig) -> Vec<(Metric, u32)> {
                 Err(status) => {
                     let _ = hostcalls::log(
                         LogLevel::Warn,
-                        &format!("stat {name} not defined ({status:?})"),
+                        &format!(
+                            "stat {name} not defined (proxy-wasm status {})",
+                            status as u32
+                        ),
                     );
                     None
                 }
@@ -101,7 +136,10 @@ fn register_wake_queue(worker_id: u64) -> Option<u32> {
         Err(status) => {
             let _ = hostcalls::log(
                 LogLevel::Warn,
-                &format!("no wake queue ({status:?}): waits on other workers are polled"),
+                &format!(
+                    "no wake queue (proxy-wasm status {}): waits on other workers are polled",
+                    status as u32
+                ),
             );
             None
         }
@@ -134,10 +172,24 @@ impl Host for ProxyWasmHost {
         )
         .map_err(|status| {
             format!(
-                "cluster '{}' refused the call ({status:?})",
-                callout.cluster
+                "cluster '{}' refused the call (proxy-wasm status {})",
+                callout.cluster, status as u32
             )
         })
+    }
+
+    fn cache_generation(&self, bucket: u32) -> Option<u64> {
+        let id = self.generations.get(usize::try_from(bucket).ok()?)?;
+        hostcalls::get_metric(*id).ok()
+    }
+
+    fn bump_cache_generation(&mut self, bucket: u32) {
+        let id = usize::try_from(bucket)
+            .ok()
+            .and_then(|bucket| self.generations.get(bucket));
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(*id, 1);
+        }
     }
 
     fn shared_get(&self, key: &str) -> Option<Vec<u8>> {
@@ -150,7 +202,10 @@ impl Host for ProxyWasmHost {
         if let Err(status) = hostcalls::set_shared_data(key, Some(value), None) {
             self.log(
                 Level::Warn,
-                &format!("shared data write failed ({status:?})"),
+                &format!(
+                    "shared data write failed (proxy-wasm status {})",
+                    status as u32
+                ),
             );
         }
     }
@@ -239,6 +294,13 @@ unsafe extern "C" {
     fn proxy_get_log_level(return_level: *mut u32) -> u32;
     /// proxy-wasm ABI 0.2: sets a header (map 0: the request headers). Declared here
     /// because the SDK's wrapper panics, aborting the VM, when the host refuses.
+    /// proxy-wasm ABI 0.2: a header map, serialised ([`header_pairs`] reads it). The
+    /// host allocates the buffer through the module's `proxy_on_memory_allocate`.
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
     fn proxy_replace_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -250,6 +312,24 @@ unsafe extern "C" {
 
 /// proxy-wasm's number for the request header map.
 const REQUEST_HEADER_MAP: u32 = 0;
+
+/// The request's header map as the host serialises it: one host call, no parsing.
+fn request_header_pairs() -> Vec<u8> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer and a length to the two addresses, valid for
+    // it. The buffer it returns was allocated by `proxy_on_memory_allocate` (the SDK's:
+    // a boxed slice of exactly `size` bytes), so it becomes a Vec of that length and
+    // capacity, freed when dropped.
+    unsafe {
+        if proxy_get_header_map_pairs(REQUEST_HEADER_MAP, &mut data, &mut size) != 0
+            || data.is_null()
+        {
+            return Vec::new();
+        }
+        Vec::from_raw_parts(data, size, size)
+    }
+}
 
 /// A header of `map` as text. Uses the bytes host call: the SDK's text variant panics
 /// (aborting the VM) on a value that is not UTF-8; here such bytes become U+FFFD, which
@@ -287,12 +367,25 @@ impl RequestHeaders for HeaderPhase {
     }
 
     fn values(&self, name: &str) -> Vec<String> {
-        hostcalls::get_map_bytes(MapType::HttpRequestHeaders)
-            .unwrap_or_default()
+        let pairs = request_header_pairs();
+        header_pairs::pairs(&pairs)
             .into_iter()
-            .filter(|(header, _)| header == name)
-            .map(|(_, value)| String::from_utf8_lossy(&value).into_owned())
+            .flatten()
+            .map_while(Result::ok)
+            .filter(|(header, _)| *header == name.as_bytes())
+            .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
             .collect()
+    }
+
+    fn single(&self, name: &str) -> Result<Option<String>, ask::Repeated> {
+        let pairs = request_header_pairs();
+        let found = header_pairs::values(&pairs, name.as_bytes()).unwrap_or_default();
+        if found.count > 1 {
+            return Err(ask::Repeated);
+        }
+        Ok(found
+            .first
+            .map(|value| String::from_utf8_lossy(value).into_owned()))
     }
 
     fn route_name(&self) -> Option<String> {
@@ -325,6 +418,7 @@ struct Root {
     context_id: u32,
     worker: Option<Rc<RefCell<Worker>>>,
     metrics: MetricIds,
+    generations: GenerationIds,
 }
 
 impl Root {
@@ -332,6 +426,7 @@ impl Root {
         ProxyWasmHost {
             root_context_id: self.context_id,
             metrics: Rc::clone(&self.metrics),
+            generations: Rc::clone(&self.generations),
         }
     }
 }
@@ -393,6 +488,7 @@ impl RootContext for Root {
         match FilterConfig::parse(&bytes) {
             Ok(config) => {
                 self.metrics = Rc::new(define_metrics(&config));
+                self.generations = Rc::new(define_generations());
                 let worker_id = allocate_worker_id();
                 let worker = Worker::new(config, worker_id, register_wake_queue(worker_id));
                 self.worker = Some(Rc::new(RefCell::new(worker)));
@@ -435,6 +531,7 @@ impl RootContext for Root {
             worker,
             hits,
             awaiting_body: false,
+            paused: false,
             request_ids: OnceCell::new(),
             carried: Carried::Nothing,
         }))
@@ -457,6 +554,9 @@ struct Request {
     hits: Arc<HitTally>,
     /// Set while an endpoint-mode `POST` waits for its body.
     awaiting_body: bool,
+    /// Set once the worker paused the request: only then does it hold anything of it
+    /// to forget when the request ends.
+    paused: bool,
     /// The request's `x-request-id` and trace context, read when first needed (a cache
     /// hit never needs them) but always in the header phase: headers cannot be read
     /// once they have continued, so an endpoint-mode `POST` reads them before waiting
@@ -470,7 +570,9 @@ struct Request {
 enum Carried {
     /// None (endpoint mode, an error, or not yet decided).
     Nothing,
-    /// This token from the gateway cache.
+    /// This token from the worker's cache.
+    Ready(TokenKey, Arc<ReadyToken>),
+    /// This token from the gateway cache (the worker keeps no tokens of its own).
     Cached(TokenKey, CachedToken),
     /// The token the worker resumed it with (the worker remembers which).
     FromWorker,
@@ -507,6 +609,23 @@ impl Request {
         };
         let delivery = wanted.delivery;
         let purge_on = !self.config.purge.statuses.is_empty() && delivery == Delivery::Inject;
+        if delivery == Delivery::Inject && !wanted.force_refresh {
+            // The hit path: the worker's own token, set as is; the key is kept (not
+            // copied) for a purge, or dropped.
+            let correlation_id = || self.request_ids().correlation_id.clone();
+            if let Some(ready) = worker.serve_ready(&mut host, &wanted.key, correlation_id) {
+                let header = &self.config.authorization_header;
+                let _ = hostcalls::set_map_value(
+                    MapType::HttpRequestHeaders,
+                    header,
+                    Some(ready.header_value()),
+                );
+                if purge_on {
+                    self.carried = Carried::Ready(wanted.key, ready);
+                }
+                return Action::Continue;
+            }
+        }
         let carried_key = purge_on.then(|| wanted.key.clone());
         let ask = wanted.of(self.context_id);
         match worker.on_request(&mut host, ask, || self.request_ids().clone()) {
@@ -530,6 +649,7 @@ impl Request {
                 }
             },
             Decision::Pause => {
+                self.paused = true;
                 if purge_on {
                     self.carried = Carried::FromWorker;
                 }
@@ -562,14 +682,24 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let injected = match std::mem::replace(&mut self.carried, Carried::Nothing) {
-            Carried::Nothing => return Action::Continue,
-            Carried::Cached(key, token) => Some((key, token)),
-            Carried::FromWorker => None,
+        let carried = std::mem::replace(&mut self.carried, Carried::Nothing);
+        if matches!(carried, Carried::Nothing) {
+            return Action::Continue;
+        }
+        let Some(status) = response_status() else {
+            return Action::Continue;
         };
-        let status = header_text(MapType::HttpResponseHeaders, ":status")
-            .and_then(|s| s.parse::<u16>().ok());
-        if let (Some(status), Ok(mut worker)) = (status, self.worker.try_borrow_mut()) {
+        // The common case, an accepted token, touches nothing more.
+        if !self.config.purge.statuses.contains(&status) && !matches!(carried, Carried::FromWorker)
+        {
+            return Action::Continue;
+        }
+        let injected = match carried {
+            Carried::Nothing | Carried::FromWorker => None,
+            Carried::Ready(key, ready) => Some((key, ready.to_cached())),
+            Carried::Cached(key, token) => Some((key, token)),
+        };
+        if let Ok(mut worker) = self.worker.try_borrow_mut() {
             let mut host = self.host.clone();
             worker.on_upstream_status(&mut host, self.context_id, injected, status);
         }
@@ -605,8 +735,29 @@ impl Drop for Request {
         if let Some(hits) = self.hits.request_ended() {
             self.host.add(Metric::CacheHit, hits);
         }
-        if let Ok(mut worker) = self.worker.try_borrow_mut() {
-            worker.on_request_gone(self.context_id);
+        // A request the worker never paused left nothing with it.
+        if self.paused {
+            if let Ok(mut worker) = self.worker.try_borrow_mut() {
+                worker.on_request_gone(self.context_id);
+            }
         }
+    }
+}
+
+/// The upstream's `:status`, parsed from the bytes the host hands over.
+fn response_status() -> Option<u16> {
+    let bytes = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
+        .ok()
+        .flatten()?;
+    parse_status(&bytes)
+}
+
+/// A three-digit HTTP status.
+fn parse_status(bytes: &[u8]) -> Option<u16> {
+    match bytes {
+        [a, b, c] if bytes.iter().all(u8::is_ascii_digit) => {
+            Some(u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0'))
+        }
+        _ => None,
     }
 }

@@ -196,6 +196,15 @@ pub trait Host {
     fn shared_replace(&mut self, _key: &str, _value: &[u8], _version: u32) -> bool {
         false
     }
+    /// The write generation of `bucket` of the gateway cache's keys
+    /// ([`crate::ready`]), shared by every worker of this Envoy. `None` (the default: a
+    /// host with a [`Host::keyed_store`]): the host keeps no generations, and workers
+    /// keep no tokens of their own.
+    fn cache_generation(&self, _bucket: u32) -> Option<u64> {
+        None
+    }
+    /// Counts a completed write of a key of `bucket` in the gateway cache.
+    fn bump_cache_generation(&mut self, _bucket: u32) {}
     /// Wakes the worker that registered wake queue `queue` (its `on_wake` runs soon, on
     /// its own thread).
     fn wake(&mut self, queue: u32);

@@ -11,6 +11,9 @@
 //! - [`slots`]: bounded shared data: per-key records in tables of reused slots.
 //! - `records` (native builds only): the same records in least-recently-used maps, for
 //!   hosts that can free memory (the native build; the fake host, on request).
+//! - [`ready`]: each worker's own cache of ready tokens, coherent with the gateway cache
+//!   through write generations.
+//! - [`header_pairs`]: a request's header map as the host serialises it, read in place.
 //! - [`hits`]: cache hits counted per worker, added to their stat in batches.
 //! - `filter` (wasm32 only): the proxy-wasm root and HTTP contexts, thin glue over [`worker`].
 
@@ -24,9 +27,11 @@ pub mod config;
 pub mod delivery;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod fake;
+pub mod header_pairs;
 pub mod hits;
 pub mod host;
 pub mod inflight;
+pub mod ready;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod records;
 pub mod slots;

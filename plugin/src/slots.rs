@@ -16,6 +16,10 @@
 //!
 //! A slot's value: `[key length: u8][provider:tenant][record]`.
 //!
+//! Every write to the token table bumps the write generation of each key it changes
+//! (the key written, and the key whose record it pushed out), after the write: workers
+//! keep copies of tokens checked against it ([`crate::ready`]).
+//!
 //! A host that keeps records in its own memory (the native build: one least recently
 //! used map per table, shared by its workers) offers a [`KeyedStore`] through
 //! [`Host::keyed_store`]; [`Slots`] then hands every call to it and no slot is used.
@@ -23,6 +27,7 @@
 use tokengate_core::TokenKey;
 
 use crate::host::Host;
+use crate::ready::{bucket_of, bucket_of_name};
 
 /// How many slots a key may live in.
 const WAYS: u32 = 4;
@@ -190,24 +195,32 @@ impl Slots {
         // The slots already holding the key (one, but for tables written before this
         // rule), and the best other slot.
         let mut own: Vec<String> = Vec::new();
-        let mut best: Option<(String, u64)> = None;
+        // The best other slot, its worth and the bucket of the key it holds.
+        let mut best: Option<(String, u64, Option<u32>)> = None;
         for slot in self.candidates(table, key) {
             let held = host.shared_get(&slot).unwrap_or_default();
             if record_of(&held, key).is_some() {
                 own.push(slot);
                 continue;
             }
-            let place_worth = match held_key_len(&held) {
-                None => 0,
-                Some(len) => worth(held.get(1 + len..).unwrap_or_default()),
+            let (place_worth, held_bucket) = match held_key_len(&held) {
+                None => (0, None),
+                Some(len) => (
+                    worth(held.get(1 + len..).unwrap_or_default()),
+                    held.get(1..=len)
+                        .map(|name| bucket_of_name(name.iter().copied())),
+                ),
             };
-            if best.as_ref().is_none_or(|(_, least)| place_worth < *least) {
-                best = Some((slot, place_worth));
+            if best
+                .as_ref()
+                .is_none_or(|(_, least, _)| place_worth < *least)
+            {
+                best = Some((slot, place_worth, held_bucket));
             }
         }
         let mut own = own.into_iter();
-        let (slot, place_worth) = match own.next() {
-            Some(slot) => (slot, 0),
+        let (slot, place_worth, pushed_out) = match own.next() {
+            Some(slot) => (slot, 0, None),
             None => best.ok_or(NotPlaced::Full)?,
         };
         if place_worth > 0 && eviction == Eviction::SpentOnly {
@@ -216,6 +229,12 @@ impl Slots {
         host.shared_set(&slot, &value);
         for duplicate in own.filter(|duplicate| *duplicate != slot) {
             host.shared_set(&duplicate, &[]);
+        }
+        if table == Table::Tokens {
+            host.bump_cache_generation(bucket_of(key));
+            if let Some(bucket) = pushed_out {
+                host.bump_cache_generation(bucket);
+            }
         }
         Ok(Placed {
             evicted: place_worth > 0,
@@ -231,8 +250,14 @@ impl Slots {
         record: &[u8],
     ) -> bool {
         match &found.place {
-            Place::Slot(_, slot) => encode(key, record)
-                .is_some_and(|value| host.shared_replace(slot, &value, found.version)),
+            Place::Slot(table, slot) => {
+                let replaced = encode(key, record)
+                    .is_some_and(|value| host.shared_replace(slot, &value, found.version));
+                if replaced && *table == Table::Tokens {
+                    host.bump_cache_generation(bucket_of(key));
+                }
+                replaced
+            }
             Place::Keyed(table) => host
                 .keyed_store()
                 .is_some_and(|store| store.replace(*table, key, record, found.version)),
@@ -251,6 +276,9 @@ impl Slots {
                     {
                         host.shared_set(&slot, &[]);
                     }
+                }
+                if *table == Table::Tokens {
+                    host.bump_cache_generation(bucket_of(key));
                 }
             }
             Place::Keyed(table) => {

@@ -56,6 +56,7 @@ use tokengate_core::{
 use crate::config::FilterConfig;
 use crate::hits::HitTally;
 use crate::host::{Host, Level, Metric};
+use crate::ready::{self, MAX_READY_TOKENS, ReadyToken, ReadyTokens};
 use crate::slots::Slots;
 use companion::{LeaseEnd, Purpose};
 use fetch::{Fetch, Stage};
@@ -139,6 +140,18 @@ pub struct Worker {
     debug_logging: Option<(bool, u64)>,
     /// Providers already warned of tokens too short for the margin and refresh lead.
     misfit_warned: HashSet<Provider>,
+    /// This worker's own copies of the gateway cache's tokens ([`crate::ready`]).
+    ready: ReadyTokens,
+}
+
+/// What this worker's own token cache answers for a key.
+enum Lookup {
+    /// A token to serve.
+    Ready(Arc<ReadyToken>),
+    /// No servable token, here or in the gateway cache.
+    Miss,
+    /// The host keeps no generations: the worker keeps no tokens.
+    Off,
 }
 
 /// What a worker holds for requests and callouts in flight (for tests that bound it).
@@ -154,6 +167,11 @@ pub struct WorkerLoad {
     pub delivered: usize,
     /// Commits and aborts waiting for their second attempt.
     pub lease_end_retries: usize,
+}
+
+/// How many tokens a worker keeps of its own, for `cache.maxTenants` keys.
+fn config_ready_capacity(max_tenants: u32) -> u32 {
+    max_tenants.min(MAX_READY_TOKENS)
 }
 
 /// Tick period while work waits for the worker's next turn.
@@ -174,6 +192,7 @@ impl Worker {
     /// wake queue it registered, if any.
     pub fn new(config: FilterConfig, worker_id: u64, wake_queue: Option<u32>) -> Self {
         let fetch_config = config.fetch_config();
+        let max_tenants = config.cache.max_tenants;
         Self {
             slots: config.slots(),
             config: Arc::new(config),
@@ -192,6 +211,7 @@ impl Worker {
             hits: Arc::default(),
             debug_logging: None,
             misfit_warned: HashSet::new(),
+            ready: ReadyTokens::new(config_ready_capacity(max_tenants)),
         }
     }
 
@@ -234,29 +254,99 @@ impl Worker {
             self.claim_purge(host, &ask.key, now_ms, stale)
         };
         if !force_refresh {
-            if let Some(entry) = self.cached(host, &ask.key, now_ms, None) {
-                if entry.wants_refresh(now_ms) {
-                    self.refresh_ahead(host, &ask.key, entry.token.expires_at_ms, now_ms);
-                }
-                if let Some(hits) = self.hits.hit(now_ms) {
-                    host.add(Metric::CacheHit, hits);
-                }
-                if self.debug_logging(host, now_ms) {
-                    host.log(
-                        Level::Debug,
-                        &format!(
-                            "token request {} source=cache duration_ms=0 correlation_id={}",
-                            ask.key,
-                            request_ids().correlation_id.as_deref().unwrap_or("-")
-                        ),
-                    );
-                }
-                return Decision::Cached(entry.token);
+            let served = match self.ready_lookup(host, &ask.key, now_ms) {
+                Lookup::Ready(ready) => Some((ready.to_cached(), ready.refresh_at_ms)),
+                Lookup::Miss => None,
+                Lookup::Off => self
+                    .cached(host, &ask.key, now_ms, None)
+                    .map(|entry| (entry.token, entry.refresh_at_ms)),
+            };
+            if let Some((token, refresh_at_ms)) = served {
+                let expires_at_ms = token.expires_at_ms;
+                self.served(
+                    host,
+                    &ask.key,
+                    now_ms,
+                    (expires_at_ms, refresh_at_ms),
+                    || request_ids().correlation_id,
+                );
+                return Decision::Cached(token);
             }
         }
         host.count(Metric::CacheMiss);
         self.pause(host, ask, force_refresh, request_ids(), now_ms);
         Decision::Pause
+    }
+
+    /// The hit path of a request that wants `key`'s token now, from this worker's own
+    /// token cache: the token ready to serve, or `None` (a miss, or a host without
+    /// generations), when the request goes to [`Worker::on_request`].
+    /// `correlation_id` reads the request's `x-request-id`, only for a debug line.
+    pub fn serve_ready(
+        &mut self,
+        host: &mut impl Host,
+        key: &TokenKey,
+        correlation_id: impl FnOnce() -> Option<String>,
+    ) -> Option<Arc<ReadyToken>> {
+        let now_ms = host.now_ms();
+        let Lookup::Ready(ready) = self.ready_lookup(host, key, now_ms) else {
+            return None;
+        };
+        let moments = (ready.expires_at_ms, ready.refresh_at_ms);
+        self.served(host, key, now_ms, moments, correlation_id);
+        Some(ready)
+    }
+
+    /// `key`'s servable token from this worker's own cache, refilled from the gateway
+    /// cache when a write since made it stale (see [`crate::ready`] for the order).
+    fn ready_lookup(&mut self, host: &impl Host, key: &TokenKey, now_ms: u64) -> Lookup {
+        let Some(generation) = host.cache_generation(ready::bucket_of(key)) else {
+            return Lookup::Off;
+        };
+        if let Some(ready) = self.ready.get(key, generation) {
+            if ready.is_servable(now_ms) {
+                return Lookup::Ready(Arc::clone(ready));
+            }
+        }
+        match self.cached(host, key, now_ms, None) {
+            Some(entry) => {
+                let ready = Arc::new(ReadyToken::new(&entry));
+                self.ready.keep(key, generation, Arc::clone(&ready));
+                Lookup::Ready(ready)
+            }
+            None => {
+                self.ready.forget(key);
+                Lookup::Miss
+            }
+        }
+    }
+
+    /// A request was served `key`'s cached token, which expires and wants refreshing
+    /// at `(expires_at_ms, refresh_at_ms)`: starts its refresh when due, counts the hit
+    /// and writes the debug line.
+    fn served(
+        &mut self,
+        host: &mut impl Host,
+        key: &TokenKey,
+        now_ms: u64,
+        (expires_at_ms, refresh_at_ms): (u64, u64),
+        correlation_id: impl FnOnce() -> Option<String>,
+    ) {
+        if now_ms >= refresh_at_ms {
+            self.refresh_ahead(host, key, expires_at_ms, now_ms);
+        }
+        if let Some(hits) = self.hits.hit(now_ms) {
+            host.add(Metric::CacheHit, hits);
+        }
+        if self.debug_logging(host, now_ms) {
+            host.log(
+                Level::Debug,
+                &format!(
+                    "token request {key} source=cache duration_ms=0 correlation_id={}",
+                    correlation_id().as_deref().unwrap_or("-")
+                ),
+            );
+        }
     }
 
     /// Whether the host writes debug lines, asked at most once per [`LOG_LEVEL_TTL_MS`].
