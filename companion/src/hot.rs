@@ -5,7 +5,8 @@
 //!
 //! - it is dropped when the key's `ready` channel fires: every change the companions
 //!   make to a cached token publishes there (a commit, an abort, an invalidation, on
-//!   any companion);
+//!   any companion); the companion that made the change drops its own copy as it
+//!   answers, so its next lease reads its own write;
 //! - everything is dropped, and nothing copied, while the pub/sub subscription is down,
 //!   since those messages are then lost;
 //! - a copy read from Redis is only kept if no message arrived while it was read, so a

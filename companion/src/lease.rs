@@ -475,6 +475,10 @@ impl Service {
             }
             Err(source) => return Err(cache_error(source)),
         };
+        // This companion's own next lease reads the committed token: its copy is dropped
+        // now, after the write (a read racing the write cannot keep the old token), not
+        // when the `ready` message comes back from Redis.
+        self.hot.forget(&tag);
         self.stale.keep(&tag, &token);
         let expires_in_ms = request.expires_at_ms - now_ms;
         self.metrics.commit(if outcome.stored {

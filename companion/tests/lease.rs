@@ -409,6 +409,31 @@ async fn a_forced_lease_skips_the_cached_token_which_others_still_get() {
     assert_hit(&companion.lease("acme").await, "tok-new", new_expiry);
 }
 
+/// Read-your-writes on one companion: its in-process copy of a token is dropped by its
+/// own commit, not only when Redis's `ready` message comes back (which can come after
+/// the next lease). Repeated, since each round races that message.
+#[tokio::test]
+async fn a_companion_answers_its_own_commit_at_once_not_its_older_copy() {
+    let redis = RedisServer::start();
+    let companion = Companion::start(config(&redis)).await;
+    wait_until_subscribed(&redis).await;
+    let first = companion.lease_fetch("acme").await;
+    let mut expiry = now_ms() + 60_000;
+    assert_eq!(companion.commit("acme", &first, "tok-0", expiry).await, 204);
+    for round in 1..=30 {
+        // A hit here keeps a copy of the cached token...
+        assert_hit(&companion.lease("acme").await, &format!("tok-{}", round - 1), expiry);
+        let LeaseResponse::Fetch { lease_id, .. } = companion.lease_forced("acme").await else {
+            panic!("round {round}: a forced lease should fetch");
+        };
+        expiry += 1_000;
+        let token = format!("tok-{round}");
+        assert_eq!(companion.commit("acme", &lease_id, &token, expiry).await, 204);
+        // ... which the commit's answer has already dropped.
+        assert_hit(&companion.lease("acme").await, &token, expiry);
+    }
+}
+
 #[tokio::test]
 async fn a_forced_lease_waits_for_the_fetch_in_progress_and_takes_only_its_token() {
     let redis = RedisServer::start();
