@@ -2,6 +2,8 @@
 //! by the test, the clock only moves when the test moves it, and each test asserts what
 //! the requests, the companion and the stats would see. Nothing here sleeps.
 
+use std::collections::BTreeSet;
+
 use serde_json::{Value, json};
 
 use tokengate::ask::request_ids;
@@ -10,7 +12,7 @@ use tokengate::fake::{FakeEnvoy, FakeHeaders, FakeHost, SentCallout};
 use tokengate::host::{Level, Metric, ProviderEvent};
 use tokengate::records::LruRecords;
 use tokengate::slots::Table;
-use tokengate::worker::{Decision, Delivery, RequestIds, TokenAsk, Worker};
+use tokengate::worker::{Decision, Delivery, RequestIds, TokenAsk, Worker, WorkerLoad};
 use tokengate_core::cache::{GatewayEntry, REFRESH_RETRY_MS};
 use tokengate_core::limit::WINDOW_MS;
 use tokengate_core::{
@@ -1379,4 +1381,177 @@ fn a_cache_hit_never_reads_the_requests_ids() {
     });
     let _ = cached_token(decision);
     assert!(!read, "a hit at info level reads no header");
+}
+
+// --- The worker's own bookkeeping ----------------------------------------------------
+
+#[test]
+fn the_workers_load_counts_what_it_holds_until_the_fetch_ends() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    let _ = rig.ask(2, "acme");
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+
+    let load = rig.worker.load();
+    assert_eq!(
+        (load.fetches, load.waiters, load.callouts),
+        (1, 2, 1),
+        "{load:?}"
+    );
+    rig.answer(&lease, response(200, &lease_granted("lease-1")));
+    rig.fetch_from_tenant_service("acme", "tok-acme", 3_600);
+    let load = rig.worker.load();
+    assert_eq!(
+        (load.fetches, load.waiters, load.callouts, load.delivered),
+        (0, 0, 1, 2),
+        "the commit is in flight, the two resumed requests await their upstream: {load:?}"
+    );
+    let commit = rig.sent_one(COMPANION, "/v1/commit");
+    rig.answer(&commit, response(204, ""));
+    rig.worker.on_request_gone(1);
+    rig.worker.on_request_gone(2);
+    assert_eq!(rig.worker.load(), WorkerLoad::default());
+}
+
+#[test]
+fn a_worker_waiting_on_a_peer_polls_the_cache_every_millisecond() {
+    for envoy in envoys_of_both_caches(DEFAULT_MAX_TENANTS) {
+        let (_envoy, _first, second, _lease) = one_leases_the_other_waits(envoy, json!({}));
+        assert_eq!(second.host.tick_period_ms, 1);
+    }
+}
+
+#[test]
+fn a_hits_debug_line_follows_the_hosts_log_level_asked_once_a_second() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-acme", 3_600);
+    let debug_lines = |rig: &Rig| {
+        rig.host
+            .logs_at(Level::Debug)
+            .iter()
+            .filter(|line| line.contains("source=cache"))
+            .count()
+    };
+
+    rig.host.level = Level::Info;
+    let _ = cached_token(rig.ask(2, "acme"));
+    rig.host.level = Level::Debug;
+    rig.advance(999);
+    let _ = cached_token(rig.ask(3, "acme"));
+    assert_eq!(
+        debug_lines(&rig),
+        0,
+        "the level read at the first hit holds"
+    );
+    rig.advance(1);
+    let _ = cached_token(rig.ask(4, "acme"));
+    assert_eq!(
+        debug_lines(&rig),
+        1,
+        "a second later the level is read again"
+    );
+    let _ = cached_token(rig.ask(5, "acme"));
+    assert_eq!(debug_lines(&rig), 2);
+}
+
+#[test]
+fn pruning_the_local_mode_limiter_keeps_the_keys_still_limited() {
+    let mut rig = Rig::new(json!({
+        "companion": {"localFetchesPerMinute": 1, "retryAfterMs": 600_000},
+        "negativeCacheMs": 0,
+    }));
+    rig.host.refused_clusters.insert(COMPANION.to_owned());
+    // More keys than the limiter keeps before it drops idle ones, each fetched once.
+    for context_id in 1..=4_097 {
+        let tenant = format!("t{context_id}");
+        let _ = rig.ask(context_id, &tenant);
+        rig.tick();
+        let credentials = rig.sent_one(
+            TENANT_SERVICE,
+            &format!("/tenants/{tenant}/credentials/genesys"),
+        );
+        rig.answer(&credentials, response(404, "{}"));
+    }
+
+    let _ = rig.ask(5_000, "t1");
+    rig.tick();
+    rig.nothing_sent();
+    let refused = rig.host.replies.last().unwrap();
+    assert_eq!(
+        (refused.context_id, refused.body["code"].as_str()),
+        (5_000, Some("COMPANION_UNAVAILABLE"))
+    );
+}
+
+/// The tenants whose purge records the slot table of `envoy` holds.
+fn purged_tenants(envoy: &FakeEnvoy, slots: u32) -> BTreeSet<String> {
+    (0..slots)
+        .filter_map(|slot| envoy.shared_value(&format!("tokengate.v3.p.{slot}")))
+        .filter_map(|value| {
+            let length = usize::from(*value.first()?);
+            let key = String::from_utf8_lossy(value.get(1..=length)?).into_owned();
+            Some(key.rsplit(':').next()?.to_owned())
+        })
+        .collect()
+}
+
+/// `count` tenant names, each of which may live in both slots of a two-slot table (its
+/// four ways, as `Slots` picks them from its hash, are not all one slot).
+fn tenants_using_both_of_two_slots(count: usize) -> Vec<String> {
+    let both = |tenant: &String| {
+        let hash = key(tenant).stable_hash();
+        let slots: BTreeSet<u64> = (0..4u32)
+            .map(|way| hash.rotate_right(16 * way).wrapping_add(u64::from(way)) % 2)
+            .collect();
+        slots.len() == 2
+    };
+    (0..100)
+        .map(|n| format!("k{n}"))
+        .filter(both)
+        .take(count)
+        .collect()
+}
+
+#[test]
+fn a_purge_record_goes_over_a_spent_one_else_over_the_oldest_still_in_force() {
+    let overrides = json!({"cache": {"maxTenants": 2}, "purge": {"minIntervalMs": 10_000}});
+    let purge = |rig: &mut Rig, tenant: &str, stale_expires_at_ms: u64| {
+        let token = CachedToken {
+            access_token: format!("tok-{tenant}").as_str().into(),
+            expires_at_ms: stale_expires_at_ms,
+        };
+        rig.worker
+            .on_upstream_status(&mut rig.host, 1, Some((key(tenant), token)), 401);
+    };
+    let tenants = tenants_using_both_of_two_slots(3);
+    let [a, b, c] = [&tenants[0], &tenants[1], &tenants[2]];
+
+    // `a` still guards a token it purged; `b`, purged later, neither throttles nor
+    // guards any more (its token expires as `c` is purged).
+    let envoy = FakeEnvoy::starting_at(START_MS);
+    let mut rig = Rig::on(&envoy, overrides.clone(), 1);
+    purge(&mut rig, a, START_MS + 100_000);
+    rig.advance(1_000);
+    purge(&mut rig, b, START_MS + 20_000);
+    rig.advance(19_000);
+    purge(&mut rig, c, START_MS + 30_000);
+    assert_eq!(
+        purged_tenants(&envoy, 2),
+        BTreeSet::from([a.clone(), c.clone()])
+    );
+
+    // Both still throttle, `b` with a token that expired: the older purge gives way.
+    let envoy = FakeEnvoy::starting_at(START_MS);
+    let mut rig = Rig::on(&envoy, overrides, 1);
+    purge(&mut rig, a, START_MS + 100_000);
+    rig.advance(5_000);
+    purge(&mut rig, b, START_MS + 6_000);
+    rig.advance(3_000);
+    purge(&mut rig, c, START_MS + 30_000);
+    assert_eq!(
+        purged_tenants(&envoy, 2),
+        BTreeSet::from([b.clone(), c.clone()])
+    );
 }
