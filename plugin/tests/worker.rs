@@ -1020,6 +1020,15 @@ fn an_upstream_rejection_purges_the_token_here_and_at_the_companion_once_per_int
     let invalidate = rig.sent_one(COMPANION, "/v1/invalidate");
     assert_eq!(invalidate.json()["accessToken"], "tok-acme");
     assert_eq!(rig.host.stat(Metric::Purge), 1);
+    rig.answer(&invalidate, response(204, ""));
+    let invalidate_failures = |rig: &Rig| {
+        rig.host
+            .logs_at(Level::Warn)
+            .iter()
+            .filter(|line| line.contains("companion invalidate for genesys:acme failed"))
+            .count()
+    };
+    assert_eq!(invalidate_failures(&rig), 0, "a 204 is no failure");
 
     rig.worker
         .on_upstream_status(&mut rig.host, 3, Some((key("acme"), token.clone())), 401);
@@ -1027,7 +1036,16 @@ fn an_upstream_rejection_purges_the_token_here_and_at_the_companion_once_per_int
     rig.nothing_sent();
     assert_eq!(rig.host.stat(Metric::PurgeSuppressed), 1);
 
-    let _ = rig.ask(4, "acme");
+    // The next purge, once the interval passed: its invalidation fails, and says so.
+    rig.advance(10_000);
+    rig.worker
+        .on_upstream_status(&mut rig.host, 5, Some((key("acme"), token.clone())), 401);
+    rig.tick();
+    let invalidate = rig.sent_one(COMPANION, "/v1/invalidate");
+    rig.answer(&invalidate, response(503, ENVOY_CONNECT_FAILURE));
+    assert_eq!(invalidate_failures(&rig), 1);
+
+    let _ = rig.ask(6, "acme");
     rig.tick();
     let lease = rig.sent_one(COMPANION, "/v1/lease");
     assert_eq!(
