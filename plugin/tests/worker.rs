@@ -737,6 +737,38 @@ fn a_token_near_expiry_is_served_at_once_while_one_refresh_runs() {
 }
 
 #[test]
+fn a_refresh_queued_behind_another_workers_takes_its_newer_token_from_the_cache() {
+    let overrides = json!({"refreshAhead": {"percent": 10, "minLeadMs": 30_000}});
+    for envoy in envoys_of_both_caches(DEFAULT_MAX_TENANTS) {
+        let mut first = Rig::on(&envoy, overrides.clone(), 1);
+        let mut second = Rig::on(&envoy, overrides.clone(), 2);
+        let _ = first.ask(1, "acme");
+        first.fetch_with_lease("acme", "tok-old", 3_600);
+        let _ = first.host.take_sent();
+
+        envoy.advance(3_600_000 - 180_000);
+        let _ = cached_token(first.ask(2, "acme"));
+        let _ = cached_token(second.ask(3, "acme"));
+        assert_eq!(
+            first.host.stat(Metric::RefreshAhead) + second.host.stat(Metric::RefreshAhead),
+            2,
+            "both queued a refresh before either started"
+        );
+        first.tick();
+        let lease = first.sent_one(COMPANION, "/v1/lease");
+        first.answer(&lease, response(200, &lease_granted("lease-2")));
+        first.fetch_from_tenant_service("acme", "tok-new", 3_600);
+
+        second.tick();
+        second.nothing_sent();
+        assert_eq!(
+            cached_token(second.ask(4, "acme")).access_token.expose(),
+            "tok-new"
+        );
+    }
+}
+
+#[test]
 fn after_a_failed_refresh_the_old_token_serves_and_every_worker_waits_for_the_retry() {
     let envoy = FakeEnvoy::starting_at(START_MS);
     let mut first = Rig::on(&envoy, json!({}), 1);
