@@ -186,6 +186,10 @@ impl Rig {
         self.answer(&credentials, response(200, CREDENTIALS));
         let login = self.sent_one(LOGIN, "/oauth/token");
         assert_eq!(login.authority, "login.mypurecloud.ie");
+        assert_eq!(
+            String::from_utf8_lossy(&login.body),
+            "grant_type=client_credentials"
+        );
         self.answer(&login, response(200, &login_answer(token, lifetime_secs)));
     }
 
@@ -331,12 +335,20 @@ fn a_request_that_left_is_not_resumed_and_the_fetch_goes_on() {
     let mut rig = Rig::new(json!({}));
     let _ = rig.ask(1, "acme");
     let _ = rig.ask(2, "acme");
+    let _ = rig.ask(3, "acme");
     rig.worker.on_request_gone(1);
+    // Request 3 is gone too, but the worker learns it only when resuming it fails.
+    rig.host.gone.insert(3);
 
     rig.fetch_with_lease("acme", "tok-acme", 3_600);
 
     assert_eq!(rig.resumed_with("tok-acme"), [2]);
     assert!(rig.cached_entry("acme").is_some());
+    assert_eq!(
+        rig.worker.load().delivered,
+        1,
+        "only the resumed request awaits its upstream's answer"
+    );
 }
 
 // --- Tier 2: one fetch per key per Envoy ----------------------------------------------
