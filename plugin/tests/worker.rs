@@ -1617,3 +1617,24 @@ fn a_purge_record_goes_over_a_spent_one_else_over_the_oldest_still_in_force() {
         BTreeSet::from([b.clone(), c.clone()])
     );
 }
+
+#[test]
+fn a_token_that_replaces_an_expired_one_is_no_eviction_and_one_that_replaces_a_live_one_is() {
+    for envoy in envoys_of_both_caches(1) {
+        let mut rig = Rig::on(&envoy, json!({"cache": {"maxTenants": 1}}), 1);
+        let _ = rig.ask(1, "acme");
+        rig.fetch_with_lease("acme", "tok-acme", 60);
+        let _ = rig.host.take_sent();
+
+        rig.advance(61_000);
+        let _ = rig.ask(2, "globex");
+        rig.fetch_with_lease("globex", "tok-globex", 3_600);
+        let _ = rig.host.take_sent();
+        assert_eq!(rig.host.stat(Metric::CacheEvicted), 0, "acme had expired");
+
+        let _ = rig.ask(3, "initech");
+        rig.fetch_with_lease("initech", "tok-initech", 3_600);
+        assert_eq!(rig.host.stat(Metric::CacheEvicted), 1, "globex was live");
+        assert!(rig.cached_entry("globex").is_none());
+    }
+}
