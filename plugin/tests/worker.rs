@@ -1579,43 +1579,34 @@ fn tenants_using_both_of_two_slots(count: usize) -> Vec<String> {
 #[test]
 fn a_purge_record_goes_over_a_spent_one_else_over_the_oldest_still_in_force() {
     let overrides = json!({"cache": {"maxTenants": 2}, "purge": {"minIntervalMs": 10_000}});
-    let purge = |rig: &mut Rig, tenant: &str, stale_expires_at_ms: u64| {
-        let token = CachedToken {
-            access_token: format!("tok-{tenant}").as_str().into(),
-            expires_at_ms: stale_expires_at_ms,
-        };
-        rig.worker
-            .on_upstream_status(&mut rig.host, 1, Some((key(tenant), token)), 401);
-    };
     let tenants = tenants_using_both_of_two_slots(3);
     let [a, b, c] = [&tenants[0], &tenants[1], &tenants[2]];
+    // `a` is purged at 0 with a token expiring at 100 s, `b` at `b_at` with one expiring
+    // at `b_expires`, then `c` at `c_at`: which two purge records are left.
+    let survivors = |b_at: u64, b_expires: u64, c_at: u64| {
+        let envoy = FakeEnvoy::starting_at(START_MS);
+        let mut rig = Rig::on(&envoy, overrides.clone(), 1);
+        for (tenant, at, stale_expires) in
+            [(a, 0, 100_000), (b, b_at, b_expires), (c, c_at, 100_000)]
+        {
+            envoy.advance_to(START_MS + at);
+            let token = CachedToken {
+                access_token: format!("tok-{tenant}").as_str().into(),
+                expires_at_ms: START_MS + stale_expires,
+            };
+            rig.worker
+                .on_upstream_status(&mut rig.host, 1, Some((key(tenant), token)), 401);
+        }
+        purged_tenants(&envoy, 2)
+    };
+    let [a_and_c, b_and_c] = [a, b].map(|kept| BTreeSet::from([kept.clone(), c.clone()]));
 
-    // `a` still guards a token it purged; `b`, purged later, neither throttles nor
-    // guards any more (its token expires as `c` is purged).
-    let envoy = FakeEnvoy::starting_at(START_MS);
-    let mut rig = Rig::on(&envoy, overrides.clone(), 1);
-    purge(&mut rig, a, START_MS + 100_000);
-    rig.advance(1_000);
-    purge(&mut rig, b, START_MS + 20_000);
-    rig.advance(19_000);
-    purge(&mut rig, c, START_MS + 30_000);
-    assert_eq!(
-        purged_tenants(&envoy, 2),
-        BTreeSet::from([a.clone(), c.clone()])
-    );
-
+    // `a` still guards its purged token; `b` neither throttles nor guards any more:
+    // its token expired before `c`'s purge, or expires at that very moment.
+    assert_eq!(survivors(1_000, 19_000, 20_000), a_and_c);
+    assert_eq!(survivors(1_000, 20_000, 20_000), a_and_c);
     // Both still throttle, `b` with a token that expired: the older purge gives way.
-    let envoy = FakeEnvoy::starting_at(START_MS);
-    let mut rig = Rig::on(&envoy, overrides, 1);
-    purge(&mut rig, a, START_MS + 100_000);
-    rig.advance(5_000);
-    purge(&mut rig, b, START_MS + 6_000);
-    rig.advance(3_000);
-    purge(&mut rig, c, START_MS + 30_000);
-    assert_eq!(
-        purged_tenants(&envoy, 2),
-        BTreeSet::from([b.clone(), c.clone()])
-    );
+    assert_eq!(survivors(5_000, 6_000, 8_000), b_and_c);
 }
 
 #[test]
