@@ -418,7 +418,10 @@ mod tests {
             })
             .collect();
         assert!(moments.iter().all(|at| (10_000..=12_500).contains(at)));
-        assert!(moments.iter().any(|at| *at > 12_000), "spread over the range");
+        assert!(
+            moments.iter().any(|at| *at > 12_000),
+            "spread over the range"
+        );
     }
 
     #[test]

@@ -320,6 +320,15 @@ mod tests {
         );
         let body = br#"{"token":"t","expiresAt":"soon"}"#;
         assert!(StaticCredentials::parse(&key(Provider::whatsapp()), "WhatsApp", body).is_err());
+        // Meta's "never expires".
+        for body in [
+            &br#"{"token":"t","expiresAt":0}"#[..],
+            br#"{"token":"t","expiresAt":-1}"#,
+        ] {
+            let creds =
+                StaticCredentials::parse(&key(Provider::whatsapp()), "WhatsApp", body).unwrap();
+            assert_eq!(creds.expires_at_ms, None);
+        }
     }
 
     #[test]

@@ -692,6 +692,33 @@ mod tests {
     }
 
     #[test]
+    fn an_endpoint_url_holds_no_fragment_and_no_character_outside_a_url() {
+        let url = EndpointUrl::parse("https://idp.example/oauth/token?a=1").unwrap();
+        assert_eq!(url.path, "/oauth/token?a=1");
+        for url in [
+            "https://idp.example/oauth/token#part",
+            "https://idp.example/oauth token",
+            "https://idp.example/oauth/tökén",
+            "https://idp.example",
+        ] {
+            assert_eq!(EndpointUrl::parse(url), None, "{url}");
+        }
+    }
+
+    #[test]
+    fn messages_name_the_built_ins_by_brand_and_other_providers_by_their_name() {
+        let table = ProviderTable::default();
+        let genesys = table.get(&Provider::genesys()).unwrap();
+        assert_eq!(genesys.display_name(), "Genesys");
+        let whatsapp = table.get(&Provider::whatsapp()).unwrap();
+        assert_eq!(whatsapp.display_name(), "WhatsApp");
+        for (name, kind) in [("genesys_us", "genesys"), ("wa_eu", "whatsapp")] {
+            let spec = spec(name, &format!(r#"{{"kind":"{kind}"}}"#)).unwrap();
+            assert_eq!(spec.display_name(), name);
+        }
+    }
+
+    #[test]
     fn the_table_holds_the_built_ins_and_names_its_providers_when_asked_for_another() {
         let documents = BTreeMap::from([
             ("slack".to_owned(), document(r#"{"kind":"static"}"#)),

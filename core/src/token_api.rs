@@ -250,6 +250,12 @@ mod tests {
             !spent.into_fetched(2_000).cacheable,
             "no life left: served, not cached"
         );
+        let ending = TokenResponse::new(SecretString::from("t"), 2_999, 2_000, TokenSource::Fresh);
+        assert_eq!(ending.expires_in, 0);
+        assert!(
+            !ending.into_fetched(2_000).cacheable,
+            "less than a second left: served, not cached"
+        );
     }
 
     #[test]

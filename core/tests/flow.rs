@@ -186,6 +186,29 @@ fn tenant_service_503_three_times_fails_with_503_after_three_calls() {
         (ErrorCode::TenantServiceUnavailable, 503)
     );
     assert_eq!((driver.tenant_service_calls, driver.login_calls), (3, 0));
+    assert!(
+        !error.message.contains("deadline"),
+        "the retries, not the deadline, ran out: {}",
+        error.message
+    );
+}
+
+#[test]
+fn tenant_service_429_is_retried_and_another_4xx_fails_at_once() {
+    let (driver, result) = genesys(
+        vec![status(429, ""), ok(GENESYS_CREDENTIALS)],
+        vec![ok(TOKEN)],
+    );
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(driver.tenant_service_calls, 2);
+
+    let (driver, result) = genesys(vec![status(403, "")], vec![]);
+    let error = result.unwrap_err();
+    assert_eq!(
+        (error.code, error.http_status()),
+        (ErrorCode::TenantServiceUnavailable, 503)
+    );
+    assert_eq!(driver.tenant_service_calls, 1);
 }
 
 #[test]
@@ -367,6 +390,18 @@ fn whatsapp_ttl_is_time_to_expiry_minus_the_safety_buffer() {
     assert_eq!(token.expires_in_secs, 900);
     assert_eq!(token.expires_at_ms, START_MS + 900_000);
     assert!(token.cacheable);
+}
+
+#[test]
+fn whatsapp_token_with_less_than_a_second_before_its_buffer_is_not_cacheable() {
+    let expires_at = tokengate_core::credentials::format_rfc3339_ms(START_MS + 300_999);
+    let body = format!(r#"{{"token":"wa-4","expiresAt":"{expires_at}"}}"#);
+    let mut driver = Driver::new(vec![ok(&body)], vec![]);
+    let token = driver
+        .run(Provider::whatsapp(), &FetchConfig::default())
+        .unwrap();
+    assert_eq!(token.expires_in_secs, 0);
+    assert!(!token.cacheable);
 }
 
 #[test]

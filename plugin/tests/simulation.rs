@@ -33,10 +33,10 @@ use tokengate::inflight::Marker;
 use tokengate::records::LruRecords;
 use tokengate::slots::Table;
 use tokengate::worker::{Decision, Delivery, RequestIds, TokenAsk, Worker};
-use tokengate_core::lease::{
-    ABORT_PATH, AbortRequest, COMMIT_PATH, CommitRequest, INVALIDATE_PATH, InvalidateRequest,
-    LEASE_PATH, LeaseRequest,
-};
+
+#[path = "sim/companion.rs"]
+mod companion_model;
+use companion_model::{CompanionModel, Effect, Reply};
 use tokengate_core::{
     CachedToken, CalloutResult, ErrorBody, ErrorCode, Provider, SecretBytes, TenantId, TokenKey,
 };
@@ -187,21 +187,6 @@ struct Issued {
     lifetime_ms: u64,
 }
 
-#[derive(Debug, Clone)]
-struct Lock {
-    lease_id: String,
-    until_ms: u64,
-}
-
-/// A lease waiting for another holder's lock.
-#[derive(Debug, Clone)]
-struct LeaseWaiter {
-    envoy: usize,
-    callout_id: u32,
-    request: LeaseRequest,
-    give_up_at_ms: u64,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CompanionState {
     Up,
@@ -215,17 +200,15 @@ enum CompanionState {
     },
 }
 
-/// The companion cluster as its documented contract (README, "Companion API"): Redis
-/// holds the tokens and the locks, so they outlive a companion restart; what a
-/// companion was doing (waiting leases, requests it had not answered) is lost.
+/// The companion cluster: its lease contract ([`CompanionModel`], with Redis, whose tokens
+/// and locks outlive a companion restart) and its faults; what a companion was doing
+/// (waiting leases, requests it had not answered) is lost in a restart.
 struct Companion {
     state: CompanionState,
-    tokens: HashMap<TokenKey, (String, u64)>,
-    locks: HashMap<TokenKey, Lock>,
-    waiters: Vec<LeaseWaiter>,
+    /// Answers to (envoy, callout id).
+    model: CompanionModel<(usize, u32)>,
     /// Requests received while frozen: (envoy, callout id, path, body).
     frozen: Vec<(usize, u32, String, Vec<u8>)>,
-    next_lease: u64,
 }
 
 /// One tenant at the Tenant Service and its IdP.
@@ -526,11 +509,8 @@ impl Sim {
             tenants,
             companion: Companion {
                 state: CompanionState::Up,
-                tokens: HashMap::new(),
-                locks: HashMap::new(),
-                waiters: Vec::new(),
+                model: CompanionModel::new(LOCK_TTL_MS, LEASE_WAIT_MS),
                 frozen: Vec::new(),
-                next_lease: 0,
             },
             issued: HashMap::new(),
             next_token: 0,
@@ -871,13 +851,8 @@ impl Sim {
         };
         self.shadow_cluster(self.now_ms + down_ms);
         // What it was doing is lost: waiting leases and frozen requests are reset.
-        let waiters = std::mem::take(&mut self.companion.waiters);
-        for waiter in waiters {
-            self.respond(
-                waiter.envoy,
-                waiter.callout_id,
-                Some(Answer::text(503, CONNECTION_RESET)),
-            );
+        for (envoy, id) in self.companion.model.drop_waiters() {
+            self.respond(envoy, id, Some(Answer::text(503, CONNECTION_RESET)));
         }
         let frozen = std::mem::take(&mut self.companion.frozen);
         for (envoy, id, _, _) in frozen {
@@ -1445,166 +1420,22 @@ impl Sim {
     }
 
     fn companion_handles(&mut self, envoy: usize, id: u32, path: &str, body: &[u8]) {
-        let answer = match path {
-            LEASE_PATH => {
-                let Ok(request) = serde_json::from_slice::<LeaseRequest>(body) else {
-                    return self.respond(
-                        envoy,
-                        id,
-                        Some(Answer::error(400, ErrorCode::InvalidRequest, "bad lease")),
-                    );
-                };
-                self.lease(envoy, id, request, self.now_ms + LEASE_WAIT_MS);
-                return;
-            }
-            COMMIT_PATH => {
-                let Ok(request) = serde_json::from_slice::<CommitRequest>(body) else {
-                    return self.respond(
-                        envoy,
-                        id,
-                        Some(Answer::error(400, ErrorCode::InvalidRequest, "bad commit")),
-                    );
-                };
-                let key = TokenKey::new(request.provider, request.tenant_id);
-                let expires_at_ms = request.expires_at_ms;
-                let token = request.access_token.expose().to_owned();
-                if expires_at_ms > self.now_ms {
-                    let stored = self.companion.tokens.get(&key).map_or(0, |(_, at)| *at);
-                    if expires_at_ms >= stored {
-                        self.companion
-                            .tokens
-                            .insert(key.clone(), (token, expires_at_ms));
-                    }
-                }
-                self.release_lock(&key, &request.lease_id.0);
-                Answer::text(204, "")
-            }
-            ABORT_PATH => {
-                let Ok(request) = serde_json::from_slice::<AbortRequest>(body) else {
-                    return self.respond(
-                        envoy,
-                        id,
-                        Some(Answer::error(400, ErrorCode::InvalidRequest, "bad abort")),
-                    );
-                };
-                let key = TokenKey::new(request.provider, request.tenant_id);
-                self.release_lock(&key, &request.lease_id.0);
-                Answer::text(204, "")
-            }
-            INVALIDATE_PATH => {
-                let Ok(request) = serde_json::from_slice::<InvalidateRequest>(body) else {
-                    return self.respond(
-                        envoy,
-                        id,
-                        Some(Answer::error(
-                            400,
-                            ErrorCode::InvalidRequest,
-                            "bad invalidate",
-                        )),
-                    );
-                };
-                let key = TokenKey::new(request.provider, request.tenant_id);
-                let matches = match (&request.access_token, self.companion.tokens.get(&key)) {
-                    (Some(token), Some((cached, _))) => token.expose() == cached,
-                    (None, Some(_)) => true,
-                    (_, None) => false,
-                };
-                if matches {
-                    self.companion.tokens.remove(&key);
-                }
-                Answer::text(204, "")
-            }
-            _ => Answer::error(404, ErrorCode::NotFound, "no such route"),
-        };
-        self.respond(envoy, id, Some(answer));
-    }
-
-    /// A lease: a token that satisfies it, else the lock, else it waits for the holder.
-    fn lease(&mut self, envoy: usize, id: u32, request: LeaseRequest, give_up_at_ms: u64) {
-        let key = TokenKey::new(request.provider.clone(), request.tenant_id.clone());
-        let now_ms = self.now_ms;
-        if !request.force_refresh {
-            if let Some((token, expires_at_ms)) = self.companion.tokens.get(&key) {
-                let wanted = request.min_expires_at_ms.unwrap_or(now_ms);
-                if *expires_at_ms > wanted && *expires_at_ms > now_ms {
-                    let answer = Answer::json(
-                        200,
-                        json!({
-                            "outcome": "hit", "accessToken": token, "expiresAtMs": expires_at_ms,
-                        }),
-                    );
-                    return self.respond(envoy, id, Some(answer));
-                }
-            }
-        }
-        let free = self
+        let effects = self
             .companion
-            .locks
-            .get(&key)
-            .is_none_or(|lock| lock.until_ms <= now_ms);
-        if free {
-            self.companion.next_lease += 1;
-            let lease_id = format!("lease-{}", self.companion.next_lease);
-            self.companion.locks.insert(
-                key,
-                Lock {
-                    lease_id: lease_id.clone(),
-                    until_ms: now_ms + LOCK_TTL_MS,
-                },
-            );
-            self.schedule(LOCK_TTL_MS, Event::CompanionTimer);
-            let answer = Answer::json(
-                200,
-                json!({
-                    "outcome": "fetch", "leaseId": lease_id, "leaseTtlMs": LOCK_TTL_MS,
-                }),
-            );
-            return self.respond(envoy, id, Some(answer));
-        }
-        if now_ms >= give_up_at_ms {
-            let answer = Answer::error(
-                503,
-                ErrorCode::LockAcquisitionFailed,
-                "another instance holds the fetch lock",
-            );
-            return self.respond(envoy, id, Some(answer));
-        }
-        if give_up_at_ms == now_ms + LEASE_WAIT_MS {
-            // A new waiter: the companion gives up on it then (re-checks add none).
-            self.schedule(LEASE_WAIT_MS, Event::CompanionTimer);
-        }
-        self.companion.waiters.push(LeaseWaiter {
-            envoy,
-            callout_id: id,
-            request,
-            give_up_at_ms,
-        });
+            .model
+            .handle(self.now_ms, (envoy, id), path, body);
+        self.apply(effects);
     }
 
-    fn release_lock(&mut self, key: &TokenKey, lease_id: &str) {
-        if self
-            .companion
-            .locks
-            .get(key)
-            .is_some_and(|lock| lock.lease_id == lease_id)
-        {
-            self.companion.locks.remove(key);
-        }
-        self.wake_lease_waiters();
-    }
-
-    /// Every waiting lease looks again (a commit, an abort, an expired lock, its budget).
-    fn wake_lease_waiters(&mut self) {
-        if self.companion.state != CompanionState::Up {
-            return;
-        }
-        for waiter in std::mem::take(&mut self.companion.waiters) {
-            self.lease(
-                waiter.envoy,
-                waiter.callout_id,
-                waiter.request,
-                waiter.give_up_at_ms,
-            );
+    /// Does what the companion model says, in its order.
+    fn apply(&mut self, effects: Vec<Effect<(usize, u32)>>) {
+        for effect in effects {
+            match effect {
+                Effect::Answer((envoy, id), reply) => {
+                    self.respond(envoy, id, Some(companion_answer(reply)));
+                }
+                Effect::Timer { after_ms } => self.schedule(after_ms, Event::CompanionTimer),
+            }
         }
     }
 
@@ -1622,10 +1453,11 @@ impl Sim {
             }
             _ => {}
         }
-        self.companion
-            .locks
-            .retain(|_, lock| lock.until_ms > now_ms);
-        self.wake_lease_waiters();
+        self.companion.model.expire_locks(now_ms);
+        if self.companion.state == CompanionState::Up {
+            let effects = self.companion.model.wake(now_ms);
+            self.apply(effects);
+        }
     }
 
     // --- Checks -----------------------------------------------------------------------
@@ -1756,6 +1588,34 @@ impl Sim {
 }
 
 // --- Reading callouts ------------------------------------------------------------------
+
+/// The companion's answer on the wire.
+fn companion_answer(reply: Reply) -> Answer {
+    match reply {
+        Reply::Hit {
+            access_token,
+            expires_at_ms,
+        } => Answer::json(
+            200,
+            json!({ "outcome": "hit", "accessToken": access_token, "expiresAtMs": expires_at_ms }),
+        ),
+        Reply::Fetch {
+            lease_id,
+            lease_ttl_ms,
+        } => Answer::json(
+            200,
+            json!({ "outcome": "fetch", "leaseId": lease_id, "leaseTtlMs": lease_ttl_ms }),
+        ),
+        Reply::LockBusy => Answer::error(
+            503,
+            ErrorCode::LockAcquisitionFailed,
+            "another instance holds the fetch lock",
+        ),
+        Reply::Done => Answer::text(204, ""),
+        Reply::BadRequest => Answer::error(400, ErrorCode::InvalidRequest, "bad request"),
+        Reply::NotFound => Answer::error(404, ErrorCode::NotFound, "no such route"),
+    }
+}
 
 fn tenant_service_key(path: &str) -> Option<TokenKey> {
     let mut parts = path.trim_start_matches('/').split('/');

@@ -2,6 +2,8 @@
 //! by the test, the clock only moves when the test moves it, and each test asserts what
 //! the requests, the companion and the stats would see. Nothing here sleeps.
 
+use std::collections::BTreeSet;
+
 use serde_json::{Value, json};
 
 use tokengate::ask::request_ids;
@@ -10,7 +12,7 @@ use tokengate::fake::{FakeEnvoy, FakeHeaders, FakeHost, SentCallout};
 use tokengate::host::{Level, Metric, ProviderEvent};
 use tokengate::records::LruRecords;
 use tokengate::slots::Table;
-use tokengate::worker::{Decision, Delivery, RequestIds, TokenAsk, Worker};
+use tokengate::worker::{Decision, Delivery, RequestIds, TokenAsk, Worker, WorkerLoad};
 use tokengate_core::cache::{GatewayEntry, REFRESH_RETRY_MS};
 use tokengate_core::limit::WINDOW_MS;
 use tokengate_core::{
@@ -184,6 +186,10 @@ impl Rig {
         self.answer(&credentials, response(200, CREDENTIALS));
         let login = self.sent_one(LOGIN, "/oauth/token");
         assert_eq!(login.authority, "login.mypurecloud.ie");
+        assert_eq!(
+            String::from_utf8_lossy(&login.body),
+            "grant_type=client_credentials"
+        );
         self.answer(&login, response(200, &login_answer(token, lifetime_secs)));
     }
 
@@ -329,12 +335,20 @@ fn a_request_that_left_is_not_resumed_and_the_fetch_goes_on() {
     let mut rig = Rig::new(json!({}));
     let _ = rig.ask(1, "acme");
     let _ = rig.ask(2, "acme");
+    let _ = rig.ask(3, "acme");
     rig.worker.on_request_gone(1);
+    // Request 3 is gone too, but the worker learns it only when resuming it fails.
+    rig.host.gone.insert(3);
 
     rig.fetch_with_lease("acme", "tok-acme", 3_600);
 
     assert_eq!(rig.resumed_with("tok-acme"), [2]);
     assert!(rig.cached_entry("acme").is_some());
+    assert_eq!(
+        rig.worker.load().delivered,
+        1,
+        "only the resumed request awaits its upstream's answer"
+    );
 }
 
 // --- Tier 2: one fetch per key per Envoy ----------------------------------------------
@@ -735,6 +749,38 @@ fn a_token_near_expiry_is_served_at_once_while_one_refresh_runs() {
 }
 
 #[test]
+fn a_refresh_queued_behind_another_workers_takes_its_newer_token_from_the_cache() {
+    let overrides = json!({"refreshAhead": {"percent": 10, "minLeadMs": 30_000}});
+    for envoy in envoys_of_both_caches(DEFAULT_MAX_TENANTS) {
+        let mut first = Rig::on(&envoy, overrides.clone(), 1);
+        let mut second = Rig::on(&envoy, overrides.clone(), 2);
+        let _ = first.ask(1, "acme");
+        first.fetch_with_lease("acme", "tok-old", 3_600);
+        let _ = first.host.take_sent();
+
+        envoy.advance(3_600_000 - 180_000);
+        let _ = cached_token(first.ask(2, "acme"));
+        let _ = cached_token(second.ask(3, "acme"));
+        assert_eq!(
+            first.host.stat(Metric::RefreshAhead) + second.host.stat(Metric::RefreshAhead),
+            2,
+            "both queued a refresh before either started"
+        );
+        first.tick();
+        let lease = first.sent_one(COMPANION, "/v1/lease");
+        first.answer(&lease, response(200, &lease_granted("lease-2")));
+        first.fetch_from_tenant_service("acme", "tok-new", 3_600);
+
+        second.tick();
+        second.nothing_sent();
+        assert_eq!(
+            cached_token(second.ask(4, "acme")).access_token.expose(),
+            "tok-new"
+        );
+    }
+}
+
+#[test]
 fn after_a_failed_refresh_the_old_token_serves_and_every_worker_waits_for_the_retry() {
     let envoy = FakeEnvoy::starting_at(START_MS);
     let mut first = Rig::on(&envoy, json!({}), 1);
@@ -1018,6 +1064,15 @@ fn an_upstream_rejection_purges_the_token_here_and_at_the_companion_once_per_int
     let invalidate = rig.sent_one(COMPANION, "/v1/invalidate");
     assert_eq!(invalidate.json()["accessToken"], "tok-acme");
     assert_eq!(rig.host.stat(Metric::Purge), 1);
+    rig.answer(&invalidate, response(204, ""));
+    let invalidate_failures = |rig: &Rig| {
+        rig.host
+            .logs_at(Level::Warn)
+            .iter()
+            .filter(|line| line.contains("companion invalidate for genesys:acme failed"))
+            .count()
+    };
+    assert_eq!(invalidate_failures(&rig), 0, "a 204 is no failure");
 
     rig.worker
         .on_upstream_status(&mut rig.host, 3, Some((key("acme"), token.clone())), 401);
@@ -1025,7 +1080,16 @@ fn an_upstream_rejection_purges_the_token_here_and_at_the_companion_once_per_int
     rig.nothing_sent();
     assert_eq!(rig.host.stat(Metric::PurgeSuppressed), 1);
 
-    let _ = rig.ask(4, "acme");
+    // The next purge, once the interval passed: its invalidation fails, and says so.
+    rig.advance(10_000);
+    rig.worker
+        .on_upstream_status(&mut rig.host, 5, Some((key("acme"), token.clone())), 401);
+    rig.tick();
+    let invalidate = rig.sent_one(COMPANION, "/v1/invalidate");
+    rig.answer(&invalidate, response(503, ENVOY_CONNECT_FAILURE));
+    assert_eq!(invalidate_failures(&rig), 1);
+
+    let _ = rig.ask(6, "acme");
     rig.tick();
     let lease = rig.sent_one(COMPANION, "/v1/lease");
     assert_eq!(
@@ -1379,4 +1443,189 @@ fn a_cache_hit_never_reads_the_requests_ids() {
     });
     let _ = cached_token(decision);
     assert!(!read, "a hit at info level reads no header");
+}
+
+// --- The worker's own bookkeeping ----------------------------------------------------
+
+#[test]
+fn the_workers_load_counts_what_it_holds_until_the_fetch_ends() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    let _ = rig.ask(2, "acme");
+    rig.tick();
+    let lease = rig.sent_one(COMPANION, "/v1/lease");
+
+    let load = rig.worker.load();
+    assert_eq!(
+        (load.fetches, load.waiters, load.callouts),
+        (1, 2, 1),
+        "{load:?}"
+    );
+    rig.answer(&lease, response(200, &lease_granted("lease-1")));
+    rig.fetch_from_tenant_service("acme", "tok-acme", 3_600);
+    let load = rig.worker.load();
+    assert_eq!(
+        (load.fetches, load.waiters, load.callouts, load.delivered),
+        (0, 0, 1, 2),
+        "the commit is in flight, the two resumed requests await their upstream: {load:?}"
+    );
+    let commit = rig.sent_one(COMPANION, "/v1/commit");
+    rig.answer(&commit, response(204, ""));
+    rig.worker.on_request_gone(1);
+    rig.worker.on_request_gone(2);
+    assert_eq!(rig.worker.load(), WorkerLoad::default());
+}
+
+#[test]
+fn a_worker_waiting_on_a_peer_polls_the_cache_every_millisecond() {
+    for envoy in envoys_of_both_caches(DEFAULT_MAX_TENANTS) {
+        let (_envoy, _first, second, _lease) = one_leases_the_other_waits(envoy, json!({}));
+        assert_eq!(second.host.tick_period_ms, 1);
+    }
+}
+
+#[test]
+fn a_hits_debug_line_follows_the_hosts_log_level_asked_once_a_second() {
+    let mut rig = Rig::new(json!({}));
+    let _ = rig.ask(1, "acme");
+    rig.fetch_with_lease("acme", "tok-acme", 3_600);
+    let debug_lines = |rig: &Rig| {
+        rig.host
+            .logs_at(Level::Debug)
+            .iter()
+            .filter(|line| line.contains("source=cache"))
+            .count()
+    };
+
+    rig.host.level = Level::Info;
+    let _ = cached_token(rig.ask(2, "acme"));
+    rig.host.level = Level::Debug;
+    rig.advance(999);
+    let _ = cached_token(rig.ask(3, "acme"));
+    assert_eq!(
+        debug_lines(&rig),
+        0,
+        "the level read at the first hit holds"
+    );
+    rig.advance(1);
+    let _ = cached_token(rig.ask(4, "acme"));
+    assert_eq!(
+        debug_lines(&rig),
+        1,
+        "a second later the level is read again"
+    );
+    let _ = cached_token(rig.ask(5, "acme"));
+    assert_eq!(debug_lines(&rig), 2);
+}
+
+#[test]
+fn pruning_the_local_mode_limiter_keeps_the_keys_still_limited() {
+    let mut rig = Rig::new(json!({
+        "companion": {"localFetchesPerMinute": 1, "retryAfterMs": 600_000},
+        "negativeCacheMs": 0,
+    }));
+    rig.host.refused_clusters.insert(COMPANION.to_owned());
+    // More keys than the limiter keeps before it drops idle ones, each fetched once.
+    for context_id in 1..=4_097 {
+        let tenant = format!("t{context_id}");
+        let _ = rig.ask(context_id, &tenant);
+        rig.tick();
+        let credentials = rig.sent_one(
+            TENANT_SERVICE,
+            &format!("/tenants/{tenant}/credentials/genesys"),
+        );
+        rig.answer(&credentials, response(404, "{}"));
+    }
+
+    let _ = rig.ask(5_000, "t1");
+    rig.tick();
+    rig.nothing_sent();
+    let refused = rig.host.replies.last().unwrap();
+    assert_eq!(
+        (refused.context_id, refused.body["code"].as_str()),
+        (5_000, Some("COMPANION_UNAVAILABLE"))
+    );
+}
+
+/// The tenants whose purge records the slot table of `envoy` holds.
+fn purged_tenants(envoy: &FakeEnvoy, slots: u32) -> BTreeSet<String> {
+    (0..slots)
+        .filter_map(|slot| envoy.shared_value(&format!("tokengate.v3.p.{slot}")))
+        .filter_map(|value| {
+            let length = usize::from(*value.first()?);
+            let key = String::from_utf8_lossy(value.get(1..=length)?).into_owned();
+            Some(key.rsplit(':').next()?.to_owned())
+        })
+        .collect()
+}
+
+/// `count` tenant names, each of which may live in both slots of a two-slot table (its
+/// four ways, as `Slots` picks them from its hash, are not all one slot).
+fn tenants_using_both_of_two_slots(count: usize) -> Vec<String> {
+    let both = |tenant: &String| {
+        let hash = key(tenant).stable_hash();
+        let slots: BTreeSet<u64> = (0..4u32)
+            .map(|way| hash.rotate_right(16 * way).wrapping_add(u64::from(way)) % 2)
+            .collect();
+        slots.len() == 2
+    };
+    (0..100)
+        .map(|n| format!("k{n}"))
+        .filter(both)
+        .take(count)
+        .collect()
+}
+
+#[test]
+fn a_purge_record_goes_over_a_spent_one_else_over_the_oldest_still_in_force() {
+    let overrides = json!({"cache": {"maxTenants": 2}, "purge": {"minIntervalMs": 10_000}});
+    let tenants = tenants_using_both_of_two_slots(3);
+    let [a, b, c] = [&tenants[0], &tenants[1], &tenants[2]];
+    // `a` is purged at 0 with a token expiring at 100 s, `b` at `b_at` with one expiring
+    // at `b_expires`, then `c` at `c_at`: which two purge records are left.
+    let survivors = |b_at: u64, b_expires: u64, c_at: u64| {
+        let envoy = FakeEnvoy::starting_at(START_MS);
+        let mut rig = Rig::on(&envoy, overrides.clone(), 1);
+        for (tenant, at, stale_expires) in
+            [(a, 0, 100_000), (b, b_at, b_expires), (c, c_at, 100_000)]
+        {
+            envoy.advance_to(START_MS + at);
+            let token = CachedToken {
+                access_token: format!("tok-{tenant}").as_str().into(),
+                expires_at_ms: START_MS + stale_expires,
+            };
+            rig.worker
+                .on_upstream_status(&mut rig.host, 1, Some((key(tenant), token)), 401);
+        }
+        purged_tenants(&envoy, 2)
+    };
+    let [a_and_c, b_and_c] = [a, b].map(|kept| BTreeSet::from([kept.clone(), c.clone()]));
+
+    // `a` still guards its purged token; `b` neither throttles nor guards any more:
+    // its token expired before `c`'s purge, or expires at that very moment.
+    assert_eq!(survivors(1_000, 19_000, 20_000), a_and_c);
+    assert_eq!(survivors(1_000, 20_000, 20_000), a_and_c);
+    // Both still throttle, `b` with a token that expired: the older purge gives way.
+    assert_eq!(survivors(5_000, 6_000, 8_000), b_and_c);
+}
+
+#[test]
+fn a_token_that_replaces_an_expired_one_is_no_eviction_and_one_that_replaces_a_live_one_is() {
+    for envoy in envoys_of_both_caches(1) {
+        let mut rig = Rig::on(&envoy, json!({"cache": {"maxTenants": 1}}), 1);
+        let _ = rig.ask(1, "acme");
+        rig.fetch_with_lease("acme", "tok-acme", 60);
+        let _ = rig.host.take_sent();
+
+        rig.advance(61_000);
+        let _ = rig.ask(2, "globex");
+        rig.fetch_with_lease("globex", "tok-globex", 3_600);
+        let _ = rig.host.take_sent();
+        assert_eq!(rig.host.stat(Metric::CacheEvicted), 0, "acme had expired");
+
+        let _ = rig.ask(3, "initech");
+        rig.fetch_with_lease("initech", "tok-initech", 3_600);
+        assert_eq!(rig.host.stat(Metric::CacheEvicted), 1, "globex was live");
+        assert!(rig.cached_entry("globex").is_none());
+    }
 }
