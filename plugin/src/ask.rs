@@ -314,6 +314,7 @@ mod tests {
             refused(from_body(&config("endpoint"), b"[1]")),
             ErrorCode::InvalidRequest
         );
+        assert_eq!(MAX_TOKEN_REQUEST_BODY, 16_384, "the README's 16 KiB");
         assert!(refuse_body_of(MAX_TOKEN_REQUEST_BODY).is_none());
         assert!(refuse_body_of(MAX_TOKEN_REQUEST_BODY + 1).is_some());
     }

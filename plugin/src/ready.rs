@@ -166,13 +166,9 @@ impl ReadyTokens {
     }
 
     /// How many tokens are kept.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.kept.len()
-    }
-
-    /// Whether none is kept.
-    pub fn is_empty(&self) -> bool {
-        self.kept.is_empty()
     }
 }
 
@@ -213,7 +209,7 @@ mod tests {
         assert!(tokens.get(&key("acme"), 8).is_none(), "a write since");
         assert!(tokens.get(&key("globex"), 7).is_none());
         tokens.forget(&key("acme"));
-        assert!(tokens.is_empty());
+        assert_eq!(tokens.len(), 0);
     }
 
     #[test]
