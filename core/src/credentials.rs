@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::error::{ErrorCode, TokenError};
 use crate::provider::TokenKey;
+use crate::rfc3339::parse_rfc3339_ms;
 use crate::secret::SecretString;
 
 /// A tenant's Genesys client credentials.
@@ -202,33 +203,6 @@ impl StaticCredentials {
     }
 }
 
-/// Parses an RFC 3339 timestamp into milliseconds since the epoch (`None` when
-/// unreadable or before 1970).
-pub fn parse_rfc3339_ms(text: &str) -> Option<u64> {
-    let at =
-        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
-    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
-}
-
-/// Formats milliseconds since the epoch as RFC 3339 with milliseconds, in UTC
-/// (`2026-11-22T17:00:00.000Z`), the shape of JavaScript's `Date.toISOString()`.
-pub fn format_rfc3339_ms(ms: u64) -> String {
-    let nanos = i128::from(ms) * 1_000_000;
-    let Ok(at) = time::OffsetDateTime::from_unix_timestamp_nanos(nanos) else {
-        return String::from("9999-12-31T23:59:59.999Z");
-    };
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        at.year(),
-        u8::from(at.month()),
-        at.day(),
-        at.hour(),
-        at.minute(),
-        at.second(),
-        at.millisecond()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,22 +311,6 @@ mod tests {
         let err = OAuth2Credentials::parse(&crm, "crm", br#"{"clientId":"id"}"#).unwrap_err();
         assert_eq!(err.code, ErrorCode::CredentialsNotFound);
         assert_eq!(err.message, "no crm client secret found for tenant acme");
-    }
-
-    #[test]
-    fn rfc3339_round_trips_with_milliseconds() {
-        assert_eq!(
-            format_rfc3339_ms(1_893_456_000_123),
-            "2030-01-01T00:00:00.123Z"
-        );
-        assert_eq!(
-            parse_rfc3339_ms("2030-01-01T00:00:00.123Z"),
-            Some(1_893_456_000_123)
-        );
-        assert_eq!(
-            parse_rfc3339_ms("2030-01-01T02:00:00+02:00"),
-            Some(1_893_456_000_000)
-        );
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod oauth;
 pub mod provider;
 pub mod providers;
 pub mod regions;
+pub mod rfc3339;
 pub mod secret;
 pub mod token_api;
 pub mod trace;

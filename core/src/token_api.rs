@@ -4,11 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::credentials::{format_rfc3339_ms, parse_rfc3339_ms};
 use crate::error::{ErrorCode, TokenError};
 use crate::flow::FetchedToken;
 use crate::provider::{TenantId, TokenKey};
 use crate::providers::ProviderTable;
+use crate::rfc3339::{format_rfc3339_ms, parse_rfc3339_ms};
 use crate::secret::SecretString;
 
 /// Path of the token API, for `POST` and the legacy `GET`.
