@@ -152,11 +152,35 @@ struct WhatsappDocument {
 }
 
 /// `expiresAt` as an ISO-8601 / RFC 3339 string or a number of milliseconds since the epoch.
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum Expiry {
     Millis(i64),
     Text(String),
+}
+
+/// Reads what `#[serde(untagged)]` over `i64` then `String` would (an integer within
+/// `i64`, or a string), without its buffering, which costs the wasm module some 3 KB.
+impl<'de> Deserialize<'de> for Expiry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ExpiryVisitor;
+        impl serde::de::Visitor<'_> for ExpiryVisitor {
+            type Value = Expiry;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("milliseconds since the epoch or an RFC 3339 string")
+            }
+            fn visit_i64<E: serde::de::Error>(self, ms: i64) -> Result<Expiry, E> {
+                Ok(Expiry::Millis(ms))
+            }
+            fn visit_u64<E: serde::de::Error>(self, ms: u64) -> Result<Expiry, E> {
+                i64::try_from(ms)
+                    .map(Expiry::Millis)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(ms), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Expiry, E> {
+                Ok(Expiry::Text(text.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(ExpiryVisitor)
+    }
 }
 
 impl StaticCredentials {
@@ -292,8 +316,31 @@ mod tests {
                 .expires_at_ms,
             Some(1_893_456_000_000)
         );
-        let body = br#"{"token":"t","expiresAt":"soon"}"#;
-        assert!(StaticCredentials::parse(&key(Provider::whatsapp()), "WhatsApp", body).is_err());
+        for unreadable in [
+            r#""soon""#,
+            "1.5e12",
+            "true",
+            "[1]",
+            "{}",
+            "9223372036854775808",
+        ] {
+            let body = format!(r#"{{"token":"t","expiresAt":{unreadable}}}"#);
+            let parsed =
+                StaticCredentials::parse(&key(Provider::whatsapp()), "WhatsApp", body.as_bytes());
+            assert!(parsed.is_err(), "{unreadable}");
+        }
+        for (expires_at, expected) in [
+            ("null", None),
+            ("0", None),
+            ("-5", None),
+            ("9223372036854775807", Some(9_223_372_036_854_775_807)),
+            (r#""2030-01-01T00:00:00\u005a""#, Some(1_893_456_000_000)),
+        ] {
+            let body = format!(r#"{{"token":"t","expiresAt":{expires_at}}}"#);
+            let parsed =
+                StaticCredentials::parse(&key(Provider::whatsapp()), "WhatsApp", body.as_bytes());
+            assert_eq!(parsed.unwrap().expires_at_ms, expected, "{expires_at}");
+        }
     }
 
     #[test]
