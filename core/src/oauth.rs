@@ -131,7 +131,8 @@ pub enum ExchangeOutcome {
 struct TokenDocument {
     access_token: Option<SecretString>,
     token_type: Option<String>,
-    expires_in: Option<serde_json::Number>,
+    /// Any JSON number, integers included (as `serde_json::Number::as_f64` reads them).
+    expires_in: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -230,8 +231,7 @@ fn read_token(body: &[u8], default_expires_in_secs: Option<u64>) -> ExchangeOutc
             };
         }
     }
-    let expires_in = document.expires_in.and_then(|n| n.as_f64());
-    match expires_in {
+    match document.expires_in {
         Some(secs) if secs >= 1.0 && secs.is_finite() => ExchangeOutcome::Token {
             access_token,
             // Truncation is intended: fractional seconds are dropped, huge values clamped.
@@ -370,6 +370,10 @@ mod tests {
             r#"{"access_token":"t","expires_in":0}"#,
             r#"{"access_token":"t","expires_in":-5}"#,
             r#"{"access_token":"t","expires_in":"3600"}"#,
+            r#"{"access_token":"t","expires_in":0.5}"#,
+            r#"{"access_token":"t","expires_in":1e400}"#,
+            r#"{"access_token":"t","expires_in":true}"#,
+            r#"{"access_token":"t","expires_in":null}"#,
         ] {
             assert!(
                 matches!(classify(200, body), ExchangeOutcome::Transient { .. }),
@@ -380,14 +384,32 @@ mod tests {
 
     #[test]
     fn huge_lifetimes_are_clamped_to_48_hours() {
-        let outcome = classify(200, r#"{"access_token":"t","expires_in":1e12}"#);
-        assert_eq!(
-            outcome,
-            ExchangeOutcome::Token {
-                access_token: SecretString::from("t"),
-                expires_in_secs: MAX_EXPIRES_IN_SECS
-            }
-        );
+        for expires_in in ["1e12", "18446744073709551616"] {
+            let body = format!(r#"{{"access_token":"t","expires_in":{expires_in}}}"#);
+            assert_eq!(
+                classify(200, &body),
+                ExchangeOutcome::Token {
+                    access_token: SecretString::from("t"),
+                    expires_in_secs: MAX_EXPIRES_IN_SECS
+                },
+                "{expires_in}"
+            );
+        }
+    }
+
+    #[test]
+    fn fractional_lifetimes_are_truncated_to_whole_seconds() {
+        for (expires_in, secs) in [("3599.9", 3599), ("1.0", 1), ("3.6e3", 3600)] {
+            let body = format!(r#"{{"access_token":"t","expires_in":{expires_in}}}"#);
+            assert_eq!(
+                classify(200, &body),
+                ExchangeOutcome::Token {
+                    access_token: SecretString::from("t"),
+                    expires_in_secs: secs
+                },
+                "{expires_in}"
+            );
+        }
     }
 
     #[test]
