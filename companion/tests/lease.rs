@@ -422,13 +422,20 @@ async fn a_companion_answers_its_own_commit_at_once_not_its_older_copy() {
     assert_eq!(companion.commit("acme", &first, "tok-0", expiry).await, 204);
     for round in 1..=30 {
         // A hit here keeps a copy of the cached token...
-        assert_hit(&companion.lease("acme").await, &format!("tok-{}", round - 1), expiry);
+        assert_hit(
+            &companion.lease("acme").await,
+            &format!("tok-{}", round - 1),
+            expiry,
+        );
         let LeaseResponse::Fetch { lease_id, .. } = companion.lease_forced("acme").await else {
             panic!("round {round}: a forced lease should fetch");
         };
         expiry += 1_000;
         let token = format!("tok-{round}");
-        assert_eq!(companion.commit("acme", &lease_id, &token, expiry).await, 204);
+        assert_eq!(
+            companion.commit("acme", &lease_id, &token, expiry).await,
+            204
+        );
         // ... which the commit's answer has already dropped.
         assert_hit(&companion.lease("acme").await, &token, expiry);
     }

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::error::{ErrorCode, TokenError};
 use crate::provider::TokenKey;
+use crate::rfc3339::parse_rfc3339_ms;
 use crate::secret::SecretString;
 
 /// A tenant's Genesys client credentials.
@@ -151,11 +152,35 @@ struct WhatsappDocument {
 }
 
 /// `expiresAt` as an ISO-8601 / RFC 3339 string or a number of milliseconds since the epoch.
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum Expiry {
     Millis(i64),
     Text(String),
+}
+
+/// Reads what `#[serde(untagged)]` over `i64` then `String` would (an integer within
+/// `i64`, or a string), without its buffering, which costs the wasm module some 3 KB.
+impl<'de> Deserialize<'de> for Expiry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ExpiryVisitor;
+        impl serde::de::Visitor<'_> for ExpiryVisitor {
+            type Value = Expiry;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("milliseconds since the epoch or an RFC 3339 string")
+            }
+            fn visit_i64<E: serde::de::Error>(self, ms: i64) -> Result<Expiry, E> {
+                Ok(Expiry::Millis(ms))
+            }
+            fn visit_u64<E: serde::de::Error>(self, ms: u64) -> Result<Expiry, E> {
+                i64::try_from(ms)
+                    .map(Expiry::Millis)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(ms), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Expiry, E> {
+                Ok(Expiry::Text(text.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(ExpiryVisitor)
+    }
 }
 
 impl StaticCredentials {
@@ -200,33 +225,6 @@ impl StaticCredentials {
             expires_at_ms,
         })
     }
-}
-
-/// Parses an RFC 3339 timestamp into milliseconds since the epoch (`None` when
-/// unreadable or before 1970).
-pub fn parse_rfc3339_ms(text: &str) -> Option<u64> {
-    let at =
-        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
-    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
-}
-
-/// Formats milliseconds since the epoch as RFC 3339 with milliseconds, in UTC
-/// (`2026-11-22T17:00:00.000Z`), the shape of JavaScript's `Date.toISOString()`.
-pub fn format_rfc3339_ms(ms: u64) -> String {
-    let nanos = i128::from(ms) * 1_000_000;
-    let Ok(at) = time::OffsetDateTime::from_unix_timestamp_nanos(nanos) else {
-        return String::from("9999-12-31T23:59:59.999Z");
-    };
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        at.year(),
-        u8::from(at.month()),
-        at.day(),
-        at.hour(),
-        at.minute(),
-        at.second(),
-        at.millisecond()
-    )
 }
 
 #[cfg(test)]
@@ -318,16 +316,30 @@ mod tests {
                 .expires_at_ms,
             Some(1_893_456_000_000)
         );
-        let body = br#"{"token":"t","expiresAt":"soon"}"#;
-        assert!(StaticCredentials::parse(&key(Provider::whatsapp()), "WhatsApp", body).is_err());
-        // Meta's "never expires".
-        for body in [
-            &br#"{"token":"t","expiresAt":0}"#[..],
-            br#"{"token":"t","expiresAt":-1}"#,
+        for unreadable in [
+            r#""soon""#,
+            "1.5e12",
+            "true",
+            "[1]",
+            "{}",
+            "9223372036854775808",
         ] {
-            let creds =
-                StaticCredentials::parse(&key(Provider::whatsapp()), "WhatsApp", body).unwrap();
-            assert_eq!(creds.expires_at_ms, None);
+            let body = format!(r#"{{"token":"t","expiresAt":{unreadable}}}"#);
+            let parsed =
+                StaticCredentials::parse(&key(Provider::whatsapp()), "WhatsApp", body.as_bytes());
+            assert!(parsed.is_err(), "{unreadable}");
+        }
+        for (expires_at, expected) in [
+            ("null", None),
+            ("0", None),
+            ("-5", None),
+            ("9223372036854775807", Some(9_223_372_036_854_775_807)),
+            (r#""2030-01-01T00:00:00\u005a""#, Some(1_893_456_000_000)),
+        ] {
+            let body = format!(r#"{{"token":"t","expiresAt":{expires_at}}}"#);
+            let parsed =
+                StaticCredentials::parse(&key(Provider::whatsapp()), "WhatsApp", body.as_bytes());
+            assert_eq!(parsed.unwrap().expires_at_ms, expected, "{expires_at}");
         }
     }
 
@@ -346,22 +358,6 @@ mod tests {
         let err = OAuth2Credentials::parse(&crm, "crm", br#"{"clientId":"id"}"#).unwrap_err();
         assert_eq!(err.code, ErrorCode::CredentialsNotFound);
         assert_eq!(err.message, "no crm client secret found for tenant acme");
-    }
-
-    #[test]
-    fn rfc3339_round_trips_with_milliseconds() {
-        assert_eq!(
-            format_rfc3339_ms(1_893_456_000_123),
-            "2030-01-01T00:00:00.123Z"
-        );
-        assert_eq!(
-            parse_rfc3339_ms("2030-01-01T00:00:00.123Z"),
-            Some(1_893_456_000_123)
-        );
-        assert_eq!(
-            parse_rfc3339_ms("2030-01-01T02:00:00+02:00"),
-            Some(1_893_456_000_000)
-        );
     }
 
     #[test]

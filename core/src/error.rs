@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// A stable, machine-readable error code (the seed service's `ErrorCode`s plus ours).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     /// The request was malformed: bad tenant id, unknown provider, bad JSON body.
@@ -36,6 +36,21 @@ pub enum ErrorCode {
     /// An unexpected failure inside tokengate.
     InternalError,
 }
+crate::deserialize_unit_enum!(ErrorCode {
+    "INVALID_REQUEST" => InvalidRequest,
+    "CREDENTIALS_NOT_FOUND" => CredentialsNotFound,
+    "TENANT_SERVICE_UNAVAILABLE" => TenantServiceUnavailable,
+    "UNKNOWN_REGION" => UnknownRegion,
+    "OAUTH_INVALID_GRANT" => OauthInvalidGrant,
+    "OAUTH_EXCHANGE_FAILED" => OauthExchangeFailed,
+    "LOCK_ACQUISITION_FAILED" => LockAcquisitionFailed,
+    "CACHE_UNAVAILABLE" => CacheUnavailable,
+    "COMPANION_UNAVAILABLE" => CompanionUnavailable,
+    "UNAUTHORIZED" => Unauthorized,
+    "NOT_FOUND" => NotFound,
+    "METHOD_NOT_ALLOWED" => MethodNotAllowed,
+    "INTERNAL_ERROR" => InternalError,
+});
 
 impl ErrorCode {
     /// Every code, e.g. to define one stat per failure cause.
@@ -193,13 +208,11 @@ mod tests {
     }
 
     #[test]
-    fn as_str_matches_the_serialized_code() {
-        for code in [
-            ErrorCode::InvalidRequest,
-            ErrorCode::OauthInvalidGrant,
-            ErrorCode::CacheUnavailable,
-        ] {
+    fn as_str_matches_the_serialized_code_and_reads_back() {
+        for code in ErrorCode::ALL {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+            let json = format!("\"{}\"", code.as_str());
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
         }
     }
 }

@@ -105,12 +105,11 @@ struct LeaseAnswer {
 }
 
 /// The `outcome` of a [`LeaseAnswer`].
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
 enum LeaseOutcomeTag {
     Hit,
     Fetch,
 }
+crate::deserialize_unit_enum!(LeaseOutcomeTag { "hit" => Hit, "fetch" => Fetch });
 
 /// Stores a fetched token and releases the lock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

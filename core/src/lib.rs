@@ -18,6 +18,7 @@
 //! - [`trace`]: which W3C `traceparent` values are taken and passed on.
 //! - [`error`]: error codes, their HTTP statuses and the JSON error body.
 //! - [`secret`]: zeroizing, redacted secret types.
+//! - [`unit_enum`]: one shared deserialiser for enums of unit variants.
 
 pub mod cache;
 pub mod credentials;
@@ -29,9 +30,11 @@ pub mod oauth;
 pub mod provider;
 pub mod providers;
 pub mod regions;
+pub mod rfc3339;
 pub mod secret;
 pub mod token_api;
 pub mod trace;
+pub mod unit_enum;
 
 pub use cache::{CachedToken, GatewayEntry};
 pub use error::{ErrorBody, ErrorCode, TokenError};

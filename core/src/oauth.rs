@@ -12,7 +12,6 @@
 //! reject the credentials, rate limiting is a `429` or Genesys' `400 invalid_request`
 //! with "rate limit exceeded", and a `200` must carry a usable Bearer token.
 
-use base64::Engine as _;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
@@ -44,13 +43,26 @@ pub fn form_encoded_basic_authorization(
     basic_of(&id, &secret)
 }
 
+/// `Basic base64(id:secret)` (standard alphabet, padded), encoded straight into a
+/// buffer of its final size: no copy of the pair, no reallocation leaving one behind.
+/// Hand-written because the `base64` crate costs the wasm module some 2 KB for this.
 fn basic_of(id: &str, secret: &str) -> SecretString {
-    let mut pair = Zeroizing::new(String::with_capacity(id.len() + secret.len() + 1));
-    pair.push_str(id);
-    pair.push(':');
-    pair.push_str(secret);
-    let mut header = String::from("Basic ");
-    base64::engine::general_purpose::STANDARD.encode_string(pair.as_bytes(), &mut header);
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let pair_len = id.len() + 1 + secret.len();
+    let mut header = String::with_capacity("Basic ".len() + pair_len.div_ceil(3) * 4);
+    header.push_str("Basic ");
+    let mut pair = id.bytes().chain([b':']).chain(secret.bytes());
+    while let Some(first) = pair.next() {
+        let (second, third) = (pair.next(), pair.next());
+        let group = u32::from(first) << 16
+            | u32::from(second.unwrap_or(0)) << 8
+            | u32::from(third.unwrap_or(0));
+        let digit = |shift: u32| char::from(ALPHABET[(group >> shift & 63) as usize]);
+        header.push(digit(18));
+        header.push(digit(12));
+        header.push(second.map_or('=', |_| digit(6)));
+        header.push(third.map_or('=', |_| digit(0)));
+    }
     SecretString::new(header)
 }
 
@@ -131,7 +143,8 @@ pub enum ExchangeOutcome {
 struct TokenDocument {
     access_token: Option<SecretString>,
     token_type: Option<String>,
-    expires_in: Option<serde_json::Number>,
+    /// Any JSON number, integers included (as `serde_json::Number::as_f64` reads them).
+    expires_in: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -230,8 +243,7 @@ fn read_token(body: &[u8], default_expires_in_secs: Option<u64>) -> ExchangeOutc
             };
         }
     }
-    let expires_in = document.expires_in.and_then(|n| n.as_f64());
-    match expires_in {
+    match document.expires_in {
         Some(secs) if secs >= 1.0 && secs.is_finite() => ExchangeOutcome::Token {
             access_token,
             // Truncation is intended: fractional seconds are dropped, huge values clamped.
@@ -246,6 +258,7 @@ fn read_token(body: &[u8], default_expires_in_secs: Option<u64>) -> ExchangeOutc
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
     use std::collections::BTreeMap;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -278,6 +291,24 @@ mod tests {
             .decode(encoded)
             .unwrap();
         assert_eq!(decoded, b"a+b%3Ac:s%26%3D%2F");
+    }
+
+    #[test]
+    fn basic_encodes_as_the_base64_crate_does() {
+        let text = "aZ09+/ é€𝄞:%\u{0}\u{7f}~";
+        for id_len in 0..=text.len() {
+            for secret_len in [0, 1, 2, 3, 7, text.len()] {
+                let (Some(id), Some(secret)) = (text.get(..id_len), text.get(secret_len..)) else {
+                    continue;
+                };
+                let expected = format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+                );
+                let header = basic_of(id, secret);
+                assert_eq!(header.expose(), expected, "{id:?} {secret:?}");
+            }
+        }
     }
 
     #[test]
@@ -370,6 +401,10 @@ mod tests {
             r#"{"access_token":"t","expires_in":0}"#,
             r#"{"access_token":"t","expires_in":-5}"#,
             r#"{"access_token":"t","expires_in":"3600"}"#,
+            r#"{"access_token":"t","expires_in":0.5}"#,
+            r#"{"access_token":"t","expires_in":1e400}"#,
+            r#"{"access_token":"t","expires_in":true}"#,
+            r#"{"access_token":"t","expires_in":null}"#,
         ] {
             assert!(
                 matches!(classify(200, body), ExchangeOutcome::Transient { .. }),
@@ -379,15 +414,24 @@ mod tests {
     }
 
     #[test]
-    fn huge_lifetimes_are_clamped_to_48_hours() {
-        let outcome = classify(200, r#"{"access_token":"t","expires_in":1e12}"#);
-        assert_eq!(
-            outcome,
-            ExchangeOutcome::Token {
-                access_token: SecretString::from("t"),
-                expires_in_secs: MAX_EXPIRES_IN_SECS
-            }
-        );
+    fn lifetimes_are_truncated_to_whole_seconds_and_clamped_to_48_hours() {
+        for (expires_in, secs) in [
+            ("3599.9", 3599),
+            ("1.0", 1),
+            ("3.6e3", 3600),
+            ("1e12", MAX_EXPIRES_IN_SECS),
+            ("18446744073709551616", MAX_EXPIRES_IN_SECS),
+        ] {
+            let body = format!(r#"{{"access_token":"t","expires_in":{expires_in}}}"#);
+            assert_eq!(
+                classify(200, &body),
+                ExchangeOutcome::Token {
+                    access_token: SecretString::from("t"),
+                    expires_in_secs: secs
+                },
+                "{expires_in}"
+            );
+        }
     }
 
     #[test]

@@ -112,8 +112,7 @@ impl Default for StaticSpec {
 }
 
 /// How an `oauth2` client authenticates at the token endpoint (RFC 6749 section 2.3.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ClientAuth {
     /// `Authorization: Basic` of the form-encoded id and secret.
     #[default]
@@ -121,6 +120,10 @@ pub enum ClientAuth {
     /// `client_id` and `client_secret` in the form body.
     ClientSecretPost,
 }
+crate::deserialize_unit_enum!(ClientAuth {
+    "client_secret_basic" => ClientSecretBasic,
+    "client_secret_post" => ClientSecretPost,
+});
 
 /// `http` or `https`: the companion calls the URL; the filter's Envoy cluster decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -81,7 +81,15 @@ impl RegionTable {
     pub fn region_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = GENESYS_REGIONS.iter().map(|(name, _)| *name).collect();
         names.extend(self.overrides.keys().map(String::as_str));
-        names.sort_unstable();
+        // An insertion sort: a few dozen names for an error message, and no whole sort
+        // implementation in the wasm module for them.
+        for sorted in 1..names.len() {
+            let mut at = sorted;
+            while at > 0 && names[at - 1] > names[at] {
+                names.swap(at - 1, at);
+                at -= 1;
+            }
+        }
         names.dedup();
         names
     }
@@ -145,6 +153,8 @@ mod tests {
             table.login_host("eu-west-2").unwrap(),
             "login.euw2.pure.cloud"
         );
-        assert_eq!(table.region_names().len(), 18);
+        let names = table.region_names();
+        assert_eq!(names.len(), 18);
+        assert!(names.windows(2).all(|pair| pair[0] < pair[1]), "{names:?}");
     }
 }

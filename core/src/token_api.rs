@@ -4,11 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::credentials::{format_rfc3339_ms, parse_rfc3339_ms};
 use crate::error::{ErrorCode, TokenError};
 use crate::flow::FetchedToken;
 use crate::provider::{TenantId, TokenKey};
 use crate::providers::ProviderTable;
+use crate::rfc3339::{format_rfc3339_ms, parse_rfc3339_ms};
 use crate::secret::SecretString;
 
 /// Path of the token API, for `POST` and the legacy `GET`.
@@ -90,7 +90,7 @@ impl TokenRequest {
 }
 
 /// Where a token came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenSource {
     /// A cache (the gateway's or the cluster's).
@@ -98,6 +98,7 @@ pub enum TokenSource {
     /// Fetched for this request.
     Fresh,
 }
+crate::deserialize_unit_enum!(TokenSource { "cache" => Cache, "fresh" => Fresh });
 
 /// The answer of the token API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

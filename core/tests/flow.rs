@@ -379,7 +379,7 @@ fn a_token_answer_handled_after_the_tokens_life_is_fetched_anew_never_returned()
 
 #[test]
 fn whatsapp_ttl_is_time_to_expiry_minus_the_safety_buffer() {
-    let expires_at = tokengate_core::credentials::format_rfc3339_ms(START_MS + 1_000_000);
+    let expires_at = tokengate_core::rfc3339::format_rfc3339_ms(START_MS + 1_000_000);
     let body = format!(r#"{{"accessToken":"wa-2","expiresAt":"{expires_at}"}}"#);
     let mut driver = Driver::new(vec![ok(&body)], vec![]);
     let config = FetchConfig {
@@ -394,7 +394,7 @@ fn whatsapp_ttl_is_time_to_expiry_minus_the_safety_buffer() {
 
 #[test]
 fn whatsapp_token_with_less_than_a_second_before_its_buffer_is_not_cacheable() {
-    let expires_at = tokengate_core::credentials::format_rfc3339_ms(START_MS + 300_999);
+    let expires_at = tokengate_core::rfc3339::format_rfc3339_ms(START_MS + 300_999);
     let body = format!(r#"{{"token":"wa-4","expiresAt":"{expires_at}"}}"#);
     let mut driver = Driver::new(vec![ok(&body)], vec![]);
     let token = driver
@@ -406,7 +406,7 @@ fn whatsapp_token_with_less_than_a_second_before_its_buffer_is_not_cacheable() {
 
 #[test]
 fn whatsapp_token_inside_the_buffer_is_served_but_not_cacheable() {
-    let expires_at = tokengate_core::credentials::format_rfc3339_ms(START_MS + 60_000);
+    let expires_at = tokengate_core::rfc3339::format_rfc3339_ms(START_MS + 60_000);
     let body = format!(r#"{{"token":"wa-3","expiresAt":"{expires_at}"}}"#);
     let mut driver = Driver::new(vec![ok(&body)], vec![]);
     let token = driver

@@ -9,9 +9,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tokengate_core::credentials::{
-    GenesysCredentials, StaticCredentials, format_rfc3339_ms, parse_rfc3339_ms,
-};
+use tokengate_core::credentials::{GenesysCredentials, StaticCredentials};
+use tokengate_core::rfc3339::{format_rfc3339_ms, parse_rfc3339_ms};
 use tokengate_core::{ErrorCode, Provider, TenantId, TokenError, TokenKey};
 use tokengate_fuzz::{assert_hidden, plant_secret};
 

@@ -152,8 +152,7 @@ impl Default for PurgeConfig {
 }
 
 /// What the filter does with a token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
     /// Set `Authorization: Bearer <token>` and let the request continue upstream.
     #[default]
@@ -161,10 +160,10 @@ pub enum Mode {
     /// Answer `POST /auth/token` and `GET /auth/token` with a `TokenResponse`.
     Endpoint,
 }
+tokengate_core::deserialize_unit_enum!(Mode { "inject" => Inject, "endpoint" => Endpoint });
 
 /// Who fetches tokens on a miss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FetchBy {
     /// The filter, with Envoy callouts; the companion only collapses (lease / commit).
     #[default]
@@ -173,6 +172,7 @@ pub enum FetchBy {
     /// the companion is unreachable, misses get `503 COMPANION_UNAVAILABLE`.
     Companion,
 }
+tokengate_core::deserialize_unit_enum!(FetchBy { "gateway" => Gateway, "companion" => Companion });
 
 /// The companion's Envoy cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
