@@ -141,9 +141,18 @@ fn acme() -> TokenKey {
     TokenKey::new(Provider::genesys(), TenantId::parse("acme").unwrap())
 }
 
+fn tenant(name: &str) -> TokenKey {
+    TokenKey::new(Provider::genesys(), TenantId::parse(name).unwrap())
+}
+
 /// A worker whose gateway cache holds a fresh token for acme, and its host.
 fn warm() -> (Worker, FakeHost) {
-    let config = FilterConfig::parse(b"{}").unwrap();
+    warm_with(b"{}", &[acme()])
+}
+
+/// A worker of `config` whose gateway cache holds a fresh token for each of `keys`.
+fn warm_with(config: &[u8], keys: &[TokenKey]) -> (Worker, FakeHost) {
+    let config = FilterConfig::parse(config).unwrap();
     let slots = config.slots();
     let mut host = FakeEnvoy::starting_at(START_MS).host();
     let entry = GatewayEntry {
@@ -154,16 +163,18 @@ fn warm() -> (Worker, FakeHost) {
         refresh_at_ms: START_MS + 3_000_000,
         stale_at_ms: START_MS + 3_595_000,
     };
-    slots
-        .put(
-            &mut host,
-            Table::Tokens,
-            &acme(),
-            &entry.encode(),
-            |_| 0,
-            Eviction::Allowed,
-        )
-        .unwrap();
+    for key in keys {
+        slots
+            .put(
+                &mut host,
+                Table::Tokens,
+                key,
+                &entry.encode(),
+                |_| 0,
+                Eviction::Allowed,
+            )
+            .unwrap();
+    }
     (Worker::new(config, 1, Some(1)), host)
 }
 
@@ -221,4 +232,27 @@ fn a_hit_read_from_the_gateway_cache_costs_more() {
     println!("hit read from the gateway cache: {calls} host calls, {allocated} allocations");
     assert_eq!(calls, 2, "the clock and the key's slot");
     assert!(allocated >= 4, "{allocated}");
+}
+
+#[test]
+fn a_worker_keeps_as_many_tokens_of_its_own_as_the_gateway_cache_holds_tenants() {
+    let keys = [tenant("acme"), tenant("globex")];
+    let (mut worker, mut fake) = warm_with(br#"{"cache":{"maxTenants":64}}"#, &keys);
+    let mut host = Counted {
+        inner: &mut fake,
+        generations: true,
+        calls: Cell::new(0),
+    };
+    for key in &keys {
+        assert!(through_serve_ready(&mut worker, &mut host, key.clone()), "the first hit fills");
+    }
+    host.calls.set(0);
+    for key in keys.iter().chain(&keys) {
+        assert!(through_serve_ready(&mut worker, &mut host, key.clone()));
+    }
+    assert_eq!(
+        host.calls.get(),
+        8,
+        "both tokens kept: each hit is the clock and the generation, no shared read"
+    );
 }
