@@ -325,6 +325,33 @@ mod tests {
     }
 
     #[test]
+    fn a_refresh_moment_moved_by_another_worker_is_seen_at_once() {
+        let (mut first, _second, mut first_host, mut second_host) =
+            two_warm_workers("{}", &[("acme", "AT-1")]);
+        // Another worker's refresh failed and moved the next attempt to 9,400,000 (the
+        // record is written in place, as `postpone_refresh` does).
+        let slots = FilterConfig::parse(b"{}").unwrap().slots();
+        let found = slots
+            .find(&second_host, Table::Tokens, &key("acme"))
+            .unwrap();
+        let mut entry = GatewayEntry::decode(&found.record).unwrap();
+        entry.refresh_at_ms = 9_400_000;
+        assert!(slots.replace(&mut second_host, &found, &key("acme"), &entry.encode()));
+
+        // Past the old refresh moment, before the new one: served, and no refresh starts.
+        first_host.envoy().advance_to(9_100_000);
+        assert_eq!(
+            served(&mut first, &mut first_host, "acme").as_deref(),
+            Some("AT-1")
+        );
+        assert_eq!(
+            first_host.stat(Metric::RefreshAhead),
+            0,
+            "no refresh before the moved moment"
+        );
+    }
+
+    #[test]
     fn a_token_pushed_out_of_the_gateway_cache_is_no_longer_served_from_a_copy() {
         let config = r#"{"cache":{"maxTenants":1}}"#;
         let (mut first, _second, mut first_host, mut second_host) =

@@ -244,7 +244,10 @@ fn a_worker_keeps_as_many_tokens_of_its_own_as_the_gateway_cache_holds_tenants()
         calls: Cell::new(0),
     };
     for key in &keys {
-        assert!(through_serve_ready(&mut worker, &mut host, key.clone()), "the first hit fills");
+        assert!(
+            through_serve_ready(&mut worker, &mut host, key.clone()),
+            "the first hit fills"
+        );
     }
     host.calls.set(0);
     for key in keys.iter().chain(&keys) {
