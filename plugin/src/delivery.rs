@@ -5,9 +5,17 @@
 use tokengate_core::token_api::{TokenResponse, TokenSource};
 use tokengate_core::{CachedToken, SecretBytes, SecretString};
 
-/// The authorization header's value: `Bearer <token>`.
+/// The authorization scheme the header value starts with.
+pub const BEARER: &str = "Bearer ";
+
+/// The authorization header's value: `Bearer <token>`, built in a buffer of its final
+/// size (a secret is never left behind in a grown-out allocation).
 pub fn bearer(token: &CachedToken) -> SecretString {
-    SecretString::new(format!("Bearer {}", token.access_token.expose()))
+    let token = token.access_token.expose();
+    let mut value = String::with_capacity(BEARER.len() + token.len());
+    value.push_str(BEARER);
+    value.push_str(token);
+    SecretString::new(value)
 }
 
 /// Endpoint mode's `200` body: a `TokenResponse` for `token` answered at `now_ms`.

@@ -35,6 +35,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokengate_core::cache::GatewayEntry;
+
+use crate::delivery;
 use tokengate_core::{CachedToken, SecretString, TokenKey};
 
 /// How many generation counters the keys are spread over.
@@ -77,18 +79,11 @@ pub struct ReadyToken {
     pub stale_at_ms: u64,
 }
 
-/// The authorization scheme the header value starts with.
-const BEARER: &str = "Bearer ";
-
 impl ReadyToken {
     /// The gateway cache's `entry`, ready to serve.
     pub fn new(entry: &GatewayEntry) -> Self {
-        let token = entry.token.access_token.expose();
-        let mut header_value = String::with_capacity(BEARER.len() + token.len());
-        header_value.push_str(BEARER);
-        header_value.push_str(token);
         Self {
-            header_value: SecretString::new(header_value),
+            header_value: delivery::bearer(&entry.token),
             expires_at_ms: entry.token.expires_at_ms,
             refresh_at_ms: entry.refresh_at_ms,
             stale_at_ms: entry.stale_at_ms,
@@ -102,7 +97,9 @@ impl ReadyToken {
 
     /// The token alone.
     pub fn access_token(&self) -> &str {
-        self.header_value().get(BEARER.len()..).unwrap_or_default()
+        self.header_value()
+            .get(delivery::BEARER.len()..)
+            .unwrap_or_default()
     }
 
     /// Whether it may still be served at `now_ms`.
