@@ -97,6 +97,16 @@ impl Problems {
         }
     }
 
+    /// Notes a problem unless the answer's message contains `part`.
+    fn expect_message(&mut self, case: &str, seen: &Seen, part: &str) {
+        let message = seen.body["message"].as_str().unwrap_or_default();
+        if !message.contains(part) {
+            self.0.push(format!(
+                "{case}: expected a message with {part:?}, got {message:?}"
+            ));
+        }
+    }
+
     /// Fails with every problem noted.
     fn assert_none(&self) {
         assert!(self.0.is_empty(), "{}", self.0.join("\n"));
@@ -163,6 +173,19 @@ async fn bad_requests_in_inject_mode_are_json_4xx_before_any_callout() {
     )
     .await;
     problems.expect_json_error("two tenant headers", &seen, 400, "INVALID_REQUEST");
+    problems.expect_message("two tenant headers", &seen, "more than once");
+    for (case, values) in [
+        ("a tenant header and an empty one", ["acme", ""]),
+        ("an empty tenant header and another", ["", "acme"]),
+        ("the same tenant twice", ["acme", "acme"]),
+    ] {
+        let request = values.iter().fold(client.get(&url), |request, value| {
+            request.header("x-tenant-id", *value)
+        });
+        let seen = send(request).await;
+        problems.expect_json_error(case, &seen, 400, "INVALID_REQUEST");
+        problems.expect_message(case, &seen, "more than once");
+    }
 
     // Envoy's own refusals (its codec, before any filter) speak the same JSON.
     let huge = "h".repeat(70 * 1024);

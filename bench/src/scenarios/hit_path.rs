@@ -261,7 +261,7 @@ pub struct HitPath {
 
 /// The floor configurations (e), (f), (g): name, label, configuration of the minimal
 /// filter (`bench/wasm-floor`).
-const FLOOR: [(&str, &str, &str); 3] = [
+const FLOOR: [(&str, &str, &str); 4] = [
     ("e", "minimal proxy-wasm filter: no host call", ""),
     (
         "f",
@@ -272,6 +272,11 @@ const FLOOR: [(&str, &str, &str); 3] = [
         "g",
         "minimal proxy-wasm filter: tokengate's 5 host calls, no logic",
         "get_tenant,time,shared_get,set_auth,get_status",
+    ),
+    (
+        "gc",
+        "minimal proxy-wasm filter: the 5 host calls tokengate makes today, no logic",
+        "pairs,time,metric_get,set_auth,get_status",
     ),
 ];
 

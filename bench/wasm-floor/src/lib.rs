@@ -9,16 +9,20 @@
 //! |---|---|
 //! | `get_request_id` | read `x-request-id` (request headers) |
 //! | `get_tenant` | read `x-tenant-id` |
+//! | `pairs` | read the whole request header map, serialised (`proxy_get_header_map_pairs`), not parsed |
 //! | `time` | current time |
 //! | `shared_get` | read a 60-byte shared-data value written at configure time |
 //! | `metric` | increment a counter |
+//! | `metric_get` | read a counter (`proxy_get_metric`) |
 //! | `log` | a debug-level log line (formatted; dropped by Envoy at its default level) |
 //! | `set_auth` | set `authorization: Bearer <constant>` |
 //! | `get_status` | read `:status` of the response headers |
 //!
-//! An empty configuration makes no host call at all. tokengate's hit path makes
-//! `get_tenant,time,shared_get,set_auth,get_status` (see plugin/src/filter.rs and
-//! worker.rs); it made all eight, in this order, before the other three were cut.
+//! An empty configuration makes no host call at all. Scenario 1's (g) makes
+//! `get_tenant,time,shared_get,set_auth,get_status`, tokengate's hit path when its goals
+//! were set (it made all eight, in this order, before the other three were cut); (gc)
+//! makes `pairs,time,metric_get,set_auth,get_status`, the hit path today (see
+//! plugin/src/filter.rs and plugin/src/ready.rs).
 //!
 //! Not a workspace member (it only builds for wasm32): `scripts/bench` builds it into
 //! `target/wasm-floor/`.
@@ -46,7 +50,9 @@ struct Ops {
     get_tenant: bool,
     time: bool,
     shared_get: bool,
+    pairs: bool,
     metric: Option<u32>,
+    metric_get: Option<u32>,
     log: bool,
     set_auth: bool,
     get_status: bool,
@@ -71,8 +77,14 @@ impl RootContext for Root {
             get_tenant: has("get_tenant"),
             time: has("time"),
             shared_get: has("shared_get"),
+            pairs: has("pairs"),
             metric: if has("metric") {
                 hostcalls::define_metric(MetricType::Counter, "wasm_floor.hit").ok()
+            } else {
+                None
+            },
+            metric_get: if has("metric_get") {
+                hostcalls::define_metric(MetricType::Counter, "wasm_floor.generation").ok()
             } else {
                 None
             },
@@ -109,6 +121,28 @@ fn header(map: MapType, name: &str) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+}
+
+/// The request's header map as the host serialises it, freed unread.
+fn request_header_pairs() {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer and a length; the buffer came from the SDK's
+    // allocator (a boxed slice of `size` bytes).
+    unsafe {
+        if proxy_get_header_map_pairs(0, &mut data, &mut size) == 0 && !data.is_null() {
+            drop(Vec::from_raw_parts(data, size, size));
+        }
+    }
+}
+
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         let ops = self.ops;
@@ -122,11 +156,17 @@ impl HttpContext for Request {
         } else {
             Vec::new()
         };
+        if ops.pairs {
+            request_header_pairs();
+        }
         if ops.time {
             let _ = hostcalls::get_current_time();
         }
         if ops.shared_get {
             let _ = hostcalls::get_shared_data(SHARED_KEY);
+        }
+        if let Some(id) = ops.metric_get {
+            let _ = hostcalls::get_metric(id);
         }
         if let Some(id) = ops.metric {
             let _ = hostcalls::increment_metric(id, 1);
