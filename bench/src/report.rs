@@ -653,10 +653,19 @@ impl Report<'_> {
             (NATIVE_MANY, NATIVE),
             ("h", "b"),
         ];
+        // Other builds of tokengate.wasm (`--alt-wasm`), each against (c).
+        let alternatives = (2..)
+            .map(|number| format!("c{number}"))
+            .take_while(|name| runs.iter().any(|run| run.find(name).is_some()));
+        let pairs: Vec<(String, &str)> = pairs
+            .into_iter()
+            .map(|(x, y)| (x.to_owned(), y))
+            .chain(alternatives.map(|name| (name, "c")))
+            .collect();
         let headers: Vec<String> = (1..=runs.len()).map(|run| format!("run {run}")).collect();
         let _ = writeln!(out, "| pair | {} |", headers.join(" | "));
         let _ = writeln!(out, "|---|{}", "---:|".repeat(runs.len()));
-        for (x, y) in pairs {
+        for (x, y) in &pairs {
             let cells: Vec<String> = runs
                 .iter()
                 .map(|run| match (run.find(x), run.find(y)) {
