@@ -259,7 +259,7 @@ pub struct HitPath {
     pub wrk_command: String,
 }
 
-/// The floor configurations (e), (f), (g): name, label, configuration of the minimal
+/// The floor configurations (e), (f), (g), (gc): name, label, configuration of the minimal
 /// filter (`bench/wasm-floor`).
 const FLOOR: [(&str, &str, &str); 4] = [
     ("e", "minimal proxy-wasm filter: no host call", ""),
